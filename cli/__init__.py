@@ -1,0 +1,1 @@
+"""featcache's command line: a thin click layer over the featcache library."""

@@ -1,0 +1,25 @@
+"""Entry point of the `featcache` command: imports every command module, then runs the group."""
+from __future__ import annotations
+
+import importlib
+
+from featcache_cli.app import cli
+
+# Each module registers its commands on `cli` when imported; a module that is absent is skipped
+# so that a partial checkout still gives a working command.
+_COMMAND_MODULES = ("extract_cmds", "train_cmds", "eval_cmds", "report_cmds", "medical_cmds", "scale_cmds")
+
+for _name in _COMMAND_MODULES:
+    try:
+        importlib.import_module(f"featcache_cli.{_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"featcache_cli.{_name}":
+            raise
+
+
+def main() -> None:
+    cli(prog_name="featcache")
+
+
+if __name__ == "__main__":
+    main()

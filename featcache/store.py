@@ -1,0 +1,511 @@
+"""The featcache HDF5 format (encoding-version 1): create, append, resume, read.
+
+One file holds every split of one dataset under one backbone and preprocessing. Every dataset
+is preallocated at its final shape with contiguous storage that is allocated at creation, so a
+later write only fills raw bytes and never changes HDF5 metadata: after a SIGKILL at any moment
+the file still opens, and a row is trusted only once its ``done`` flag was set after its
+features were flushed. See DESIGN.md for the layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+ENCODING_TYPE = "featcache"
+ENCODING_VERSION = "1"
+FEATURE_KINDS = ("cls", "pooled", "cls+pooled")
+ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
+
+# config keys that describe where/when a file was made rather than what is in it: recorded, but
+# not hashed, so upgrading a library or re-running elsewhere does not invalidate a cache.
+NON_IDENTITY_KEYS = ("versions", "created", "host", "data_root")
+
+_STR = h5py.string_dtype("utf-8")
+
+
+def fingerprint_of(config: dict[str, Any]) -> str:
+    """sha256 of the identity part of a config (model, revision, preprocessing, token mode, dtype)."""
+    identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def describe_config(config: dict[str, Any]) -> str:
+    """One human line naming what a config extracts, for error messages."""
+    parts = [str(config.get("model", "?"))]
+    if config.get("revision"):
+        parts.append(f"revision {config['revision']}")
+    mode = config.get("token_mode")
+    if config.get("num_tokens"):
+        parts.append(f"token mode {mode}, {config['num_tokens']} tokens")
+    parts.append(f"tokens {config.get('tokens', 'none')}")
+    parts.append(f"dtype {config.get('dtype', '?')}")
+    if config.get("image_size"):
+        parts.append(f"image size {config['image_size']}")
+    return f"{parts[0]} ({', '.join(parts[1:])})"
+
+
+@dataclass
+class SplitSpec:
+    """The rows of one split, known before any feature is computed."""
+
+    paths: list[str]                        # row identity, relative to the data root
+    labels: np.ndarray                      # (N,) int64, -1 = unlabelled; or (N, C) uint8 multi-label
+    groups: list[str] | None = None         # patient / study id per row, optional
+    manifest_sha256: str = ""               # hash of (paths, labels, groups): detects a changed dataset
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels)
+        if not self.manifest_sha256:
+            self.manifest_sha256 = manifest_hash(self.paths, self.labels, self.groups)
+
+
+def manifest_hash(paths: Sequence[str], labels: np.ndarray, groups: Sequence[str] | None) -> str:
+    """A stable hash of a split's rows, so resume can tell the dataset has not changed."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
+    for g in groups or ():
+        h.update(str(g).encode() + b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class FeatureLayout:
+    """Shapes of what one backbone emits per image, after the token mode."""
+
+    dim: int                                # D of cls and pooled
+    num_tokens: int | None = None           # T of stored tokens; None = tokens not stored
+    token_dim: int | None = None            # D of tokens (= dim for transformers)
+    n_prefix: int = 1                       # CLS (+ distillation, registers) before the patches
+    grid: tuple[int, int] | None = None     # patch grid (h, w) of the stored tokens
+    mode: str = "none"                      # token mode: none | resize | grid | native
+    source_num_tokens: int | None = None    # the backbone's own token count before the mode
+    dtype: str = "float16"                  # storage dtype of cls, pooled, tokens
+    has_pooled: bool = True                 # imported features may bring only one array
+
+
+class FeatureStoreError(ValueError):
+    """A feature file that cannot be used as asked (wrong format, version, or config)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+
+class SplitView:
+    """Read access to one split. Arrays are h5py datasets (array-like, sliced lazily)."""
+
+    def __init__(self, group: h5py.Group, name: str):
+        self._g = group
+        self.name = name
+        self.n = int(group.attrs["n"])
+        self.manifest_sha256 = str(group.attrs.get("manifest_sha256", ""))
+
+    # raw datasets -------------------------------------------------------------------------
+    @property
+    def cls(self) -> h5py.Dataset:
+        return self._g["cls"]
+
+    @property
+    def pooled(self) -> h5py.Dataset | None:
+        return self._g["pooled"] if "pooled" in self._g else None
+
+    @property
+    def tokens(self) -> h5py.Dataset | None:
+        return self._g["tokens"] if "tokens" in self._g else None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._g["labels"][()]
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.decode("utf-8", "surrogateescape") if isinstance(p, bytes) else str(p)
+                for p in self._g["paths"][()]]
+
+    @property
+    def groups(self) -> list[str] | None:
+        if "groups" not in self._g:
+            return None
+        return [g.decode() if isinstance(g, bytes) else str(g) for g in self._g["groups"][()]]
+
+    @property
+    def done(self) -> np.ndarray:
+        return self._g["done"][()].astype(bool)
+
+    @property
+    def error_reasons(self) -> np.ndarray:
+        """(N,) str: why each row could not be read; "" for rows without an error."""
+        raw = self._g["errors"][()]
+        return np.array([r.decode("utf-8", "replace") for r in raw], dtype=object)
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        """The (path, reason) table of inputs that could not be read."""
+        reasons = self.error_reasons
+        paths = self._g["paths"]
+        return [(_decode(paths[i]), str(reasons[i])) for i in np.flatnonzero(reasons != "")]
+
+    @property
+    def multilabel(self) -> bool:
+        return self._g["labels"].ndim == 2
+
+    # convenience --------------------------------------------------------------------------
+    def valid_index(self) -> np.ndarray:
+        """Row indices whose features are complete (done), ascending."""
+        return np.flatnonzero(self.done)
+
+    def features(self, kind: str = "cls", rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 features of the done rows (or of `rows`): cls, pooled, or both concatenated."""
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}; got {kind!r}.")
+        idx = self.valid_index() if rows is None else np.asarray(rows)
+        parts = []
+        for name in kind.split("+"):
+            ds = self._g.get(name)
+            if ds is None:
+                raise FeatureStoreError(
+                    f"split {self.name!r} has no {name!r} features (imported with only 'cls'?); "
+                    f"use --features cls.")
+            parts.append(read_rows(ds, idx).astype(np.float32, copy=False))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def arrays(self, kind: str = "cls", labelled_only: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(X float32, y, row index) of done rows, by default only those with a label."""
+        idx = self.valid_index()
+        labels = self.labels
+        if labelled_only and labels.ndim == 1:
+            idx = idx[labels[idx] >= 0]
+        return self.features(kind, idx), labels[idx], idx
+
+    def __repr__(self) -> str:
+        return f"<SplitView {self.name!r}: {int(self.done.sum())}/{self.n} rows done>"
+
+
+def _decode(value: Any) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Read rows of a dataset in `rows` order by sorted contiguous runs (never fancy indexing)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    out = np.empty((uniq.size,) + ds.shape[1:], dtype=ds.dtype)
+    pos = 0
+    for start, stop in contiguous_runs(uniq):
+        ds.read_direct(out, np.s_[start:stop], np.s_[pos:pos + stop - start])
+        pos += stop - start
+    if uniq.size == rows.size and np.array_equal(uniq, rows):
+        return out
+    return out[inverse]
+
+
+def contiguous_runs(sorted_rows: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Yield [start, stop) runs of consecutive integers in an ascending array."""
+    if sorted_rows.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [sorted_rows.size]])
+    for a, b in zip(starts, stops):
+        yield int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1
+
+
+class FeatureStore:
+    """A read-only featcache file: ``store.splits``, ``store.classes``, ``store[split]``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} does not exist; make it with `featcache extract` "
+                                    f"or `featcache import`.")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise FeatureStoreError(f"{self.path} is not a readable HDF5 file ({exc}).") from exc
+        check_header(self._f, self.path)
+        self.config: dict[str, Any] = json.loads(self._f.attrs["config"])
+        self.fingerprint: str = str(self._f.attrs["fingerprint"])
+        self.classes: list[str] = [_decode(c) for c in self._f["classes"][()]]
+        self.splits: list[str] = [k for k in self._f.keys() if isinstance(self._f[k], h5py.Group)]
+
+    def __getitem__(self, split: str) -> SplitView:
+        if split not in self.splits:
+            raise KeyError(f"{self.path.name} has no split {split!r}; it has: {', '.join(self.splits)}.")
+        return SplitView(self._f[split], split)
+
+    def __contains__(self, split: object) -> bool:
+        return split in self.splits
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.splits)
+
+    @property
+    def multilabel(self) -> bool:
+        return any(self[s].multilabel for s in self.splits)
+
+    @property
+    def h5(self) -> h5py.File:
+        return self._f
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<FeatureStore {self.path} model={self.config.get('model')!r} splits={self.splits}>"
+
+
+def check_header(f: h5py.File, path: Path) -> None:
+    """Refuse files that are not featcache files or come from an unknown format version."""
+    kind = f.attrs.get("encoding-type")
+    if kind != ENCODING_TYPE:
+        raise FeatureStoreError(f"{path} is an HDF5 file but not a featcache file "
+                                f"(encoding-type {kind!r}, expected {ENCODING_TYPE!r}).")
+    version = str(f.attrs.get("encoding-version"))
+    if version != ENCODING_VERSION:
+        raise FeatureStoreError(f"{path} uses featcache encoding-version {version}, this featcache "
+                                f"reads version {ENCODING_VERSION}; upgrade featcache or re-extract.")
+
+
+def open_store(path: str | os.PathLike) -> FeatureStore:
+    """Open a feature file read-only (the pinned ``featcache.open``)."""
+    return FeatureStore(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+
+def _allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+    """Create a contiguous dataset and allocate its storage now (a write to its last row), so later
+    writes change raw bytes only and a crash can never leave half-written HDF5 metadata."""
+    ds = group.create_dataset(name, shape=shape, dtype=dtype)
+    if shape and shape[0] > 0:
+        ds[shape[0] - 1] = np.zeros(shape[1:], dtype=ds.dtype) if len(shape) > 1 else ds.dtype.type(0)
+    return ds
+
+
+class StoreWriter:
+    """Creates or resumes a feature file and fills it row by row, crash-safely.
+
+    The caller writes features with ``write`` and failures with ``write_errors``; each call
+    flushes the features first and only then sets ``done`` and flushes again.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any], classes: Sequence[str],
+                 splits: dict[str, SplitSpec], layout: FeatureLayout, overwrite: bool = False,
+                 retry_errors: bool = False):
+        self.path = Path(path)
+        self.config = dict(config)
+        self.fingerprint = fingerprint_of(self.config)
+        self.layout = layout
+        self.resumed = False
+        if self.path.exists() and not overwrite:
+            self._f = self._open_existing(classes, splits)
+            self.resumed = True
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".creating")
+            with h5py.File(tmp, "w") as f:
+                self._create(f, classes, splits)
+            os.replace(tmp, self.path)  # a file that exists is always fully laid out
+            self._f = h5py.File(self.path, "r+")
+        self.retry_errors = retry_errors
+        if retry_errors:
+            for name in splits:
+                self._f[name]["errors"][...] = np.zeros(self._f[name].attrs["n"], dtype=f"S{ERROR_BYTES}")
+            self._f.flush()
+
+    # set-up -----------------------------------------------------------------------------------
+    def _create(self, f: h5py.File, classes: Sequence[str], splits: dict[str, SplitSpec]) -> None:
+        lay = self.layout
+        f.attrs["encoding-type"] = ENCODING_TYPE
+        f.attrs["encoding-version"] = ENCODING_VERSION
+        f.attrs["config"] = json.dumps(self.config, sort_keys=True, default=str)
+        f.attrs["fingerprint"] = self.fingerprint
+        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+        for name, spec in splits.items():
+            n = len(spec.paths)
+            g = f.create_group(name)
+            g.attrs["n"] = n
+            g.attrs["manifest_sha256"] = spec.manifest_sha256
+            g.create_dataset("paths", data=np.array(spec.paths, dtype=object), dtype=_STR)
+            labels = np.asarray(spec.labels)
+            g.create_dataset("labels", data=labels.astype(np.uint8 if labels.ndim == 2 else np.int64))
+            g["labels"].attrs["role"] = "multi-label 0/1 per class" if labels.ndim == 2 else "class index, -1 = unlabelled"
+            if spec.groups is not None:
+                g.create_dataset("groups", data=np.array(spec.groups, dtype=object), dtype=_STR)
+            cls = _allocated(g, "cls", (n, lay.dim), lay.dtype)
+            cls.attrs["role"] = "first prefix token (CLS), or the pooled output of a CNN"
+            if lay.has_pooled:
+                pooled = _allocated(g, "pooled", (n, lay.dim), lay.dtype)
+                pooled.attrs["role"] = "mean of patch tokens"
+            if lay.num_tokens is not None:
+                tok = _allocated(g, "tokens", (n, lay.num_tokens, lay.token_dim or lay.dim), lay.dtype)
+                tok.attrs["role"] = "last_hidden_state after the token mode"
+                tok.attrs["n_prefix"] = lay.n_prefix
+                tok.attrs["grid"] = list(lay.grid) if lay.grid else []
+                tok.attrs["mode"] = lay.mode
+                tok.attrs["source_num_tokens"] = lay.source_num_tokens or lay.num_tokens
+            done = g.create_dataset("done", data=np.zeros(n, dtype=bool))
+            done.attrs["role"] = "a row is valid only when done is set"
+            err = g.create_dataset("errors", data=np.zeros(n, dtype=f"S{ERROR_BYTES}"))
+            err.attrs["role"] = "utf-8 reason a row's input could not be read; empty = no error"
+
+    def _open_existing(self, classes: Sequence[str], splits: dict[str, SplitSpec]) -> h5py.File:
+        try:
+            f = h5py.File(self.path, "r+")
+        except OSError as exc:
+            raise FeatureStoreError(f"{self.path} exists but cannot be opened ({exc}); "
+                                    f"use --overwrite to replace it.") from exc
+        try:
+            check_header(f, self.path)
+            old_config = json.loads(f.attrs["config"])
+            if str(f.attrs["fingerprint"]) != self.fingerprint:
+                raise FeatureStoreError(
+                    f"{self.path} was made with {describe_config(old_config)}, but this run asks for "
+                    f"{describe_config(self.config)}. Use another --out, or --overwrite to replace the file.")
+            old_classes = [_decode(c) for c in f["classes"][()]]
+            if old_classes != list(classes):
+                raise FeatureStoreError(
+                    f"{self.path} has classes {old_classes}, but the data now has {list(classes)}. "
+                    f"Use another --out, or --overwrite to re-extract.")
+            for name, spec in splits.items():
+                if name not in f:
+                    raise FeatureStoreError(f"{self.path} has no split {name!r} (it has "
+                                            f"{', '.join(k for k in f.keys() if k != 'classes')}); "
+                                            f"the data changed: use another --out or --overwrite.")
+                if str(f[name].attrs["manifest_sha256"]) != spec.manifest_sha256:
+                    raise FeatureStoreError(
+                        f"the images or labels of split {name!r} changed since {self.path} was made "
+                        f"({f[name].attrs['n']} rows then, {len(spec.paths)} now). "
+                        f"Use another --out, or --overwrite to re-extract.")
+        except Exception:
+            f.close()
+            raise
+        return f
+
+    # progress ---------------------------------------------------------------------------------
+    def pending_rows(self, split: str) -> np.ndarray:
+        """Rows still to compute: not done, and (unless retrying) not already failed."""
+        g = self._f[split]
+        todo = ~g["done"][()].astype(bool)
+        todo &= g["errors"][()] == b""
+        return np.flatnonzero(todo)
+
+    # writes -----------------------------------------------------------------------------------
+    def write(self, split: str, rows: np.ndarray, cls: np.ndarray, pooled: np.ndarray | None,
+              tokens: np.ndarray | None = None) -> None:
+        """Store features of `rows` (ascending), flush, then mark them done and flush again."""
+        g = self._f[split]
+        rows = np.asarray(rows, dtype=np.int64)
+        arrays = [("cls", cls), ("pooled", pooled), ("tokens", tokens)]
+        for name, arr in arrays:
+            if arr is None or name not in g:
+                continue
+            ds = g[name]
+            arr = np.ascontiguousarray(arr, dtype=ds.dtype)
+            pos = 0
+            for start, stop in contiguous_runs(rows):
+                ds.write_direct(arr, np.s_[pos:pos + stop - start], np.s_[start:stop])
+                pos += stop - start
+        self._f.flush()
+        done = g["done"]
+        for start, stop in contiguous_runs(rows):
+            done[start:stop] = True
+        self._f.flush()
+
+    def write_errors(self, split: str, rows: Iterable[int], reasons: Iterable[str]) -> None:
+        """Record why rows could not be read (they stay not-done and are skipped on resume)."""
+        err = self._f[split]["errors"]
+        for row, reason in zip(rows, reasons):
+            err[int(row)] = _fit_bytes(reason or "unknown error")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f:
+            self._f.flush()
+            self._f.close()
+            self._f = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _fit_bytes(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) <= ERROR_BYTES:
+        return raw
+    return raw[:ERROR_BYTES - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+
+
+def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], classes: Sequence[str],
+                 config: dict[str, Any], overwrite: bool = False, dtype: str = "float32") -> FeatureStore:
+    """Write features computed elsewhere (or in a test) as a complete featcache file.
+
+    ``splits[name]`` holds ``cls`` (N, D), optional ``pooled`` (N, D) and ``tokens`` (N, T, D),
+    ``labels`` (N,) or (N, C), optional ``paths`` and ``groups``. Every row is marked done.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; use another output path, or --overwrite to replace it.")
+    if not splits:
+        raise ValueError("no splits given: expected at least one split with 'cls' features.")
+    first = next(iter(splits.values()))
+    cls0 = np.asarray(first["cls"])
+    if cls0.ndim != 2:
+        raise ValueError(f"cls features must be 2-D (rows, dim); got shape {cls0.shape}.")
+    tok0 = first.get("tokens")
+    layout = FeatureLayout(
+        dim=cls0.shape[1],
+        num_tokens=None if tok0 is None else int(np.asarray(tok0).shape[1]),
+        token_dim=None if tok0 is None else int(np.asarray(tok0).shape[2]),
+        n_prefix=int(config.get("n_prefix", 1)),
+        grid=tuple(config["grid"]) if config.get("grid") else None,
+        mode=str(config.get("token_mode", "none")),
+        dtype=dtype,
+        has_pooled=first.get("pooled") is not None,
+    )
+    specs: dict[str, SplitSpec] = {}
+    for name, s in splits.items():
+        cls = np.asarray(s["cls"])
+        n = cls.shape[0]
+        if cls.ndim != 2 or cls.shape[1] != layout.dim:
+            raise ValueError(f"split {name!r}: cls must be (N, {layout.dim}); got {cls.shape}.")
+        labels = np.asarray(s.get("labels", np.full(n, -1)))
+        if labels.shape[0] != n:
+            raise ValueError(f"split {name!r}: {labels.shape[0]} labels for {n} feature rows; "
+                             f"expected one label per row.")
+        paths = list(s.get("paths") or [f"{name}/{i:08d}" for i in range(n)])
+        if len(paths) != n:
+            raise ValueError(f"split {name!r}: {len(paths)} paths for {n} feature rows.")
+        specs[name] = SplitSpec(paths=paths, labels=labels, groups=s.get("groups"))
+    if path.exists():
+        path.unlink()
+    with StoreWriter(path, config, classes, specs, layout, overwrite=True) as w:
+        for name, s in splits.items():
+            rows = np.arange(len(specs[name].paths))
+            for start in range(0, rows.size, 4096):
+                sl = slice(start, start + 4096)
+                w.write(name, rows[sl], np.asarray(s["cls"])[sl],
+                        None if s.get("pooled") is None else np.asarray(s["pooled"])[sl],
+                        None if s.get("tokens") is None else np.asarray(s["tokens"])[sl])
+    return FeatureStore(path)
