@@ -300,6 +300,29 @@ def _allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any)
     return ds
 
 
+def write_header(f: h5py.File, config: dict[str, Any], classes: Sequence[str]) -> None:
+    """Root attributes that make the file self-describing, and the class names."""
+    f.attrs["encoding-type"] = ENCODING_TYPE
+    f.attrs["encoding-version"] = ENCODING_VERSION
+    f.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
+    f.attrs["fingerprint"] = fingerprint_of(config)
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+
+
+def write_split_rows(f: h5py.File, name: str, spec: SplitSpec) -> h5py.Group:
+    """A split's group with what identifies its rows: paths, labels, groups."""
+    g = f.create_group(name)
+    g.attrs["n"] = len(spec.paths)
+    g.attrs["manifest_sha256"] = spec.manifest_sha256
+    g.create_dataset("paths", data=np.array(spec.paths, dtype=object), dtype=_STR)
+    labels = np.asarray(spec.labels)
+    g.create_dataset("labels", data=labels.astype(np.uint8 if labels.ndim == 2 else np.int64))
+    g["labels"].attrs["role"] = "multi-label 0/1 per class" if labels.ndim == 2 else "class index, -1 = unlabelled"
+    if spec.groups is not None:
+        g.create_dataset("groups", data=np.array(spec.groups, dtype=object), dtype=_STR)
+    return g
+
+
 class StoreWriter:
     """Creates or resumes a feature file and fills it row by row, crash-safely.
 
@@ -334,22 +357,10 @@ class StoreWriter:
     # set-up -----------------------------------------------------------------------------------
     def _create(self, f: h5py.File, classes: Sequence[str], splits: dict[str, SplitSpec]) -> None:
         lay = self.layout
-        f.attrs["encoding-type"] = ENCODING_TYPE
-        f.attrs["encoding-version"] = ENCODING_VERSION
-        f.attrs["config"] = json.dumps(self.config, sort_keys=True, default=str)
-        f.attrs["fingerprint"] = self.fingerprint
-        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
+        write_header(f, self.config, classes)
         for name, spec in splits.items():
+            g = write_split_rows(f, name, spec)
             n = len(spec.paths)
-            g = f.create_group(name)
-            g.attrs["n"] = n
-            g.attrs["manifest_sha256"] = spec.manifest_sha256
-            g.create_dataset("paths", data=np.array(spec.paths, dtype=object), dtype=_STR)
-            labels = np.asarray(spec.labels)
-            g.create_dataset("labels", data=labels.astype(np.uint8 if labels.ndim == 2 else np.int64))
-            g["labels"].attrs["role"] = "multi-label 0/1 per class" if labels.ndim == 2 else "class index, -1 = unlabelled"
-            if spec.groups is not None:
-                g.create_dataset("groups", data=np.array(spec.groups, dtype=object), dtype=_STR)
             cls = _allocated(g, "cls", (n, lay.dim), lay.dtype)
             cls.attrs["role"] = "first prefix token (CLS), or the pooled output of a CNN"
             if lay.has_pooled:
@@ -509,3 +520,130 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
                         None if s.get("pooled") is None else np.asarray(s["pooled"])[sl],
                         None if s.get("tokens") is None else np.asarray(s["tokens"])[sl])
     return FeatureStore(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# description (featcache info)
+# ----------------------------------------------------------------------------------------------
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything `featcache info` shows about a file, as plain JSON-able values."""
+    with FeatureStore(path) as store:
+        cfg = store.config
+        d: dict[str, Any] = {
+            "path": str(store.path),
+            "size_mb": store.path.stat().st_size / 2**20,
+            "encoding_version": ENCODING_VERSION,
+            "model": cfg.get("model"),
+            "revision": cfg.get("revision"),
+            "family": cfg.get("family"),
+            "dtype": cfg.get("dtype") or str(store[store.splits[0]].cls.dtype) if store.splits else "n/a",
+            "fingerprint": store.fingerprint,
+            "config": cfg,
+            "classes": store.classes,
+            "multilabel": store.multilabel,
+            "splits": [],
+        }
+        layout = None
+        for name in store.splits:
+            s = store[name]
+            done = s.done
+            reasons = s.error_reasons
+            labels = s.labels
+            entry: dict[str, Any] = {
+                "split": name, "done": int(done.sum()), "total": s.n, "errors": int((reasons != "").sum()),
+                "cls": _shape(s.cls), "pooled": _shape(s.pooled), "tokens": _shape(s.tokens),
+                "error_list": s.errors, "warnings": [],
+            }
+            if labels.ndim == 2:
+                counts = {c: int(labels[:, i].sum()) for i, c in enumerate(store.classes)}
+                entry["unlabelled"] = 0
+            else:
+                counts = {c: int((labels == i).sum()) for i, c in enumerate(store.classes)}
+                entry["unlabelled"] = int((labels < 0).sum())
+            entry["class_counts"] = counts
+            missing = [c for c, n in counts.items() if n == 0]
+            if missing and entry["unlabelled"] < s.n:
+                entry["warnings"].append(f"no rows of class {', '.join(missing)}")
+            if entry["done"] + entry["errors"] < s.n:
+                entry["warnings"].append(f"{s.n - entry['done'] - entry['errors']} rows not extracted yet "
+                                         f"(run the same extract command again to finish them)")
+            if s.tokens is not None and layout is None:
+                a = s.tokens.attrs
+                grid = list(a.get("grid", []))
+                layout = (f"{s.tokens.shape[1]} tokens stored (mode {a.get('mode')}, {int(a.get('n_prefix', 0))} prefix, "
+                          f"grid {'x'.join(map(str, grid)) if grid else 'n/a'}, source {int(a.get('source_num_tokens', 0))})")
+            d["splits"].append(entry)
+        if layout is None:
+            grid = cfg.get("grid")
+            layout = (f"not stored (backbone: {cfg.get('n_prefix', 'n/a')} prefix, grid "
+                      f"{'x'.join(map(str, grid)) if grid else 'n/a'}, {cfg.get('source_num_tokens', 'n/a')} tokens)")
+        d["token_layout"] = layout
+    return d
+
+
+def _shape(ds: h5py.Dataset | None) -> str:
+    if ds is None:
+        return "-"
+    return "x".join(str(n) for n in ds.shape) + f" {ds.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------
+# shards (distributed extraction): rank r holds rows [lo, hi) of every split
+# ----------------------------------------------------------------------------------------------
+
+SHARDED = ("cls", "pooled", "tokens", "done", "errors")
+
+
+def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, config: dict[str, Any],
+                 classes: Sequence[str], splits: dict[str, SplitSpec], layout: FeatureLayout,
+                 ranges: Sequence[dict[str, tuple[int, int]]], mode: str = "copy",
+                 overwrite: bool = False) -> Path:
+    """Join per-rank shard files into one featcache file.
+
+    ``ranges[r][split]`` is the [lo, hi) row range shard r holds. ``copy`` writes a standalone
+    file (resumable like any other); ``virtual`` writes a small file of HDF5 virtual datasets that
+    point at the shards, which must then stay beside it.
+    """
+    out = Path(out)
+    if mode == "copy":
+        with StoreWriter(out, config, classes, splits, layout, overwrite=overwrite) as w:
+            for shard, rng in zip(shards, ranges):
+                with h5py.File(shard, "r") as src:
+                    for name, (lo, hi) in rng.items():
+                        if hi <= lo:
+                            continue
+                        g = src[name]
+                        reasons = g["errors"][()]
+                        failed = np.flatnonzero(reasons != b"")
+                        if failed.size:
+                            w.write_errors(name, failed + lo, [r.decode("utf-8", "replace") for r in reasons[failed]])
+                        done = np.flatnonzero(g["done"][()])
+                        for start in range(0, done.size, 1024):
+                            rows = done[start:start + 1024]
+                            w.write(name, rows + lo, read_rows(g["cls"], rows),
+                                    read_rows(g["pooled"], rows) if "pooled" in g else None,
+                                    read_rows(g["tokens"], rows) if "tokens" in g else None)
+        return out
+    if mode != "virtual":
+        raise ValueError(f"merge mode must be copy or virtual; got {mode!r}.")
+    tmp = out.with_name(out.name + ".creating")
+    with h5py.File(tmp, "w") as f:
+        write_header(f, config, classes)
+        for name, spec in splits.items():
+            n = len(spec.paths)
+            g = write_split_rows(f, name, spec)
+            with h5py.File(shards[0], "r") as first:
+                templates = {k: first[name][k] for k in SHARDED if k in first[name]}
+                for key, ds in templates.items():
+                    vl = h5py.VirtualLayout(shape=(n,) + ds.shape[1:], dtype=ds.dtype)
+                    for shard, rng in zip(shards, ranges):
+                        lo, hi = rng[name]
+                        if hi > lo:
+                            vl[lo:hi] = h5py.VirtualSource(os.path.relpath(shard, out.parent), f"{name}/{key}",
+                                                           shape=(hi - lo,) + ds.shape[1:], dtype=ds.dtype)
+                    vds = g.create_virtual_dataset(key, vl, fillvalue=None)
+                    for attr, value in ds.attrs.items():
+                        vds.attrs[attr] = value
+    os.replace(tmp, out)
+    return out

@@ -33,3 +33,79 @@ def digits_feature_file(tmp_path_factory, digits_arrays) -> Path:
     write_arrays(path, splits, [str(c) for c in range(10)],
                  {"model": "digits-pixels", "tokens": "none", "dtype": "float32"})
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny backbones of every supported family, saved like hub checkpoints and loaded by path
+# ------------------------------------------------------------------------------------------------
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _build_tiny(kind: str, path: Path) -> Path:
+    import torch
+    from transformers import (BitImageProcessor, ConvNextImageProcessor, DeiTConfig, DeiTModel,
+                              Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersModel, ResNetConfig, ResNetModel, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    torch.manual_seed(0)
+    vit_proc = ViTImageProcessor(size={"height": 32, "width": 32})
+    if kind == "vit":
+        model, proc = ViTModel(ViTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), vit_proc
+    elif kind == "deit":  # distilled DeiT: CLS + distillation token
+        model, proc = DeiTModel(DeiTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), vit_proc
+    elif kind == "dinov2":  # resize shortest edge then centre-crop, as DINOv2's own processor
+        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=4, mlp_ratio=2, **TINY))
+        proc = BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                                 do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                                 image_std=[0.229, 0.224, 0.225])
+    elif kind == "dinov2_reg":
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+            image_size=32, patch_size=4, mlp_ratio=2, num_register_tokens=4, **TINY))
+        proc = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 do_center_crop=True)
+    elif kind == "resnet":
+        model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        proc = ConvNextImageProcessor(size={"shortest_edge": 32})
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Directories of tiny randomly initialised ViT, DeiT (distilled), DINOv2 (+registers), ResNet."""
+    root = tmp_path_factory.mktemp("models")
+    return {k: _build_tiny(k, root / k) for k in ("vit", "deit", "dinov2", "dinov2_reg", "resnet")}
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tiny_models) -> Path:
+    return tiny_models["vit"]
+
+
+def render_digits(root: Path, per_class: int = 10, classes: tuple[int, ...] = (0, 1, 2),
+                  splits: tuple[str, ...] = ("train", "test"), size: int = 32) -> Path:
+    """Write real scanned digits as grayscale PNGs in root/<split>/<class>/ (sorted, deterministic)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        for s, split in enumerate(splits):
+            out = root / split / str(c)
+            out.mkdir(parents=True, exist_ok=True)
+            for j, i in enumerate(idx[s * per_class:(s + 1) * per_class]):
+                img = Image.fromarray((x[i].reshape(8, 8) * 255 / 16).astype(np.uint8), mode="L")
+                img.resize((size, size), Image.NEAREST).save(out / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """60 real digit images (classes 0, 1, 2) as root/train|test/<class>/*.png."""
+    return render_digits(tmp_path_factory.mktemp("digits_images"))

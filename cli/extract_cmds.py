@@ -1,0 +1,164 @@
+"""`featcache extract`, `featcache import`, `featcache info`: making and inspecting feature files."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from featcache_cli.app import cli, print_table, write_json
+
+
+def _window(value: str | None) -> tuple[float, float] | None:
+    if not value:
+        return None
+    try:
+        centre, width = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected CENTRE,WIDTH such as 40,400; got {value!r}") from None
+    if width <= 0:
+        raise click.BadParameter(f"the window width must be positive; got {width}")
+    return centre, width
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="Hub id (facebook/dino-vits16) or a local directory made with save_pretrained.")
+@click.option("--data", "-d", required=True, type=click.Path(exists=True), help="Image folder (root/class/x or root/split/class/x) or a CSV manifest (path,label[,split][,group]).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Feature file to write (HDF5). An existing file of the same config is resumed.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit); the resolved commit is recorded in the file.")
+@click.option("--tokens", type=click.Choice(["none", "full"]), default="none", show_default=True, help="none: store cls and pooled only; full: also the whole last_hidden_state.")
+@click.option("--num-tokens", type=int, default=None, help="Token count to store, e.g. 257 (197 -> 257 as in the seed). Default: the backbone's own.")
+@click.option("--token-mode", type=click.Choice(["resize", "grid", "native"]), default="resize", show_default=True, help="How to reach --num-tokens: resize the token axis (seed recipe), resize the patch grid, or run at the native resolution.")
+@click.option("--image-size", type=int, default=None, help="Override the processor's output size in pixels (square).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=int, default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype of the features.")
+@click.option("--amp", is_flag=True, help="bf16 autocast on GPU (ignored on CPU).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU for big datasets).")
+@click.option("--label-columns", default=None, help="Multi-label manifest: comma-separated 0/1 finding columns.")
+@click.option("--window", default=None, help="DICOM window CENTRE,WIDTH overriding the files' own VOI LUT, e.g. 40,400.")
+@click.option("--frame", type=int, default=None, help="DICOM frame to use from multi-frame files (otherwise refused).")
+@click.option("--merge", type=click.Choice(["copy", "virtual"]), default="copy", show_default=True, help="Under torchrun: join the per-rank shard files by copying, or as HDF5 virtual datasets pointing at the shards.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file made with another model or settings.")
+@click.option("--retry-errors", is_flag=True, help="Try again the inputs that failed in an earlier run.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the run summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_size, batch_size, workers,
+            device, dtype, amp, compile_, label_columns, window, frame, merge, overwrite, retry_errors, json_path,
+            quiet):
+    """Run a frozen backbone over a dataset once and cache its features in an HDF5 file.
+
+    Stores cls and pooled features for every image (and with --tokens full the whole token
+    sequence). Killing the command loses nothing: run it again to finish the missing rows.
+
+    On several GPUs or nodes, launch it with torchrun: each rank writes a shard, rank 0 joins them
+    (torchrun --nproc-per-node 4 -m featcache extract ...).
+
+    Example: featcache extract --model facebook/dino-vits16 --data images/ --out feats.h5
+    """
+    from featcache.backbones import BackboneError
+    from featcache.extract import ExtractConfig, RunOptions, distributed_rank, run_extraction
+    from featcache.store import FeatureStoreError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if batch_size < 1:
+        raise click.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
+    cfg = ExtractConfig(model=model, revision=revision, tokens=tokens, num_tokens=num_tokens,
+                        token_mode=token_mode, dtype=dtype, image_size=image_size,
+                        window=_window(window), frame=frame)
+    rank, world = distributed_rank()
+    run = RunOptions(batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
+                     retry_errors=retry_errors, progress=not quiet and rank == 0, compile=compile_, merge=merge)
+    source_options = {"label_columns": label_columns.split(",") if label_columns else None}
+    try:
+        summary = run_extraction(cfg, data, out, run, **source_options)
+    except (BackboneError, FeatureStoreError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    state = "resumed" if summary.resumed else "created"
+    where = f" (rank {rank} of {world})" if world > 1 else ""
+    click.echo(f"{out}{where}: {state}; {summary.rows_computed} images extracted, {summary.rows_failed} skipped, "
+               f"{summary.rows_done_before} already done, {summary.rows_total} in all "
+               f"({summary.images_per_second:.1f} images/s).")
+    for split, path, reason in summary.errors[:20]:
+        click.echo(f"  skipped {split}/{path}: {reason}")
+    if len(summary.errors) > 20:
+        click.echo(f"  ... and {len(summary.errors) - 20} more (see `featcache info {out}`)")
+    write_json(json_path, {"out": str(out), "resumed": summary.resumed, "rows_total": summary.rows_total,
+                           "rows_done_before": summary.rows_done_before, "rows_computed": summary.rows_computed,
+                           "rows_failed": summary.rows_failed, "seconds": summary.seconds,
+                           "images_per_second": summary.images_per_second,
+                           "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
+
+
+@cli.command("import")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Feature file to write.")
+@click.option("--split", "splits", multiple=True, required=True, metavar="NAME=FILE", help="Features of one split: .npy (N, D), .npz or .pt (arrays cls/features, pooled, tokens, labels, paths, groups). Repeat per split.")
+@click.option("--labels", "label_files", multiple=True, metavar="NAME=FILE", help="Labels of a split when its feature file has none: .npy, .pt, or a text file with one label per line.")
+@click.option("--paths", "path_files", multiple=True, metavar="NAME=FILE", help="Text file with one image path per row of a split.")
+@click.option("--classes", default=None, help="Class names, comma-separated or a text file with one per line. Default: sorted unique labels.")
+@click.option("--model", default="imported", show_default=True, help="Name of the model the features came from (recorded and fingerprinted).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True, help="Storage dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def import_(out, splits, label_files, path_files, classes, model, dtype, overwrite):
+    """Bring features made elsewhere (.npy, .npz, .pt) into a featcache file.
+
+    Every later command (info, knn, probe, train, sweep) then works on them.
+
+    Example: featcache import --out feats.h5 --split train=train.npz --split test=test.npz --model my-vit
+    """
+    from featcache.importing import import_features
+
+    try:
+        store = import_features(out, _pairs(splits, "--split"), labels=_pairs(label_files, "--labels"),
+                                paths=_pairs(path_files, "--paths"), classes=classes, model=model,
+                                dtype=dtype, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+    rows = [{"split": s, "rows": store[s].n, "dim": store[s].cls.shape[1]} for s in store.splits]
+    print_table(rows, title=f"{out}: imported {len(store.classes)} classes")
+    store.close()
+
+
+def _pairs(values, option: str) -> dict[str, str]:
+    pairs = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"expected NAME=FILE such as train=train.npz; got {v!r}", param_hint=option)
+        name, file = v.split("=", 1)
+        pairs[name.strip()] = file.strip()
+    return pairs
+
+
+@cli.command()
+@click.argument("features", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the same information as JSON.")
+@click.option("--errors", "show_errors", type=int, default=10, show_default=True, help="How many unreadable inputs to list per split.")
+def info(features, json_path, show_errors):
+    """Describe a feature file: model, token layout, splits, rows done, class counts, errors.
+
+    Example: featcache info feats.h5 --json info.json
+    """
+    from featcache.store import describe
+    from featcache.store import FeatureStoreError
+
+    try:
+        d = describe(features)
+    except (FeatureStoreError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"file      {d['path']}  ({d['size_mb']:.1f} MB, encoding-version {d['encoding_version']})")
+    click.echo(f"model     {d['model']}" + (f"  revision {d['revision']}" if d.get("revision") else ""))
+    click.echo(f"family    {d.get('family') or 'n/a'}   dtype {d['dtype']}   fingerprint {d['fingerprint'][:16]}")
+    click.echo(f"tokens    {d['token_layout']}")
+    click.echo(f"classes   {len(d['classes'])}: {', '.join(d['classes'][:20])}{' ...' if len(d['classes']) > 20 else ''}")
+    click.echo("")
+    print_table([{k: s[k] for k in ("split", "done", "total", "errors", "cls", "pooled", "tokens")}
+                 for s in d["splits"]])
+    for s in d["splits"]:
+        counts = ", ".join(f"{c}={n}" for c, n in s["class_counts"].items())
+        click.echo(f"\n{s['split']} class counts: {counts}" + (f" (unlabelled={s['unlabelled']})" if s["unlabelled"] else ""))
+        for warning in s["warnings"]:
+            click.echo(f"  warning: {warning}")
+        for path, reason in s["error_list"][:show_errors]:
+            click.echo(f"  unreadable: {path}: {reason}")
+    write_json(json_path, d)

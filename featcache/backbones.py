@@ -1,0 +1,190 @@
+"""Frozen backbones: load a model and its image processor, and describe its tokens.
+
+A backbone family is one entry in a small registry keyed by transformers' ``model_type``: it
+says how many prefix tokens (CLS, distillation, registers) precede the patch tokens and whether
+the model is a CNN whose feature map stands in for tokens. ``Backbone.features`` turns one batch
+of pixels into the three things a feature file stores: cls, pooled and tokens.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model_type lays out its output."""
+
+    name: str                                  # short family name recorded in the file
+    n_prefix: Callable[[Any], int]             # config -> number of prefix tokens
+    cnn: bool = False                          # feature map (B, C, h, w) instead of tokens
+    interpolates_pos: bool = False             # forward() takes interpolate_pos_encoding
+
+
+# model_type -> family. ViT also covers DINO (facebook/dino-*) and plain DeiT checkpoints,
+# which transformers loads as ViTModel; "deit" is the distilled DeiT (CLS + distillation token).
+FAMILIES: dict[str, Family] = {
+    "vit": Family("vit", lambda c: 1, interpolates_pos=True),
+    "deit": Family("deit", lambda c: 2, interpolates_pos=True),
+    "dinov2": Family("dinov2", lambda c: 1),
+    "dinov2_with_registers": Family("dinov2_with_registers", lambda c: 1 + int(getattr(c, "num_register_tokens", 0))),
+    "resnet": Family("resnet", lambda c: 0, cnn=True),
+    "convnext": Family("convnext", lambda c: 0, cnn=True),
+    "convnextv2": Family("convnextv2", lambda c: 0, cnn=True),
+}
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token sequence a backbone produces at a given input size."""
+
+    n_prefix: int                      # tokens before the patches (0 for a CNN)
+    grid: tuple[int, int]              # patch grid (h, w), or the CNN's feature-map size
+    dim: int                           # hidden size D
+
+    @property
+    def num_tokens(self) -> int:
+        return self.n_prefix + self.grid[0] * self.grid[1]
+
+
+class BackboneError(ValueError):
+    """A model that cannot be loaded or used as a featcache backbone."""
+
+
+class Backbone:
+    """A frozen model plus its image processor; ``features`` gives (cls, pooled, tokens)."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, family: Family, name: str,
+                 revision: str | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.family = family
+        self.name = name
+        self.revision = revision
+        self.config = model.config
+
+    @property
+    def n_prefix(self) -> int:
+        return self.family.n_prefix(self.config)
+
+    @property
+    def patch_size(self) -> int | None:
+        p = getattr(self.config, "patch_size", None)
+        return int(p[0] if isinstance(p, (list, tuple)) else p) if p else None
+
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the processor's output pixels."""
+        return processor_output_size(self.processor)
+
+    def layout(self, input_size: tuple[int, int] | None = None, native: bool = False) -> TokenLayout:
+        """Token layout at an input size (default: the processor's), read off one dummy forward
+        so that any stride, patch size or register count is measured rather than assumed."""
+        h, w = input_size or self.input_size()
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            _, _, tokens = self.features(torch.zeros(1, 3, h, w, device=device), native=native)
+        n_patches, dim = tokens.shape[1] - self.n_prefix, tokens.shape[2]
+        if self.family.cnn:
+            stride = (h * w / n_patches) ** 0.5
+            grid = (round(h / stride), round(w / stride))
+        else:
+            p = self.patch_size
+            grid = (h // p, w // p)
+        if grid[0] * grid[1] != n_patches:
+            raise BackboneError(f"{self.name}: {n_patches} patch tokens do not form a grid at "
+                                f"{h}x{w} px (expected {grid[0]}x{grid[1]}).")
+        return TokenLayout(self.n_prefix, grid, int(dim))
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        self.model.to(device)
+        return self
+
+    def features(self, pixel_values: torch.Tensor, native: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass -> (cls (B, D), pooled (B, D), tokens (B, T, D)) in float32.
+
+        cls is the first prefix token (a CNN's pooled output); pooled is the mean of the patch
+        tokens (DINOv2's "avgpool"); tokens is the whole last_hidden_state (a CNN's flattened map).
+        """
+        kwargs = {}
+        if native and self.family.interpolates_pos:
+            kwargs["interpolate_pos_encoding"] = True
+        out = self.model(pixel_values=pixel_values, **kwargs)
+        hidden = out.last_hidden_state
+        if self.family.cnn:
+            tokens = hidden.flatten(2).transpose(1, 2).float()        # (B, h*w, C)
+            cls = out.pooler_output.flatten(1).float()
+            return cls, tokens.mean(dim=1), tokens
+        hidden = hidden.float()
+        return hidden[:, 0], hidden[:, self.n_prefix:].mean(dim=1), hidden
+
+
+def processor_output_size(processor: Any) -> tuple[int, int]:
+    """(height, width) an image processor produces: its crop size when it crops, else its size."""
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        size = processor.crop_size
+    else:
+        size = getattr(processor, "size", None) or {}
+    if isinstance(size, int):
+        return size, size
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    raise BackboneError(f"cannot tell the output size of image processor {type(processor).__name__} "
+                        f"(size={size!r}); pass --image-size.")
+
+
+def set_processor_size(processor: Any, height: int, width: int) -> None:
+    """Make a processor emit (height, width) pixels, keeping its resize-then-crop ratio."""
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        old_h, _ = processor_output_size(processor)
+        size = processor.size or {}
+        if "shortest_edge" in size:
+            processor.size = {"shortest_edge": int(round(size["shortest_edge"] * height / old_h))}
+        else:
+            processor.size = {"height": int(round(size.get("height", old_h) * height / old_h)),
+                              "width": int(round(size.get("width", old_h) * width / old_h))}
+        processor.crop_size = {"height": height, "width": width}
+    else:
+        processor.size = {"height": height, "width": width}
+
+
+def load_backbone(model: str, revision: str | None = None, cache_dir: str | None = None,
+                  image_size: int | None = None) -> Backbone:
+    """Load a frozen backbone and its image processor from a local directory or a hub id.
+
+    The hub's own cache and offline mode (HF_HUB_OFFLINE=1) are honoured by transformers.
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    local = os.path.isdir(model)
+    hint = ("" if local else
+            " If this machine is offline, set HF_HUB_OFFLINE=1 and make sure the model is in the "
+            "hub cache, or pass a local directory made with save_pretrained.")
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"could not load model {model!r}"
+                            f"{f' at revision {revision}' if revision else ''}: {exc}.{hint}") from exc
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise BackboneError(f"model {model!r} is a {config.model_type!r} model; featcache supports "
+                            f"{', '.join(sorted(FAMILIES))}.")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "requires torchvision, falling back to PIL" notices
+    try:
+        processor = AutoImageProcessor.from_pretrained(model, revision=revision, cache_dir=cache_dir)
+        net = AutoModel.from_pretrained(model, revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"could not load the weights or image processor of {model!r}: {exc}.{hint}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if image_size:
+        set_processor_size(processor, image_size, image_size)
+    commit = getattr(config, "_commit_hash", None) or revision
+    return Backbone(net, processor, family, model, commit)

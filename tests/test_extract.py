@@ -1,0 +1,226 @@
+"""Extraction end to end: stored features equal a direct transformers forward, token modes,
+bad inputs, config mismatch, and the CLI commands extract / import / info."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import featcache as fc
+from featcache_cli.main import cli
+
+
+def direct_forward(model_dir: Path, files: list[Path], **forward_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: the model's own AutoImageProcessor + AutoModel, no featcache code."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    proc = AutoImageProcessor.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    images = [Image.open(f).convert("RGB") for f in files]
+    with torch.no_grad():
+        out = model(**proc(images=images, return_tensors="pt"), **forward_kwargs)
+    return out.last_hidden_state.numpy(), (None if out.pooler_output is None else out.pooler_output.numpy())
+
+
+def _files(store, split: str, root: Path) -> list[Path]:
+    return [root / p for p in store[split].paths]
+
+
+@pytest.mark.parametrize("kind,n_prefix", [("vit", 1), ("deit", 2), ("dinov2", 1), ("dinov2_reg", 5), ("resnet", 0)])
+def test_features_equal_direct_forward(kind, n_prefix, tiny_models, digits_dir, tmp_path):
+    out = tmp_path / f"{kind}.h5"
+    store = fc.extract(str(tiny_models[kind]), digits_dir, out, tokens="full", dtype="float32",
+                       workers=0, batch_size=7, progress=False)
+    s = store["test"]
+    assert s.done.all() and s.n == 30
+    hidden, pooler = direct_forward(tiny_models[kind], _files(store, "test", digits_dir))
+    if kind == "resnet":  # CNN: pooled output as cls, flattened feature map as tokens
+        tokens = hidden.reshape(hidden.shape[0], hidden.shape[1], -1).transpose(0, 2, 1)
+        np.testing.assert_allclose(s.cls[()], pooler.reshape(len(pooler), -1), atol=1e-4)
+    else:
+        tokens = hidden
+        np.testing.assert_allclose(s.cls[()], hidden[:, 0], atol=1e-4)
+    np.testing.assert_allclose(s.tokens[()], tokens, atol=1e-4)
+    np.testing.assert_allclose(s.pooled[()], tokens[:, n_prefix:].mean(1), atol=1e-4)
+    assert s.tokens.attrs["n_prefix"] == n_prefix
+    assert store.config["n_prefix"] == n_prefix
+    assert s.labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+    assert store.classes == ["0", "1", "2"]
+
+
+def test_float16_storage_within_rounding(tiny_vit, digits_dir, tmp_path):
+    store = fc.extract(str(tiny_vit), digits_dir, tmp_path / "f16.h5", workers=0, progress=False)
+    s = store["train"]
+    assert s.cls.dtype == np.float16 and s.tokens is None
+    hidden, _ = direct_forward(tiny_vit, _files(store, "train", digits_dir))
+    ref = hidden[:, 0]
+    np.testing.assert_allclose(s.cls[()].astype(np.float32), ref, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(s.cls[()], ref.astype(np.float16))
+
+
+def seed_resize_reference(hidden: np.ndarray, size: int) -> np.ndarray:
+    """torchvision Resize((D, size)) on hidden.permute(0, 2, 1), written out in numpy:
+    linear along the token axis with half-pixel centres (align_corners=False), edges clamped."""
+    b, t, d = hidden.shape
+    src = (np.arange(size) + 0.5) * t / size - 0.5
+    src = np.clip(src, 0, None)
+    lo = np.minimum(np.floor(src).astype(int), t - 1)
+    hi = np.minimum(lo + 1, t - 1)
+    w = (src - lo)[None, :, None]
+    return hidden[:, lo] * (1 - w) + hidden[:, hi] * w
+
+
+def test_token_mode_resize_equals_seed_recipe(tiny_vit, digits_dir, tmp_path):
+    store = fc.extract(str(tiny_vit), digits_dir, tmp_path / "r.h5", tokens="full", num_tokens=85,
+                       token_mode="resize", dtype="float32", workers=0, progress=False)
+    s = store["test"]
+    assert s.tokens.shape == (30, 85, 32)
+    hidden, _ = direct_forward(tiny_vit, _files(store, "test", digits_dir))
+    assert hidden.shape[1] == 65
+    np.testing.assert_allclose(s.tokens[()], seed_resize_reference(hidden, 85), atol=1e-5)
+    np.testing.assert_allclose(s.tokens[:, 0], hidden[:, 0], atol=1e-5)  # CLS survives the resize
+    assert s.tokens.attrs["mode"] == "resize" and s.tokens.attrs["source_num_tokens"] == 65
+
+
+def test_token_mode_resize_197_to_257_like_the_seed():
+    from featcache.tokens import apply_token_mode, plan_tokens
+
+    hidden = torch.randn(2, 197, 768)
+    plan = plan_tokens(1, (14, 14), 257, "resize")
+    out = apply_token_mode(hidden, plan)
+    assert out.shape == (2, 257, 768)
+    np.testing.assert_allclose(out.numpy(), seed_resize_reference(hidden.numpy(), 257), atol=1e-5)
+
+
+def test_token_mode_grid_keeps_prefix_and_resizes_patch_grid(tiny_models, digits_dir, tmp_path):
+    store = fc.extract(str(tiny_models["deit"]), digits_dir, tmp_path / "g.h5", tokens="full",
+                       num_tokens=2 + 100, token_mode="grid", dtype="float32", workers=0, progress=False)
+    s = store["test"]
+    assert s.tokens.shape == (30, 102, 32)
+    assert list(s.tokens.attrs["grid"]) == [10, 10] and s.tokens.attrs["n_prefix"] == 2
+    hidden, _ = direct_forward(tiny_models["deit"], _files(store, "test", digits_dir))
+    np.testing.assert_allclose(s.tokens[:, :2], hidden[:, :2], atol=1e-5)
+    patches = torch.from_numpy(hidden[:, 2:]).reshape(30, 8, 8, 32).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(patches, size=(10, 10), mode="bicubic", align_corners=False)
+    np.testing.assert_allclose(s.tokens[:, 2:], ref.permute(0, 2, 3, 1).reshape(30, 100, 32).numpy(), atol=1e-4)
+
+
+def test_token_mode_grid_refuses_non_square_count(tiny_vit, digits_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(digits_dir),
+                                      "--out", str(tmp_path / "x.h5"), "--tokens", "full",
+                                      "--num-tokens", "90", "--token-mode", "grid", "--quiet"])
+    assert result.exit_code != 0
+    assert "square" in result.output and "--token-mode resize" in result.output
+
+
+def test_token_mode_native_runs_at_the_matching_resolution(tiny_vit, digits_dir, tmp_path):
+    store = fc.extract(str(tiny_vit), digits_dir, tmp_path / "n.h5", tokens="full", num_tokens=101,
+                       token_mode="native", dtype="float32", workers=0, progress=False)
+    s = store["test"]
+    assert s.tokens.shape == (30, 101, 32)  # 40 px / 4 px patches = 10x10 + CLS
+    from transformers import AutoImageProcessor, AutoModel
+
+    proc = AutoImageProcessor.from_pretrained(tiny_vit, size={"height": 40, "width": 40})
+    model = AutoModel.from_pretrained(tiny_vit).eval()
+    images = [Image.open(f).convert("RGB") for f in _files(store, "test", digits_dir)]
+    with torch.no_grad():
+        ref = model(**proc(images=images, return_tensors="pt"), interpolate_pos_encoding=True).last_hidden_state
+    np.testing.assert_allclose(s.tokens[()], ref.numpy(), atol=1e-4)
+    assert store.config["input_size"] == [40, 40]
+
+
+def make_bad_inputs(root: Path, digits_dir: Path) -> dict[str, str]:
+    """Copy a few good digits and add every kind of unreadable file; returns name -> expected reason word."""
+    import shutil
+
+    good = root / "train" / "0"
+    good.mkdir(parents=True)
+    for f in sorted((digits_dir / "train" / "0").glob("*.png"))[:4]:
+        shutil.copy(f, good / f.name)
+    bad = root / "train" / "1"
+    bad.mkdir(parents=True)
+    for f in sorted((digits_dir / "train" / "1").glob("*.png"))[:3]:
+        shutil.copy(f, bad / f.name)
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "notes.jpg").write_text("this is not an image")
+    jpeg = bad / "truncated.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:400])
+    return {"empty.png": "empty", "notes.jpg": "image", "truncated.jpg": "truncat"}
+
+
+def test_bad_inputs_are_skipped_and_listed(tiny_vit, digits_dir, tmp_path):
+    expected = make_bad_inputs(tmp_path / "data", digits_dir)
+    out = tmp_path / "bad.h5"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
+                                 "--out", str(out), "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "7 images extracted, 3 skipped" in result.output
+    store = fc.open(out)
+    s = store[store.splits[0]]
+    errors = dict((Path(p).name, r) for p, r in s.errors)
+    assert set(errors) == set(expected)
+    for name, word in expected.items():
+        assert word in errors[name].lower(), errors[name]
+    assert s.done.sum() == 7
+    store.close()
+    # a rerun does not retry known failures; --retry-errors does, and they fail again
+    again = runner.invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
+                                "--out", str(out), "--workers", "0", "--quiet"])
+    assert "0 images extracted, 0 skipped, 7 already done" in again.output
+    retry = runner.invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
+                                "--out", str(out), "--workers", "0", "--quiet", "--retry-errors"])
+    assert "0 images extracted, 3 skipped" in retry.output
+    info = runner.invoke(cli, ["info", str(out), "--json", str(tmp_path / "info.json")])
+    assert info.exit_code == 0, info.output
+    assert "truncated.jpg" in info.output
+    d = json.loads((tmp_path / "info.json").read_text())
+    assert d["splits"][0]["errors"] == 3 and d["splits"][0]["done"] == 7
+
+
+def test_other_config_is_refused_then_overwritten(tiny_models, digits_dir, tmp_path):
+    out = tmp_path / "f.h5"
+    runner = CliRunner()
+    base = ["extract", "--data", str(digits_dir), "--out", str(out), "--workers", "0", "--quiet"]
+    assert runner.invoke(cli, base + ["--model", str(tiny_models["vit"])]).exit_code == 0
+    refused = runner.invoke(cli, base + ["--model", str(tiny_models["deit"])])
+    assert refused.exit_code != 0
+    assert str(tiny_models["vit"]) in refused.output and str(tiny_models["deit"]) in refused.output
+    assert "--overwrite" in refused.output
+    ok = runner.invoke(cli, base + ["--model", str(tiny_models["deit"]), "--overwrite"])
+    assert ok.exit_code == 0, ok.output
+    assert fc.open(out).config["family"] == "deit"
+
+
+def test_missing_model_is_a_clear_error(digits_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["extract", "--model", str(tmp_path / "nope"), "--data", str(digits_dir),
+                                      "--out", str(tmp_path / "x.h5"), "--quiet"])
+    assert result.exit_code != 0
+    assert "could not load model" in result.output
+
+
+def test_import_npz_and_pt_then_info(tmp_path, digits_arrays):
+    x, y = digits_arrays["train"]
+    np.savez(tmp_path / "train.npz", features=x, labels=y)
+    torch.save({"cls": torch.from_numpy(digits_arrays["test"][0])}, tmp_path / "test.pt")
+    np.save(tmp_path / "test_labels.npy", digits_arrays["test"][1])
+    out = tmp_path / "imported.h5"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["import", "--out", str(out), "--split", f"train={tmp_path / 'train.npz'}",
+                                 "--split", f"test={tmp_path / 'test.pt'}",
+                                 "--labels", f"test={tmp_path / 'test_labels.npy'}", "--model", "elsewhere"])
+    assert result.exit_code == 0, result.output
+    store = fc.open(out)
+    np.testing.assert_array_equal(store["train"].features("cls"), x)
+    np.testing.assert_array_equal(store["test"].labels, digits_arrays["test"][1])
+    assert store.classes == [str(i) for i in range(10)]
+    info = runner.invoke(cli, ["info", str(out)])
+    assert info.exit_code == 0 and "elsewhere" in info.output
+    bad = runner.invoke(cli, ["import", "--out", str(tmp_path / "b.h5"), "--split", f"train={tmp_path / 'nothing.npy'}"])
+    assert bad.exit_code != 0 and "does not exist" in bad.output
