@@ -78,7 +78,10 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
     state = "resumed" if summary.resumed else "created"
     where = f" (rank {rank} of {world})" if world > 1 else ""
     click.echo(f"{out}{where}: {state}; {summary.rows_computed} images extracted, {summary.rows_failed} skipped, "
-               f"{summary.rows_done_before} already done, {summary.rows_total} in all "
+               f"{summary.rows_done_before} already done, "
+               + (f"{summary.rows_failed_before} unreadable before (not retried; --retry-errors), "
+                  if summary.rows_failed_before else "")
+               + f"{summary.rows_total} in all "
                f"({summary.images_per_second:.1f} images/s).")
     for split, path, reason in summary.errors[:20]:
         click.echo(f"  skipped {split}/{path}: {reason}")

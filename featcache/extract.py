@@ -71,6 +71,7 @@ class ExtractSummary:
     rows_done_before: int
     rows_computed: int = 0
     rows_failed: int = 0
+    rows_failed_before: int = 0             # known unreadable inputs not retried (see --retry-errors)
     seconds: float = 0.0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (split, path, reason)
 
@@ -329,7 +330,9 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
         files = split_rows[name].files
         items.extend((s, int(r), files[r]) for r in writer.pending_rows(name))
     total = sum(len(spec.paths) for spec in specs.values())
-    summary = ExtractSummary(Path(out), writer.resumed, total, rows_done_before=total - len(items))
+    done_before = sum(writer.done_count(name) for name in split_names)
+    summary = ExtractSummary(Path(out), writer.resumed, total, rows_done_before=done_before,
+                             rows_failed_before=total - done_before - len(items))
     try:
         if items:
             paths = [split_rows[name].paths for name in split_names]

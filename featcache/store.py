@@ -419,6 +419,9 @@ class StoreWriter:
         todo &= g["errors"][()] == b""
         return np.flatnonzero(todo)
 
+    def done_count(self, split: str) -> int:
+        return int(self._f[split]["done"][()].sum())
+
     # writes -----------------------------------------------------------------------------------
     def write(self, split: str, rows: np.ndarray, cls: np.ndarray, pooled: np.ndarray | None,
               tokens: np.ndarray | None = None) -> None:

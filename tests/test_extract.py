@@ -82,8 +82,8 @@ def test_token_mode_resize_equals_seed_recipe(tiny_vit, digits_dir, tmp_path):
     assert s.tokens.shape == (30, 85, 32)
     hidden, _ = direct_forward(tiny_vit, _files(store, "test", digits_dir))
     assert hidden.shape[1] == 65
-    np.testing.assert_allclose(s.tokens[()], seed_resize_reference(hidden, 85), atol=1e-5)
-    np.testing.assert_allclose(s.tokens[:, 0], hidden[:, 0], atol=1e-5)  # CLS survives the resize
+    np.testing.assert_allclose(s.tokens[()], seed_resize_reference(hidden, 85), atol=1e-4)
+    np.testing.assert_allclose(s.tokens[:, 0], hidden[:, 0], atol=1e-4)  # CLS survives the resize
     assert s.tokens.attrs["mode"] == "resize" and s.tokens.attrs["source_num_tokens"] == 65
 
 
@@ -94,7 +94,8 @@ def test_token_mode_resize_197_to_257_like_the_seed():
     plan = plan_tokens(1, (14, 14), 257, "resize")
     out = apply_token_mode(hidden, plan)
     assert out.shape == (2, 257, 768)
-    np.testing.assert_allclose(out.numpy(), seed_resize_reference(hidden.numpy(), 257), atol=1e-5)
+    # float32 (torch) against a float64 reference: source coordinates round at ~1e-5 relative
+    np.testing.assert_allclose(out.numpy(), seed_resize_reference(hidden.numpy(), 257), rtol=1e-4, atol=1e-4)
 
 
 def test_token_mode_grid_keeps_prefix_and_resizes_patch_grid(tiny_models, digits_dir, tmp_path):
@@ -104,7 +105,7 @@ def test_token_mode_grid_keeps_prefix_and_resizes_patch_grid(tiny_models, digits
     assert s.tokens.shape == (30, 102, 32)
     assert list(s.tokens.attrs["grid"]) == [10, 10] and s.tokens.attrs["n_prefix"] == 2
     hidden, _ = direct_forward(tiny_models["deit"], _files(store, "test", digits_dir))
-    np.testing.assert_allclose(s.tokens[:, :2], hidden[:, :2], atol=1e-5)
+    np.testing.assert_allclose(s.tokens[:, :2], hidden[:, :2], atol=1e-4)
     patches = torch.from_numpy(hidden[:, 2:]).reshape(30, 8, 8, 32).permute(0, 3, 1, 2)
     ref = torch.nn.functional.interpolate(patches, size=(10, 10), mode="bicubic", align_corners=False)
     np.testing.assert_allclose(s.tokens[:, 2:], ref.permute(0, 2, 3, 1).reshape(30, 100, 32).numpy(), atol=1e-4)
@@ -173,7 +174,7 @@ def test_bad_inputs_are_skipped_and_listed(tiny_vit, digits_dir, tmp_path):
     # a rerun does not retry known failures; --retry-errors does, and they fail again
     again = runner.invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
                                 "--out", str(out), "--workers", "0", "--quiet"])
-    assert "0 images extracted, 0 skipped, 7 already done" in again.output
+    assert "0 images extracted, 0 skipped, 7 already done, 3 unreadable before" in again.output
     retry = runner.invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
                                 "--out", str(out), "--workers", "0", "--quiet", "--retry-errors"])
     assert "0 images extracted, 3 skipped" in retry.output

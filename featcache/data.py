@@ -1,0 +1,333 @@
+"""Data sources and decoding: image folders, CSV manifests, DICOM, with clear per-file errors.
+
+A source lists the rows of every split before anything is computed (sorted by path, so row
+order is deterministic and resumable); ``load_image`` turns one file into an 8-bit RGB PIL
+image or raises ``ImageDecodeError`` with a short reason the extractor records and skips.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger("featcache")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".dcm", ".dicom")
+# folder names read as splits in root/<split>/<class>/x
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout", "unlabelled", "unlabeled")
+SINGLE_SPLIT = "all"  # split name of a root/<class>/x folder
+
+
+@dataclass
+class SplitRows:
+    """The rows of one split."""
+
+    paths: list[str]            # relative to the data root (or as given in the manifest), sorted, posix
+    files: list[Path]           # absolute paths to read
+    labels: np.ndarray          # (N,) int64 with -1 = unlabelled, or (N, C) uint8 for multi-label
+    groups: list[str] | None    # group/patient id per row when the manifest has a group column
+
+
+@dataclass
+class DataSource:
+    """Every split of a dataset, with class names shared across splits."""
+
+    root: Path                  # folder that paths are relative to
+    classes: list[str]          # label i means classes[i]
+    splits: dict[str, SplitRows]
+    multilabel: bool            # labels are (N, C) 0/1
+    kind: str                   # "folder" | "csv"
+
+
+class ImageDecodeError(Exception):
+    """One input could not be turned into an image; str(exc) is the reason."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode inputs; part of the extraction config."""
+
+    window: tuple[float, float] | None = None   # DICOM window centre, width override (--window C,W)
+    frame: int | None = None                    # DICOM frame for multi-frame files (--frame N)
+    max_pixels: int = 178_956_970               # decompression-bomb limit: PIL's warning limit x2
+
+
+# ------------------------------------------------------------------------------------------------
+# sources
+# ------------------------------------------------------------------------------------------------
+
+def discover(data: str | Path, *, split: str | None = None, label_columns: Sequence[str] | None = None,
+             path_column: str = "path", label_column: str = "label", split_column: str = "split",
+             group_column: str = "group", extensions: Sequence[str] | None = None) -> DataSource:
+    """List the rows of an image folder or a CSV manifest.
+
+    Folders: root/<class>/x is one split named "all"; root/<split>/<class>/x (top-level folders
+    named like train/val/test) gives several; images directly in root or in a split folder are
+    unlabelled (-1). `split` keeps only that split.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"{data} does not exist: expected an image folder or a CSV manifest.")
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in (extensions or IMAGE_EXTENSIONS))
+    if data.is_file():
+        if data.suffix.lower() not in (".csv", ".tsv"):
+            raise ValueError(f"{data} is a file but not a CSV manifest; pass a folder of images or a "
+                             f".csv with columns path,label[,split][,group].")
+        source = _from_csv(data, label_columns, path_column, label_column, split_column, group_column)
+    else:
+        source = _from_folder(data, exts)
+    if split is not None:
+        if split not in source.splits:
+            raise ValueError(f"split {split!r} not found in {data}; it has {', '.join(source.splits)}.")
+        source.splits = {split: source.splits[split]}
+    return source
+
+
+def _images_in(folder: Path, exts: tuple[str, ...], recursive: bool) -> list[Path]:
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+
+
+def _from_folder(root: Path, exts: tuple[str, ...]) -> DataSource:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_NAMES]
+    layout = {d.name: d for d in split_dirs} if split_dirs else {SINGLE_SPLIT: root}
+    raw: dict[str, list[tuple[Path, str | None]]] = {}
+    for name, folder in layout.items():
+        rows: list[tuple[Path, str | None]] = [(f, None) for f in _images_in(folder, exts, recursive=False)]
+        for cdir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if folder is root and cdir in split_dirs:
+                continue
+            rows.extend((f, cdir.name) for f in _images_in(cdir, exts, recursive=True))
+        raw[name] = rows
+    if not any(raw.values()):
+        raise ValueError(f"no images found in {root} (looked for {', '.join(exts)} in root/<class>/ and "
+                         f"root/<split>/<class>/).")
+    classes = sorted({c for rows in raw.values() for _, c in rows if c is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for name, rows in raw.items():
+        rows = sorted(rows, key=lambda r: r[0].relative_to(root).as_posix())
+        splits[name] = SplitRows(
+            paths=[f.relative_to(root).as_posix() for f, _ in rows],
+            files=[f.resolve() for f, _ in rows],
+            labels=np.array([index[c] if c is not None else -1 for _, c in rows], dtype=np.int64),
+            groups=None)
+    return DataSource(root.resolve(), classes, splits, multilabel=False, kind="folder")
+
+
+def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str, label_column: str,
+              split_column: str, group_column: str) -> DataSource:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+        reader = csv.DictReader(fh, dialect=dialect)
+        columns = list(reader.fieldnames or [])
+        records = list(reader)
+    if path_column not in columns:
+        raise ValueError(f"{path} has no {path_column!r} column; its columns are: {', '.join(columns) or 'none'}. "
+                         f"Expected path,label[,split][,group].")
+    if not records:
+        raise ValueError(f"{path} lists no rows.")
+    root = path.parent.resolve()
+    reserved = {path_column, split_column, group_column}
+    if label_columns is None and label_column not in columns:
+        candidates = [c for c in columns if c not in reserved]
+        if candidates and all(_is_binary(r.get(c, "")) for r in records for c in candidates):
+            label_columns = candidates  # a multi-label manifest: one 0/1 column per finding
+    multilabel = label_columns is not None
+    if multilabel:
+        missing = [c for c in label_columns if c not in columns]
+        if missing:
+            raise ValueError(f"{path} has no label column(s) {', '.join(missing)}; columns: {', '.join(columns)}.")
+        classes = list(label_columns)
+    else:
+        names = {r.get(label_column, "").strip() for r in records} - {""}
+        classes = sorted(names)
+    index = {c: i for i, c in enumerate(classes)}
+    by_split: dict[str, list[dict[str, str]]] = {}
+    for r in records:
+        by_split.setdefault((r.get(split_column) or SINGLE_SPLIT).strip() or SINGLE_SPLIT, []).append(r)
+    splits = {}
+    for name in sorted(by_split):
+        rows = sorted(by_split[name], key=lambda r: r[path_column].strip())
+        rel = [r[path_column].strip() for r in rows]
+        files = [(p if p.is_absolute() else root / p) for p in map(Path, rel)]
+        if multilabel:
+            labels = np.array([[_binary(r.get(c, ""), path, c) for c in label_columns] for r in rows], dtype=np.uint8)
+        else:
+            labels = np.array([index.get(r.get(label_column, "").strip(), -1) for r in rows], dtype=np.int64)
+        groups = [r.get(group_column, "").strip() for r in rows] if group_column in columns else None
+        splits[name] = SplitRows(paths=rel, files=files, labels=labels.reshape(len(rows), -1) if multilabel else labels,
+                                 groups=groups)
+    return DataSource(root, classes, splits, multilabel=multilabel, kind="csv")
+
+
+def _is_binary(value: str) -> bool:
+    return value.strip() in ("0", "1", "0.0", "1.0")
+
+
+def _binary(value: str, path: Path, column: str) -> int:
+    v = value.strip()
+    if not _is_binary(v):
+        raise ValueError(f"{path}: multi-label column {column!r} must hold 0 or 1; found {value!r}.")
+    return int(float(v))
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+# ------------------------------------------------------------------------------------------------
+
+def load_image(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.Image":
+    """Decode one file into an 8-bit RGB image, or raise ImageDecodeError with the reason."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if path.suffix.lower() in (".dcm", ".dicom") or _has_dicm_magic(path):
+        return load_dicom(path, options)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > options.max_pixels:
+                    raise ImageDecodeError(f"decompression bomb: {w}x{h} px exceeds the limit of "
+                                           f"{options.max_pixels} px")
+                img.load()
+                return to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        text = str(exc)
+        if "truncated" in text.lower() or "premature" in text.lower() or "broken" in text.lower():
+            raise ImageDecodeError(f"truncated or corrupt image: {text}") from None
+        raise ImageDecodeError(f"cannot decode image: {text}") from None
+
+
+def _has_dicm_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def to_rgb(img: "Image.Image") -> "Image.Image":
+    """Any PIL mode -> 8-bit RGB: EXIF orientation applied, 16-bit scaled (not clipped), CMYK and
+    palette converted, alpha composited onto black (what the pixels show without transparency)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.float64) * 255.0 / 65535.0
+        return Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535 and arr.max() > 255:
+            arr = arr * 255.0 / 65535.0          # 16-bit PNGs decode as mode I
+        elif arr.max() > arr.min():
+            arr = (arr - arr.min()) * 255.0 / (arr.max() - arr.min())
+        return Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_dicom(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.Image":
+    """DICOM -> 8-bit RGB: modality LUT, then VOI LUT / window (or options.window), MONOCHROME1
+    inverted; without any window the full range of the rescaled data maps to 0..255."""
+    from PIL import Image
+
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise ImageDecodeError("pydicom is not installed: pip install 'featcache[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise ImageDecodeError(f"not a readable DICOM file: {exc}") from None
+    if "PixelData" not in ds:
+        raise ImageDecodeError("DICOM file has no pixel data")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1 and options.frame is None:
+        raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {path.name}: pass --frame N to pick one")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(ts, "name", ts)
+        raise ImageDecodeError(f"cannot decode DICOM pixel data (transfer syntax {name}): {exc}") from None
+    if frames > 1:
+        if not 0 <= options.frame < frames:
+            raise ImageDecodeError(f"--frame {options.frame} out of range: {path.name} has {frames} frames")
+        arr = arr[options.frame]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or arr.ndim == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        return Image.fromarray(_scale_to_uint8(arr.astype(np.float64), None), "RGB")
+    data = apply_modality_lut(arr, ds).astype(np.float64)
+    if options.window is not None:
+        centre, width = options.window
+        out = _window(data, centre, width)
+    elif "VOILUTSequence" in ds:
+        out = _scale_to_uint8(apply_voi_lut(data, ds).astype(np.float64), _voi_range(ds))
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        out = _window(data, _first(ds.WindowCenter), _first(ds.WindowWidth))
+    else:
+        out = _scale_to_uint8(data, None)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return Image.fromarray(out, "L").convert("RGB")
+
+
+def _window(data: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """The DICOM linear window (PS3.3 C.11.2.1.2) mapped onto 0..255."""
+    lo, hi = centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
+    out = (data - (centre - 0.5)) / max(width - 1, 1e-9) + 0.5
+    out = np.where(data <= lo, 0.0, np.where(data > hi, 1.0, out))
+    return np.round(out * 255).astype(np.uint8)
+
+
+def _first(value) -> float:
+    """WindowCenter/Width may hold several values; the first is the default view."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def _voi_range(ds) -> tuple[float, float]:
+    """The output range of a VOI LUT sequence: its entries' bit depth."""
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    return 0.0, float(2 ** bits - 1)
+
+
+def _scale_to_uint8(data: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Map data linearly onto 0..255 by a known range or its own min..max (never clipping detail)."""
+    lo, hi = value_range if value_range else (float(data.min()), float(data.max()))
+    if hi <= lo:
+        return np.zeros(data.shape, dtype=np.uint8)
+    return np.round((data - lo) * 255.0 / (hi - lo)).clip(0, 255).astype(np.uint8)
