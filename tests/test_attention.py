@@ -1,0 +1,182 @@
+"""CLS attention maps: grid shape, normalisation, agreement with the model's own attentions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from featcache.attention import (cls_attention, display_image, load_attention_backbone,
+                                 top_mass_mask)
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+
+# family -> number of prefix tokens before the patches, counted by hand
+N_PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_reg": 1 + 3, "vit_wide": 1}
+
+
+def _build(kind: str, path: Path) -> Path:
+    from transformers import (BitImageProcessor, DeiTConfig, DeiTModel, Dinov2Config, Dinov2Model,
+                              Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    torch.manual_seed(0)
+    square = ViTImageProcessor(size={"height": 32, "width": 32})
+    if kind == "vit":
+        model, proc = ViTModel(ViTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), square
+    elif kind == "vit_wide":   # non-square input: a 8 x 12 patch grid
+        model = ViTModel(ViTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY))
+        proc = ViTImageProcessor(size={"height": 32, "width": 48})
+    elif kind == "deit":       # distilled DeiT: CLS + distillation token
+        model, proc = DeiTModel(DeiTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), square
+    elif kind == "dinov2":     # resize shortest edge then centre-crop
+        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=4, mlp_ratio=2, **TINY))
+        proc = BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                                 do_center_crop=True)
+    elif kind == "dinov2_reg":
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+            image_size=32, patch_size=4, mlp_ratio=2, num_register_tokens=3, **TINY))
+        proc = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 do_center_crop=True)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("attn_models")
+    return {k: _build(k, root / k) for k in N_PREFIX}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Four small real-looking pictures (smooth gradients with a bright square), plus a broken file."""
+    root = tmp_path_factory.mktemp("attn_images")
+    yy, xx = np.mgrid[0:40, 0:52]
+    for i in range(4):
+        img = np.stack([xx * 4, yy * 5, np.full_like(xx, 60 * i)], -1).astype(np.uint8)
+        img[5 + 5 * i:15 + 5 * i, 10:20] = 255
+        Image.fromarray(img).save(root / f"img{i}.png")
+    (root / "broken.png").write_bytes(b"this is not a png")
+    return root
+
+
+def reference_maps(model_dir: Path, image: Image.Image, n_prefix: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent computation: the model's own attentions[-1][:, :, 0, n_prefix:], renormalised."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    proc = AutoImageProcessor.from_pretrained(model_dir)
+    px = proc(images=image, return_tensors="pt")["pixel_values"]
+    kwargs = {"interpolate_pos_encoding": True} if model.config.model_type in ("vit", "deit") else {}
+    with torch.no_grad():
+        a = model(pixel_values=px, output_attentions=True, **kwargs).attentions[-1][0, :, 0, n_prefix:]
+    heads = (a / a.sum(-1, keepdim=True)).numpy()
+    mean = a.mean(0)
+    return (mean / mean.sum()).numpy(), heads
+
+
+@pytest.mark.parametrize("kind", list(N_PREFIX))
+def test_maps_match_the_models_own_attention(models, images, kind):
+    backbone = load_attention_backbone(str(models[kind]))
+    assert backbone.n_prefix == N_PREFIX[kind]
+    image = Image.open(images / "img1.png").convert("RGB")
+    px = backbone.processor(images=image, return_tensors="pt")["pixel_values"]
+    maps = cls_attention(backbone, px)
+    grid = (8, 12) if kind == "vit_wide" else (8, 8)
+    assert maps.grid == grid
+    assert maps.mean.shape == (1, *grid) and maps.heads.shape == (1, 4, *grid)
+    np.testing.assert_allclose(maps.mean.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    np.testing.assert_allclose(maps.heads.sum(axis=(2, 3)), 1.0, atol=1e-5)
+    ref_mean, ref_heads = reference_maps(models[kind], image, N_PREFIX[kind])
+    np.testing.assert_allclose(maps.mean[0].ravel(), ref_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps.heads[0].reshape(4, -1), ref_heads, rtol=1e-4, atol=1e-6)
+
+
+def test_top_mass_mask_matches_dino_threshold():
+    """DINO's visualize_attention: sort ascending, keep where cumulative > 1 - threshold."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = rng.dirichlet(np.full(48, 0.3)).reshape(6, 8)
+        val, idx = torch.sort(torch.tensor(m).flatten())
+        keep_sorted = torch.cumsum(val / val.sum(), 0) > (1 - 0.5)
+        dino = keep_sorted[torch.argsort(idx)].numpy().reshape(6, 8)
+        ours = top_mass_mask(m)
+        np.testing.assert_array_equal(ours, dino)
+        assert m[ours].sum() >= 0.5 and m[ours].sum() - m[ours].min() < 0.5   # smallest such set
+
+
+def test_layer_out_of_range_is_a_clear_error(models):
+    backbone = load_attention_backbone(str(models["vit"]))
+    with pytest.raises(ValueError, match="has 2 layers"):
+        cls_attention(backbone, torch.zeros(1, 3, 32, 32), layer=5)
+    first = cls_attention(backbone, torch.zeros(1, 3, 32, 32), layer=0)
+    assert first.mean.shape == (1, 8, 8)
+
+
+def test_display_image_undoes_the_processor(models, images):
+    backbone = load_attention_backbone(str(models["vit"]))
+    image = Image.open(images / "img0.png").convert("RGB")
+    px = backbone.processor(images=image, return_tensors="pt")["pixel_values"][0]
+    expected = np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255
+    np.testing.assert_allclose(display_image(px, backbone.processor), expected, atol=0.02)
+
+
+def test_cli_writes_overlays_grid_and_maps(models, images, tmp_path):
+    import featcache_cli.main as main
+
+    out = tmp_path / "attn"
+    res = CliRunner().invoke(main.cli, ["attention", "--model", str(models["dinov2_reg"]),
+                                        "--data", str(images), "--out", str(out), "--per-head",
+                                        "--grid-cols", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "broken.png" in res.output and "skipped 1" in res.output
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted([f"{i:04d}_img{i}.png" for i in range(4)]
+                          + [f"{i:04d}_img{i}_heads.png" for i in range(4)] + ["grid.png"])
+    for name in pngs:
+        with Image.open(out / name) as im:
+            assert im.size[0] > 50 and im.size[1] > 50
+    z = np.load(out / "attention.npz")
+    assert [Path(p).name for p in z["paths"]] == [f"img{i}.png" for i in range(4)]
+    assert z["mean"].shape == (4, 8, 8) and z["heads"].shape == (4, 4, 8, 8)
+    np.testing.assert_allclose(z["mean"].sum(axis=(1, 2)), 1.0, atol=1e-5)
+    ref_mean, _ = reference_maps(models["dinov2_reg"], Image.open(images / "img2.png").convert("RGB"),
+                                 N_PREFIX["dinov2_reg"])
+    np.testing.assert_allclose(z["mean"][2].ravel(), ref_mean, rtol=1e-4, atol=1e-6)
+    for m, mask in zip(z["mean"], z["mask"]):
+        assert m[mask].sum() >= 0.5
+
+
+def test_cli_max_images_and_bad_inputs(models, images, tmp_path):
+    import featcache_cli.main as main
+
+    runner = CliRunner()
+    res = runner.invoke(main.cli, ["attention", "--model", str(models["deit"]), "--data",
+                                   str(images / "img3.png"), "--out", str(tmp_path / "one"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "one" / "0000_img3.png").exists() and (tmp_path / "one" / "grid.png").exists()
+    res = runner.invoke(main.cli, ["attention", "--model", str(models["vit"]), "--data", str(images),
+                                   "--out", str(tmp_path / "two"), "--max-images", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "two" / "attention.npz")["mean"].shape == (2, 8, 8)
+    res = runner.invoke(main.cli, ["attention", "--model", str(models["vit"]), "--data", str(images),
+                                   "--out", str(tmp_path / "bad"), "--layer", "7", "--quiet"])
+    assert res.exit_code != 0 and "out of range" in res.output and "Traceback" not in res.output
+
+
+def test_cnn_backbone_is_refused_with_a_reason(tmp_path, images):
+    import featcache_cli.main as main
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(tmp_path / "r")
+    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(tmp_path / "r")
+    res = CliRunner().invoke(main.cli, ["attention", "--model", str(tmp_path / "r"), "--data", str(images),
+                                        "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code != 0 and "has no attention" in res.output and "Traceback" not in res.output
