@@ -276,7 +276,8 @@ def load_dicom(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", ts)
-        raise ImageDecodeError(f"cannot decode DICOM pixel data (transfer syntax {name}): {exc}") from None
+        reason = " ".join(str(exc).split())  # one line for the errors table
+        raise ImageDecodeError(f"cannot decode DICOM pixel data (transfer syntax {name}): {reason}") from None
     if frames > 1:
         if not 0 <= options.frame < frames:
             raise ImageDecodeError(f"--frame {options.frame} out of range: {path.name} has {frames} frames")

@@ -1,0 +1,247 @@
+"""Data sources and decoding: layouts, manifests, every awkward image kind, DICOM against pydicom."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
+
+
+def _png(path: Path, value: int = 100, mode: str = "L", size=(8, 6)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- sources
+
+def test_single_split_folder_is_named_all_and_sorted(tmp_path):
+    for c in ("dog", "cat"):
+        for i in (3, 1, 2):
+            _png(tmp_path / c / f"{i}.png")
+    src = discover(tmp_path)
+    assert list(src.splits) == ["all"] and src.classes == ["cat", "dog"]
+    rows = src.splits["all"]
+    assert rows.paths == ["cat/1.png", "cat/2.png", "cat/3.png", "dog/1.png", "dog/2.png", "dog/3.png"]
+    assert rows.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert all(f.is_absolute() and f.exists() for f in rows.files)
+
+
+def test_split_folders_share_classes_and_allow_absent_class(tmp_path):
+    _png(tmp_path / "train" / "a" / "1.png")
+    _png(tmp_path / "train" / "b" / "1.png")
+    _png(tmp_path / "test" / "b" / "2.png")
+    _png(tmp_path / "test" / "9.png")  # loose image in a split folder: unlabelled
+    src = discover(tmp_path)
+    assert sorted(src.splits) == ["test", "train"] and src.classes == ["a", "b"]
+    assert src.splits["test"].paths == ["test/9.png", "test/b/2.png"]
+    assert src.splits["test"].labels.tolist() == [-1, 1]
+    assert discover(tmp_path, split="train").splits.keys() == {"train"}
+    with pytest.raises(ValueError, match="has test, train|has train, test"):
+        discover(tmp_path, split="val")
+
+
+def test_unlabelled_folder(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"{i}.png")
+    src = discover(tmp_path)
+    assert src.classes == [] and src.splits["all"].labels.tolist() == [-1, -1, -1]
+
+
+def test_csv_manifest_with_split_and_group(tmp_path):
+    for name in ("x1.png", "x2.png", "x3.png", "sub/x4.png"):
+        _png(tmp_path / "img" / name)
+    (tmp_path / "m.csv").write_text("path,label,split,group\nimg/x2.png,pneu,train,p1\nimg/x1.png,normal,train,p2\n"
+                                    "img/sub/x4.png,normal,test,p3\nimg/x3.png,,test,p3\n")
+    src = discover(tmp_path / "m.csv")
+    assert src.kind == "csv" and src.classes == ["normal", "pneu"]
+    assert src.splits["train"].paths == ["img/x1.png", "img/x2.png"]
+    assert src.splits["train"].labels.tolist() == [0, 1]
+    assert src.splits["train"].groups == ["p2", "p1"]
+    assert src.splits["test"].paths == ["img/sub/x4.png", "img/x3.png"]
+    assert src.splits["test"].labels.tolist() == [0, -1]  # empty label = unlabelled
+    assert src.splits["test"].files[0] == (tmp_path / "img/sub/x4.png").resolve()
+
+
+def test_multilabel_manifest(tmp_path):
+    (tmp_path / "m.csv").write_text("path,effusion,nodule\na.png,1,0\nb.png,0,0\nc.png,1,1\n")
+    src = discover(tmp_path / "m.csv")
+    assert src.multilabel and src.classes == ["effusion", "nodule"]
+    assert src.splits["all"].labels.tolist() == [[1, 0], [0, 0], [1, 1]]
+    explicit = discover(tmp_path / "m.csv", label_columns=["nodule"])
+    assert explicit.classes == ["nodule"] and explicit.splits["all"].labels.shape == (3, 1)
+
+
+def test_source_errors_say_what_was_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found.*jpg"):
+        discover(tmp_path / "empty")
+    (tmp_path / "bad.csv").write_text("file,label\na.png,x\n")
+    with pytest.raises(ValueError, match="no 'path' column; its columns are: file, label"):
+        discover(tmp_path / "bad.csv")
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+@pytest.mark.parametrize("maker,reason", [
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.write_text("hello, not pixels"), "not an image"),
+])
+def test_unreadable_files_raise_with_reason(tmp_path, maker, reason):
+    path = tmp_path / "x.png"
+    maker(path)
+    with pytest.raises(ImageDecodeError, match=reason):
+        load_image(path)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files_raise(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"t.{fmt.lower()}"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, fmt)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ImageDecodeError, match="(?i)truncat|corrupt|cannot decode"):
+        load_image(path)
+
+
+def test_decompression_bomb_refused(tmp_path):
+    path = _png(tmp_path / "big.png", size=(300, 300))
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        load_image(path, DecodeOptions(max_pixels=10_000))
+
+
+def test_grayscale_and_palette_become_rgb(tmp_path):
+    gray = load_image(_png(tmp_path / "g.png", 77))
+    assert gray.mode == "RGB" and np.asarray(gray)[0, 0].tolist() == [77, 77, 77]
+    pal = Image.new("P", (4, 4))
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.putpixel((0, 0), 1)
+    pal.save(tmp_path / "p.png")
+    assert np.asarray(load_image(tmp_path / "p.png"))[0, 0].tolist() == [10, 200, 30]
+
+
+def test_rgba_alpha_is_composited_onto_black(tmp_path):
+    Image.new("RGBA", (4, 4), (200, 100, 50, 128)).save(tmp_path / "a.png")
+    px = np.asarray(load_image(tmp_path / "a.png"))[0, 0].astype(int)
+    np.testing.assert_allclose(px, np.round(np.array([200, 100, 50]) * 128 / 255), atol=1)
+
+
+def test_cmyk_converts_to_rgb(tmp_path):
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # pure red in CMYK
+    r, g, b = np.asarray(load_image(tmp_path / "c.jpg"))[0, 0].astype(int)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    arr = np.full((4, 4), 32768, dtype=np.uint16)
+    arr[0, 0] = 65535
+    Image.fromarray(arr).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    out = np.asarray(load_image(tmp_path / "16.png"))
+    assert out[1, 1].tolist() == [128, 128, 128]  # mid-grey stays mid-grey, not 255
+    assert out[0, 0].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize("orientation,expected_corner", [(6, (0, -1)), (8, (-1, 0))])
+def test_exif_rotation_is_applied(tmp_path, orientation, expected_corner):
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high, a white top-left block
+    arr[:5, :5] = 255
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    out = np.asarray(load_image(tmp_path / "r.jpg"))
+    assert out.shape[:2] == (40, 20)  # rotated by 90 degrees
+    r, c = expected_corner  # where the white block lands after the rotation
+    assert out[r * 2 if r >= 0 else r - 1, c * 2 if c >= 0 else c - 1].mean() > 200
+
+
+# ---------------------------------------------------------------------------------- DICOM
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
+
+
+def _reference(ds) -> np.ndarray:
+    """pydicom's own pipeline: apply_modality_lut, then apply_voi_lut, whose output range (the
+    stored bit range through the rescale) is mapped onto 0..255; no window = the data's range."""
+    data = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if "WindowCenter" not in ds:
+        return (data - data.min()) * 255 / (data.max() - data.min())
+    bits = ds.BitsStored
+    lo, hi = (0, 2**bits - 1) if ds.PixelRepresentation == 0 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+    lo, hi = lo * slope + intercept, hi * slope + intercept
+    return (apply_voi_lut(data, ds).astype(np.float64) - lo) * 255 / (hi - lo)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_dicom_matches_pydicom_luts(tmp_path, name):
+    src = Path(get_testdata_file(name, download=False))
+    ds = pydicom.dcmread(src)
+    out = np.asarray(load_image(src))[..., 0].astype(np.float64)
+    assert out.shape == ds.pixel_array.shape
+    np.testing.assert_allclose(out, _reference(ds), atol=1.0)
+
+
+def test_dicom_window_override_and_monochrome1(tmp_path):
+    src = Path(get_testdata_file("CT_small.dcm", download=False))
+    ds = pydicom.dcmread(src)
+    data = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    windowed = np.asarray(load_image(src, DecodeOptions(window=(40.0, 400.0))))[..., 0].astype(np.float64)
+    ref = np.clip((data - 39.5) / 399 + 0.5, 0, 1) * 255
+    np.testing.assert_allclose(windowed, ref, atol=1.0)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "m1.dcm")
+    inverted = np.asarray(load_image(tmp_path / "m1.dcm"))[..., 0].astype(np.float64)
+    normal = np.asarray(load_image(src))[..., 0].astype(np.float64)
+    np.testing.assert_allclose(inverted, 255 - normal, atol=0)
+
+
+def test_dicom_16bit_without_window_uses_full_range(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm", download=False))
+    for tag in ("WindowCenter", "WindowWidth"):
+        if tag in ds:
+            del ds[tag]
+    ds.save_as(tmp_path / "nowin.dcm")
+    out = np.asarray(load_image(tmp_path / "nowin.dcm"))[..., 0]
+    assert out.min() == 0 and out.max() == 255  # stretched over its range, nothing clipped to white
+    assert (out == 255).mean() < 0.01
+
+
+def test_multiframe_dicom_needs_frame(tmp_path):
+    src = Path(get_testdata_file("rtdose.dcm", download=False))  # 15-frame RT dose, bundled
+    with pytest.raises(ImageDecodeError, match="multi-frame.*--frame"):
+        load_image(src)
+    img = load_image(src, DecodeOptions(frame=2))
+    ds = pydicom.dcmread(src)
+    assert img.size == (ds.Columns, ds.Rows)
+    with pytest.raises(ImageDecodeError, match="out of range"):
+        load_image(src, DecodeOptions(frame=99))
+
+
+def test_dicom_without_pixels_or_broken_is_an_error(tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    with pytest.raises(ImageDecodeError, match="DICOM"):
+        load_image(bad)
+
+
+def test_compressed_dicom_without_decoder_is_skipped_with_reason():
+    src = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False))
+    try:
+        pydicom.dcmread(src).pixel_array
+        pytest.skip("a JPEG-LS decoder is installed here")
+    except Exception:
+        pass
+    with pytest.raises(ImageDecodeError, match="JPEG-LS") as info:
+        load_image(src)
+    assert "\n" not in str(info.value)  # one line, fit for the errors table
