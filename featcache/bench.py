@@ -1,0 +1,92 @@
+"""Backbone cost: parameters, GFLOPs per image, latency, throughput and peak memory.
+
+Used by `featcache bench` to compare backbones (efficient transformers vs CNNs) side by side
+before committing to a long extraction.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from featcache.backbones import Backbone, load_backbone
+
+
+@dataclass
+class BenchResult:
+    """One backbone's measured cost."""
+
+    model: str                     # hub id or directory
+    device: str                    # where it ran
+    amp: bool                      # bf16 autocast on
+    input_size: tuple[int, int]    # pixels (h, w)
+    params_m: float                # parameters, millions
+    gflops: float                  # forward FLOPs per image / 1e9 (torch's flop counter, 2 per MAC)
+    latency_ms_p50: float          # batch 1, after warm-up
+    latency_ms_p90: float
+    batch_size: int                # batch of the throughput measurement
+    images_per_s: float            # throughput at batch_size
+    peak_mem_mb: float             # GPU: max allocated; CPU: process peak RSS
+    peak_mem_kind: str             # "cuda max allocated" | "process peak RSS"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_gflops(backbone: Backbone, pixels: torch.Tensor) -> float:
+    """FLOPs of one forward on `pixels` (batch 1) per image, in GFLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        backbone.model(pixel_values=pixels)
+    return counter.get_total_flops() / pixels.shape[0] / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(model: str, device: torch.device, runs: int = 50, batch_size: int = 32, amp: bool = False,
+                image_size: int | None = None, warmup: int = 5, batches: int = 5) -> BenchResult:
+    """Measure one backbone on random pixels at its processor's input size."""
+    backbone = load_backbone(model, image_size=image_size).to(device)
+    h, w = backbone.input_size()
+    params = sum(p.numel() for p in backbone.model.parameters())
+    one = torch.randn(1, 3, h, w, device=device)
+    gflops = count_gflops(backbone, one)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def forward(x: torch.Tensor) -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            backbone.model(pixel_values=x)
+
+    for _ in range(warmup):
+        forward(one)
+    _sync(device)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        forward(one)
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    batch = torch.randn(batch_size, 3, h, w, device=device)
+    forward(batch)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(batches):
+        forward(batch)
+    _sync(device)
+    rate = batches * batch_size / (time.perf_counter() - t)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    return BenchResult(model, str(device), amp, (h, w), params / 1e6, gflops, statistics.median(times),
+                       times[min(len(times) - 1, int(0.9 * len(times)))], batch_size, rate, peak, kind)
