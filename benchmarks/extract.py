@@ -56,7 +56,7 @@ def main() -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     from featcache.backbones import load_backbone
-    from featcache.extract import ExtractConfig, RunOptions, default_workers, prepare_backbone, resolve_device, run_extraction
+    from featcache.extraction import ExtractConfig, RunOptions, default_workers, prepare_backbone, resolve_device, run_extraction
 
     device = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-"))

@@ -58,7 +58,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
     Example: featcache extract --model facebook/dino-vits16 --data images/ --out feats.h5
     """
     from featcache.backbones import BackboneError
-    from featcache.extract import ExtractConfig, RunOptions, distributed_rank, run_extraction
+    from featcache.extraction import ExtractConfig, RunOptions, distributed_rank, run_extraction
     from featcache.store import FeatureStoreError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

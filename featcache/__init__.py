@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "open": ("featcache.store", "open_store"),
     "FeatureStore": ("featcache.store", "FeatureStore"),
-    "extract": ("featcache.extract", "extract"),
-    "ExtractConfig": ("featcache.extract", "ExtractConfig"),
+    "extract": ("featcache.extraction", "extract"),
+    "ExtractConfig": ("featcache.extraction", "ExtractConfig"),
     "knn_eval": ("featcache.knn", "knn_eval"),
     "logistic_probe": ("featcache.probe", "logistic_probe"),
     "LogisticProbe": ("featcache.probe", "LogisticProbe"),

@@ -225,3 +225,15 @@ def test_import_npz_and_pt_then_info(tmp_path, digits_arrays):
     assert info.exit_code == 0 and "elsewhere" in info.output
     bad = runner.invoke(cli, ["import", "--out", str(tmp_path / "b.h5"), "--split", f"train={tmp_path / 'nothing.npy'}"])
     assert bad.exit_code != 0 and "does not exist" in bad.output
+
+
+def test_public_api_names_survive_submodule_imports():
+    """`fc.extract` stays the pinned function however the submodules were imported before."""
+    import importlib
+
+    for module in ("featcache.extraction", "featcache.store", "featcache.backbones", "featcache.tokens"):
+        importlib.import_module(module)
+    from featcache.extraction import extract
+
+    assert fc.extract is extract and callable(fc.extract)
+    assert fc.open.__module__ == "featcache.store"
