@@ -1,0 +1,334 @@
+"""Classification metrics shared by every command: one dict per evaluation, bootstrap CIs,
+validation-chosen thresholds, and median ± std over repeats.
+
+Small, imbalanced medical data is the norm, so every metric that a split cannot support (AUROC
+with one class present, top-5 with five classes or fewer) is None with a note saying why,
+never a crash and never a misleading 100 %.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+SELECTION_METRICS = ("accuracy", "balanced_accuracy", "auroc", "loss")
+ECE_BINS = 15
+
+
+# ------------------------------------------------------------------------------------------------
+# one number for model selection
+# ------------------------------------------------------------------------------------------------
+
+def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accuracy") -> float:
+    """One number to pick epochs and configs by; higher is better (loss is negated)."""
+    y_true = np.asarray(y_true)
+    proba = np.asarray(proba, dtype=np.float64)
+    if metric not in SELECTION_METRICS:
+        raise ValueError(f"selection metric must be one of {', '.join(SELECTION_METRICS)}; got {metric!r}.")
+    if y_true.ndim == 2:  # multi-label: per-label decisions at 0.5, macro AUROC, mean BCE
+        if metric == "loss":
+            p = proba.clip(1e-7, 1 - 1e-7)
+            return float(np.mean(y_true * np.log(p) + (1 - y_true) * np.log(1 - p)))
+        if metric == "auroc":
+            value = _multilabel_auc(y_true, proba, "macro")[0]
+            return float("nan") if value is None else value
+        return float(np.mean((proba >= 0.5) == (y_true > 0)))
+    if metric == "loss":
+        p = proba[np.arange(len(y_true)), y_true].clip(1e-12, 1)
+        return float(np.mean(np.log(p)))
+    if metric == "auroc":
+        value = _auroc(y_true, proba)[0]
+        return float("nan") if value is None else value
+    pred = proba.argmax(axis=1)
+    if metric == "accuracy":
+        return float(np.mean(pred == y_true))
+    return _balanced_accuracy(y_true, pred)
+
+
+# ------------------------------------------------------------------------------------------------
+# the full report of one evaluation
+# ------------------------------------------------------------------------------------------------
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Sequence[str] | None = None,
+                           threshold: float | Sequence[float] | None = None) -> dict[str, Any]:
+    """Every metric of one evaluation as plain JSON-able values.
+
+    proba is (N, C) class probabilities (rows sum to one) for single-label y (N,), or (N, C)
+    per-label scores for multi-label y (N, C). For two classes, `threshold` on P(class 1) decides
+    (default 0.5); sensitivity is the recall of class 1. For multi-label, one threshold per label.
+    """
+    y_true = np.asarray(y_true)
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or len(proba) != len(y_true):
+        raise ValueError(f"expected proba of shape (N, C) with N = {len(y_true)} rows; got {proba.shape}.")
+    if y_true.ndim == 2:
+        return _multilabel_metrics(y_true, proba, classes, threshold)
+    n, c = proba.shape
+    names = list(classes) if classes is not None else [str(i) for i in range(c)]
+    notes: list[str] = []
+    if n == 0:
+        return {"n": 0, "num_classes": c, "notes": ["no rows to evaluate"]}
+    if c == 2:
+        t = 0.5 if threshold is None else float(threshold)
+        pred = (proba[:, 1] >= t).astype(np.int64)
+    else:
+        pred = proba.argmax(axis=1)
+    cm = _confusion(y_true, pred, c)
+    per_class = []
+    for i in range(c):
+        tp, fp, fn = cm[i, i], cm[:, i].sum() - cm[i, i], cm[i, :].sum() - cm[i, i]
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class": names[i], "precision": float(precision), "recall": float(recall),
+                          "f1": float(f1), "support": int(cm[i, :].sum())})
+    support = np.array([p["support"] for p in per_class])
+    f1s = np.array([p["f1"] for p in per_class])
+    present = support > 0
+    absent = [names[i] for i in np.flatnonzero(~present)]
+    if absent:
+        notes.append(f"classes absent from this split: {', '.join(absent)} (left out of macro averages)")
+    out: dict[str, Any] = {
+        "n": int(n), "num_classes": int(c),
+        "top1": float(np.mean(pred == y_true)),
+        "top5": _topk_accuracy(y_true, proba, 5) if c > 5 else None,
+        "balanced_accuracy": _balanced_accuracy(y_true, pred),
+        "macro_f1": float(f1s[present].mean()) if present.any() else None,
+        "weighted_f1": float((f1s * support).sum() / support.sum()),
+    }
+    if c <= 5:
+        notes.append(f"top-5 not applicable with {c} classes")
+    out["auroc"], note = _auroc(y_true, proba)
+    if note:
+        notes.append(note)
+    out["auprc"] = _auprc(y_true, proba) if out["auroc"] is not None else None
+    out["mcc"] = _mcc(cm)
+    out["kappa"] = _kappa(cm)
+    out["ece"] = expected_calibration_error(y_true, proba)
+    if c == 2:
+        tn, fp, fn, tp = cm[0, 0], cm[0, 1], cm[1, 0], cm[1, 1]
+        out["threshold"] = t
+        out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else None
+        out["specificity"] = float(tn / (tn + fp)) if tn + fp else None
+        if tp + fn == 0 or tn + fp == 0:
+            notes.append("sensitivity/specificity need both classes present")
+    out["confusion_matrix"] = cm.tolist()
+    out["per_class"] = per_class
+    out["notes"] = notes
+    return out
+
+
+def _multilabel_metrics(y: np.ndarray, scores: np.ndarray, classes: Sequence[str] | None,
+                        threshold: float | Sequence[float] | None) -> dict[str, Any]:
+    n, c = y.shape
+    names = list(classes) if classes is not None else [str(i) for i in range(c)]
+    thresholds = np.full(c, 0.5) if threshold is None else np.broadcast_to(np.asarray(threshold, float), (c,))
+    notes: list[str] = []
+    per_label = []
+    for j in range(c):
+        yj, sj = y[:, j].astype(int), scores[:, j]
+        pos, neg = int(yj.sum()), int(n - yj.sum())
+        pred = sj >= thresholds[j]
+        tp, fn = int((pred & (yj == 1)).sum()), int((~pred & (yj == 1)).sum())
+        tn, fp = int((~pred & (yj == 0)).sum()), int((pred & (yj == 0)).sum())
+        entry = {"label": names[j], "positives": pos, "threshold": float(thresholds[j]),
+                 "sensitivity": tp / pos if pos else None, "specificity": tn / neg if neg else None,
+                 "auroc": None, "auprc": None}
+        if pos and neg:
+            entry["auroc"] = _binary_auroc(yj, sj)
+            entry["auprc"] = _average_precision(yj, sj)
+        else:
+            notes.append(f"label {names[j]}: AUROC undefined ({'no positives' if not pos else 'no negatives'})")
+        per_label.append(entry)
+    macro_auc, _ = _multilabel_auc(y, scores, "macro")
+    micro_auc, _ = _multilabel_auc(y, scores, "micro")
+    valid_pr = [p["auprc"] for p in per_label if p["auprc"] is not None]
+    flat_y, flat_s = y.ravel().astype(int), scores.ravel()
+    return {
+        "n": int(n), "num_labels": int(c), "multilabel": True,
+        "auroc": macro_auc, "macro_auroc": macro_auc, "micro_auroc": micro_auc,
+        "auprc": float(np.mean(valid_pr)) if valid_pr else None,
+        "macro_auprc": float(np.mean(valid_pr)) if valid_pr else None,
+        "micro_auprc": _average_precision(flat_y, flat_s) if 0 < flat_y.sum() < flat_y.size else None,
+        "subset_accuracy": float(np.mean(np.all((scores >= thresholds) == (y > 0), axis=1))),
+        "per_label": per_label, "notes": notes,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# the metrics themselves (numpy, so bootstrap resamples stay cheap)
+# ------------------------------------------------------------------------------------------------
+
+def _confusion(y: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
+    return np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    classes = np.unique(y)
+    return float(np.mean([np.mean(pred[y == k] == k) for k in classes])) if classes.size else float("nan")
+
+
+def _topk_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
+    top = np.argpartition(-proba, kth=min(k, proba.shape[1]) - 1, axis=1)[:, :k]
+    return float(np.mean((top == y[:, None]).any(axis=1)))
+
+
+def _binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney U form of the ROC AUC (ties count one half)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    pos = y == 1
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the precision-recall curve as scikit-learn's average_precision_score."""
+    order = np.argsort(-score, kind="mergesort")
+    y, score = y[order], score[order]
+    distinct = np.r_[np.flatnonzero(np.diff(score)), y.size - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _auroc(y: np.ndarray, proba: np.ndarray) -> tuple[float | None, str | None]:
+    """Binary AUROC of class 1, or macro one-vs-rest over the classes present."""
+    present = np.unique(y)
+    if present.size < 2:
+        return None, f"AUROC undefined: only class {present.tolist()} present"
+    if proba.shape[1] == 2:
+        return _binary_auroc((y == 1).astype(int), proba[:, 1]), None
+    return float(np.mean([_binary_auroc((y == k).astype(int), proba[:, k]) for k in present])), (
+        None if present.size == proba.shape[1] else "AUROC averaged over the classes present")
+
+
+def _auprc(y: np.ndarray, proba: np.ndarray) -> float:
+    if proba.shape[1] == 2:
+        return _average_precision((y == 1).astype(int), proba[:, 1])
+    return float(np.mean([_average_precision((y == k).astype(int), proba[:, k]) for k in np.unique(y)]))
+
+
+def _multilabel_auc(y: np.ndarray, scores: np.ndarray, average: str) -> tuple[float | None, str | None]:
+    if average == "micro":
+        flat = y.ravel().astype(int)
+        if 0 < flat.sum() < flat.size:
+            return _binary_auroc(flat, scores.ravel()), None
+        return None, "micro AUROC undefined"
+    aucs = [_binary_auroc(y[:, j].astype(int), scores[:, j]) for j in range(y.shape[1])
+            if 0 < y[:, j].sum() < len(y)]
+    return (float(np.mean(aucs)), None) if aucs else (None, "no label has both classes")
+
+
+def _mcc(cm: np.ndarray) -> float:
+    """Matthews correlation for any number of classes (Gorodkin's R_K)."""
+    t, p = cm.sum(axis=1).astype(float), cm.sum(axis=0).astype(float)
+    c, s = float(np.trace(cm)), float(cm.sum())
+    denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / denom) if denom else 0.0
+
+
+def _kappa(cm: np.ndarray) -> float:
+    s = cm.sum()
+    po = np.trace(cm) / s
+    pe = (cm.sum(axis=0) @ cm.sum(axis=1)) / (s * s)
+    return float((po - pe) / (1 - pe)) if pe != 1 else 0.0
+
+
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Confidence-binned |accuracy - confidence|, weighted by bin size (Guo et al. 2017)."""
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+# ------------------------------------------------------------------------------------------------
+# thresholds, confidence intervals, repeats
+# ------------------------------------------------------------------------------------------------
+
+def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youden",
+                     target: float | None = None) -> float:
+    """A decision threshold on P(positive), chosen on validation data and then applied to test.
+
+    youden: maximise sensitivity + specificity - 1. sensitivity: the highest threshold whose
+    sensitivity reaches `target` (e.g. 0.95 for a screening test).
+    """
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.min() == y.max():
+        raise ValueError("choosing a threshold needs both classes in the validation data; found only "
+                         f"class {y[0]}.")
+    candidates = np.unique(s)
+    pos, neg = y == 1, y == 0
+    sens = np.array([(s[pos] >= t).mean() for t in candidates])
+    spec = np.array([(s[neg] < t).mean() for t in candidates])
+    if method == "youden":
+        return float(candidates[np.argmax(sens + spec - 1)])
+    if method == "sensitivity":
+        if target is None or not 0 < target <= 1:
+            raise ValueError(f"method 'sensitivity' needs a target in (0, 1]; got {target!r}.")
+        ok = np.flatnonzero(sens >= target)
+        return float(candidates[ok.max()])
+    raise ValueError(f"threshold method must be 'youden' or 'sensitivity'; got {method!r}.")
+
+
+_SCALARS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {
+    "top1": lambda y, p: float(np.mean(p.argmax(1) == y)),
+    "top5": lambda y, p: _topk_accuracy(y, p, 5) if p.shape[1] > 5 else None,
+    "balanced_accuracy": lambda y, p: _balanced_accuracy(y, p.argmax(1)),
+    "auroc": lambda y, p: _auroc(y, p)[0],
+}
+
+
+def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, metrics: Sequence[str] = ("top1", "balanced_accuracy", "auroc"),
+                 n_boot: int = 1000, groups: Sequence[Any] | None = None, seed: int = 0, alpha: float = 0.05,
+                 threshold: float | None = None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap (1 - alpha) intervals; with groups, whole groups (patients) are resampled
+    so correlated images of one patient never make an interval look tighter than it is."""
+    y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, gid = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        members = [np.flatnonzero(gid == g) for g in range(gid.max() + 1)]
+    values: dict[str, list[float]] = {m: [] for m in metrics}
+    for _ in range(n_boot):
+        if groups is not None:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        else:
+            idx = rng.integers(0, len(y_true), len(y_true))
+        yb, pb = y_true[idx], proba[idx]
+        full = None
+        for m in metrics:
+            if m in _SCALARS and y_true.ndim == 1:
+                v = _SCALARS[m](yb, pb)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    full = full or classification_metrics(yb, pb, threshold=threshold)
+                v = full.get(m)
+            if v is not None and np.isfinite(v):
+                values[m].append(float(v))
+    return {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
+            for m, v in values.items() if v}
+
+
+def summarize_repeats(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Median ± std of every scalar metric over repeated runs (seeds), as in Matsoukas et al."""
+    names = sorted({k for r in results for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    out = {}
+    for name in names:
+        vals = [float(r[name]) for r in results if isinstance(r.get(name), (int, float)) and r.get(name) is not None]
+        if vals:
+            out[name] = {"median": float(np.median(vals)), "std": float(np.std(vals)), "values": vals}
+    return out

@@ -1,0 +1,283 @@
+"""Matplotlib figures for run directories: confusion matrix, ROC/PR, k-NN curve, calibration, sweep.
+
+Every function writes ``PATH_STEM.png`` and ``PATH_STEM.svg`` and returns both paths, so a run
+directory always has a raster for quick viewing and a vector file for papers. matplotlib is
+imported inside the functions (with the non-interactive Agg backend) so ``import featcache``
+stays light and plotting works on headless machines.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (headless, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path_stem: PathLike) -> list[Path]:
+    """Write fig as PNG + SVG next to each other, close it, and return both paths."""
+    stem = Path(path_stem)
+    if stem.suffix.lower() in (".png", ".svg"):
+        stem = stem.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[1])
+    _pyplot().close(fig)
+    return paths
+
+
+def _as_proba(proba: np.ndarray) -> np.ndarray:
+    """(N,) positive-class scores become (N, 2) probabilities; (N, C) passes through."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim == 1:
+        proba = np.stack([1.0 - proba, proba], axis=1)
+    return proba
+
+
+def confusion_matrix_plot(cm: Sequence[Sequence[int]] | np.ndarray, classes: Sequence[str] | None,
+                          path_stem: PathLike, normalize: bool = True) -> list[Path]:
+    """Confusion matrix (rows = true class, columns = predicted), cells show counts and, with
+    `normalize`, colour by row fraction so rare classes are as readable as common ones."""
+    plt = _pyplot()
+    cm = np.asarray(cm, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be square (C, C); got shape {cm.shape}.")
+    n = cm.shape[0]
+    classes = [str(c) for c in (classes if classes is not None else range(n))]
+    if len(classes) != n:
+        raise ValueError(f"{len(classes)} class names for a {n}x{n} confusion matrix; pass one name per class.")
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    size = min(2.0 + 0.45 * n, 16.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(frac if normalize else cm, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="row fraction" if normalize else "count")
+    if n <= 30:  # beyond that the numbers are unreadable; the colours still show the structure
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7 if n > 12 else 9,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    ticks = np.arange(n)
+    long_names = n * max(len(c) for c in classes) > 30
+    ax.set_xticks(ticks, classes if n <= 40 else [""] * n, rotation=90 if long_names else 0)
+    ax.set_yticks(ticks, classes if n <= 40 else [""] * n)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    return _save(fig, path_stem)
+
+
+def _operating_point(y: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    """(fpr, tpr, precision) of the binary decision score >= threshold."""
+    pred = score >= threshold
+    pos, neg = y == 1, y == 0
+    tpr = float(pred[pos].mean()) if pos.any() else float("nan")
+    fpr = float(pred[neg].mean()) if neg.any() else float("nan")
+    precision = float(y[pred].mean()) if pred.any() else float("nan")
+    return fpr, tpr, precision
+
+
+def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
+                classes: Sequence[str] | None = None, threshold: float | None = None) -> list[Path]:
+    """ROC (left) and precision-recall (right) curves with their AUCs.
+
+    Binary: one curve for the positive class (column 1), and the chosen operating point
+    (`threshold`, default 0.5) marked on both. Multi-class: one-vs-rest curve per class (up to 10
+    drawn, so the legend stays readable). Multi-label y (N, C): one curve per label.
+    """
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    plt = _pyplot()
+    y_true = np.asarray(y_true)
+    proba = _as_proba(proba)
+    n_cls = proba.shape[1]
+    names = [str(c) for c in (classes if classes is not None else range(n_cls))]
+    if y_true.ndim == 2:
+        onehot = (y_true > 0).astype(int)
+        curves = list(range(n_cls))
+    elif n_cls == 2:
+        onehot = np.stack([(y_true == 0), (y_true == 1)], axis=1).astype(int)
+        curves = [1]
+    else:
+        onehot = (y_true[:, None] == np.arange(n_cls)[None, :]).astype(int)
+        curves = list(range(n_cls))
+    curves = [c for c in curves if 0 < onehot[:, c].sum() < len(onehot)][:10]
+
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for c in curves:
+        fpr, tpr, _ = roc_curve(onehot[:, c], proba[:, c])
+        prec, rec, _ = precision_recall_curve(onehot[:, c], proba[:, c])
+        ap = average_precision_score(onehot[:, c], proba[:, c])
+        label = names[c] if c < len(names) else str(c)
+        ax_roc.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {auc(fpr, tpr):.3f})")
+        ax_pr.plot(rec, prec, lw=1.5, label=f"{label} (AP {ap:.3f})")
+    if len(curves) == 1 and y_true.ndim == 1 and n_cls == 2:
+        t = 0.5 if threshold is None else float(threshold)
+        fpr_t, tpr_t, prec_t = _operating_point(onehot[:, 1], proba[:, 1], t)
+        ax_roc.plot([fpr_t], [tpr_t], "o", color="crimson", label=f"threshold {t:.3g}")
+        ax_pr.plot([tpr_t], [prec_t], "o", color="crimson", label=f"threshold {t:.3g}")
+        prevalence = onehot[:, 1].mean()
+        ax_pr.axhline(prevalence, ls=":", color="grey", lw=1, label=f"prevalence {prevalence:.3f}")
+    ax_roc.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    ax_roc.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+               title="ROC", xlim=(0, 1), ylim=(0, 1.02))
+    ax_pr.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall",
+              xlim=(0, 1), ylim=(0, 1.02))
+    for ax in (ax_roc, ax_pr):
+        if curves:
+            ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
+    return _save(fig, path_stem)
+
+
+def _knn_series(results: Mapping[Any, Any], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Flatten knn_eval results into {series label: (ks, values)}.
+
+    Accepts {k: {"top1": ...}} and temperature-nested {T: {k: {...}}} or {k: {T: {...}}} forms,
+    with int or str keys (JSON turns int keys into strings)."""
+    series: dict[str, dict[int, float]] = {}
+
+    def add(label: str, k: Any, row: Mapping[str, Any]) -> None:
+        value = row.get(metric)
+        if value is None:
+            return
+        try:
+            series.setdefault(label, {})[int(float(k))] = float(value)
+        except (TypeError, ValueError):
+            return
+
+    for key, row in results.items():
+        if not isinstance(row, Mapping):
+            continue
+        if metric in row or any(not isinstance(v, Mapping) for v in row.values()):
+            add(metric, key, row)
+            continue
+        for inner, sub in row.items():  # nested: decide which level is k by what parses as int
+            if not isinstance(sub, Mapping):
+                continue
+            if _is_int(key) and not _is_int(inner):
+                add(f"T={inner}", key, sub)
+            elif _is_int(inner):
+                add(f"T={key}", inner, sub)
+    return {label: (sorted(v), [v[k] for k in sorted(v)]) for label, v in series.items()}
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        return float(value) == int(float(value)) and "." not in str(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def knn_curve_plot(results: Mapping[Any, Any], path_stem: PathLike,
+                   metrics: Sequence[str] = ("top1", "top5")) -> list[Path]:
+    """k-NN accuracy against k (log axis), one line per metric (and temperature when nested)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for metric in metrics:
+        for label, (ks, values) in _knn_series(results, metric).items():
+            name = metric if label == metric else f"{metric} {label}"
+            ax.plot(ks, values, marker="o", lw=1.5, label=name)
+            drawn += 1
+    if drawn == 0:
+        raise ValueError("knn results have no top1/top5 values to plot; expected {k: {'top1': ...}} "
+                         "as returned by featcache.knn_eval.")
+    ax.set_xscale("log")
+    ax.set(xlabel="k (neighbours)", ylabel="accuracy", title="k-NN accuracy vs k")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path_stem)
+
+
+def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
+                     n_bins: int = 10) -> list[Path]:
+    """Reliability diagram: accuracy against confidence of the top prediction in equal-width
+    bins (binary: fraction positive against P(positive)), with the bin counts below."""
+    plt = _pyplot()
+    y_true = np.asarray(y_true)
+    proba = _as_proba(proba)
+    if y_true.ndim == 2:  # multi-label: pool every (sample, label) decision
+        conf, hit = proba.ravel(), (y_true > 0).ravel().astype(float)
+        xlabel, ylabel = "predicted probability", "fraction positive"
+    elif proba.shape[1] == 2:
+        conf, hit = proba[:, 1], (y_true == 1).astype(float)
+        xlabel, ylabel = "predicted P(positive)", "fraction positive"
+    else:
+        conf, hit = proba.max(axis=1), (proba.argmax(axis=1) == y_true).astype(float)
+        xlabel, ylabel = "confidence (top-1 probability)", "accuracy"
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    mean_conf = np.bincount(which, conf, minlength=n_bins) / np.maximum(counts, 1)
+    mean_hit = np.bincount(which, hit, minlength=n_bins) / np.maximum(counts, 1)
+    ece = float(np.sum(counts * np.abs(mean_hit - mean_conf)) / max(len(conf), 1))
+    filled = counts > 0
+
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.plot(mean_conf[filled], mean_hit[filled], marker="o", lw=1.5, label=f"model (ECE {ece:.3f})")
+    ax.set(ylabel=ylabel, title="reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="upper left")
+    ax_n.bar(edges[:-1], counts, width=1.0 / n_bins, align="edge", color="steelblue", edgecolor="white")
+    ax_n.set(xlabel=xlabel, ylabel="count")
+    return _save(fig, path_stem)
+
+
+def sweep_heatmap_plot(rows: Sequence[Mapping[str, Any]], x: str, y: str, value: str,
+                       path_stem: PathLike) -> list[Path]:
+    """Heat-map of `value` over two swept hyper-parameters (e.g. x="lr", y="weight_decay").
+
+    Rows come from a sweep leaderboard; when several rows share an (x, y) cell (other
+    parameters varied too) the cell shows the best (max) value, as a sweep would pick it."""
+    plt = _pyplot()
+    cells: dict[tuple[Any, Any], float] = {}
+    for row in rows:
+        if x not in row or y not in row or row.get(value) is None:
+            continue
+        key = (row[x], row[y])
+        v = float(row[value])
+        if not np.isnan(v):
+            cells[key] = max(cells.get(key, -np.inf), v)
+    if not cells:
+        keys = sorted(set().union(*(r.keys() for r in rows))) if rows else []
+        raise ValueError(f"no sweep rows have {x!r}, {y!r} and {value!r}; the rows have keys {keys}.")
+
+    def order(values: set) -> list:
+        try:
+            return sorted(values, key=float)
+        except (TypeError, ValueError):
+            return sorted(values, key=str)
+
+    xs, ys = order({k[0] for k in cells}), order({k[1] for k in cells})
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for (a, b), v in cells.items():
+        grid[ys.index(b), xs.index(a)] = v
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(xs), 1.2 + 0.6 * len(ys)))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    fig.colorbar(im, ax=ax, label=value)
+    finite = grid[np.isfinite(grid)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if grid[i, j] < mid else "black")
+    ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else str(v) for v in xs], rotation=45)
+    ax.set_yticks(range(len(ys)), [f"{v:g}" if isinstance(v, float) else str(v) for v in ys])
+    ax.set(xlabel=x, ylabel=y, title=f"sweep: {value}")
+    return _save(fig, path_stem)

@@ -1,0 +1,391 @@
+"""Logistic-regression probe: the standard linear read-out of frozen features, C chosen honestly.
+
+Features are standardised (a StandardScaler fitted on the training rows, so large-norm backbones
+and small-norm ones share one C grid), then an L2 logistic regression (lbfgs, multinomial for
+several classes) is fitted for every C of a log grid. C is chosen on the validation split, or by
+cross-validation when there is none (StratifiedGroupKFold when groups — patients — are known, so
+one patient never sits on both sides; StratifiedKFold otherwise). The model is then refitted on
+train + val at the chosen C and evaluated once on the test split.
+
+Why warm start: the C grid is walked in ascending order and each fit starts from the previous
+coefficients. Small C converges in a handful of iterations, and each next C starts near its
+optimum, so the whole sweep costs little more than one cold fit at the chosen C.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_CS = np.logspace(-6, 5, 12)
+SELECTION_METRICS = ("accuracy", "balanced_accuracy", "auroc", "loss")
+
+
+def _check_xy(x: Any, y: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one (features, labels) pair and return float32 X and labels as arrays."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 2:
+        raise ValueError(f"{name}_x must be a 2-d (samples, features) array; got shape {x.shape}. "
+                         f"Pass cls or pooled features, not tokens.")
+    if y.ndim not in (1, 2) or len(y) != len(x):
+        raise ValueError(f"{name}_y must have one label (or one 0/1 row for multi-label) per row of "
+                         f"{name}_x: {name}_x has {len(x)} rows, {name}_y has shape {y.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}_x contains NaN or inf values; drop those rows (check the file's "
+                         f"`done` flags) before probing.")
+    if y.ndim == 1 and (y < 0).any():
+        raise ValueError(f"{name}_y has {int((y < 0).sum())} unlabelled rows (label -1); "
+                         f"select labelled rows first (SplitView.arrays does).")
+    return x.astype(np.float32, copy=False), y
+
+
+def _check_cs(Cs: Any) -> np.ndarray:
+    """The C grid as a sorted, unique, positive float array (ascending is what warm start needs)."""
+    cs = np.asarray(DEFAULT_CS if Cs is None else Cs, dtype=np.float64).ravel()
+    if cs.size == 0 or not np.all(np.isfinite(cs)) or np.any(cs <= 0):
+        raise ValueError(f"Cs must be positive finite numbers (e.g. np.logspace(-6, 5, 12)); got {Cs!r}.")
+    return np.unique(cs)
+
+
+def _blas_threads(x: np.ndarray) -> Any:
+    """Limit BLAS to one thread on small problems: there, thread start-up and spinning cost far
+    more than the matmuls (a 1000 x 64 fit measured 40x slower with 2 threads on a busy 2-core
+    machine); large problems keep every thread."""
+    import contextlib
+
+    if x.size >= 2_000_000:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+class _PathModel:
+    """One warm-started classifier per label (multi-label) or one multinomial classifier.
+
+    Holds sklearn LogisticRegression objects whose coef_ carries over from one C to the next."""
+
+    def __init__(self, multilabel: bool, max_iter: int, tol: float, class_weight: Any,
+                 random_state: int):
+        self.multilabel = multilabel
+        self.params = dict(solver="lbfgs", max_iter=max_iter, tol=tol, class_weight=class_weight,
+                           random_state=random_state, warm_start=True)
+        self.models: list[Any] = []
+        self.constants: list[float | None] = []   # multi-label: a label constant in train
+        self.n_iter = 0
+
+    def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> "_PathModel":
+        """Fit (or continue from the previous C) at this C."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        columns = [y[:, j] for j in range(y.shape[1])] if self.multilabel else [y]
+        if not self.models:
+            self.models = [LogisticRegression(C=C, **self.params) for _ in columns]
+            self.constants = [None] * len(columns)
+        self.n_iter = 0
+        from sklearn import config_context
+
+        # inputs were checked for NaN/inf once in _check_xy; skip sklearn's re-check on every C
+        with _blas_threads(x), config_context(assume_finite=True), warnings.catch_warnings():
+            # non-convergence at extreme C is expected and reported via n_iter; not a user error
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for j, (model, target) in enumerate(zip(self.models, columns)):
+                if self.multilabel and np.unique(target).size < 2:
+                    self.constants[j] = float(target[0] > 0)
+                    continue
+                model.set_params(C=C)
+                model.fit(x, target)
+                self.n_iter = max(self.n_iter, int(np.max(model.n_iter_)))
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(N, C) class probabilities, or (N, L) per-label positive probabilities."""
+        if not self.multilabel:
+            # float32 features give float32 probabilities whose rows miss 1 by ~1e-7, which
+            # sklearn's log_loss warns about: return float64 rows that sum to 1
+            proba = self.models[0].predict_proba(x).astype(np.float64)
+            return proba / proba.sum(axis=1, keepdims=True)
+        cols = [np.full(len(x), const) if const is not None else model.predict_proba(x)[:, 1].astype(np.float64)
+                for model, const in zip(self.models, self.constants)]
+        return np.stack(cols, axis=1)
+
+    @property
+    def classes(self) -> np.ndarray | None:
+        return None if self.multilabel else self.models[0].classes_
+
+    def snapshot(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        """Copies of (classes, coef, intercept) per model, to restart a later fit from here."""
+        return [(m.classes_.copy(), m.coef_.copy(), m.intercept_.copy()) if hasattr(m, "coef_") else None
+                for m in self.models]
+
+    def warm_from(self, snap: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], C: float,
+                  y: np.ndarray) -> "_PathModel":
+        """Seed models with snapshot coefficients (when the label set is unchanged) before fit."""
+        from sklearn.linear_model import LogisticRegression
+
+        columns = [y[:, j] for j in range(y.shape[1])] if self.multilabel else [y]
+        self.models = [LogisticRegression(C=C, **self.params) for _ in columns]
+        self.constants = [None] * len(columns)
+        for model, target, saved in zip(self.models, columns, snap):
+            if saved is not None and np.array_equal(saved[0], np.unique(target)):
+                model.coef_, model.intercept_ = saved[1].copy(), saved[2].copy()
+        return self
+
+
+def _score(y: np.ndarray, proba: np.ndarray, classes: np.ndarray | None, metric: str) -> float:
+    """Selection score (higher is better) of probabilities against labels."""
+    if y.ndim == 2:  # multi-label: mean per-label accuracy at 0.5 unless another metric is asked
+        if metric == "accuracy":
+            return float(((proba >= 0.5) == (y > 0)).mean())
+        from featcache.metrics import selection_score
+
+        return float(selection_score(y, proba, metric))
+    if metric == "accuracy":
+        return float(np.mean(classes[proba.argmax(axis=1)] == y))
+    from featcache.metrics import selection_score
+
+    # selection_score expects label i <-> column i; map labels onto the fitted columns
+    index = {c: i for i, c in enumerate(classes)}
+    if not all(v in index for v in np.unique(y)):
+        full = np.zeros((len(y), int(max(classes.max(), y.max())) + 1))
+        full[:, classes] = proba
+        return float(selection_score(y, full, metric))
+    return float(selection_score(np.array([index[v] for v in y]), proba, metric))
+
+
+class LogisticProbe:
+    """Standardised L2 logistic regression with C chosen on validation (or grouped CV).
+
+    probe = LogisticProbe(Cs=np.logspace(-6, 5, 12)).fit(train_x, train_y, val_x, val_y)
+    probe.best_C_, probe.scores_, probe.predict_proba(test_x), probe.score(test_x, test_y)
+    """
+
+    def __init__(self, Cs: Sequence[float] | np.ndarray | None = None, *, metric: str = "accuracy",
+                 cv: int = 5, refit: bool = True, max_iter: int = 1000, tol: float = 1e-4,
+                 path_tol: float | None = None, class_weight: str | dict | None = None,
+                 patience: int | None = None, progress: bool = False, random_state: int = 0):
+        self.Cs = DEFAULT_CS if Cs is None else Cs  # grid of inverse regularisation strengths
+        self.metric = metric                # selection metric: accuracy | balanced_accuracy | auroc | loss
+        self.cv = cv                        # folds when there is no validation split
+        self.refit = refit                  # refit on train + val at the best C (val given)
+        self.max_iter = max_iter            # lbfgs iterations per C (warm start needs few)
+        self.tol = tol                      # lbfgs gradient tolerance of the final fit
+        self.path_tol = path_tol            # looser tolerance while sweeping (only the ranking of C
+                                            # matters there); None = 10 * tol
+        self.class_weight = class_weight    # None or "balanced" (imbalanced medical data)
+        self.patience = patience            # stop the sweep after this many C's worse than the best; None = full grid
+        self.progress = progress            # tqdm bar over the C grid (stderr)
+        self.random_state = random_state    # seed of the CV shuffle
+
+    # -- fitting ----------------------------------------------------------------------------
+    def fit(self, train_x: Any, train_y: Any, val_x: Any = None, val_y: Any = None,
+            groups: Sequence[Any] | None = None) -> "LogisticProbe":
+        """Sweep C (on val, or by CV on train when val is None), then fit the final model."""
+        from sklearn.preprocessing import StandardScaler
+
+        if self.metric not in SELECTION_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(SELECTION_METRICS)}; got {self.metric!r}.")
+        cs = _check_cs(self.Cs)
+        x, y = _check_xy(train_x, train_y, "train")
+        self.multilabel_ = y.ndim == 2
+        if not self.multilabel_ and np.unique(y).size < 2:
+            raise ValueError(f"train_y has a single class ({np.unique(y).tolist()}); a probe needs at "
+                             f"least two classes in the training split.")
+        if (val_x is None) != (val_y is None):
+            raise ValueError("pass both val_x and val_y, or neither (then C is chosen by cross-validation).")
+        self.Cs_ = cs
+        if val_x is not None:
+            vx, vy = _check_xy(val_x, val_y, "val")
+            if vx.shape[1] != x.shape[1] or vy.ndim != y.ndim:
+                raise ValueError(f"val features/labels do not match train: train_x has {x.shape[1]} "
+                                 f"features and labels of ndim {y.ndim}, val_x {vx.shape[1]} and {vy.ndim}.")
+            scaler = StandardScaler().fit(x)
+            scores, n_iter, model = self._path(scaler.transform(x), y, scaler.transform(vx), vy, cs)
+            self.selection_ = "val"
+            self.cv_folds_ = 0
+        else:
+            scores, n_iter = self._cv_path(x, y, groups, cs)
+            self.selection_ = "cv"
+            vx = vy = None
+        self.scores_ = {float(c): float(s) for c, s in zip(cs, scores) if not np.isnan(s)}
+        self.n_iter_ = {float(c): int(n) for c, n in zip(cs, n_iter) if n >= 0}
+        best = int(np.nanargmax(scores))  # first maximum: the strongest regularisation among ties
+        self.best_C_ = float(cs[best])
+        self.best_score_ = float(scores[best])
+
+        final = _PathModel(self.multilabel_, self.max_iter, self.tol, self.class_weight, self.random_state)
+        if vx is not None:
+            # keep the train scaler, so the sweep's coefficients at best C are a warm start for the
+            # refit on train + val (a few iterations instead of a cold fit)
+            self.scaler_ = scaler
+            if self.refit:
+                fit_x, fit_y = np.concatenate([x, vx]), np.concatenate([y, vy])
+            else:
+                fit_x, fit_y = x, y
+            final.warm_from(self._snapshots[self.best_C_], self.best_C_, fit_y)
+        else:
+            self.scaler_ = StandardScaler().fit(x)
+            fit_x, fit_y = x, y
+        self.model_ = final.fit(self.scaler_.transform(fit_x), fit_y, self.best_C_)
+        self.n_iter_refit_ = final.n_iter
+        self._snapshots = {}
+        self.classes_ = self.model_.classes
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def _path(self, x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray,
+              cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, _PathModel]:
+        """Warm-started sweep over ascending C: validation score and lbfgs iterations per C."""
+        tol = self.path_tol if self.path_tol is not None else 10 * self.tol
+        model = _PathModel(y.ndim == 2, self.max_iter, tol, self.class_weight, self.random_state)
+        scores = np.full(cs.size, np.nan)
+        n_iter = np.full(cs.size, -1)
+        best, since_best = -np.inf, 0
+        self._snapshots: dict[float, Any] = {}
+        from tqdm.auto import tqdm
+
+        for i, c in enumerate(tqdm(cs, desc="probe C sweep", unit="C", disable=not self.progress,
+                                   leave=False)):
+            model.fit(x, y, float(c))
+            self._snapshots[float(c)] = model.snapshot()
+            scores[i] = _score(vy, model.predict_proba(vx), model.classes, self.metric)
+            n_iter[i] = model.n_iter
+            if scores[i] > best:
+                best, since_best = scores[i], 0
+            else:
+                since_best += 1
+                if self.patience is not None and since_best >= self.patience:
+                    break  # past the peak: larger C only overfits more, and costs the most
+        return scores, n_iter, model
+
+    def _cv_path(self, x: np.ndarray, y: np.ndarray, groups: Sequence[Any] | None,
+                 cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean fold score per C (StratifiedGroupKFold with groups, StratifiedKFold without)."""
+        from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+        from sklearn.preprocessing import StandardScaler
+
+        if groups is not None:
+            groups = np.asarray(groups)
+            if len(groups) != len(x):
+                raise ValueError(f"groups must have one entry per training row: {len(groups)} groups "
+                                 f"for {len(x)} rows.")
+            n_groups = np.unique(groups).size
+        folds = int(self.cv)
+        if not self.multilabel_:
+            folds = min(folds, int(np.bincount(np.unique(y, return_inverse=True)[1]).min()))
+        if groups is not None:
+            folds = min(folds, n_groups)
+        if folds < 2:
+            raise ValueError(f"cross-validation needs at least 2 folds, but the training labels allow "
+                             f"only {folds} (smallest class or number of groups); pass a validation "
+                             f"split instead.")
+        if self.multilabel_:  # stratification is single-label only
+            splitter = GroupKFold(folds) if groups is not None else KFold(folds, shuffle=True,
+                                                                        random_state=self.random_state)
+        elif groups is not None:
+            splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=self.random_state)
+        else:
+            splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
+        fold_scores, fold_iters = [], []
+        split_y = y if not self.multilabel_ else np.zeros(len(y))
+        for tr, va in splitter.split(x, split_y, groups):
+            scaler = StandardScaler().fit(x[tr])
+            s, n, _ = self._path(scaler.transform(x[tr]), y[tr], scaler.transform(x[va]), y[va], cs)
+            fold_scores.append(s)
+            fold_iters.append(n)
+        self.cv_folds_ = folds
+        # a C skipped by patience in some fold counts as missing, not as zero
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.array(fold_scores), axis=0), np.max(np.array(fold_iters), axis=0)
+
+    # -- prediction -------------------------------------------------------------------------
+    def _check_fitted(self, x: Any) -> np.ndarray:
+        if not hasattr(self, "model_"):
+            raise ValueError("this LogisticProbe is not fitted yet; call fit(train_x, train_y, val_x, val_y) first.")
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected features of shape (N, {self.n_features_in_}) like the training "
+                             f"data; got {x.shape}.")
+        return x
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        """(N, n_classes) probabilities in the order of classes_ (multi-label: (N, L) per label)."""
+        x = self._check_fitted(x)
+        return self.model_.predict_proba(self.scaler_.transform(x))
+
+    def decision_scores(self, x: Any) -> np.ndarray:
+        """Alias of predict_proba, for callers that treat probabilities as ranking scores."""
+        return self.predict_proba(x)
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Predicted labels (multi-label: (N, L) 0/1 at probability 0.5)."""
+        proba = self.predict_proba(x)
+        if self.multilabel_:
+            return (proba >= 0.5).astype(np.uint8)
+        return self.classes_[proba.argmax(axis=1)]
+
+    def score(self, x: Any, y: Any) -> float:
+        """Accuracy (multi-label: mean per-label accuracy), as sklearn classifiers define score."""
+        y = np.asarray(y)
+        pred = self.predict(x)
+        return float((pred == (y > 0)).mean()) if self.multilabel_ else float(np.mean(pred == y))
+
+
+def expand_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Place columns of proba (for the fitted classes) into (N, n_classes) so that column i is
+    label i even when a class was absent from training (its probability is 0)."""
+    classes = np.asarray(classes, dtype=np.int64)
+    if classes.size == n_classes and np.array_equal(classes, np.arange(n_classes)):
+        return proba
+    out = np.zeros((len(proba), n_classes), dtype=proba.dtype)
+    out[:, classes] = proba
+    return out
+
+
+def logistic_probe(train_x: Any, train_y: Any, val_x: Any = None, val_y: Any = None,
+                   test_x: Any = None, test_y: Any = None, Cs: Sequence[float] | None = None,
+                   *, groups: Sequence[Any] | None = None, metric: str = "accuracy",
+                   refit: bool = True, classes: Sequence[str] | None = None,
+                   return_probe: bool = False, **probe_params: Any) -> dict[str, Any]:
+    """Fit a LogisticProbe and summarise it (the pinned ``featcache.logistic_probe``).
+
+    Returns {"best_C", "val_accuracy" (selection score at best C: val split, or CV mean),
+    "test_accuracy" (None without a test split), "scores" {C: score}, "n_iter" {C: iterations},
+    "selection" ("val" | "cv"), "Cs", "test" (full classification metrics, when test given)};
+    with return_probe=True also "probe" (the fitted LogisticProbe) and "test_proba".
+    """
+    probe = LogisticProbe(Cs=Cs, metric=metric, refit=refit, **probe_params)
+    probe.fit(train_x, train_y, val_x, val_y, groups=groups)
+    out: dict[str, Any] = {
+        "best_C": probe.best_C_,
+        "val_accuracy": probe.best_score_ if metric == "accuracy" else None,
+        "val_score": probe.best_score_,
+        "metric": metric,
+        "selection": probe.selection_,
+        "cv_folds": probe.cv_folds_,
+        "refit": "train+val" if (refit and probe.selection_ == "val") else "train",
+        "Cs": [float(c) for c in probe.Cs_],
+        "scores": probe.scores_,
+        "n_iter": probe.n_iter_,
+        "test_accuracy": None,
+        "test": None,
+    }
+    if test_x is not None:
+        tx, ty = _check_xy(test_x, test_y, "test")
+        proba = probe.predict_proba(tx)
+        out["test_accuracy"] = probe.score(tx, ty)
+        if not probe.multilabel_:
+            n_cls = len(classes) if classes is not None else int(max(probe.classes_.max(), ty.max())) + 1
+            proba = expand_proba(proba, probe.classes_, n_cls)
+        from featcache.metrics import classification_metrics
+
+        out["test"] = classification_metrics(ty, proba, classes=list(classes) if classes is not None else None)
+        if return_probe:
+            out["test_proba"] = proba
+    if return_probe:
+        out["probe"] = probe
+    return out

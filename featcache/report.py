@@ -1,0 +1,324 @@
+"""Run directories -> one report.md + report.html, several runs side by side.
+
+A run directory (written by `featcache train|sweep|knn|probe --out RUN_DIR`) holds config.json
+(what ran), metrics.json (what came out: {"kind", "val": {...}, "test": {...}, extras}) and
+figures/*.png|svg. A report puts the runs' key numbers in one comparison table (so CLS-linear vs
+mixer vs k-NN vs probe, or DINO vs ViT vs CNN on the same data, read in one glance), then one
+section per run with its configuration, all its metrics and its figures (copied next to the
+report, so the report directory can be zipped and sent as is).
+
+Readers are tolerant: a missing key shows as n/a. Confidence intervals are read from, in order,
+``metrics[split]["ci"][name]``, ``metrics[split][name + "_ci"]``, ``metrics["ci"][split][name]``
+(each a [low, high] pair), so every writer's CIs show up next to the point estimate.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+# metrics shown in the comparison table, in this order, when any run has them
+KEY_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity",
+               "specificity", "mcc", "ece", "loss")
+# config keys shown in the per-run configuration table first (the rest follow alphabetically)
+CONFIG_FIRST = ("kind", "model", "features", "features_file", "head", "fingerprint")
+MAX_TABLE_ROWS = 30  # long leaderboards / per-C tables are cut to this many rows in the report
+
+
+@dataclass
+class Run:
+    """One run directory as read for a report."""
+
+    path: Path                                          # the run directory
+    name: str                                           # unique display name (directory name)
+    config: dict[str, Any]                              # config.json ({} when absent)
+    metrics: dict[str, Any]                             # metrics.json
+    figures: list[Path] = field(default_factory=list)   # figures/*.png and *.svg
+
+    @property
+    def kind(self) -> str:
+        return str(self.metrics.get("kind") or self.config.get("kind") or "n/a")
+
+    @property
+    def model(self) -> str:
+        return str(self.config.get("model") or self.metrics.get("model") or "n/a")
+
+    @property
+    def features(self) -> str:
+        value = self.config.get("features") or self.config.get("feature") or self.metrics.get("features")
+        return str(value) if value else "n/a"
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read config.json, metrics.json and the figure list of one run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; expected a run directory written by "
+                                f"`featcache train|sweep|knn|probe --out RUN_DIR`.")
+    metrics_path = path / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{path} has no metrics.json, so it is not a finished run directory; "
+                                f"pass directories written by `featcache train|sweep|knn|probe --out "
+                                f"RUN_DIR` (a run that crashed leaves none: re-run it).")
+    metrics = _read_json(metrics_path)
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    fig_dir = path / "figures"
+    figures = sorted(p for p in fig_dir.glob("*") if p.suffix.lower() in (".png", ".svg")) \
+        if fig_dir.is_dir() else []
+    return Run(path=path, name=path.resolve().name, config=config, metrics=metrics, figures=figures)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-run the command that wrote it.") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} should hold a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def _unique_names(runs: list[Run]) -> None:
+    """Make display names unique: parent/name for clashes, then a numeric suffix."""
+    seen: dict[str, int] = {}
+    for run in runs:
+        if sum(r.name == run.name for r in runs) > 1:
+            run.name = f"{run.path.resolve().parent.name}/{run.path.resolve().name}"
+    for run in runs:
+        count = seen.get(run.name, 0)
+        seen[run.name] = count + 1
+        if count:
+            run.name = f"{run.name}-{count + 1}"
+
+
+# ----------------------------------------------------------------------------------------------
+# reading numbers
+# ----------------------------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for anything else (missing, null, NaN, a dict)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def eval_split(run: Run) -> str | None:
+    """The split whose numbers represent the run: test when present, else val."""
+    for split in ("test", "val"):
+        if isinstance(run.metrics.get(split), dict) and run.metrics[split]:
+            return split
+    return None
+
+
+def metric_value(run: Run, split: str | None, name: str) -> tuple[float | None, tuple[float, float] | None]:
+    """(point estimate, (low, high) or None) of one metric of one split."""
+    if split is None:
+        return None, None
+    block = run.metrics.get(split) or {}
+    if name not in block and isinstance(block.get("best"), dict):
+        block = {**block["best"], **{k: v for k, v in block.items() if k == "ci"}}  # e.g. k-NN at its best k
+    value = _num(block.get(name))
+    if value is None and name == "top1":
+        value = _num(block.get("accuracy"))
+    ci = None
+    candidates = [(block.get("ci") or {}).get(name) if isinstance(block.get("ci"), dict) else None,
+                  block.get(f"{name}_ci"),
+                  ((run.metrics.get("ci") or {}).get(split) or {}).get(name)
+                  if isinstance(run.metrics.get("ci"), dict) else None]
+    for cand in candidates:
+        if isinstance(cand, dict):
+            cand = [cand.get("low"), cand.get("high")]
+        if isinstance(cand, (list, tuple)) and len(cand) == 2 and all(_num(c) is not None for c in cand):
+            ci = (float(cand[0]), float(cand[1]))
+            break
+    return value, ci
+
+
+def fmt(value: float | None, ci: tuple[float, float] | None = None) -> str:
+    """0.9123 [0.8871, 0.9350], or n/a."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.4f}"
+    if ci is not None:
+        text += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+    return text
+
+
+def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the side-by-side table: run, kind, model, features, split, metrics."""
+    splits = [eval_split(r) for r in runs]
+    present = [m for m in KEY_METRICS
+               if any(metric_value(r, s, m)[0] is not None for r, s in zip(runs, splits))]
+    header = ["run", "kind", "model", "features", "split", *present]
+    rows = []
+    for run, split in zip(runs, splits):
+        rows.append([run.name, run.kind, run.model, run.features, split or "n/a",
+                     *(fmt(*metric_value(run, split, m)) for m in present)])
+    return header, rows
+
+
+def _scalar_metrics(block: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, formatted value with CI) for every number in one split's metrics."""
+    out = []
+    ci = block.get("ci") if isinstance(block.get("ci"), dict) else {}
+    for key, value in block.items():
+        if key == "ci" or key.endswith("_ci"):
+            continue
+        v = _num(value)
+        if v is None and not isinstance(value, str):
+            continue
+        if v is None:
+            out.append((key, value))
+            continue
+        pair = ci.get(key) or block.get(f"{key}_ci")
+        pair = tuple(pair) if isinstance(pair, (list, tuple)) and len(pair) == 2 and \
+            all(_num(p) is not None for p in pair) else None
+        out.append((key, fmt(v, pair)))
+    return out
+
+
+def _tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Extra tables of a run: per-C scores (probe), leaderboards and other lists of records."""
+    tables = []
+    scores = run.metrics.get("scores")
+    if isinstance(scores, dict) and scores:
+        iters = run.metrics.get("n_iter") or {}
+        rows = [[f"{float(c):g}", fmt(_num(s)), str(iters.get(c, "n/a"))] for c, s in scores.items()
+                if _num(c) is not None]
+        tables.append((f"selection score per C ({run.metrics.get('selection', 'val')})",
+                       ["C", run.metrics.get("metric", "accuracy"), "lbfgs iterations"], rows))
+    for key, value in run.metrics.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            cols: list[str] = []
+            for rec in value:
+                cols += [k for k, v in rec.items() if k not in cols and not isinstance(v, (dict, list))]
+            rows = [[_cell(rec.get(c)) for c in cols] for rec in value[:MAX_TABLE_ROWS]]
+            title = key if len(value) <= MAX_TABLE_ROWS else f"{key} (first {MAX_TABLE_ROWS} of {len(value)})"
+            tables.append((title, cols, rows))
+    return tables
+
+
+def _cell(value: Any) -> str:
+    v = _num(value)
+    if v is not None and not isinstance(value, int):
+        return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"
+    return "n/a" if value is None else str(value)
+
+
+def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+    keys = [k for k in CONFIG_FIRST if k in config] + sorted(k for k in config if k not in CONFIG_FIRST)
+    rows = []
+    for key in keys:
+        value = config[key]
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > 120:
+            text = text[:117] + "..."
+        rows.append((key, text))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+
+def _copy_figures(run: Run, out: Path) -> list[tuple[str, str]]:
+    """Copy a run's figures under out/figures/<run>/; return (title, relative png-or-svg path)."""
+    if not run.figures:
+        return []
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run.name)
+    dest = out / "figures" / safe
+    dest.mkdir(parents=True, exist_ok=True)
+    stems: dict[str, Path] = {}
+    for fig in run.figures:
+        target = dest / fig.name
+        if fig.resolve() != target.resolve():
+            shutil.copy2(fig, target)
+        # show the PNG (every browser and markdown viewer); fall back to SVG when alone
+        if fig.suffix.lower() == ".png" or fig.stem not in stems:
+            stems[fig.stem] = target
+    return [(stem.replace("_", " "), path.relative_to(out).as_posix()) for stem, path in sorted(stems.items())]
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731 - a pipe would split the cell
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:4px 8px;
+text-align:left;font-size:0.9em}th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}
+figure{display:inline-block;margin:0.5em;vertical-align:top}figure img{max-width:560px;border:1px solid #eee}
+figcaption{font-size:0.85em;color:#555}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"""
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                 title: str = "featcache report") -> dict[str, Path]:
+    """Write out/report.md and out/report.html comparing run_dirs; return both paths.
+
+    Raises FileNotFoundError naming the directory when one has no metrics.json."""
+    if not run_dirs:
+        raise ValueError("no run directories given; pass one or more RUN_DIRs written with --out.")
+    runs = [load_run(p) for p in run_dirs]
+    _unique_names(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = comparison_rows(runs)
+
+    md = [f"# {title}", "", f"{len(runs)} run(s). Numbers are on the test split when the run has one "
+          f"(else val); [low, high] is a bootstrap confidence interval when the run computed one.", "",
+          "## Comparison", "", _md_table(header, rows), ""]
+    hs = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+          f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+          f"<p>{len(runs)} run(s). Numbers are on the test split when the run has one (else val); "
+          f"[low, high] is a bootstrap confidence interval when the run computed one.</p>",
+          "<h2>Comparison</h2>", _html_table(header, rows)]
+
+    for run in runs:
+        anchor = html.escape(run.name)
+        md += [f"## {run.name}", "", f"`{run.path}` — kind {run.kind}, model {run.model}, "
+               f"features {run.features}", ""]
+        hs += [f"<h2 id='{anchor}'>{anchor}</h2>",
+               f"<p><code>{html.escape(str(run.path))}</code> — kind {html.escape(run.kind)}, model "
+               f"{html.escape(run.model)}, features {html.escape(run.features)}</p>"]
+        cfg = _config_rows(run.config)
+        if cfg:
+            md += ["### Configuration", "", _md_table(["key", "value"], cfg), ""]
+            hs += ["<h3>Configuration</h3>", _html_table(["key", "value"], cfg)]
+        for split in ("val", "test"):
+            block = run.metrics.get(split)
+            if isinstance(block, dict):
+                vals = _scalar_metrics(block)
+                if vals:
+                    md += [f"### Metrics ({split})", "", _md_table(["metric", "value"], vals), ""]
+                    hs += [f"<h3>Metrics ({split})</h3>", _html_table(["metric", "value"], vals)]
+        for name, cols, trows in _tables(run):
+            md += [f"### {name}", "", _md_table(cols, trows), ""]
+            hs += [f"<h3>{html.escape(name)}</h3>", _html_table(cols, trows)]
+        figs = _copy_figures(run, out)
+        if figs:
+            md += ["### Figures", ""] + [f"![{t}]({p})" for t, p in figs] + [""]
+            hs += ["<h3>Figures</h3>"] + [
+                f"<figure><img src='{html.escape(p)}' alt='{html.escape(t)}'>"
+                f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in figs]
+    hs.append("</body></html>")
+    paths = {"md": out / "report.md", "html": out / "report.html"}
+    paths["md"].write_text("\n".join(md) + "\n")
+    paths["html"].write_text("\n".join(hs) + "\n")
+    return paths

@@ -1,0 +1,127 @@
+"""Metrics against scikit-learn, undefined cases as notes, bootstrap and thresholds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from featcache.metrics import (bootstrap_ci, choose_threshold, classification_metrics, selection_score,
+                               summarize_repeats)
+
+
+def _data(c: int, n: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    p = rng.dirichlet(np.ones(c), n)
+    p[np.arange(n), y] += 0.4
+    return y, p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("c", [2, 3, 10])
+def test_metrics_equal_scikit_learn(c):
+    y, p = _data(c)
+    pred = p.argmax(1)
+    m = classification_metrics(y, p)
+    assert m["top1"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["weighted_f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+    assert m["kappa"] == pytest.approx(skm.cohen_kappa_score(y, pred))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+    prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred, zero_division=0)
+    for i, row in enumerate(m["per_class"]):
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((prec[i], rec[i], f1[i], sup[i]))
+    if c == 2:
+        assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]))
+        assert m["auprc"] == pytest.approx(skm.average_precision_score(y, p[:, 1]))
+        tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+        assert m["sensitivity"] == pytest.approx(tp / (tp + fn)) and m["specificity"] == pytest.approx(tn / (tn + fp))
+        assert m["top5"] is None
+    else:
+        assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr"))
+        assert m["auprc"] == pytest.approx(np.mean([skm.average_precision_score(y == k, p[:, k]) for k in range(c)]))
+    if c == 10:
+        assert m["top5"] == pytest.approx(skm.top_k_accuracy_score(y, p, k=5))
+
+
+def test_ece_matches_a_direct_computation():
+    y, p = _data(4, seed=3)
+    conf, correct = p.max(1), p.argmax(1) == y
+    bins = np.linspace(0, 1, 16)
+    ece = sum(((conf > lo) & (conf <= hi)).mean() * abs(correct[(conf > lo) & (conf <= hi)].mean()
+                                                        - conf[(conf > lo) & (conf <= hi)].mean())
+              for lo, hi in zip(bins[:-1], bins[1:]) if ((conf > lo) & (conf <= hi)).any())
+    assert classification_metrics(y, p)["ece"] == pytest.approx(ece)
+
+
+def test_one_class_split_says_so_instead_of_crashing():
+    y = np.zeros(6, dtype=int)
+    p = np.tile([0.8, 0.2], (6, 1))
+    m = classification_metrics(y, p, classes=["normal", "pneumonia"])
+    assert m["auroc"] is None and m["auprc"] is None and m["sensitivity"] is None
+    assert m["top1"] == 1.0 and m["specificity"] == 1.0
+    assert any("AUROC undefined" in n for n in m["notes"]) and any("pneumonia" in n for n in m["notes"])
+
+
+def test_binary_threshold_moves_the_operating_point():
+    y, p = _data(2, seed=1)
+    low = classification_metrics(y, p, threshold=0.2)
+    high = classification_metrics(y, p, threshold=0.8)
+    assert low["sensitivity"] > high["sensitivity"] and low["specificity"] < high["specificity"]
+    assert low["threshold"] == 0.2
+
+
+def test_choose_threshold_youden_and_target_sensitivity():
+    y, p = _data(2, seed=2)
+    fpr, tpr, thr = skm.roc_curve(y, p[:, 1])
+    t = choose_threshold(y, p[:, 1], "youden")
+    best = np.max(tpr - fpr)
+    sens, spec = (p[y == 1, 1] >= t).mean(), (p[y == 0, 1] < t).mean()
+    assert sens + spec - 1 == pytest.approx(best)
+    t95 = choose_threshold(y, p[:, 1], "sensitivity", target=0.95)
+    assert (p[y == 1, 1] >= t95).mean() >= 0.95
+    with pytest.raises(ValueError, match="both classes"):
+        choose_threshold(np.ones(4), np.arange(4.0))
+
+
+def test_multilabel_metrics_per_label_against_scikit_learn():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < [0.3, 0.1, 0.5]).astype(np.uint8)
+    s = np.clip(y * 0.4 + rng.random((200, 3)) * 0.7, 0, 1)
+    m = classification_metrics(y, s, classes=["effusion", "nodule", "mass"])
+    for j, row in enumerate(m["per_label"]):
+        assert row["auroc"] == pytest.approx(skm.roc_auc_score(y[:, j], s[:, j]))
+        assert row["auprc"] == pytest.approx(skm.average_precision_score(y[:, j], s[:, j]))
+        assert row["sensitivity"] == pytest.approx(skm.recall_score(y[:, j], s[:, j] >= 0.5))
+    assert m["macro_auroc"] == pytest.approx(skm.roc_auc_score(y, s, average="macro"))
+    assert m["micro_auroc"] == pytest.approx(skm.roc_auc_score(y, s, average="micro"))
+    y[:, 1] = 0  # a label with no positives: noted, left out of the macro average
+    m = classification_metrics(y, s)
+    assert m["per_label"][1]["auroc"] is None and any("no positives" in n for n in m["notes"])
+
+
+def test_bootstrap_ci_contains_estimate_and_groups_widen_it():
+    y, p = _data(3, n=300, seed=4)
+    point = classification_metrics(y, p)
+    ci = bootstrap_ci(y, p, metrics=("top1", "auroc", "macro_f1"), n_boot=300, seed=0)
+    for name in ("top1", "auroc", "macro_f1"):
+        assert ci[name][0] <= point[name] <= ci[name][1]
+    # 30 patients with 10 near-identical images each: resampling patients gives a wider interval
+    groups = np.repeat(np.arange(30), 10)
+    yg, pg = y[groups], p[groups]  # each patient's images share one row of data
+    flat = bootstrap_ci(yg, pg, metrics=("top1",), n_boot=300, seed=0)["top1"]
+    grouped = bootstrap_ci(yg, pg, metrics=("top1",), n_boot=300, seed=0, groups=groups)["top1"]
+    assert grouped[1] - grouped[0] > 1.5 * (flat[1] - flat[0])
+
+
+def test_selection_score_and_repeats():
+    y, p = _data(3)
+    assert selection_score(y, p, "accuracy") == pytest.approx(skm.accuracy_score(y, p.argmax(1)))
+    assert selection_score(y, p, "loss") == pytest.approx(-skm.log_loss(y, p))
+    assert selection_score(y, p, "auroc") == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr"))
+    with pytest.raises(ValueError, match="one of accuracy"):
+        selection_score(y, p, "f2")
+    s = summarize_repeats([{"top1": 0.8, "auroc": 0.9}, {"top1": 0.7, "auroc": 0.95}, {"top1": 0.9, "auroc": None}])
+    assert s["top1"]["median"] == pytest.approx(0.8) and s["top1"]["std"] == pytest.approx(np.std([0.8, 0.7, 0.9]))
+    assert s["auroc"]["values"] == [0.9, 0.95]

@@ -1,0 +1,146 @@
+"""Figures, `featcache probe` and `featcache report` as a user sees them: files and printed numbers."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache_cli.main  # noqa: F401 - registers every command on the group
+from featcache import plots
+from featcache.report import write_report
+from featcache_cli.app import cli
+
+CS = "1e-3,1e-2,1e-1,1"
+
+
+def _assert_figure(paths: list[Path]) -> None:
+    png, svg = paths
+    assert png.suffix == ".png" and svg.suffix == ".svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert "<svg" in svg.read_text()[:2000]
+
+
+def test_every_plot_writes_png_and_svg(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    proba = rng.dirichlet([1, 1, 1], 120)
+    proba[np.arange(120), y] += 1.0
+    proba /= proba.sum(1, keepdims=True)
+    yb = rng.integers(0, 2, 120)
+    pb = np.clip(yb * 0.4 + rng.random(120) * 0.6, 0, 1)
+    _assert_figure(plots.confusion_matrix_plot([[5, 1, 0], [2, 3, 1], [0, 0, 4]], ["a", "b", "c"],
+                                               tmp_path / "cm"))
+    _assert_figure(plots.roc_pr_plot(y, proba, tmp_path / "roc_multi", classes=["a", "b", "c"]))
+    _assert_figure(plots.roc_pr_plot(yb, np.stack([1 - pb, pb], 1), tmp_path / "roc_bin", threshold=0.4))
+    _assert_figure(plots.calibration_plot(y, proba, tmp_path / "calibration"))
+    _assert_figure(plots.knn_curve_plot({10: {"top1": 0.8, "top5": 0.95}, "20": {"top1": 0.82, "top5": 0.96},
+                                         100: {"top1": 0.79, "top5": None}}, tmp_path / "knn"))
+    rows = [{"lr": lr, "wd": wd, "val_top1": 0.5 + lr * 10 + wd} for lr in (1e-3, 1e-2) for wd in (0.0, 0.05)]
+    _assert_figure(plots.sweep_heatmap_plot(rows, "lr", "wd", "val_top1", tmp_path / "sweep"))
+    with pytest.raises(ValueError, match="no sweep rows"):
+        plots.sweep_heatmap_plot(rows, "lr", "dropout", "val_top1", tmp_path / "bad")
+
+
+def _printed_number(output: str, label: str) -> float:
+    match = re.search(rf"^{re.escape(label)}\s+([0-9.]+)", output, re.M)
+    assert match, f"no line starting with {label!r} in:\n{output}"
+    return float(match.group(1))
+
+
+def test_cli_probe_prints_what_it_writes_to_json(digits_feature_file, tmp_path):
+    out_json = tmp_path / "probe.json"
+    res = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", CS, "--json", str(out_json),
+                                   "--quiet"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out_json.read_text())
+    assert data["kind"] == "probe" and data["selection"] == "val"
+    assert f"best C: {data['best_C']:g}" in res.output
+    for c, score in data["scores"].items():  # the per-C table: C, val accuracy
+        assert re.search(rf"^{re.escape(c)}\s+{score:.4f}", res.output, re.M), (c, score, res.output)
+    for name in ("top1", "balanced_accuracy", "macro_f1", "auroc"):
+        assert _printed_number(res.output, name) == pytest.approx(data["test"][name], abs=5e-5)
+    assert data["test"]["top1"] > 0.9
+
+
+def test_cli_probe_without_val_split_uses_cross_validation(tmp_path, digits_arrays):
+    from featcache.store import write_arrays
+
+    path = tmp_path / "noval.h5"
+    splits = {name: {"cls": x, "labels": y, "paths": [f"{name}/{i}.png" for i in range(len(y))],
+                     "groups": [f"p{i // 3}" for i in range(len(y))]}
+              for name, (x, y) in digits_arrays.items() if name != "val"}
+    write_arrays(path, splits, [str(c) for c in range(10)], {"model": "digits-pixels"})
+    res = CliRunner().invoke(cli, ["probe", str(path), "--Cs", "1e-2,1e-1", "--cv", "3"])
+    assert res.exit_code == 0, res.output
+    assert "cross-validation" in res.output and "3-fold CV" in res.output
+
+
+def _fake_run(path: Path, kind: str, model: str, top1: float, auroc: float, ci: bool) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"kind": kind, "model": model, "features": "cls"}))
+    test = {"top1": top1, "auroc": auroc, "macro_f1": None}
+    if ci:
+        test["ci"] = {"top1": [top1 - 0.0123, top1 + 0.0111]}
+    (path / "metrics.json").write_text(json.dumps({"kind": kind, "val": {"top1": top1 + 0.01}, "test": test}))
+    return path
+
+
+def test_report_puts_runs_side_by_side(digits_feature_file, tmp_path):
+    a = _fake_run(tmp_path / "linear-dino", "train", "facebook/dino-vits16", 0.8765, 0.9712, ci=True)
+    b = _fake_run(tmp_path / "knn-vit", "knn", "google/vit-base-patch16-224", 0.7531, 0.9345, ci=False)
+    probe_dir = tmp_path / "probe-digits"
+    res = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", CS, "--bootstrap", "50",
+                                   "--out", str(probe_dir), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (probe_dir / "config.json").is_file()
+    assert json.loads((probe_dir / "config.json").read_text())["model"] == "digits-pixels"
+    for fig in ("confusion_matrix", "calibration"):
+        assert (probe_dir / "figures" / f"{fig}.png").stat().st_size > 0
+        assert (probe_dir / "figures" / f"{fig}.svg").stat().st_size > 0
+    probe_top1 = json.loads((probe_dir / "metrics.json").read_text())["test"]["top1"]
+
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, ["report", str(a), str(b), str(probe_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in (md, page):
+        assert "linear-dino" in text and "knn-vit" in text and "probe-digits" in text
+        assert "0.8765 [0.8642, 0.8876]" in text      # value with its CI
+        assert "0.7531" in text and "0.9345" in text
+        assert f"{probe_top1:.4f}" in text
+        assert "facebook/dino-vits16" in text
+    # the probe's figures are copied next to the report and linked relatively
+    assert "figures/probe-digits/confusion_matrix.png" in md
+    assert (out / "figures" / "probe-digits" / "confusion_matrix.png").is_file()
+    assert "<img src='figures/probe-digits/confusion_matrix.png'" in page
+
+
+def test_report_refuses_a_directory_without_metrics(tmp_path):
+    empty = tmp_path / "crashed-run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        write_report([empty], tmp_path / "r")
+    res = CliRunner().invoke(cli, ["report", str(empty), "--out", str(tmp_path / "r")])
+    assert res.exit_code != 0
+    assert "crashed-run has no metrics.json" in res.output
+
+
+def test_cli_probe_binary_run_dir_has_roc_pr_figure(tmp_path, digits_arrays):
+    from featcache.store import write_arrays
+
+    path = tmp_path / "binary.h5"
+    splits = {name: {"cls": x, "labels": (y >= 5).astype(np.int64),
+                     "paths": [f"{name}/{i}.png" for i in range(len(y))]}
+              for name, (x, y) in digits_arrays.items()}
+    write_arrays(path, splits, ["low", "high"], {"model": "digits-pixels"})
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["probe", str(path), "--Cs", "1e-2,1e-1", "--out", str(run), "--quiet"])
+    assert res.exit_code == 0, res.output
+    for fig in ("roc_pr", "confusion_matrix", "calibration"):
+        _assert_figure([run / "figures" / f"{fig}.png", run / "figures" / f"{fig}.svg"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["kind"] == "probe" and metrics["test"]["auroc"] > 0.9

@@ -1,0 +1,145 @@
+"""The logistic probe against independent scikit-learn references on real data (digits)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from featcache.probe import LogisticProbe, logistic_probe
+
+CS = np.logspace(-4, 2, 7)  # a short grid keeps the cold-fit references fast
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    # the references are tiny problems; BLAS threads only add contention on a shared machine
+    with threadpool_limits(1):
+        yield
+
+
+def _cold_val_scores(x, y, vx, vy, cs, tol=1e-4):
+    """Plain loop: standardise on train, one cold sklearn fit per C, validation accuracy."""
+    sc = StandardScaler().fit(x)
+    return np.array([LogisticRegression(C=c, max_iter=2000, tol=tol).fit(sc.transform(x), y)
+                     .score(sc.transform(vx), vy) for c in cs])
+
+
+def test_test_accuracy_matches_sklearn_at_the_same_C(digits_arrays):
+    (x, y), (vx, vy), (sx, sy) = digits_arrays["train"], digits_arrays["val"], digits_arrays["test"]
+    probe = LogisticProbe(Cs=CS, refit=False).fit(x, y, vx, vy)
+    sc = StandardScaler().fit(x)
+    ref = LogisticRegression(C=probe.best_C_, max_iter=2000).fit(sc.transform(x), y)
+    assert abs(probe.score(sx, sy) - ref.score(sc.transform(sx), sy)) <= 0.01
+    # at weak regularisation the optimum is flat: probabilities agree on average, not per cell
+    assert np.abs(probe.predict_proba(sx) - ref.predict_proba(sc.transform(sx))).mean() < 0.01
+
+    # default: refit on train + val at the chosen C (features standardised with the train scaler)
+    refit = LogisticProbe(Cs=CS).fit(x, y, vx, vy)
+    ref2 = LogisticRegression(C=refit.best_C_, max_iter=2000).fit(
+        sc.transform(np.concatenate([x, vx])), np.concatenate([y, vy]))
+    assert abs(refit.score(sx, sy) - ref2.score(sc.transform(sx), sy)) <= 0.01
+    assert refit.score(sx, sy) > 0.9  # digits are nearly linearly separable
+
+
+def test_best_C_is_chosen_on_validation_and_warm_start_picks_what_cold_fits_pick(digits_arrays):
+    (x, y), (vx, vy) = digits_arrays["train"], digits_arrays["val"]
+    cold = _cold_val_scores(x, y, vx, vy, CS)
+    probe = LogisticProbe(Cs=CS).fit(x, y, vx, vy)
+    assert probe.selection_ == "val"
+    # where the fits converge to a well-defined optimum (C <= 1 here) the choice is identical
+    converged = CS[CS <= 1.0]
+    cold_conv = cold[CS <= 1.0]
+    np.testing.assert_allclose([probe.scores_[c] for c in converged], cold_conv, atol=0.01)
+    assert LogisticProbe(Cs=converged).fit(x, y, vx, vy).best_C_ == converged[int(np.argmax(cold_conv))]
+    # at weak regularisation (C > 1) the optimum is flat and cold fits themselves stop at arbitrary
+    # points of it (their val accuracy jumps by 1-2 %); the warm sweep still finds as good a model
+    assert probe.best_score_ >= cold.max() - 0.01
+    # the C grid order given by the user does not matter (the sweep sorts it ascending)
+    assert LogisticProbe(Cs=CS[::-1]).fit(x, y, vx, vy).best_C_ == probe.best_C_
+
+    # validating on the training rows themselves rewards overfitting: the largest C wins there,
+    # so the choice above really came from the validation split
+    in_sample = LogisticProbe(Cs=CS).fit(x, y, x, y)
+    assert in_sample.best_C_ > probe.best_C_
+
+
+def test_without_val_split_C_is_chosen_by_stratified_cv(digits_arrays):
+    x, y = digits_arrays["train"]
+    probe = LogisticProbe(Cs=CS, cv=3).fit(x, y)
+    assert probe.selection_ == "cv" and probe.cv_folds_ == 3
+    # reference: the same folds, a cold fit per (fold, C)
+    folds = StratifiedKFold(3, shuffle=True, random_state=0).split(x, y)
+    ref = np.mean([_cold_val_scores(x[tr], y[tr], x[va], y[va], CS) for tr, va in folds], axis=0)
+    # (at C = 1e-4 the coefficients are so small that tol, not C, decides the argmax: skip it)
+    np.testing.assert_allclose([probe.scores_[c] for c in CS[1:]], ref[1:], atol=0.01)
+    assert probe.best_C_ == CS[int(np.argmax(ref))]
+
+
+def test_cv_with_groups_never_splits_a_group(digits_arrays):
+    x, y = digits_arrays["train"]
+    groups = np.arange(len(y)) // 4  # "patients" with 4 images each
+    probe = LogisticProbe(Cs=CS[:3], cv=3).fit(x, y, groups=groups)
+    folds = list(StratifiedGroupKFold(3, shuffle=True, random_state=0).split(x, y, groups))
+    for tr, va in folds:
+        assert not set(groups[tr]) & set(groups[va])
+    ref = np.mean([_cold_val_scores(x[tr], y[tr], x[va], y[va], CS[:3]) for tr, va in folds], axis=0)
+    np.testing.assert_allclose([probe.scores_[c] for c in CS[:3]], ref, atol=0.01)
+
+
+def test_multilabel_is_one_vs_rest(digits_arrays):
+    (x, y), (vx, vy), (sx, sy) = digits_arrays["train"], digits_arrays["val"], digits_arrays["test"]
+    to_ml = lambda t: np.stack([t % 2 == 0, t > 5, t < 2], axis=1).astype(np.uint8)  # noqa: E731
+    probe = LogisticProbe(Cs=CS, refit=False).fit(x, to_ml(y), vx, to_ml(vy))
+    proba = probe.predict_proba(sx)
+    assert proba.shape == (len(sx), 3)
+    sc = StandardScaler().fit(x)
+    for j in range(3):
+        ref = LogisticRegression(C=probe.best_C_, max_iter=2000).fit(sc.transform(x), to_ml(y)[:, j])
+        assert np.abs(proba[:, j] - ref.predict_proba(sc.transform(sx))[:, 1]).mean() < 0.01
+        assert abs(np.mean((proba[:, j] >= 0.5) == to_ml(sy)[:, j])
+                   - ref.score(sc.transform(sx), to_ml(sy)[:, j])) <= 0.01
+
+
+def test_logistic_probe_function_reports_val_and_test(digits_arrays):
+    (x, y), (vx, vy), (sx, sy) = digits_arrays["train"], digits_arrays["val"], digits_arrays["test"]
+    out = logistic_probe(x, y, vx, vy, sx, sy, Cs=CS)
+    assert out["best_C"] in CS
+    assert out["val_accuracy"] == pytest.approx(max(out["scores"].values()))
+    pred_ref = LogisticProbe(Cs=CS).fit(x, y, vx, vy).predict(sx)
+    assert out["test_accuracy"] == pytest.approx(np.mean(pred_ref == sy))
+    assert out["test"]["top1"] == pytest.approx(out["test_accuracy"])
+    no_test = logistic_probe(x, y, vx, vy, Cs=CS[:2])
+    assert no_test["test_accuracy"] is None
+
+
+def test_user_errors_say_what_to_do(digits_arrays):
+    x, y = digits_arrays["train"]
+    bad = y.copy()
+    bad[:3] = -1
+    with pytest.raises(ValueError, match="unlabelled"):
+        LogisticProbe(Cs=CS[:2]).fit(x, bad)
+    with pytest.raises(ValueError, match="both val_x and val_y"):
+        LogisticProbe(Cs=CS[:2]).fit(x, y, x)
+    with pytest.raises(ValueError, match="positive"):
+        LogisticProbe(Cs=[0.1, -1.0]).fit(x, y, x, y)
+    with pytest.raises(ValueError, match="not fitted"):
+        LogisticProbe().predict_proba(x)
+
+
+def test_balanced_selection_and_class_weight_match_sklearn(digits_arrays):
+    from sklearn.metrics import balanced_accuracy_score
+
+    (x, y), (vx, vy) = digits_arrays["train"], digits_arrays["val"]
+    keep = (y != 3) | (np.arange(len(y)) % 6 == 0)   # make class 3 rare (imbalanced, like lesions)
+    x, y = x[keep], y[keep]
+    cs = CS[CS <= 1.0]
+    probe = LogisticProbe(Cs=cs, metric="balanced_accuracy", class_weight="balanced", refit=False)
+    probe.fit(x, y, vx, vy)
+    sc = StandardScaler().fit(x)
+    ref = [balanced_accuracy_score(vy, LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+                                   .fit(sc.transform(x), y).predict(sc.transform(vx))) for c in cs]
+    np.testing.assert_allclose([probe.scores_[c] for c in cs], ref, atol=0.01)
+    assert ref[list(cs).index(probe.best_C_)] >= max(ref) - 0.01  # the choice is a reference near-tie
