@@ -1,0 +1,126 @@
+"""k-NN evaluation of frozen features: DINO's weighted vote, every k and temperature in one pass.
+
+As in DINO's eval_knn.py: features are L2-normalised, cosine similarities come from a chunked
+matrix product, one top-max(k) search serves every k and temperature, and each neighbour votes
+for its class with weight exp(sim / T). T = 0.07 is DINO's default: it turns cosine gaps of a few
+hundredths into clear vote margins without letting the nearest neighbour decide alone.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_KS = (10, 20, 100, 200)
+BACKENDS = ("auto", "torch", "faiss")
+
+
+def nearest_neighbours(train_x: np.ndarray, test_x: np.ndarray, k: int, backend: str = "auto",
+                       chunk_size: int = 1024, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities and indices (N_test, k) of the k nearest training rows, best first."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if backend == "auto":
+        backend = "faiss" if dev.type == "cpu" and _has_faiss() else "torch"
+    train = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_x, np.float32)), dim=1)
+    test = torch.nn.functional.normalize(torch.as_tensor(np.asarray(test_x, np.float32)), dim=1)
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(train.shape[1])
+        index.add(train.numpy())
+        return index.search(test.numpy(), k)
+    train = train.to(dev)
+    sims, idx = [], []
+    for start in range(0, test.shape[0], chunk_size):  # bounded memory: chunk x N_train similarities
+        s, i = (test[start:start + chunk_size].to(dev) @ train.T).topk(k, dim=1)
+        sims.append(s.cpu())
+        idx.append(i.cpu())
+    return torch.cat(sims).numpy(), torch.cat(idx).numpy()
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, temperature: float, num_classes: int,
+         weighting: str = "distance") -> np.ndarray:
+    """Class scores (N, C) from the first k neighbours, normalised to sum to one per row.
+
+    neighbour_labels is (N, kmax) class indices, or (N, kmax, C) 0/1 rows for multi-label data
+    (scores are then the similarity-weighted share of positive neighbours per label).
+    """
+    w = torch.as_tensor(np.exp(sims[:, :k] / temperature) if weighting == "distance" else np.ones_like(sims[:, :k]),
+                        dtype=torch.float64)
+    if neighbour_labels.ndim == 3:
+        votes = torch.einsum("nk,nkc->nc", w, torch.as_tensor(neighbour_labels[:, :k], dtype=torch.float64))
+    else:
+        votes = torch.zeros(len(sims), num_classes, dtype=torch.float64)
+        votes.scatter_add_(1, torch.as_tensor(neighbour_labels[:, :k], dtype=torch.int64), w)
+    return (votes / w.sum(dim=1, keepdim=True)).numpy()
+
+
+def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+             ks: Sequence[int] = DEFAULT_KS, temperature: float | Sequence[float] = 0.07, *,
+             weighting: str = "distance", num_classes: int | None = None, backend: str = "auto",
+             chunk_size: int = 1024, device: str | None = None, return_proba: bool = False) -> dict:
+    """k-NN accuracy of frozen features (pinned API): {k: {"top1", "top5", "balanced_accuracy", ...}}.
+
+    One temperature gives {k: metrics}; several give {T: {k: metrics}}. Fractions in [0, 1].
+    top5 is None with five classes or fewer (not applicable, never a trivial 100 %). A k larger
+    than the training set is capped with a warning; "k_used" says what was used. Binary data also
+    gets AUROC; multi-label data (train_y of shape (N, C)) gets macro/micro AUROC and AUPRC.
+    With return_proba, each k's metrics carry the class scores under "proba".
+    """
+    from featcache.metrics import _auroc, _balanced_accuracy, _topk_accuracy, classification_metrics
+
+    if weighting not in ("distance", "uniform"):
+        raise ValueError(f"weighting must be 'distance' or 'uniform'; got {weighting!r}.")
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise ValueError(f"expected one label per row: {len(train_x)} train rows with {len(train_y)} labels, "
+                         f"{len(test_x)} test rows with {len(test_y)} labels.")
+    if len(train_y) == 0 or len(test_y) == 0:
+        raise ValueError("k-NN needs at least one labelled training row and one evaluation row.")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"k must be positive integers; got {ks}.")
+    n_train = len(train_y)
+    if ks[-1] > n_train:
+        warnings.warn(f"k = {', '.join(str(k) for k in ks if k > n_train)} exceeds the {n_train} training rows; "
+                      f"capped at {n_train}.", stacklevel=2)
+    multilabel = train_y.ndim == 2
+    c = train_y.shape[1] if multilabel else int(num_classes or max(train_y.max(), test_y.max()) + 1)
+    kmax = min(ks[-1], n_train)
+    sims, idx = nearest_neighbours(train_x, test_x, kmax, backend, chunk_size, device)
+    labels = train_y[idx]
+    temps = [float(temperature)] if np.isscalar(temperature) else [float(t) for t in temperature]
+    results: dict[float, dict[int, dict[str, Any]]] = {}
+    for t in temps:
+        per_k = {}
+        for k in ks:
+            used = min(k, n_train)
+            proba = vote(sims, labels, used, t, c, weighting)
+            if multilabel:
+                full = classification_metrics(test_y, proba)
+                row = {key: full[key] for key in ("auroc", "micro_auroc", "auprc", "micro_auprc", "subset_accuracy")}
+            else:
+                pred = proba.argmax(1)
+                row = {"top1": float(np.mean(pred == test_y)),
+                       "top5": _topk_accuracy(test_y, proba, 5) if c > 5 else None,
+                       "balanced_accuracy": _balanced_accuracy(test_y, pred)}
+                if c == 2:
+                    row["auroc"] = _auroc(test_y, proba)[0]
+            row.update({"k_used": used, "temperature": t, "weighting": weighting, "n_eval": int(len(test_y))})
+            if return_proba:
+                row["proba"] = proba
+            per_k[k] = row
+        results[t] = per_k
+    return results[temps[0]] if np.isscalar(temperature) else results
