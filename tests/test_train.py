@@ -1,0 +1,159 @@
+"""Trainer, sweep and predict on cached features, against scikit-learn and each other."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import featcache as fc
+from featcache.store import write_arrays
+from featcache_cli.main import cli
+
+
+def test_linear_head_reaches_logistic_regression(digits_feature_file, digits_arrays):
+    from sklearn.linear_model import LogisticRegression
+
+    t = fc.train_head(digits_feature_file, head="linear", lr=1e-2, epochs=200, patience=20)
+    (x, y), (tx, ty) = digits_arrays["train"], digits_arrays["test"]
+    sk = LogisticRegression(max_iter=2000).fit(x, y).score(tx, ty)
+    assert t.test_metrics_["top1"] >= sk - 0.02
+    assert t.num_params_ == 64 * 10 + 10 and t.val_source_ == "split 'val'"
+
+
+def test_sweep_matches_each_config_trained_alone(digits_feature_file):
+    grid = dict(lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-2), features=("cls", "cls+pooled"))
+    result = fc.sweep(digits_feature_file, epochs=40, patience=5, **grid)
+    assert result.fused and len(result.leaderboard) == 8
+    for row in result.leaderboard:
+        alone = fc.train_head(digits_feature_file, lr=row["lr"], weight_decay=row["weight_decay"],
+                              features=row["features"], epochs=40, patience=5)
+        assert abs(alone.best_score_ - row["val_accuracy"]) <= 0.005
+        assert alone.best_epoch_ == row["best_epoch"]
+    scores = [r["val_accuracy"] for r in result.leaderboard]
+    assert scores == sorted(scores, reverse=True) and result.best is result.leaderboard[0]
+
+
+def test_sweep_picks_by_validation_never_by_test(tmp_path):
+    """Two feature choices: cls predicts val and pooled predicts test; the pick must follow val."""
+    rng = np.random.default_rng(0)
+
+    def split(n, cls_informative):
+        y = rng.integers(0, 2, n)
+        signal = (y * 2 - 1)[:, None] * 2.0 + rng.normal(size=(n, 4))
+        noise = rng.normal(size=(n, 4))
+        cls, pooled = (signal, noise) if cls_informative else (noise, signal)
+        return {"cls": cls.astype(np.float32), "pooled": pooled.astype(np.float32), "labels": y}
+
+    path = tmp_path / "trap.h5"
+    write_arrays(path, {"train": {**split(200, True), "pooled": rng.normal(size=(200, 4)).astype(np.float32)},
+                        "val": split(100, True), "test": split(100, False)}, ["a", "b"], {"model": "trap"})
+    result = fc.sweep(path, lrs=(1e-2,), weight_decays=(0.0,), features=("cls", "pooled"), epochs=30)
+    assert result.best["features"] == "cls"
+    assert result.trainer.test_metrics_["top1"] < 0.7  # test would have preferred pooled: it was not asked
+
+
+def test_early_stopping_keeps_the_best_epoch(digits_feature_file):
+    t = fc.train_head(digits_feature_file, lr=3e-2, epochs=60, patience=3)
+    scores = [h["val_accuracy"] for h in t.history_]
+    assert t.best_epoch_ == int(np.argmax(scores))
+    assert len(scores) <= t.best_epoch_ + 1 + 3
+    assert t.val_metrics_["top1"] == pytest.approx(max(scores))
+
+
+def test_no_val_split_holds_out_from_train(digits_arrays, tmp_path):
+    (x, y), (tx, ty) = digits_arrays["train"], digits_arrays["test"]
+    path = tmp_path / "noval.h5"
+    write_arrays(path, {"train": {"cls": x, "labels": y, "groups": [f"p{i // 3}" for i in range(len(y))]},
+                        "test": {"cls": tx, "labels": ty}}, [str(i) for i in range(10)], {"model": "d"})
+    t = fc.train_head(path, lr=1e-2, epochs=20)
+    assert "held out from 'train' by group" in t.val_source_
+    assert t.val_metrics_["n"] == pytest.approx(0.1 * len(y), abs=6)
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    n, t, d = 240, 9, 8
+    y = rng.integers(0, 3, n)
+    tokens = rng.normal(size=(n, t, d)).astype(np.float32)
+    tokens[np.arange(n), :, y] += 1.0  # the class shows in one feature dimension of every token
+    path = tmp_path_factory.mktemp("tokens") / "tok.h5"
+    cut = {"train": slice(0, 160), "val": slice(160, 200), "test": slice(200, 240)}
+    write_arrays(path, {k: {"cls": tokens[s, 0], "pooled": tokens[s].mean(1), "tokens": tokens[s], "labels": y[s]}
+                        for k, s in cut.items()}, ["a", "b", "c"], {"model": "tok"})
+    return path
+
+
+@pytest.mark.parametrize("head", ["mixer", "attn"])
+def test_token_heads_learn_and_streaming_equals_in_memory(token_file, head):
+    kw = dict(head=head, lr=3e-3, epochs=8, patience=8, batch_size=32, dropout=0.0)
+    in_memory = fc.train_head(token_file, **kw)
+    streamed = fc.train_head(token_file, max_memory_gb=1e-9, **kw)
+    assert streamed.streamed_ and not in_memory.streamed_
+    assert in_memory.test_metrics_["top1"] > 0.6
+    # streamed batches come in another (block-shuffled) order: same quality, not the same numbers
+    assert abs(streamed.best_score_ - in_memory.best_score_) <= 0.15
+
+
+def test_balanced_sampler_and_weights_on_imbalanced_data(tmp_path):
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.08).astype(int)
+    x = (rng.normal(size=(400, 6)) + y[:, None] * 1.2).astype(np.float32)
+    path = tmp_path / "imb.h5"
+    write_arrays(path, {"train": {"cls": x[:300], "labels": y[:300]}, "val": {"cls": x[300:350], "labels": y[300:350]},
+                        "test": {"cls": x[350:], "labels": y[350:]}}, ["neg", "pos"], {"model": "imb"})
+    plain = fc.train_head(path, lr=1e-2, epochs=30, balance="none", metric="balanced_accuracy")
+    for balance in ("weights", "sampler"):
+        t = fc.train_head(path, lr=1e-2, epochs=30, balance=balance, metric="balanced_accuracy")
+        assert t.val_metrics_["sensitivity"] >= plain.val_metrics_["sensitivity"]
+
+
+def test_cli_train_sweep_predict_and_refusal(digits_feature_file, tmp_path, digits_arrays):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    r = runner.invoke(cli, ["train", str(digits_feature_file), "--head", "mlp", "--epochs", "5", "--hidden", "32",
+                            "--out", str(run), "--json", str(tmp_path / "t.json"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_params"] == 64 * 32 + 32 + 32 * 10 + 10 and {"val", "test"} <= set(metrics)
+    assert len(json.loads((run / "history.json").read_text())) >= 1 and (run / "best.pt").exists()
+    s = runner.invoke(cli, ["sweep", str(digits_feature_file), "--lr", "1e-3,1e-2", "--wd", "0", "--features",
+                            "cls,pooled", "--epochs", "5", "--out", str(tmp_path / "sweep"), "--quiet"])
+    assert s.exit_code == 0, s.output
+    assert "4 linear heads" in s.output and "one batched model" in s.output
+    assert (tmp_path / "sweep" / "figures" / "sweep_cls.png").exists()
+    p = runner.invoke(cli, ["predict", str(run), str(digits_feature_file), "--split", "test",
+                            "--out", str(tmp_path / "preds.csv")])
+    assert p.exit_code == 0, p.output
+    rows = list(csv.DictReader((tmp_path / "preds.csv").open()))
+    assert len(rows) == len(digits_arrays["test"][1])
+    assert list(rows[0]) == ["image_path"] + [f"prob_{i}" for i in range(10)] + ["label", "prediction"]
+    probs = np.array([[float(r[f"prob_{i}"]) for i in range(10)] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+    assert [r["prediction"] for r in rows] == [str(i) for i in probs.argmax(1)]
+    other = tmp_path / "other.h5"
+    x, y = digits_arrays["test"]
+    write_arrays(other, {"test": {"cls": x, "pooled": x, "labels": y}}, [str(i) for i in range(10)], {"model": "another-vit"})
+    refused = runner.invoke(cli, ["predict", str(run), str(other), "--out", str(tmp_path / "x.csv")])
+    assert refused.exit_code != 0 and "another-vit" in refused.output and "digits-pixels" in refused.output
+
+
+def test_binary_predictions_csv(tmp_path):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 120)
+    x = (rng.normal(size=(120, 4)) + y[:, None]).astype(np.float32)
+    path = tmp_path / "bin.h5"
+    write_arrays(path, {"train": {"cls": x[:80], "labels": y[:80]}, "val": {"cls": x[80:100], "labels": y[80:100]},
+                        "test": {"cls": x[100:], "labels": y[100:], "paths": [f"img{i}.png" for i in range(20)]}},
+                 ["normal", "pneumonia"], {"model": "b"})
+    fc.train_head(path, epochs=10, out=tmp_path / "run")
+    r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert list(rows[0]) == ["image_path", "probability", "label", "prediction"]
+    assert rows[0]["image_path"] == "img0.png" and rows[0]["label"] in ("normal", "pneumonia")
+    assert all((float(r["probability"]) >= 0.5) == (r["prediction"] == "pneumonia") for r in rows)
