@@ -182,9 +182,9 @@ def _batches(data: Dataset, split: SplitData, cfg: TrainConfig, gen: torch.Gener
         else:
             order = torch.randperm(n, generator=gen)
         order = order.to(split.x.device)
+        x, y = (split.x[order], split.y[order]) if shuffle else (split.x, split.y)  # one gather per epoch
         for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            yield split.x[idx], split.y[idx]
+            yield x[i:i + cfg.batch_size], y[i:i + cfg.batch_size]
         return
     from featcache.loader import TokenBlockLoader
 
@@ -263,7 +263,7 @@ class HeadTrainer:
         spec = HeadSpec(cfg.head, data.in_dim, len(data.classes), data.num_tokens, cfg.hidden, dropout=cfg.dropout)
         model = build_head(spec).to(device)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         loss_fn = _loss_fn(data, cfg, data.train.y).to(device)
         weights = _sample_weights(data, cfg)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -457,7 +457,7 @@ def _fused_linear_sweep(features_file: str | Path, base: TrainConfig, grid: list
             w[j], b[j] = lin.weight.detach(), lin.bias.detach()
         lr = torch.tensor([grid[i]["lr"] for i in members], device=device)
         wd = torch.tensor([grid[i]["weight_decay"] for i in members], device=device)
-        params = [w.to(device).requires_grad_(), b.to(device).requires_grad_()]
+        params = [w.to(device), b.to(device)]
         groups.append({"kind": kind, "members": members, "params": params, "lr": lr, "wd": wd,
                        "m": [torch.zeros_like(p) for p in params], "v": [torch.zeros_like(p) for p in params]})
     k_total = len(grid)
@@ -479,19 +479,18 @@ def _fused_linear_sweep(features_file: str | Path, base: TrainConfig, grid: list
         else:
             order = torch.randperm(n, generator=gen)
         order = order.to(device)
+        xs = _epoch_views(data, kinds, order)                      # one gather per epoch, shared by all K
+        ys = first.train.y[order]
         for i in range(0, n, base.batch_size):
-            idx = order[i:i + base.batch_size]
-            y = first.train.y[idx]
+            y = ys[i:i + base.batch_size]
             step += 1
-            losses = []
             for g in groups:
-                x = data[g["kind"]].train.x[idx]                     # one gather per feature choice
-                losses.append(_stacked_loss(_stacked_logits(x, *g["params"]), y, loss_fn, multilabel).sum())
-            total = torch.stack(losses).sum()
-            for g in groups:
-                for p in g["params"]:
-                    p.grad = None
-            total.backward()
+                x = xs[g["kind"]][i:i + base.batch_size]
+                w, b = g["params"]
+                dlogits = _stacked_loss_grad(_stacked_logits(x, w, b), y, loss_fn, multilabel)  # (K, B, C)
+                g_flat = dlogits.transpose(0, 1).reshape(len(y), -1)                          # (B, K*C)
+                w.grad = (g_flat.T @ x).view_as(w)
+                b.grad = g_flat.sum(0).view_as(b)
             with torch.no_grad():  # torch.optim.AdamW's update, with per-config lr and wd
                 bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
                 for g in groups:
@@ -527,25 +526,41 @@ def _fused_linear_sweep(features_file: str | Path, base: TrainConfig, grid: list
     return rows, best_state
 
 
+def _epoch_views(data: dict[str, Dataset], kinds: list[str], order: torch.Tensor) -> dict[str, torch.Tensor]:
+    """This epoch's shuffled inputs per feature choice. cls and pooled are column views of the one
+    gathered cls+pooled matrix when it is in the grid (BLAS reads strided rows without a copy)."""
+    if "cls+pooled" not in kinds:
+        return {kind: data[kind].train.x[order] for kind in kinds}
+    both = data["cls+pooled"].train.x[order]
+    d = both.shape[1] // 2
+    views = {"cls": both[:, :d], "pooled": both[:, d:], "cls+pooled": both}
+    return {kind: views[kind] for kind in kinds}
+
+
 def _stacked_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B, D) inputs through K linear heads (K, C, D) -> (K, B, C), as one matrix product."""
     k, c, d = w.shape
     return (x @ w.reshape(k * c, d).T + b.reshape(-1)).view(len(x), k, c).transpose(0, 1)
 
 
-def _stacked_loss(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, multilabel: bool) -> torch.Tensor:
-    """(K,) losses, each exactly what loss_fn gives for one head (weighted mean over the batch)."""
-    k = logits.shape[0]
+def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, multilabel: bool) -> torch.Tensor:
+    """d(loss_k)/d(logits_k) for K heads at once, each exactly the gradient loss_fn would give one
+    head (weighted cross-entropy mean, or BCE-with-logits mean): no autograd graph over K heads."""
+    k, bsz, c = logits.shape
     if multilabel:
-        per = nn.functional.binary_cross_entropy_with_logits(
-            logits, y.expand(k, *y.shape), pos_weight=loss_fn.pos_weight, reduction="none")
-        return per.mean(dim=(1, 2))
-    c = logits.shape[2]
-    per = nn.functional.cross_entropy(logits.reshape(-1, c), y.repeat(k), weight=loss_fn.weight,
-                                      reduction="none").view(k, -1)
+        p = logits.sigmoid()
+        pw = loss_fn.pos_weight
+        if pw is None:
+            grad = p - y
+        else:  # d/dz of -(pw*y*log(s) + (1-y)*log(1-s)) = (pw*y + 1 - y) * s - pw*y
+            grad = (pw * y + 1 - y) * p - pw * y
+        return grad / (bsz * c)
+    grad = logits.softmax(dim=2)
+    grad[:, torch.arange(bsz), y] -= 1
     if loss_fn.weight is None:
-        return per.mean(dim=1)
-    return per.sum(dim=1) / loss_fn.weight[y].sum()
+        return grad / bsz
+    wy = loss_fn.weight[y]
+    return grad * (wy / wy.sum())[None, :, None]
 
 
 def _trainer_from_state(features_file: str | Path, cfg: TrainConfig, state: dict[str, torch.Tensor],
