@@ -403,7 +403,7 @@ def sweep(features_file: str | Path, head: str = "linear", lrs: Sequence[float] 
         replace(base, **g).check()
     start = time.perf_counter()
     if head == "linear" and base.optimizer == "adamw":
-        rows, states = _fused_linear_sweep(features_file, base, grid, progress)
+        rows, states, loaded = _fused_linear_sweep(features_file, base, grid, progress)
         fused = True
     else:
         rows, states, fused = [], [], False
@@ -417,7 +417,7 @@ def sweep(features_file: str | Path, head: str = "linear", lrs: Sequence[float] 
     best = leaderboard[0]
     best_cfg = replace(base, **{k: best[k] for k in ("lr", "weight_decay", "features")})
     if fused:
-        trainer = _trainer_from_state(features_file, best_cfg, states[best["config"]], best)
+        trainer = _trainer_from_state(loaded[best_cfg.features], best_cfg, states[best["config"]], best)
     else:
         trainer = states[best["config"]]
     result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, fused)
@@ -431,7 +431,7 @@ def _finite(x: float) -> float:
 
 
 def _fused_linear_sweep(features_file: str | Path, base: TrainConfig, grid: list[dict[str, Any]],
-                        progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
+                        progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]], dict[str, Dataset]]:
     """K linear heads trained at once: per feature choice one (D, K_f * C) weight matrix, per-config
     AdamW (lr, wd as tensors), the same init, batch order and early stopping as HeadTrainer."""
     from featcache.metrics import selection_score
@@ -507,11 +507,15 @@ def _fused_linear_sweep(features_file: str | Path, base: TrainConfig, grid: list
             for g in groups:
                 w, b = g["params"]
                 logits = _stacked_logits(data[g["kind"]].val.x, w, b)
-                proba = (logits.sigmoid() if multilabel else logits.softmax(dim=2)).cpu().numpy()
+                if base.metric == "accuracy" and not multilabel:  # all K at once, no probabilities needed
+                    scores = (logits.argmax(dim=2) == first.val.y).double().mean(dim=1).tolist()
+                else:
+                    proba = (logits.sigmoid() if multilabel else logits.softmax(dim=2)).cpu().numpy()
+                    scores = [selection_score(yv, proba[j], base.metric) for j in range(len(g["members"]))]
                 for j, k in enumerate(g["members"]):
                     if not active[k]:
                         continue
-                    score = selection_score(yv, proba[j], base.metric)
+                    score = scores[j]
                     if score > best[k]:
                         best[k], best_epoch[k], waited[k] = score, epoch, 0
                         best_state[k] = {"weight": w[j].detach().clone().cpu(), "bias": b[j].detach().clone().cpu()}
@@ -522,8 +526,7 @@ def _fused_linear_sweep(features_file: str | Path, base: TrainConfig, grid: list
         if not any(active):
             break
     rows = [{**g, "config": i, "best_epoch": best_epoch[i], f"val_{base.metric}": best[i]} for i, g in enumerate(grid)]
-    store.close()
-    return rows, best_state
+    return rows, best_state, data
 
 
 def _epoch_views(data: dict[str, Dataset], kinds: list[str], order: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -563,14 +566,13 @@ def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module
     return grad * (wy / wy.sum())[None, :, None]
 
 
-def _trainer_from_state(features_file: str | Path, cfg: TrainConfig, state: dict[str, torch.Tensor],
+def _trainer_from_state(data: Dataset, cfg: TrainConfig, state: dict[str, torch.Tensor],
                         row: dict[str, Any]) -> HeadTrainer:
     """A fitted HeadTrainer around weights that the fused sweep learned (for metrics, save, predict)."""
     from featcache.metrics import classification_metrics
 
     device = resolve_device(cfg.device)
-    store = FeatureStore(features_file)
-    data = load_dataset(store, cfg, device)
+    store = data.store
     spec = HeadSpec("linear", data.in_dim, len(data.classes))
     model = build_head(spec)
     model.load_state_dict(state)

@@ -237,3 +237,52 @@ def test_public_api_names_survive_submodule_imports():
 
     assert fc.extract is extract and callable(fc.extract)
     assert fc.open.__module__ == "featcache.store"
+
+
+def test_dicom_folder_extracts_and_skips_undecodable(tiny_vit, tmp_path):
+    import shutil
+
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path / "dicom"
+    for cls, name in (("ct", "CT_small.dcm"), ("mr", "MR_small.dcm"), ("mr", "MR_small_jpeg_ls_lossless.dcm")):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(get_testdata_file(name, download=False), root / cls / name)
+    result = CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(root), "--out",
+                                      str(tmp_path / "d.h5"), "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    with fc.open(tmp_path / "d.h5") as store:
+        s = store["all"]
+        assert store.classes == ["ct", "mr"] and s.done.sum() >= 2
+        for path, reason in s.errors:  # JPEG-LS needs a decoder this machine may not have
+            assert path.endswith("jpeg_ls_lossless.dcm") and "JPEG-LS" in reason
+
+
+def test_multilabel_manifest_end_to_end(tiny_vit, digits_dir, tmp_path):
+    files = sorted((digits_dir / "train").rglob("*.png"))[:24]
+    lines = ["path,effusion,nodule,split"]
+    for i, f in enumerate(files):
+        lines.append(f"{f},{int(f.parent.name == '1')},{int(f.parent.name == '2')},{'train' if i % 4 else 'test'}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    store = fc.extract(str(tiny_vit), tmp_path / "m.csv", tmp_path / "ml.h5", workers=0, progress=False)
+    assert store.multilabel and store.classes == ["effusion", "nodule"]
+    assert store["train"].labels.shape == (18, 2) and store["train"].labels.dtype == np.uint8
+    t = fc.train_head(tmp_path / "ml.h5", lr=1e-2, epochs=5, val_split="test")
+    assert t.test_metrics_["multilabel"] and len(t.test_metrics_["per_label"]) == 2
+    s = fc.sweep(tmp_path / "ml.h5", lrs=(1e-3, 1e-2), weight_decays=(0.0,), epochs=5, val_split="test")
+    alone = fc.train_head(tmp_path / "ml.h5", lr=s.best["lr"], weight_decay=0.0, epochs=5, val_split="test")
+    assert alone.best_score_ == pytest.approx(s.best["val_accuracy"], abs=0.005)
+
+
+def test_info_counts_classes_and_warns_about_missing_ones(tiny_vit, digits_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(digits_dir, tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "test" / "2")
+    out = tmp_path / "f.h5"
+    assert CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
+                                    "--out", str(out), "--workers", "0", "--quiet"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["info", str(out)])
+    assert "test class counts: 0=10, 1=10, 2=0" in result.output
+    assert "warning: no rows of class 2" in result.output
