@@ -24,6 +24,7 @@ def recipe_options(fn: Callable) -> Callable:
         click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of train held out when there is no validation split."),
         click.option("--hidden", type=int, default=512, show_default=True, help="mlp head: hidden width."),
         click.option("--dropout", type=float, default=0.1, show_default=True, help="mlp / attn heads: dropout."),
+        click.option("--standardize/--no-standardize", default=True, show_default=True, help="z-score each feature with the train split's mean and std (stored in the checkpoint; predict applies it)."),
         click.option("--max-memory-gb", type=float, default=4.0, show_default=True, help="Token caches bigger than this are streamed from disk by contiguous blocks."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the printed numbers as JSON."),
@@ -35,7 +36,7 @@ def recipe_options(fn: Callable) -> Callable:
 
 def _recipe(kw: dict[str, Any]) -> dict[str, Any]:
     keys = ("epochs", "batch_size", "patience", "metric", "balance", "seed", "train_split", "val_split",
-            "test_split", "val_fraction", "hidden", "dropout", "max_memory_gb", "device")
+            "test_split", "val_fraction", "hidden", "dropout", "standardize", "max_memory_gb", "device")
     return {k: kw[k] for k in keys}
 
 

@@ -50,6 +50,7 @@ class TrainConfig:
     hidden: int = 512                    # mlp hidden width
     dropout: float = 0.1                 # mlp / attn dropout
     max_memory_gb: float = 4.0           # token caches bigger than this are streamed from disk
+    standardize: bool = True             # z-score each feature with train mean/std (MAE-style linear probing)
     device: str = "auto"                 # auto | cpu | cuda
 
     def check(self) -> None:
@@ -93,6 +94,8 @@ class Dataset:
     num_tokens: int | None
     streamed: bool
     val_source: str                      # "split 'val'" or "held out from train"
+    mean: torch.Tensor | None = None     # per-feature train mean (standardize), applied to every split
+    std: torch.Tensor | None = None      # per-feature train std
 
 
 def resolve_device(device: str) -> torch.device:
@@ -165,9 +168,35 @@ def load_dataset(store: FeatureStore, cfg: TrainConfig, device: torch.device) ->
         groups = view.groups
         return SplitData(name, rows, y.to(device), x, None if groups is None else [groups[i] for i in rows])
 
-    return Dataset(store, make(cfg.train_split, train_rows), make(val_name, val_rows),
+    data = Dataset(store, make(cfg.train_split, train_rows), make(val_name, val_rows),
                    make(test_name, split_rows(test_name)) if test_name else None, store.classes,
                    store.multilabel, in_dim, num_tokens, streamed, val_source)
+    if cfg.standardize:
+        data.mean, data.std = feature_stats(data, cfg, device)
+        for split in (data.train, data.val, data.test):
+            if split is not None and split.x is not None:
+                split.x = (split.x - data.mean) / data.std
+    return data
+
+
+def feature_stats(data: Dataset, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of the training inputs (over rows, and tokens for token heads)."""
+    if data.train.x is not None:
+        x = data.train.x.reshape(-1, data.train.x.shape[-1])
+        return x.mean(0), x.std(0).clamp(min=1e-6)
+    from featcache.loader import TokenBlockLoader
+
+    total = sq = None
+    count = 0
+    for x, _ in TokenBlockLoader(data.store.path, data.train.name, "tokens", rows=data.train.rows,
+                                 batch_size=1024, shuffle=False):
+        x = x.reshape(-1, x.shape[-1]).double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    std = ((sq / count - mean * mean).clamp(min=0) * count / max(count - 1, 1)).sqrt()
+    return mean.float().to(device), std.float().clamp(min=1e-6).to(device)
 
 
 def _batches(data: Dataset, split: SplitData, cfg: TrainConfig, gen: torch.Generator, epoch: int,
@@ -195,7 +224,8 @@ def _batches(data: Dataset, split: SplitData, cfg: TrainConfig, gen: torch.Gener
     device = split.y.device
     for x, rows in loader:
         idx = torch.as_tensor([position[int(r)] for r in rows], device=device)
-        yield x.to(device), split.y[idx]
+        x = x.to(device)
+        yield (x if data.mean is None else (x - data.mean) / data.std), split.y[idx]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,13 +340,16 @@ class HeadTrainer:
                                                         predict_proba(model, data, data.test, cfg, data.multilabel),
                                                         classes=data.classes)
         self.features_file_ = str(store.path)
+        self.feature_mean_, self.feature_std_ = data.mean, data.std
         return self
 
     def checkpoint(self) -> dict[str, Any]:
         """What predict needs: head spec and weights, recipe, classes, the feature file's identity."""
         return {"format": "featcache-head-1", "spec": self.spec_.as_dict(), "state_dict": self.model_.state_dict(),
                 "train_config": asdict(self.config), "classes": self.classes_, "fingerprint": self.fingerprint_,
-                "model": self.model_name_}
+                "model": self.model_name_,
+                "feature_mean": None if self.feature_mean_ is None else self.feature_mean_.cpu(),
+                "feature_std": None if self.feature_std_ is None else self.feature_std_.cpu()}
 
     def save(self, out: str | Path) -> Path:
         """Write the run directory: config.json, metrics.json, history.json, best.pt."""
@@ -590,6 +623,7 @@ def _trainer_from_state(data: Dataset, cfg: TrainConfig, state: dict[str, torch.
                                                  predict_proba(model, data, data.test, cfg, data.multilabel),
                                                  classes=data.classes)
     t.features_file_ = str(store.path)
+    t.feature_mean_, t.feature_std_ = data.mean, data.std
     return t
 
 
@@ -632,7 +666,10 @@ def predict(run_dir: str | Path, features_file: str | Path, split: str = "test")
         for i in range(0, len(rows), 1024):
             r = rows[i:i + 1024]
             x = read_rows(view.tokens, r).astype(np.float32) if uses_tokens(spec.kind) else view.features(cfg.features, r)
-            logits = model(torch.from_numpy(x))
+            x = torch.from_numpy(x)
+            if ckpt.get("feature_mean") is not None:
+                x = (x - ckpt["feature_mean"]) / ckpt["feature_std"]
+            logits = model(x)
             out.append((logits.sigmoid() if view.multilabel else logits.softmax(dim=1)).numpy())
     proba = np.concatenate(out) if out else np.zeros((0, spec.num_classes))
     paths = view.paths

@@ -56,6 +56,20 @@ def test_sweep_picks_by_validation_never_by_test(tmp_path):
     assert result.trainer.test_metrics_["top1"] < 0.7  # test would have preferred pooled: it was not asked
 
 
+def test_standardize_helps_badly_scaled_features(digits_arrays, tmp_path):
+    (x, y), (vx, vy), (tx, ty) = (digits_arrays[k] for k in ("train", "val", "test"))
+    scale = np.logspace(-3, 2, x.shape[1]).astype(np.float32)  # features on wildly different scales
+    path = tmp_path / "scaled.h5"
+    write_arrays(path, {k: {"cls": a * scale, "labels": b} for k, (a, b) in
+                        {"train": (x, y), "val": (vx, vy), "test": (tx, ty)}.items()}, [str(i) for i in range(10)],
+                 {"model": "scaled"})
+    raw = fc.train_head(path, lr=1e-2, epochs=20, standardize=False)
+    std = fc.train_head(path, lr=1e-2, epochs=20)
+    assert std.test_metrics_["top1"] > raw.test_metrics_["top1"] + 0.05 and std.test_metrics_["top1"] > 0.9
+    mean = x.mean(0) * scale
+    np.testing.assert_allclose(std.feature_mean_.numpy(), mean, rtol=1e-4, atol=1e-6)
+
+
 def test_early_stopping_keeps_the_best_epoch(digits_feature_file):
     t = fc.train_head(digits_feature_file, lr=3e-2, epochs=60, patience=3)
     scores = [h["val_accuracy"] for h in t.history_]
@@ -135,6 +149,9 @@ def test_cli_train_sweep_predict_and_refusal(digits_feature_file, tmp_path, digi
     probs = np.array([[float(r[f"prob_{i}"]) for i in range(10)] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
     assert [r["prediction"] for r in rows] == [str(i) for i in probs.argmax(1)]
+    # the checkpoint's feature standardisation is applied: predict reproduces the trainer's test accuracy
+    accuracy = np.mean([r["prediction"] == r["label"] for r in rows])
+    assert accuracy == pytest.approx(metrics["test"]["top1"])
     other = tmp_path / "other.h5"
     x, y = digits_arrays["test"]
     write_arrays(other, {"test": {"cls": x, "pooled": x, "labels": y}}, [str(i) for i in range(10)], {"model": "another-vit"})
