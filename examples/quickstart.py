@@ -104,8 +104,8 @@ def main() -> None:
               "--out", str(out / "runs" / "knn"), "--quiet")
     featcache("probe", feats, "--train-split", "train", "--val-split", "val", "--test-split", "test",
               "--out", str(out / "runs" / "probe"), "--quiet")
-    featcache("sweep", feats, "--head", "linear", "--lr", "1e-3,1e-2,3e-2", "--wd", "0,1e-2",
-              "--features", "cls,pooled,cls+pooled", "--epochs", "200", "--out", str(out / "runs" / "sweep"),
+    featcache("sweep", feats, "--head", "linear", "--lr", "1e-4,1e-3,1e-2", "--wd", "0,1e-2",
+              "--features", "cls,pooled,cls+pooled", "--epochs", "100", "--out", str(out / "runs" / "sweep"),
               "--quiet")
     featcache("train", feats, "--head", "mixer", "--epochs", "15", "--out", str(out / "runs" / "mixer"), "--quiet")
     featcache("report", str(out / "runs" / "knn"), str(out / "runs" / "probe"), str(out / "runs" / "sweep"),
