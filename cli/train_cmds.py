@@ -63,7 +63,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, **kw):
 
     Example: featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
     """
-    from featcache.train import TrainConfig, train_head
+    from featcache.train import train_head
 
     try:
         t = train_head(features_file, head=head, features=features, lr=lr, weight_decay=weight_decay,

@@ -43,11 +43,9 @@ def nearest_neighbours(train_x: np.ndarray, test_x: np.ndarray, k: int, backend:
 
 
 def _has_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
 
 
 def vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, temperature: float, num_classes: int,

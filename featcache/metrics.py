@@ -107,7 +107,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     out["kappa"] = _kappa(cm)
     out["ece"] = expected_calibration_error(y_true, proba)
     if c == 2:
-        tn, fp, fn, tp = cm[0, 0], cm[0, 1], cm[1, 0], cm[1, 1]
+        tn, fp, fn, tp = cm.ravel()
         out["threshold"] = t
         out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else None
         out["specificity"] = float(tn / (tn + fp)) if tn + fp else None
@@ -130,8 +130,7 @@ def _multilabel_metrics(y: np.ndarray, scores: np.ndarray, classes: Sequence[str
         yj, sj = y[:, j].astype(int), scores[:, j]
         pos, neg = int(yj.sum()), int(n - yj.sum())
         pred = sj >= thresholds[j]
-        tp, fn = int((pred & (yj == 1)).sum()), int((~pred & (yj == 1)).sum())
-        tn, fp = int((~pred & (yj == 0)).sum()), int((pred & (yj == 0)).sum())
+        tp, tn = int((pred & (yj == 1)).sum()), int((~pred & (yj == 0)).sum())
         entry = {"label": names[j], "positives": pos, "threshold": float(thresholds[j]),
                  "sensitivity": tp / pos if pos else None, "specificity": tn / neg if neg else None,
                  "auroc": None, "auprc": None}

@@ -13,7 +13,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.extraction import resolve_device
 from featcache.heads import HeadSpec, build_head, num_params, uses_tokens
 from featcache.store import FeatureStore, read_rows
 
@@ -98,14 +99,6 @@ class Dataset:
     std: torch.Tensor | None = None      # per-feature train std
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for a GPU, but torch sees none; use --device cpu.")
-    return torch.device(device)
-
-
 def load_dataset(store: FeatureStore, cfg: TrainConfig, device: torch.device) -> Dataset:
     """Pick the splits, hold out validation rows when needed, and load (or plan to stream) inputs."""
     if cfg.train_split not in store.splits:
@@ -118,7 +111,6 @@ def load_dataset(store: FeatureStore, cfg: TrainConfig, device: torch.device) ->
     if test_name and test_name not in store.splits:
         raise ValueError(f"no split {test_name!r} to test on; the file has {', '.join(store.splits)}.")
     tokens = uses_tokens(cfg.head)
-    key = "tokens" if tokens else cfg.features
     train_view = store[cfg.train_split]
     if tokens and train_view.tokens is None:
         raise ValueError(f"head {cfg.head!r} reads full tokens, but {store.path.name} has none; extract with "
@@ -282,7 +274,7 @@ class HeadTrainer:
         self.progress = progress
 
     def fit(self, features_file: str | Path | FeatureStore) -> "HeadTrainer":
-        from featcache.metrics import classification_metrics, selection_score
+        from featcache.metrics import selection_score
 
         cfg = self.config
         cfg.check()
@@ -324,13 +316,20 @@ class HeadTrainer:
                 if waited >= cfg.patience:
                     break
         model.load_state_dict(best_state)
-        self.seconds_ = time.perf_counter() - start
+        return self._finish(model, spec, data, history, best_epoch, best, time.perf_counter() - start)
+
+    def _finish(self, model: nn.Module, spec: HeadSpec, data: Dataset, history: list[dict[str, Any]],
+                best_epoch: int, best_score: float, seconds: float) -> "HeadTrainer":
+        """Set the fitted attributes and the val/test metrics of the chosen weights."""
+        from featcache.metrics import classification_metrics
+
+        cfg, store = self.config, data.store
         self.model_, self.spec_, self.history_ = model.eval(), spec, history
-        self.best_epoch_, self.best_score_ = best_epoch, best
+        self.best_epoch_, self.best_score_, self.seconds_ = best_epoch, best_score, seconds
         self.classes_, self.fingerprint_, self.model_name_ = data.classes, store.fingerprint, store.config.get("model")
-        self.num_params_ = num_params(model)
-        self.val_source_ = data.val_source
-        self.streamed_ = data.streamed
+        self.num_params_, self.val_source_, self.streamed_ = num_params(model), data.val_source, data.streamed
+        self.feature_mean_, self.feature_std_ = data.mean, data.std
+        self.features_file_ = str(store.path)
         self.val_metrics_ = classification_metrics(data.val.y.cpu().numpy(),
                                                    predict_proba(model, data, data.val, cfg, data.multilabel),
                                                    classes=data.classes)
@@ -339,8 +338,6 @@ class HeadTrainer:
             self.test_metrics_ = classification_metrics(data.test.y.cpu().numpy(),
                                                         predict_proba(model, data, data.test, cfg, data.multilabel),
                                                         classes=data.classes)
-        self.features_file_ = str(store.path)
-        self.feature_mean_, self.feature_std_ = data.mean, data.std
         return self
 
     def checkpoint(self) -> dict[str, Any]:
@@ -602,29 +599,11 @@ def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module
 def _trainer_from_state(data: Dataset, cfg: TrainConfig, state: dict[str, torch.Tensor],
                         row: dict[str, Any]) -> HeadTrainer:
     """A fitted HeadTrainer around weights that the fused sweep learned (for metrics, save, predict)."""
-    from featcache.metrics import classification_metrics
-
-    device = resolve_device(cfg.device)
-    store = data.store
     spec = HeadSpec("linear", data.in_dim, len(data.classes))
     model = build_head(spec)
     model.load_state_dict(state)
-    model.to(device).eval()
-    t = HeadTrainer(cfg)
-    t.model_, t.spec_, t.history_ = model, spec, []
-    t.best_epoch_, t.best_score_ = row["best_epoch"], row[f"val_{cfg.metric}"]
-    t.classes_, t.fingerprint_, t.model_name_ = data.classes, store.fingerprint, store.config.get("model")
-    t.num_params_, t.val_source_, t.streamed_, t.seconds_ = num_params(model), data.val_source, False, 0.0
-    t.val_metrics_ = classification_metrics(data.val.y.cpu().numpy(), predict_proba(model, data, data.val, cfg, data.multilabel),
-                                            classes=data.classes)
-    t.test_metrics_ = None
-    if data.test is not None and len(data.test.rows):
-        t.test_metrics_ = classification_metrics(data.test.y.cpu().numpy(),
-                                                 predict_proba(model, data, data.test, cfg, data.multilabel),
-                                                 classes=data.classes)
-    t.features_file_ = str(store.path)
-    t.feature_mean_, t.feature_std_ = data.mean, data.std
-    return t
+    model.to(resolve_device(cfg.device))
+    return HeadTrainer(cfg)._finish(model, spec, data, [], row["best_epoch"], row[f"val_{cfg.metric}"], 0.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """Data sources and decoding: layouts, manifests, every awkward image kind, DICOM against pydicom."""
 from __future__ import annotations
 
-import io
-import shutil
 from pathlib import Path
 
 import numpy as np
