@@ -540,7 +540,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "model": cfg.get("model"),
             "revision": cfg.get("revision"),
             "family": cfg.get("family"),
-            "dtype": cfg.get("dtype") or str(store[store.splits[0]].cls.dtype) if store.splits else "n/a",
+            "dtype": str(store[store.splits[0]].cls.dtype) if store.splits else "n/a",
             "fingerprint": store.fingerprint,
             "config": cfg,
             "classes": store.classes,
