@@ -57,26 +57,48 @@ def _metric_rows(val: dict | None, test: dict | None) -> list[dict[str, Any]]:
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--wd", "weight_decay", type=float, default=1e-4, show_default=True, help="Weight decay.")
 @click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Train with seeds --seed, --seed+1, ...; report median ± std of every metric (the first seed's head is saved).")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Bootstrap resamples for 95%% CIs of the test metrics (by group when the file has groups).")
 @recipe_options
-def train(features_file, head, features, lr, weight_decay, optimizer, **kw):
+def train(features_file, head, features, lr, weight_decay, optimizer, repeats, bootstrap, **kw):
     """Train one classifier head on cached features, keeping the best validation epoch.
 
     Example: featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
     """
-    from featcache.train import train_head
+    from featcache.train import train_repeats
 
+    options = dict(features=features, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                   progress=not kw["quiet"], **_recipe(kw))
     try:
-        t = train_head(features_file, head=head, features=features, lr=lr, weight_decay=weight_decay,
-                       optimizer=optimizer, progress=not kw["quiet"], out=kw["out_dir"], **_recipe(kw))
+        trainers, summary = train_repeats(features_file, repeats, head=head, **options)
+        t = trainers[0]
+        if bootstrap:
+            t.add_bootstrap_ci(bootstrap)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if repeats > 1:
+        t.extra_metrics_["repeats"] = summary
+    if kw["out_dir"]:
+        t.save(kw["out_dir"])
     click.echo(f"{head} head, {t.num_params_:,} parameters; best epoch {t.best_epoch_} "
                f"(val {t.config.metric} {t.best_score_:.4f}); validation: {t.val_source_}"
                + ("; tokens streamed from disk" if t.streamed_ else ""))
     rows = _metric_rows(t.val_metrics_, t.test_metrics_)
-    print_table(rows, ["metric", "val", "test"])
+    ci = (t.test_metrics_ or {}).get("ci", {})
+    for row in rows:
+        if row["metric"] in ci:
+            row["test 95% CI"] = f"[{ci[row['metric']][0]:.4f}, {ci[row['metric']][1]:.4f}]"
+    print_table(rows, ["metric", "val", "test"] + (["test 95% CI"] if ci else []),
+                title=f"seed {t.config.seed}" + (f", {bootstrap} bootstrap resamples" if bootstrap else ""))
+    if repeats > 1:
+        split = "test" if "test" in summary else "val"
+        names = ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
+        print_table([{"metric": m, "median": s["median"], "std": s["std"], "runs": len(s["values"])}
+                     for m, s in summary[split].items() if m in names],
+                    title=f"\n{split} over {repeats} seeds ({summary['seeds'][0]}..{summary['seeds'][-1]}): median ± std")
     write_json(kw["json_path"], {"head": head, "num_params": t.num_params_, "best_epoch": t.best_epoch_,
-                                 "val": t.val_metrics_, "test": t.test_metrics_})
+                                 "val": t.val_metrics_, "test": t.test_metrics_,
+                                 **({"repeats": summary} if repeats > 1 else {})})
     if kw["out_dir"]:
         click.echo(f"wrote run directory {kw['out_dir']}")
 

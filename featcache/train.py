@@ -333,12 +333,28 @@ class HeadTrainer:
         self.val_metrics_ = classification_metrics(data.val.y.cpu().numpy(),
                                                    predict_proba(model, data, data.val, cfg, data.multilabel),
                                                    classes=data.classes)
-        self.test_metrics_ = None
+        self.test_metrics_ = self.test_proba_ = self.test_y_ = self.test_groups_ = None
         if data.test is not None and len(data.test.rows):
-            self.test_metrics_ = classification_metrics(data.test.y.cpu().numpy(),
-                                                        predict_proba(model, data, data.test, cfg, data.multilabel),
-                                                        classes=data.classes)
+            self.test_y_ = data.test.y.cpu().numpy()
+            self.test_proba_ = predict_proba(model, data, data.test, cfg, data.multilabel)
+            self.test_groups_ = data.test.groups
+            self.test_metrics_ = classification_metrics(self.test_y_, self.test_proba_, classes=data.classes)
+        self.extra_metrics_: dict[str, Any] = {}
         return self
+
+    def add_bootstrap_ci(self, n_boot: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+        """95 % bootstrap CIs of the test metrics (whole groups resampled when the split has groups),
+        stored under test_metrics_["ci"]."""
+        from featcache.metrics import bootstrap_ci
+
+        if self.test_metrics_ is None:
+            raise ValueError("no test split was evaluated, so there is nothing to bootstrap; give --test-split.")
+        names = [m for m in ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
+                 if self.test_metrics_.get(m) is not None]
+        ci = bootstrap_ci(self.test_y_, self.test_proba_, metrics=names, n_boot=n_boot, groups=self.test_groups_,
+                          seed=seed)
+        self.test_metrics_["ci"] = {k: [lo, hi] for k, (lo, hi) in ci.items()}
+        return ci
 
     def checkpoint(self) -> dict[str, Any]:
         """What predict needs: head spec and weights, recipe, classes, the feature file's identity."""
@@ -359,13 +375,30 @@ class HeadTrainer:
         metrics = {"kind": "train", "head": self.config.head, "num_params": self.num_params_,
                    "best_epoch": self.best_epoch_, f"best_val_{self.config.metric}": self.best_score_,
                    "val_source": self.val_source_, "streamed": self.streamed_, "seconds": self.seconds_,
-                   "val": self.val_metrics_, "test": self.test_metrics_}
+                   "val": self.val_metrics_, "test": self.test_metrics_, **self.extra_metrics_}
         _write_json(out / "config.json", config)
         _write_json(out / "metrics.json", metrics)
         _write_json(out / "history.json", self.history_)
         torch.save(self.checkpoint(), out / "best.pt")
         _figures(out, self.val_metrics_, self.test_metrics_, self.classes_)
         return out
+
+
+def train_repeats(features_file: str | Path, repeats: int, head: str = "linear", **options: Any
+                  ) -> tuple[list[HeadTrainer], dict[str, Any]]:
+    """Train the same recipe with seeds seed, seed+1, ...; median ± std of every metric over them
+    (the Matsoukas et al. protocol for small medical datasets)."""
+    from featcache.metrics import summarize_repeats
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1; got {repeats}.")
+    seed = int(options.pop("seed", 0))
+    trainers = [train_head(features_file, head=head, seed=seed + i, **options) for i in range(repeats)]
+    summary = {"n": repeats, "seeds": [seed + i for i in range(repeats)],
+               "val": summarize_repeats([t.val_metrics_ for t in trainers])}
+    if all(t.test_metrics_ is not None for t in trainers):
+        summary["test"] = summarize_repeats([t.test_metrics_ for t in trainers])
+    return trainers, summary
 
 
 def train_head(features_file: str | Path, head: str = "linear", out: str | Path | None = None,

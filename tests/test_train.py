@@ -173,3 +173,22 @@ def test_binary_predictions_csv(tmp_path):
     assert list(rows[0]) == ["image_path", "probability", "label", "prediction"]
     assert rows[0]["image_path"] == "img0.png" and rows[0]["label"] in ("normal", "pneumonia")
     assert all((float(r["probability"]) >= 0.5) == (r["prediction"] == "pneumonia") for r in rows)
+
+
+def test_cli_train_repeats_and_bootstrap(digits_feature_file, tmp_path):
+    out = tmp_path / "rep.json"
+    r = CliRunner().invoke(cli, ["train", str(digits_feature_file), "--head", "mlp", "--hidden", "16", "--epochs", "4",
+                                 "--repeats", "3", "--seed", "5", "--bootstrap", "200", "--json", str(out),
+                                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "test over 3 seeds (5..7): median ± std" in r.output and "test 95% CI" in r.output
+    data = json.loads(out.read_text())
+    alone = [fc.train_head(digits_feature_file, head="mlp", hidden=16, epochs=4, seed=s).test_metrics_["top1"]
+             for s in (5, 6, 7)]
+    assert data["repeats"]["test"]["top1"]["values"] == pytest.approx(alone)
+    assert data["repeats"]["test"]["top1"]["median"] == pytest.approx(np.median(alone))
+    assert data["repeats"]["test"]["top1"]["std"] == pytest.approx(np.std(alone))
+    low, high = data["test"]["ci"]["top1"]
+    assert low <= data["test"]["top1"] <= high
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["repeats"]["seeds"] == [5, 6, 7] and "ci" in saved["test"]
