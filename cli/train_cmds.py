@@ -59,8 +59,9 @@ def _metric_rows(val: dict | None, test: dict | None) -> list[dict[str, Any]]:
 @click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2).")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Train with seeds --seed, --seed+1, ...; report median ± std of every metric (the first seed's head is saved).")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Bootstrap resamples for 95%% CIs of the test metrics (by group when the file has groups).")
+@click.option("--threshold", default="0.5", show_default=True, help="Binary / multi-label decision threshold, chosen on validation: youden, sensitivity:0.95, or a number.")
 @recipe_options
-def train(features_file, head, features, lr, weight_decay, optimizer, repeats, bootstrap, **kw):
+def train(features_file, head, features, lr, weight_decay, optimizer, repeats, bootstrap, threshold, **kw):
     """Train one classifier head on cached features, keeping the best validation epoch.
 
     Example: featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
@@ -70,8 +71,11 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
     options = dict(features=features, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                    progress=not kw["quiet"], **_recipe(kw))
     try:
-        trainers, summary = train_repeats(features_file, repeats, head=head, **options)
+        trainers, summary = train_repeats(features_file, repeats, head=head, threshold=threshold, **options)
         t = trainers[0]
+        chosen = t.threshold_
+        if chosen is not None and threshold != "0.5":
+            click.echo(f"threshold {threshold} chosen on validation: {chosen if isinstance(chosen, float) else [round(c, 4) for c in chosen]}")
         if bootstrap:
             t.add_bootstrap_ci(bootstrap)
     except (ValueError, FileNotFoundError) as exc:

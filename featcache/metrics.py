@@ -311,7 +311,7 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, metrics: Sequence[str] =
         yb, pb = y_true[idx], proba[idx]
         full = None
         for m in metrics:
-            if m in _SCALARS and y_true.ndim == 1:
+            if m in _SCALARS and y_true.ndim == 1 and threshold is None:
                 v = _SCALARS[m](yb, pb)
             else:
                 with warnings.catch_warnings():

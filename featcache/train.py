@@ -330,9 +330,10 @@ class HeadTrainer:
         self.num_params_, self.val_source_, self.streamed_ = num_params(model), data.val_source, data.streamed
         self.feature_mean_, self.feature_std_ = data.mean, data.std
         self.features_file_ = str(store.path)
-        self.val_metrics_ = classification_metrics(data.val.y.cpu().numpy(),
-                                                   predict_proba(model, data, data.val, cfg, data.multilabel),
-                                                   classes=data.classes)
+        self.val_y_ = data.val.y.cpu().numpy()
+        self.val_proba_ = predict_proba(model, data, data.val, cfg, data.multilabel)
+        self.val_metrics_ = classification_metrics(self.val_y_, self.val_proba_, classes=data.classes)
+        self.threshold_ = None
         self.test_metrics_ = self.test_proba_ = self.test_y_ = self.test_groups_ = None
         if data.test is not None and len(data.test.rows):
             self.test_y_ = data.test.y.cpu().numpy()
@@ -341,6 +342,39 @@ class HeadTrainer:
             self.test_metrics_ = classification_metrics(self.test_y_, self.test_proba_, classes=data.classes)
         self.extra_metrics_: dict[str, Any] = {}
         return self
+
+    def apply_threshold(self, rule: str) -> float | list[float] | None:
+        """Binary and multi-label tasks: pick the decision threshold on validation ("youden",
+        "sensitivity:0.95" or a number), then recompute val and test metrics at it. Multi-label
+        labels each get their own threshold. Multiclass tasks keep the argmax (returns None)."""
+        from featcache.metrics import choose_threshold, classification_metrics
+
+        binary = self.val_proba_.shape[1] == 2 and self.val_y_.ndim == 1
+        if not (binary or self.val_y_.ndim == 2):
+            return None
+        method, _, target = rule.partition(":")
+
+        def pick(y: np.ndarray, scores: np.ndarray) -> float:
+            if method not in ("youden", "sensitivity"):
+                try:
+                    return float(rule)
+                except ValueError:
+                    raise ValueError(f"threshold must be youden, sensitivity:TARGET or a number; got {rule!r}.") from None
+            if y.min() == y.max():
+                return 0.5  # one class only in validation: nothing to tune on
+            return choose_threshold(y, scores, method, float(target) if target else None)
+
+        if binary:
+            t: float | list[float] = pick(self.val_y_, self.val_proba_[:, 1])
+        else:
+            t = [pick(self.val_y_[:, j], self.val_proba_[:, j]) for j in range(self.val_y_.shape[1])]
+        self.threshold_ = t
+        self.val_metrics_ = classification_metrics(self.val_y_, self.val_proba_, classes=self.classes_, threshold=t)
+        if self.test_proba_ is not None:
+            self.test_metrics_ = classification_metrics(self.test_y_, self.test_proba_, classes=self.classes_,
+                                                        threshold=t)
+        self.extra_metrics_["threshold"] = {"rule": rule, "value": t, "chosen_on": "val"}
+        return t
 
     def add_bootstrap_ci(self, n_boot: int, seed: int = 0) -> dict[str, tuple[float, float]]:
         """95 % bootstrap CIs of the test metrics (whole groups resampled when the split has groups),
@@ -352,7 +386,7 @@ class HeadTrainer:
         names = [m for m in ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
                  if self.test_metrics_.get(m) is not None]
         ci = bootstrap_ci(self.test_y_, self.test_proba_, metrics=names, n_boot=n_boot, groups=self.test_groups_,
-                          seed=seed)
+                          seed=seed, threshold=self.threshold_)
         self.test_metrics_["ci"] = {k: [lo, hi] for k, (lo, hi) in ci.items()}
         return ci
 
@@ -384,16 +418,20 @@ class HeadTrainer:
         return out
 
 
-def train_repeats(features_file: str | Path, repeats: int, head: str = "linear", **options: Any
-                  ) -> tuple[list[HeadTrainer], dict[str, Any]]:
+def train_repeats(features_file: str | Path, repeats: int, head: str = "linear", threshold: str | None = None,
+                  **options: Any) -> tuple[list[HeadTrainer], dict[str, Any]]:
     """Train the same recipe with seeds seed, seed+1, ...; median ± std of every metric over them
-    (the Matsoukas et al. protocol for small medical datasets)."""
+    (the Matsoukas et al. protocol for small medical datasets). Each seed picks its own
+    validation threshold with the same rule."""
     from featcache.metrics import summarize_repeats
 
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1; got {repeats}.")
     seed = int(options.pop("seed", 0))
     trainers = [train_head(features_file, head=head, seed=seed + i, **options) for i in range(repeats)]
+    if threshold is not None:
+        for t in trainers:
+            t.apply_threshold(threshold)
     summary = {"n": repeats, "seeds": [seed + i for i in range(repeats)],
                "val": summarize_repeats([t.val_metrics_ for t in trainers])}
     if all(t.test_metrics_ is not None for t in trainers):

@@ -192,3 +192,22 @@ def test_cli_train_repeats_and_bootstrap(digits_feature_file, tmp_path):
     assert low <= data["test"]["top1"] <= high
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["repeats"]["seeds"] == [5, 6, 7] and "ci" in saved["test"]
+
+
+def test_threshold_chosen_on_validation_is_applied_to_test(tmp_path):
+    from featcache.metrics import choose_threshold, classification_metrics
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(600) < 0.2).astype(int)
+    x = (rng.normal(size=(600, 5)) + y[:, None] * 0.8).astype(np.float32)
+    path = tmp_path / "thr.h5"
+    write_arrays(path, {"train": {"cls": x[:400], "labels": y[:400]}, "val": {"cls": x[400:500], "labels": y[400:500]},
+                        "test": {"cls": x[500:], "labels": y[500:]}}, ["normal", "disease"], {"model": "t"})
+    t = fc.train_head(path, lr=1e-2, epochs=10)
+    chosen = t.apply_threshold("sensitivity:0.9")
+    assert chosen == pytest.approx(choose_threshold(t.val_y_, t.val_proba_[:, 1], "sensitivity", 0.9))
+    assert t.val_metrics_["sensitivity"] >= 0.9 and t.test_metrics_["threshold"] == chosen
+    ref = classification_metrics(t.test_y_, t.test_proba_, threshold=chosen)
+    assert t.test_metrics_["specificity"] == pytest.approx(ref["specificity"])
+    r = CliRunner().invoke(cli, ["train", str(path), "--epochs", "10", "--lr", "1e-2", "--threshold", "youden", "--quiet"])
+    assert r.exit_code == 0 and "threshold youden chosen on validation" in r.output
