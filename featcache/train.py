@@ -414,7 +414,10 @@ class HeadTrainer:
         _write_json(out / "metrics.json", metrics)
         _write_json(out / "history.json", self.history_)
         torch.save(self.checkpoint(), out / "best.pt")
-        _figures(out, self.val_metrics_, self.test_metrics_, self.classes_)
+        if self.test_proba_ is not None:
+            _figures(out, self.test_metrics_, self.test_y_, self.test_proba_, self.classes_, self.threshold_)
+        else:
+            _figures(out, self.val_metrics_, self.val_y_, self.val_proba_, self.classes_, self.threshold_)
         return out
 
 
@@ -771,14 +774,17 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(clean(obj), indent=2, default=default) + "\n")
 
 
-def _figures(out: Path, val: dict | None, test: dict | None, classes: list[str]) -> None:
-    """Confusion matrix of the test (else val) split."""
-    block = test or val
-    if not block or "confusion_matrix" not in block:
-        return
-    try:
-        from featcache.plots import confusion_matrix_plot
+def _figures(out: Path, metrics: dict, y: np.ndarray, proba: np.ndarray, classes: list[str],
+             threshold: float | list[float] | None) -> None:
+    """Figures of the evaluated split: confusion matrix, ROC/PR with the operating point (binary and
+    multi-label), reliability diagram."""
+    from featcache import plots
 
-        confusion_matrix_plot(block["confusion_matrix"], classes, out / "figures" / "confusion_matrix")
-    except (ImportError, ValueError):
-        pass
+    fig = out / "figures"
+    if "confusion_matrix" in metrics:
+        plots.confusion_matrix_plot(metrics["confusion_matrix"], classes, fig / "confusion_matrix")
+    if y.ndim == 2 or proba.shape[1] == 2:
+        t = threshold if isinstance(threshold, float) else (0.5 if y.ndim == 1 else None)
+        plots.roc_pr_plot(y, proba, fig / "roc_pr", classes=classes, threshold=t)
+    if y.ndim == 1:
+        plots.calibration_plot(y, proba, fig / "calibration")

@@ -167,6 +167,8 @@ def test_binary_predictions_csv(tmp_path):
                         "test": {"cls": x[100:], "labels": y[100:], "paths": [f"img{i}.png" for i in range(20)]}},
                  ["normal", "pneumonia"], {"model": "b"})
     fc.train_head(path, epochs=10, out=tmp_path / "run")
+    for fig in ("confusion_matrix", "roc_pr", "calibration"):
+        assert (tmp_path / "run" / "figures" / f"{fig}.png").stat().st_size > 0
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
