@@ -1,14 +1,15 @@
 """The click group every command module registers on, and the output helpers they share."""
 from __future__ import annotations
 
-import json
-import math
+import functools
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 
 import featcache
+from featcache.report import format_cell
+from featcache.runs import write_json as _write_json
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,65 +22,143 @@ def cli() -> None:
     """
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:.4f}"
-    return str(value)
+# ----------------------------------------------------------------------------------------------
+# option types and shared options
+# ----------------------------------------------------------------------------------------------
+
+class CommaList(click.ParamType):
+    """A comma-separated list of one type ("1e-3,1e-2"); a bad item is a usage error naming the option."""
+
+    name = "list"
+
+    def __init__(self, cast: type = str, choices: Sequence[str] | None = None, minimum: float | None = None):
+        self.cast, self.choices, self.minimum = cast, choices, minimum
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list:
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail(f"expected comma-separated {self.cast.__name__} values; got {value!r}", param, ctx)
+        try:
+            out = [self.cast(v) for v in items]
+        except ValueError:
+            self.fail(f"expected comma-separated {self.cast.__name__} values; got {value!r}", param, ctx)
+        if self.choices is not None:
+            bad = [v for v in out if v not in self.choices]
+            if bad:
+                self.fail(f"{', '.join(map(str, bad))} not among {', '.join(self.choices)}", param, ctx)
+        if self.minimum is not None and any(v < self.minimum for v in out):
+            self.fail(f"every value must be at least {self.minimum:g}; got {value!r}", param, ctx)
+        return out
+
+
+class ThresholdRule(click.ParamType):
+    """youden, sensitivity:TARGET or a number in (0, 1)."""
+
+    name = "rule"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        text = str(value).strip()
+        method, _, target = text.partition(":")
+        try:
+            if method == "youden" and not target:
+                return text
+            if method == "sensitivity" and 0 < float(target) <= 1:
+                return text
+            if not target and 0 < float(text) < 1:
+                return text
+        except ValueError:
+            pass
+        self.fail(f"expected youden, sensitivity:TARGET (e.g. sensitivity:0.95) or a number in (0, 1); got {value!r}",
+                  param, ctx)
+
+
+def json_option(fn: Callable) -> Callable:
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+                        help="Write the printed numbers as JSON to this file ('-' for standard output; the "
+                             "tables then go to standard error).")(fn)
+
+
+def quiet_option(fn: Callable) -> Callable:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes: results only.")(fn)
+
+
+def positive_option(fn: Callable) -> Callable:
+    return click.option("--positive-class", default=None, metavar="NAME",
+                        help="Binary tasks: the class sensitivity, AUROC, AUPRC and the threshold are about "
+                             "[default: the train split's minority class].")(fn)
+
+
+def library_errors(fn: Callable) -> Callable:
+    """Turn the library's user-facing errors into one-line click errors (exit 1), never tracebacks."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as exc:
+            if isinstance(exc, click.ClickException):
+                raise
+            text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise click.ClickException(text.strip()) from exc
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------
+
+class Console:
+    """Where a command's human output goes: stdout, or stderr when --json - takes stdout; notes are
+    dropped with --quiet, warnings never are."""
+
+    def __init__(self, quiet: bool = False, json_path: str | None = None):
+        self.quiet = quiet
+        self.err = json_path == "-"
+
+    def echo(self, text: str = "") -> None:
+        click.echo(text, err=self.err)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(text, err=self.err)
+
+    def warn(self, text: str) -> None:
+        click.echo(f"warning: {text}", err=True)
+
+    def table(self, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+              title: str | None = None) -> None:
+        print_table(rows, columns, title, err=self.err)
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-                title: str | None = None) -> None:
-    """Print rows as an aligned plain-text table (floats to 4 places, None as n/a)."""
+                title: str | None = None, err: bool = False) -> None:
+    """Print rows as an aligned plain-text table (numbers as report.format_cell writes them)."""
+    if title:
+        click.echo(title, err=err)
     if not rows:
-        click.echo("(no rows)")
+        click.echo("(no rows)", err=err)
         return
     columns = list(columns or rows[0].keys())
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    cells = [[format_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    if title:
-        click.echo(title)
-    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    click.echo("  ".join("-" * w for w in widths))
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)), err=err)
+    click.echo("  ".join("-" * w for w in widths), err=err)
     for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)), err=err)
 
 
 def write_json(path: str | Path | None, obj: Any) -> None:
-    """Write obj as JSON to path (numpy values converted, NaN as null); no-op when path is None."""
+    """Write obj as JSON (runs.write_json: numpy converted, NaN as null); '-' is stdout; None: nothing."""
     if path is None:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-    click.echo(f"wrote {path}")
+    _write_json(path, obj)
+    if str(path) != "-":
+        click.echo(f"wrote {path}", err=True)
 
 
-def parse_csv(value: str, cast: type = str) -> list:
-    """Split a comma-separated option value ("1e-3,1e-2") into typed items, with a clear error."""
-    items = [v.strip() for v in str(value).split(",") if v.strip()]
-    try:
-        return [cast(v) for v in items]
-    except ValueError as exc:
-        raise click.BadParameter(f"expected comma-separated {cast.__name__} values, got {value!r}") from exc
+def echo_notes(console: Console, notes: Sequence[str]) -> None:
+    """Print library warnings and notes (leakage, convergence, bootstrap drops) as warnings."""
+    for n in notes:
+        console.warn(n)
+

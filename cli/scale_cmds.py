@@ -21,7 +21,7 @@ def bench(models, device, runs, batch_size, amp, image_size, json_path):
     """
     from featcache.backbones import BackboneError
     from featcache.bench import bench_model
-    from featcache.extraction import resolve_device
+    from featcache.devices import resolve_device
 
     try:
         dev = resolve_device(device)

@@ -6,7 +6,16 @@ from typing import Any, Callable
 
 import click
 
-from featcache_cli.app import cli, parse_csv, print_table, write_json
+from featcache.heads import HEAD_NAMES
+from featcache.metrics import SELECTION_METRICS
+from featcache.prediction import describe_head, predict as run_predict, write_predictions_csv
+from featcache.store import FEATURE_KINDS
+from featcache.sweeping import sweep as run_sweep
+from featcache.train import BALANCE, OPTIMIZERS, train_repeats
+from featcache_cli.app import (CommaList, Console, ThresholdRule, cli, echo_notes, json_option, library_errors,
+                               positive_option, quiet_option, write_json)
+
+_SHOWN = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity", "specificity", "ece")
 
 
 def recipe_options(fn: Callable) -> Callable:
@@ -15,147 +24,160 @@ def recipe_options(fn: Callable) -> Callable:
         click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="Upper bound on epochs; early stopping usually ends sooner."),
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per step."),
         click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs without a better validation score before stopping."),
-        click.option("--metric", type=click.Choice(["accuracy", "balanced_accuracy", "auroc", "loss"]), default="accuracy", show_default=True, help="Validation metric for early stopping and for ranking a sweep."),
-        click.option("--balance", type=click.Choice(["weights", "sampler", "none"]), default="weights", show_default=True, help="Imbalanced data: class-weighted loss, class-balanced batches (as the seeds), or nothing."),
+        click.option("--metric", type=click.Choice(SELECTION_METRICS), default="accuracy", show_default=True, help="Validation metric for early stopping and for ranking a sweep."),
+        click.option("--balance", type=click.Choice(BALANCE), default="weights", show_default=True, help="Imbalanced data: class-weighted loss, class-balanced batches (as the seeds), or nothing."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, batch order and the held-out validation rows."),
         click.option("--train-split", default="train", show_default=True, help="Split to fit on."),
         click.option("--val-split", default=None, help="Validation split. Default: 'val' when the file has it, else --val-fraction of train held out (by group when the file has groups)."),
         click.option("--test-split", default=None, help="Test split. Default: 'test' when the file has it."),
-        click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Share of train held out when there is no validation split."),
-        click.option("--hidden", type=int, default=512, show_default=True, help="mlp head: hidden width."),
-        click.option("--dropout", type=float, default=0.1, show_default=True, help="mlp / attn heads: dropout."),
-        click.option("--standardize/--no-standardize", default=True, show_default=True, help="z-score each feature with the train split's mean and std (stored in the checkpoint; predict applies it)."),
-        click.option("--max-memory-gb", type=float, default=4.0, show_default=True, help="Token caches bigger than this are streamed from disk by contiguous blocks."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of train held out when there is no validation split."),
+        click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp head: hidden width."),
+        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="mlp / attn heads: dropout."),
+        click.option("--standardize/--no-standardize", default=True, show_default=True, help="z-score each feature with the train split's mean and std (saved with the head; predict applies it)."),
+        click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True, help="Token caches bigger than this are streamed from disk by contiguous blocks."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
-        click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the printed numbers as JSON."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run directory: config.json, metrics.json, history.json, best.pt, figures/."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+        click.option("--threshold", type=ThresholdRule(), default="0.5", show_default=True, help="Binary / multi-label decision threshold: a number, or youden / sensitivity:0.95 chosen on validation. Saved with the head; predict applies it."),
+        positive_option,
+        json_option,
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run directory: config.json, metrics.json, history.json, head.safetensors + head.json, figures/."),
+        quiet_option,
     ]
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
 
 
 def _recipe(kw: dict[str, Any]) -> dict[str, Any]:
     keys = ("epochs", "batch_size", "patience", "metric", "balance", "seed", "train_split", "val_split",
-            "test_split", "val_fraction", "hidden", "dropout", "standardize", "max_memory_gb", "device")
+            "test_split", "val_fraction", "hidden", "dropout", "standardize", "max_memory_gb", "device",
+            "positive_class")
     return {k: kw[k] for k in keys}
 
 
 def _metric_rows(val: dict | None, test: dict | None) -> list[dict[str, Any]]:
-    names = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity", "specificity", "ece")
     rows = []
-    for name in names:
+    ci = (test or {}).get("ci") or {}
+    for name in _SHOWN:
         v, t = (val or {}).get(name), (test or {}).get(name)
         if v is not None or t is not None:
-            rows.append({"metric": name, "val": v, "test": t})
+            row = {"metric": name, "val": v, "test": t}
+            if ci:
+                row["test 95% CI"] = f"[{ci[name][0]:.4f}, {ci[name][1]:.4f}]" if name in ci else ""
+            rows.append(row)
     return rows
+
+
+def _decision_line(t: Any) -> str:
+    """', positive class X at threshold T' for binary heads; '' otherwise."""
+    if t.positive_ is None:
+        return ""
+    thr = t.threshold_ if t.threshold_ is not None else 0.5
+    return f"; positive class {t.classes_[t.positive_]}, threshold {thr:.4g}" + (
+        f" ({t.threshold_rule_}, chosen on validation)" if t.threshold_rule_ and t.threshold_ is not None else "")
 
 
 @cli.command()
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
-@click.option("--head", type=click.Choice(["linear", "mlp", "mixer", "attn"]), default="linear", show_default=True, help="linear / mlp on cls or pooled; mixer (the seeds' token mixer) / attn (attention pooling) on full tokens.")
-@click.option("--features", type=click.Choice(["cls", "pooled", "cls+pooled"]), default="cls", show_default=True, help="Input of linear / mlp heads.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
-@click.option("--wd", "weight_decay", type=float, default=1e-4, show_default=True, help="Weight decay.")
-@click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2).")
+@click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="linear / mlp on cls or pooled; mixer (the seeds' token mixer) / attn (attention pooling) on full tokens.")
+@click.option("--features", type=click.Choice(FEATURE_KINDS), default=None, help="Input of linear / mlp heads [default: cls]. Token heads read the full tokens and refuse it.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--wd", "weight_decay", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Weight decay.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2).")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Train with seeds --seed, --seed+1, ...; report median ± std of every metric (the first seed's head is saved).")
-@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Bootstrap resamples for 95%% CIs of the test metrics (by group when the file has groups).")
-@click.option("--threshold", default="0.5", show_default=True, help="Binary / multi-label decision threshold, chosen on validation: youden, sensitivity:0.95, or a number.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Bootstrap resamples for 95% CIs of the test metrics (by group when the file has groups).")
 @recipe_options
+@library_errors
 def train(features_file, head, features, lr, weight_decay, optimizer, repeats, bootstrap, threshold, **kw):
     """Train one classifier head on cached features, keeping the best validation epoch.
 
     Example: featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
     """
-    from featcache.train import train_repeats
+    from featcache.heads import uses_tokens
 
-    options = dict(features=features, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+    console = Console(kw["quiet"], kw["json_path"])
+    if features is not None and uses_tokens(head):
+        raise click.BadParameter(f"head {head!r} reads the full token sequence; --features applies to linear and "
+                                 f"mlp heads only.", param_hint="--features")
+    options = dict(features=features or "cls", lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                    progress=not kw["quiet"], **_recipe(kw))
-    try:
-        trainers, summary = train_repeats(features_file, repeats, head=head, threshold=threshold, **options)
-        t = trainers[0]
-        chosen = t.threshold_
-        if chosen is not None and threshold != "0.5":
-            click.echo(f"threshold {threshold} chosen on validation: {chosen if isinstance(chosen, float) else [round(c, 4) for c in chosen]}")
-        if bootstrap:
-            t.add_bootstrap_ci(bootstrap)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    trainers, summary = train_repeats(features_file, repeats, head=head, threshold=threshold, **options)
+    t = trainers[0]
+    if bootstrap:
+        t.add_bootstrap_ci(bootstrap)
     if repeats > 1:
         t.extra_metrics_["repeats"] = summary
-    if kw["out_dir"]:
-        t.save(kw["out_dir"])
-    click.echo(f"{head} head, {t.num_params_:,} parameters; best epoch {t.best_epoch_} "
-               f"(val {t.config.metric} {t.best_score_:.4f}); validation: {t.val_source_}"
-               + ("; tokens streamed from disk" if t.streamed_ else ""))
+    notes = t.notes_ + (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", [])
+    echo_notes(console, notes)
+    if t.threshold_rule_ and t.threshold_ is not None:
+        value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
+        console.echo(f"threshold {t.threshold_rule_} chosen on validation: {value}")
+    console.echo(f"{head} head, {t.num_params_:,} parameters; best epoch {t.best_epoch_} "
+                 f"(val {t.config.metric} {t.best_score_:.4f}); validation: {t.val_source_}"
+                 + ("; tokens streamed from disk" if t.streamed_ else "") + _decision_line(t))
     rows = _metric_rows(t.val_metrics_, t.test_metrics_)
-    ci = (t.test_metrics_ or {}).get("ci", {})
-    for row in rows:
-        if row["metric"] in ci:
-            row["test 95% CI"] = f"[{ci[row['metric']][0]:.4f}, {ci[row['metric']][1]:.4f}]"
-    print_table(rows, ["metric", "val", "test"] + (["test 95% CI"] if ci else []),
-                title=f"seed {t.config.seed}" + (f", {bootstrap} bootstrap resamples" if bootstrap else ""))
+    console.table(rows, title=f"seed {t.config.seed}" + (f", {bootstrap} bootstrap resamples" if bootstrap else ""))
     if repeats > 1:
         split = "test" if "test" in summary else "val"
-        names = ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
-        print_table([{"metric": m, "median": s["median"], "std": s["std"], "runs": len(s["values"])}
-                     for m, s in summary[split].items() if m in names],
-                    title=f"\n{split} over {repeats} seeds ({summary['seeds'][0]}..{summary['seeds'][-1]}): median ± std")
-    write_json(kw["json_path"], {"head": head, "num_params": t.num_params_, "best_epoch": t.best_epoch_,
-                                 "val": t.val_metrics_, "test": t.test_metrics_,
-                                 **({"repeats": summary} if repeats > 1 else {})})
+        console.table([{"metric": m, "median": s["median"], "std": s["std"], "runs": len(s["values"])}
+                       for m, s in summary[split].items() if m in _SHOWN],
+                      title=f"\n{split} over {repeats} seeds ({summary['seeds'][0]}..{summary['seeds'][-1]}): median ± std")
+    write_json(kw["json_path"], t.run_metrics())
     if kw["out_dir"]:
-        click.echo(f"wrote run directory {kw['out_dir']}")
+        t.save(kw["out_dir"])
+        console.note(f"wrote run directory {kw['out_dir']}")
 
 
 @cli.command()
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
-@click.option("--head", type=click.Choice(["linear", "mlp", "mixer", "attn"]), default="linear", show_default=True, help="Head to sweep; linear heads train all together as one batched model.")
-@click.option("--lr", "lrs", default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="Learning rates, comma-separated.")
-@click.option("--wd", "wds", default="0,1e-4,1e-2", show_default=True, help="Weight decays, comma-separated.")
-@click.option("--features", "feature_list", default="cls", show_default=True, help="Feature choices, comma-separated: cls, pooled, cls+pooled.")
+@click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="Head to sweep; linear heads train all together as one batched model.")
+@click.option("--lr", "lrs", type=CommaList(float, minimum=1e-12), default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="Learning rates, comma-separated.")
+@click.option("--wd", "wds", type=CommaList(float, minimum=0), default="0,1e-4,1e-2", show_default=True, help="Weight decays, comma-separated.")
+@click.option("--features", "feature_list", type=CommaList(str, choices=FEATURE_KINDS), default="cls", show_default=True, help=f"Feature choices, comma-separated: {', '.join(FEATURE_KINDS)}.")
 @recipe_options
-def sweep(features_file, head, lrs, wds, feature_list, **kw):
+@library_errors
+def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
     """Train a grid of heads at once and rank them on validation; test metrics for the best only.
 
     Example: featcache sweep feats.h5 --lr 1e-4,3e-4,1e-3,3e-3 --wd 0,1e-4,1e-2 --features cls,pooled,cls+pooled
     """
-    from featcache.train import sweep as run_sweep
-
-    try:
-        result = run_sweep(features_file, head=head, lrs=parse_csv(lrs, float), weight_decays=parse_csv(wds, float),
-                           features=parse_csv(feature_list), progress=not kw["quiet"], out=kw["out_dir"], **_recipe(kw))
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    console = Console(kw["quiet"], kw["json_path"])
+    result = run_sweep(features_file, head=head, lrs=lrs, weight_decays=wds, features=feature_list,
+                       progress=not kw["quiet"], out=kw["out_dir"], threshold=threshold, **_recipe(kw))
     metric = f"val_{kw['metric']}"
-    print_table(result.leaderboard, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
-                title=f"{len(result.leaderboard)} {head} heads in {result.seconds:.1f}s "
-                      f"({'one batched model' if result.fused else 'one after another'}), ranked by {metric}")
     t = result.trainer
-    click.echo(f"\nbest: features {result.best['features']}, lr {result.best['lr']:g}, wd {result.best['weight_decay']:g} "
-               f"(chosen on validation; test shown for it alone)")
-    print_table(_metric_rows(t.val_metrics_, t.test_metrics_), ["metric", "val", "test"])
+    echo_notes(console, result.notes + t.notes_)
+    console.table(result.leaderboard, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
+                  title=f"{len(result.leaderboard)} {head} heads in {result.seconds:.1f}s "
+                        f"({'one batched model' if result.fused else 'one after another'}), ranked by {metric}")
+    console.echo(f"\nbest: features {result.best['features']}, lr {result.best['lr']:g}, wd "
+                 f"{result.best['weight_decay']:g} (chosen on validation; test shown for it alone){_decision_line(t)}")
+    console.table(_metric_rows(t.val_metrics_, t.test_metrics_))
     write_json(kw["json_path"], {"leaderboard": result.leaderboard, "best": result.best, "val": t.val_metrics_,
-                                 "test": t.test_metrics_, "seconds": result.seconds, "fused": result.fused})
+                                 "test": t.test_metrics_, "seconds": result.seconds, "fused": result.fused,
+                                 "notes": result.notes + t.notes_})
     if kw["out_dir"]:
-        click.echo(f"wrote run directory {kw['out_dir']}")
+        console.note(f"wrote run directory {kw['out_dir']}")
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True))
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default="test", show_default=True, help="Split to predict.")
-@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to write: image_path, probability (or prob_<class>), label, prediction.")
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Binary tasks: decision threshold on P(second class).")
-def predict(run_dir, features_file, split, out_csv, threshold):
-    """Predictions of a trained head on a feature file of the same backbone and preprocessing.
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to write: image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Binary / multi-label decision threshold [default: the one saved with the head (chosen on validation), else 0.5].")
+@positive_option
+@quiet_option
+@library_errors
+def predict(run_dir, features_file, split, out_csv, threshold, positive_class, quiet):
+    """Predictions of a trained head or probe on a feature file of the same backbone and preprocessing.
 
     Example: featcache predict runs/linear feats.h5 --split test --out preds.csv
     """
-    from featcache.train import predict as run_predict, write_predictions_csv
-
-    try:
-        pred = run_predict(run_dir, features_file, split)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    write_predictions_csv(pred, out_csv, threshold)
-    click.echo(f"wrote {len(pred['paths'])} predictions to {out_csv}")
+    pred = run_predict(run_dir, features_file, split, threshold=threshold, positive_class=positive_class)
+    write_predictions_csv(pred, out_csv)
+    console = Console(quiet)
+    console.note(describe_head(run_dir))
+    rule = ""
+    if pred.positive is not None:
+        rule = f" (positive class {pred.classes[pred.positive]}, threshold {pred.threshold:.4g}: {pred.threshold_source})"
+    elif pred.multilabel:
+        rule = f" (thresholds: {pred.threshold_source})"
+    click.echo(f"wrote {len(pred.paths)} predictions to {out_csv}{rule}")

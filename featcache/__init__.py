@@ -1,6 +1,6 @@
 """featcache: extract frozen vision-backbone features once, evaluate heads in seconds.
 
-The public API (pinned in DESIGN.md) is imported lazily so that ``import featcache`` stays
+The public API (pinned in docs/architecture.md) is imported lazily so that ``import featcache`` stays
 cheap: torch and transformers load only when a function that needs them is called.
 """
 from __future__ import annotations
@@ -20,7 +20,11 @@ _LAZY = {
     "logistic_probe": ("featcache.probe", "logistic_probe"),
     "LogisticProbe": ("featcache.probe", "LogisticProbe"),
     "train_head": ("featcache.train", "train_head"),
-    "sweep": ("featcache.train", "sweep"),
+    "sweep": ("featcache.sweeping", "sweep"),
+    "predict": ("featcache.prediction", "predict"),
+    "run_knn": ("featcache.evaluation", "run_knn"),
+    "run_probe": ("featcache.evaluation", "run_probe"),
+    "load_run": ("featcache.runs", "load_run"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

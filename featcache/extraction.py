@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from featcache.devices import resolve_device
 from featcache.backbones import Backbone, load_backbone, set_processor_size
 from featcache.store import FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
 from featcache.tokens import TokenPlan, apply_token_mode, native_input_size, plan_tokens
@@ -78,22 +79,6 @@ class ExtractSummary:
     @property
     def images_per_second(self) -> float:
         return self.rows_computed / self.seconds if self.seconds > 0 else float("nan")
-
-
-def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
-    """'auto' -> cuda when available, else cpu; refuse cuda on a machine without a GPU.
-
-    Under torchrun each rank takes the GPU of its LOCAL_RANK.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and local_rank is not None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', local_rank)) % max(1, torch.cuda.device_count())}"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for a GPU, but torch sees none on this machine; "
-                         f"use --device cpu or auto.")
-    return dev
 
 
 def default_workers() -> int:

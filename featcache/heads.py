@@ -87,6 +87,9 @@ HEADS: dict[str, tuple[Callable[[HeadSpec], nn.Module], bool]] = {
 }
 
 
+HEAD_NAMES = tuple(HEADS)
+
+
 def uses_tokens(kind: str) -> bool:
     """True for heads that read the full token sequence rather than cls/pooled vectors."""
     _check(kind)

@@ -13,6 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from featcache.metrics import _auroc, _balanced_accuracy, _topk_accuracy, classification_metrics, decide
+from featcache.store import check_finite
+
 DEFAULT_KS = (10, 20, 100, 200)
 BACKENDS = ("auto", "torch", "faiss")
 
@@ -52,11 +55,16 @@ def vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, temperature: fl
          weighting: str = "distance") -> np.ndarray:
     """Class scores (N, C) from the first k neighbours, normalised to sum to one per row.
 
+    Weights are exp((sim - max sim) / T): shifting by each row's largest similarity cancels in the
+    normalisation but keeps exp finite at any T (exp(1 / 0.001) overflows float32 and even float64).
     neighbour_labels is (N, kmax) class indices, or (N, kmax, C) 0/1 rows for multi-label data
     (scores are then the similarity-weighted share of positive neighbours per label).
     """
-    w = torch.as_tensor(np.exp(sims[:, :k] / temperature) if weighting == "distance" else np.ones_like(sims[:, :k]),
-                        dtype=torch.float64)
+    s = torch.as_tensor(np.asarray(sims[:, :k]), dtype=torch.float64)
+    if weighting == "distance":
+        w = torch.exp((s - s.max(dim=1, keepdim=True).values) / temperature)
+    else:
+        w = torch.ones_like(s)
     if neighbour_labels.ndim == 3:
         votes = torch.einsum("nk,nkc->nc", w, torch.as_tensor(neighbour_labels[:, :k], dtype=torch.float64))
     else:
@@ -68,16 +76,18 @@ def vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, temperature: fl
 def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
              ks: Sequence[int] = DEFAULT_KS, temperature: float | Sequence[float] = 0.07, *,
              weighting: str = "distance", num_classes: int | None = None, backend: str = "auto",
-             chunk_size: int = 1024, device: str | None = None, return_proba: bool = False) -> dict:
+             chunk_size: int = 1024, device: str | None = None, return_proba: bool = False,
+             positive: int | None = None) -> dict:
     """k-NN accuracy of frozen features (pinned API): {k: {"top1", "top5", "balanced_accuracy", ...}}.
 
     One temperature gives {k: metrics}; several give {T: {k: metrics}}. Fractions in [0, 1].
     top5 is None with five classes or fewer (not applicable, never a trivial 100 %). A k larger
     than the training set is capped with a warning; "k_used" says what was used. Binary data also
     gets AUROC; multi-label data (train_y of shape (N, C)) gets macro/micro AUROC and AUPRC.
-    With return_proba, each k's metrics carry the class scores under "proba".
+    With return_proba, each k's metrics carry the class scores under "proba". Decisions follow
+    metrics.decide (binary: P(positive) >= 0.5, `positive` defaulting to class 1; multiclass:
+    argmax, lowest index on ties); top-5 orders ties as scikit-learn's top_k_accuracy_score.
     """
-    from featcache.metrics import _auroc, _balanced_accuracy, _topk_accuracy, classification_metrics
 
     if weighting not in ("distance", "uniform"):
         raise ValueError(f"weighting must be 'distance' or 'uniform'; got {weighting!r}.")
@@ -90,6 +100,12 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"k must be positive integers; got {ks}.")
+    temps = [float(temperature)] if np.isscalar(temperature) else [float(t) for t in temperature]
+    if not temps or min(temps) <= 0 or not all(np.isfinite(temps)):
+        raise ValueError(f"the temperature T must be a positive number (DINO uses 0.07); got {temperature!r}.")
+    train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
+    check_finite(train_x, "the neighbours' features")
+    check_finite(test_x, "the evaluated features")
     n_train = len(train_y)
     if ks[-1] > n_train:
         warnings.warn(f"k = {', '.join(str(k) for k in ks if k > n_train)} exceeds the {n_train} training rows; "
@@ -99,7 +115,6 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     kmax = min(ks[-1], n_train)
     sims, idx = nearest_neighbours(train_x, test_x, kmax, backend, chunk_size, device)
     labels = train_y[idx]
-    temps = [float(temperature)] if np.isscalar(temperature) else [float(t) for t in temperature]
     results: dict[float, dict[int, dict[str, Any]]] = {}
     for t in temps:
         per_k = {}
@@ -110,12 +125,12 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
                 full = classification_metrics(test_y, proba)
                 row = {key: full[key] for key in ("auroc", "micro_auroc", "auprc", "micro_auprc", "subset_accuracy")}
             else:
-                pred = proba.argmax(1)
+                pred = decide(proba, positive=positive)
                 row = {"top1": float(np.mean(pred == test_y)),
                        "top5": _topk_accuracy(test_y, proba, 5) if c > 5 else None,
                        "balanced_accuracy": _balanced_accuracy(test_y, pred)}
                 if c == 2:
-                    row["auroc"] = _auroc(test_y, proba)[0]
+                    row["auroc"] = _auroc(test_y, proba, positive)[0]
             row.update({"k_used": used, "temperature": t, "weighting": weighting, "n_eval": int(len(test_y))})
             if return_proba:
                 row["proba"] = proba

@@ -8,12 +8,54 @@ never a crash and never a misleading 100 %.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 SELECTION_METRICS = ("accuracy", "balanced_accuracy", "auroc", "loss")
-ECE_BINS = 15
+ECE_BINS = 15          # one bin count for metrics.json's ECE and the reliability diagram
+DEFAULT_THRESHOLD = 0.5
+BOOTSTRAP_WARN_DROPPED = 0.05  # warn when more than this share of resamples leave a metric undefined
+
+
+# ------------------------------------------------------------------------------------------------
+# decisions: one rule everywhere (tables, metrics.json, bootstrap, predict CSV)
+# ------------------------------------------------------------------------------------------------
+
+def resolve_positive(classes: Sequence[str], train_labels: np.ndarray, name: str | None = None) -> int | None:
+    """Index of a binary task's positive class: `name` when given, else the training split's
+    minority class (ties: the second class). None for tasks that are not binary."""
+    if len(classes) != 2:
+        if name is not None:
+            raise ValueError(f"--positive-class applies to binary tasks; this one has {len(classes)} classes.")
+        return None
+    if name is not None:
+        if name not in classes:
+            raise ValueError(f"--positive-class {name!r} is not a class of this file; its classes are "
+                             f"{', '.join(classes)}.")
+        return list(classes).index(name)
+    y = np.asarray(train_labels)
+    counts = np.bincount(y[y >= 0].astype(np.int64), minlength=2)
+    return 0 if counts[0] < counts[1] else 1
+
+
+def decide(proba: np.ndarray, threshold: float | Sequence[float] | None = None, positive: int | None = None,
+           multilabel: bool = False) -> np.ndarray:
+    """Predicted class per row, by featcache's one tie rule.
+
+    Binary: the positive class when P(positive) >= threshold (default 0.5), so a probability of
+    exactly 0.5 goes to the positive class. Multi-label: each label positive when its probability
+    >= its threshold. Multiclass: argmax, the lowest class index among equal probabilities."""
+    proba = np.asarray(proba, dtype=np.float64)
+    if multilabel:
+        t = DEFAULT_THRESHOLD if threshold is None else np.asarray(threshold, dtype=np.float64)
+        return (proba >= t).astype(np.uint8)
+    if proba.shape[1] == 2:
+        pos = 1 if positive is None else int(positive)
+        t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        return np.where(proba[:, pos] >= t, pos, 1 - pos).astype(np.int64)
+    return proba.argmax(axis=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -33,14 +75,14 @@ def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accura
         if metric == "auroc":
             value = _multilabel_auc(y_true, proba, "macro")[0]
             return float("nan") if value is None else value
-        return float(np.mean((proba >= 0.5) == (y_true > 0)))
+        return float(np.mean(decide(proba, multilabel=True) == (y_true > 0)))
     if metric == "loss":
         p = proba[np.arange(len(y_true)), y_true].clip(1e-12, 1)
         return float(np.mean(np.log(p)))
     if metric == "auroc":
         value = _auroc(y_true, proba)[0]
         return float("nan") if value is None else value
-    pred = proba.argmax(axis=1)
+    pred = decide(proba)
     if metric == "accuracy":
         return float(np.mean(pred == y_true))
     return _balanced_accuracy(y_true, pred)
@@ -51,12 +93,14 @@ def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accura
 # ------------------------------------------------------------------------------------------------
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Sequence[str] | None = None,
-                           threshold: float | Sequence[float] | None = None) -> dict[str, Any]:
+                           threshold: float | Sequence[float] | None = None,
+                           positive: int | None = None) -> dict[str, Any]:
     """Every metric of one evaluation as plain JSON-able values.
 
     proba is (N, C) class probabilities (rows sum to one) for single-label y (N,), or (N, C)
-    per-label scores for multi-label y (N, C). For two classes, `threshold` on P(class 1) decides
-    (default 0.5); sensitivity is the recall of class 1. For multi-label, one threshold per label.
+    per-label scores for multi-label y (N, C). For two classes, class `positive` (default 1) is
+    the positive one: P(positive) >= `threshold` (default 0.5) decides, and sensitivity, AUROC and
+    AUPRC are about it. For multi-label, one threshold per label.
     """
     y_true = np.asarray(y_true)
     proba = np.asarray(proba, dtype=np.float64)
@@ -69,11 +113,14 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     notes: list[str] = []
     if n == 0:
         return {"n": 0, "num_classes": c, "notes": ["no rows to evaluate"]}
-    if c == 2:
-        t = 0.5 if threshold is None else float(threshold)
-        pred = (proba[:, 1] >= t).astype(np.int64)
-    else:
-        pred = proba.argmax(axis=1)
+    pos = (1 if positive is None else int(positive)) if c == 2 else None
+    if threshold is not None and c > 2:
+        raise ValueError(f"a decision threshold applies to binary and multi-label tasks; this one has {c} "
+                         f"classes and decides by argmax.")
+    t = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    pred = decide(proba, threshold=t, positive=pos)
+    if y_true.size and (y_true.min() < 0 or y_true.max() >= c):
+        raise ValueError(f"labels must be class indices 0..{c - 1}; found {int(y_true.min())}..{int(y_true.max())}.")
     cm = _confusion(y_true, pred, c)
     per_class = []
     for i in range(c):
@@ -99,15 +146,18 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     }
     if c <= 5:
         notes.append(f"top-5 not applicable with {c} classes")
-    out["auroc"], note = _auroc(y_true, proba)
+    out["auroc"], note = _auroc(y_true, proba, pos)
     if note:
         notes.append(note)
-    out["auprc"] = _auprc(y_true, proba) if out["auroc"] is not None else None
+    out["auprc"] = _auprc(y_true, proba, pos) if out["auroc"] is not None else None
     out["mcc"] = _mcc(cm)
     out["kappa"] = _kappa(cm)
     out["ece"] = expected_calibration_error(y_true, proba)
     if c == 2:
-        tn, fp, fn, tp = cm.ravel()
+        neg = 1 - pos
+        tp, fn = cm[pos, pos], cm[pos, neg]
+        tn, fp = cm[neg, neg], cm[neg, pos]
+        out["positive_class"] = names[pos]
         out["threshold"] = t
         out["sensitivity"] = float(tp / (tp + fn)) if tp + fn else None
         out["specificity"] = float(tn / (tn + fp)) if tn + fp else None
@@ -169,9 +219,10 @@ def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def _topk_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
-    """Share of rows whose class is among the k highest scores; ties go to the lower class index,
-    so the figure is deterministic (DINO's torch.topk leaves tie order unspecified)."""
-    top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    """Share of rows whose class is among the k highest scores, with ties ordered exactly as
+    scikit-learn's top_k_accuracy_score orders them (a stable ascending sort, reversed: among equal
+    scores the higher class index ranks first), so the figure is deterministic and comparable."""
+    top = np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :k]
     return float(np.mean((top == y[:, None]).any(axis=1)))
 
 
@@ -197,20 +248,22 @@ def _average_precision(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def _auroc(y: np.ndarray, proba: np.ndarray) -> tuple[float | None, str | None]:
-    """Binary AUROC of class 1, or macro one-vs-rest over the classes present."""
+def _auroc(y: np.ndarray, proba: np.ndarray, positive: int | None = None) -> tuple[float | None, str | None]:
+    """Binary AUROC of the positive class (default 1), or macro one-vs-rest over the classes present."""
     present = np.unique(y)
     if present.size < 2:
         return None, f"AUROC undefined: only class {present.tolist()} present"
     if proba.shape[1] == 2:
-        return _binary_auroc((y == 1).astype(int), proba[:, 1]), None
+        pos = 1 if positive is None else int(positive)
+        return _binary_auroc((y == pos).astype(int), proba[:, pos]), None
     return float(np.mean([_binary_auroc((y == k).astype(int), proba[:, k]) for k in present])), (
         None if present.size == proba.shape[1] else "AUROC averaged over the classes present")
 
 
-def _auprc(y: np.ndarray, proba: np.ndarray) -> float:
+def _auprc(y: np.ndarray, proba: np.ndarray, positive: int | None = None) -> float:
     if proba.shape[1] == 2:
-        return _average_precision((y == 1).astype(int), proba[:, 1])
+        pos = 1 if positive is None else int(positive)
+        return _average_precision((y == pos).astype(int), proba[:, pos])
     return float(np.mean([_average_precision((y == k).astype(int), proba[:, k]) for k in np.unique(y)]))
 
 
@@ -240,18 +293,25 @@ def _kappa(cm: np.ndarray) -> float:
     return float((po - pe) / (1 - pe)) if pe != 1 else 0.0
 
 
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Confidence-binned |accuracy - confidence|, weighted by bin size (Guo et al. 2017)."""
+def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(edges, count, mean confidence, accuracy) per equal-width bin of the top-1 confidence: what
+    the ECE sums and the reliability diagram draws (one implementation for both)."""
+    proba = np.asarray(proba, dtype=np.float64)
     conf = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y
+    correct = (proba.argmax(axis=1) == np.asarray(y)).astype(np.float64)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    count = np.bincount(which, minlength=bins)
+    mean_conf = np.bincount(which, conf, minlength=bins) / np.maximum(count, 1)
+    accuracy = np.bincount(which, correct, minlength=bins) / np.maximum(count, 1)
+    return edges, count, mean_conf, accuracy
+
+
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Confidence-binned |accuracy - confidence|, weighted by bin size (Guo et al. 2017)."""
+    _, count, mean_conf, accuracy = calibration_bins(y, proba, bins)
+    return float(np.sum(count * np.abs(accuracy - mean_conf)) / max(count.sum(), 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,44 +344,132 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
     raise ValueError(f"threshold method must be 'youden' or 'sensitivity'; got {method!r}.")
 
 
-_SCALARS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {
-    "top1": lambda y, p: float(np.mean(p.argmax(1) == y)),
-    "top5": lambda y, p: _topk_accuracy(y, p, 5) if p.shape[1] > 5 else None,
-    "balanced_accuracy": lambda y, p: _balanced_accuracy(y, p.argmax(1)),
-    "auroc": lambda y, p: _auroc(y, p)[0],
+def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.ndarray,
+                          positive: int | None) -> float | list[float] | None:
+    """The threshold a rule gives on validation: "youden", "sensitivity:0.95" or a number in (0, 1);
+    None for the default rule on a multiclass task (argmax), which refuses any other rule."""
+    val_y = np.asarray(val_y)
+    multilabel = val_y.ndim == 2
+    binary = not multilabel and val_proba.shape[1] == 2
+    rule = DEFAULT_THRESHOLD_RULE if rule is None else str(rule).strip()
+    method, _, target = rule.partition(":")
+    if method not in ("youden", "sensitivity"):
+        try:
+            value = float(rule)
+        except ValueError:
+            raise ValueError(f"--threshold must be youden, sensitivity:TARGET (e.g. sensitivity:0.95) or a "
+                             f"number in (0, 1); got {rule!r}.") from None
+        if not 0 < value < 1:
+            raise ValueError(f"--threshold must lie in (0, 1); got {value}.")
+    if not (binary or multilabel):
+        if rule != DEFAULT_THRESHOLD_RULE:
+            raise ValueError(f"--threshold {rule} applies to binary and multi-label tasks; this one has "
+                             f"{val_proba.shape[1]} classes and decides by argmax.")
+        return None
+    if method == "sensitivity":
+        try:
+            goal = float(target)
+        except ValueError:
+            raise ValueError(f"--threshold sensitivity:TARGET needs a number, e.g. sensitivity:0.95; got {rule!r}.") from None
+    else:
+        goal = None
+
+    def pick(y: np.ndarray, scores: np.ndarray) -> float:
+        if method not in ("youden", "sensitivity"):
+            return float(rule)
+        if y.min() == y.max():
+            return DEFAULT_THRESHOLD  # one class only in validation: nothing to tune on
+        return choose_threshold(y, scores, method, goal)
+
+    if binary:
+        pos = 1 if positive is None else int(positive)
+        return pick((val_y == pos).astype(int), val_proba[:, pos])
+    return [pick(val_y[:, j], val_proba[:, j]) for j in range(val_y.shape[1])]
+
+
+DEFAULT_THRESHOLD_RULE = "0.5"
+
+_SCALARS: dict[str, Callable[[np.ndarray, np.ndarray, int | None], float | None]] = {
+    "top1": lambda y, p, pos: float(np.mean(decide(p, positive=pos) == y)),
+    "top5": lambda y, p, pos: _topk_accuracy(y, p, 5) if p.shape[1] > 5 else None,
+    "balanced_accuracy": lambda y, p, pos: _balanced_accuracy(y, decide(p, positive=pos)),
+    "auroc": lambda y, p, pos: _auroc(y, p, pos)[0],
 }
 
 
-def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, metrics: Sequence[str] = ("top1", "balanced_accuracy", "auroc"),
-                 n_boot: int = 1000, groups: Sequence[Any] | None = None, seed: int = 0, alpha: float = 0.05,
-                 threshold: float | None = None) -> dict[str, tuple[float, float]]:
+@dataclass
+class Bootstrap:
+    """Percentile intervals of resampled metrics, with how many resamples each could use."""
+
+    ci: dict[str, tuple[float, float]]        # metric -> (low, high)
+    n_valid: dict[str, int]                   # metric -> resamples where it was defined
+    n_boot: int                               # resamples drawn
+    grouped: bool                             # whole groups (patients) were resampled
+    alpha: float = 0.05
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per metric undefined in more than 5 % of the resamples."""
+        out = []
+        for m, n in self.n_valid.items():
+            dropped = self.n_boot - n
+            if dropped > BOOTSTRAP_WARN_DROPPED * self.n_boot:
+                out.append(f"bootstrap: {m} was undefined in {dropped} of {self.n_boot} resamples (e.g. no positive "
+                           f"row drawn); its interval uses the {n} valid ones and may be too narrow.")
+        return out
+
+    def attach(self, block: dict[str, Any]) -> dict[str, Any]:
+        """Store the intervals in a split's metrics (the one layout report reads)."""
+        block["ci"] = {k: [lo, hi] for k, (lo, hi) in self.ci.items()}
+        block["bootstrap"] = {"n_boot": self.n_boot, "n_valid": dict(self.n_valid), "grouped": self.grouped,
+                              "level": 1 - self.alpha, "warnings": self.warnings}
+        return block
+
+
+def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
+                      metrics: Sequence[str] = ("top1", "balanced_accuracy", "auroc"), n_boot: int = 1000,
+                      groups: Sequence[Any] | None = None, seed: int = 0, alpha: float = 0.05,
+                      threshold: float | Sequence[float] | None = None, positive: int | None = None) -> Bootstrap:
     """Percentile bootstrap (1 - alpha) intervals; with groups, whole groups (patients) are resampled
-    so correlated images of one patient never make an interval look tighter than it is."""
+    so correlated images of one patient never make an interval look tighter than it is. Decisions
+    use the same rule (threshold, positive class) as the point estimate."""
+    if n_boot < 1:
+        raise ValueError(f"--bootstrap must be a positive number of resamples; got {n_boot}.")
     y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        _, gid = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-        members = [np.flatnonzero(gid == g) for g in range(gid.max() + 1)]
+    idx_all = resample_indices(len(y_true), n_boot, groups, seed)
     values: dict[str, list[float]] = {m: [] for m in metrics}
-    for _ in range(n_boot):
-        if groups is not None:
-            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        else:
-            idx = rng.integers(0, len(y_true), len(y_true))
+    for idx in idx_all:
         yb, pb = y_true[idx], proba[idx]
         full = None
         for m in metrics:
             if m in _SCALARS and y_true.ndim == 1 and threshold is None:
-                v = _SCALARS[m](yb, pb)
+                v = _SCALARS[m](yb, pb, positive)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    full = full or classification_metrics(yb, pb, threshold=threshold)
+                    full = full or classification_metrics(yb, pb, threshold=threshold, positive=positive)
                 v = full.get(m)
             if v is not None and np.isfinite(v):
                 values[m].append(float(v))
-    return {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
-            for m, v in values.items() if v}
+    ci = {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for m, v in values.items() if v}
+    return Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None, alpha)
+
+
+def resample_indices(n: int, n_boot: int, groups: Sequence[Any] | None, seed: int) -> list[np.ndarray]:
+    """Row indices of each bootstrap resample: rows drawn with replacement, or whole groups."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return [rng.integers(0, n, n) for _ in range(n_boot)]
+    _, gid = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    members = [np.flatnonzero(gid == g) for g in range(gid.max() + 1)]
+    return [np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for _ in range(n_boot)]
+
+
+def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, metrics: Sequence[str] = ("top1", "balanced_accuracy", "auroc"),
+                 n_boot: int = 1000, groups: Sequence[Any] | None = None, seed: int = 0, alpha: float = 0.05,
+                 threshold: float | None = None, positive: int | None = None) -> dict[str, tuple[float, float]]:
+    """{metric: (low, high)} of bootstrap_metrics (the intervals alone)."""
+    return bootstrap_metrics(y_true, proba, metrics, n_boot, groups, seed, alpha, threshold, positive).ci
 
 
 def summarize_repeats(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -49,7 +49,7 @@ def _as_proba(proba: np.ndarray) -> np.ndarray:
 
 
 def confusion_matrix_plot(cm: Sequence[Sequence[int]] | np.ndarray, classes: Sequence[str] | None,
-                          path_stem: PathLike, normalize: bool = True) -> list[Path]:
+                          path_stem: PathLike, normalize: bool = True, title: str = "confusion matrix") -> list[Path]:
     """Confusion matrix (rows = true class, columns = predicted), cells show counts and, with
     `normalize`, colour by row fraction so rare classes are as readable as common ones."""
     plt = _pyplot()
@@ -77,7 +77,7 @@ def confusion_matrix_plot(cm: Sequence[Sequence[int]] | np.ndarray, classes: Seq
     ax.set_yticks(ticks, classes if n <= 40 else [""] * n)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix")
+    ax.set_title(title)
     return _save(fig, path_stem)
 
 
@@ -92,10 +92,11 @@ def _operating_point(y: np.ndarray, score: np.ndarray, threshold: float) -> tupl
 
 
 def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
-                classes: Sequence[str] | None = None, threshold: float | None = None) -> list[Path]:
+                classes: Sequence[str] | None = None, threshold: float | None = None,
+                positive: int | None = None, title: str | None = None) -> list[Path]:
     """ROC (left) and precision-recall (right) curves with their AUCs.
 
-    Binary: one curve for the positive class (column 1), and the chosen operating point
+    Binary: one curve for the positive class (`positive`, default column 1), and the chosen operating point
     (`threshold`, default 0.5) marked on both. Multi-class: one-vs-rest curve per class (up to 10
     drawn, so the legend stays readable). Multi-label y (N, C): one curve per label.
     """
@@ -111,7 +112,8 @@ def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
         curves = list(range(n_cls))
     elif n_cls == 2:
         onehot = np.stack([(y_true == 0), (y_true == 1)], axis=1).astype(int)
-        curves = [1]
+        pos = 1 if positive is None else int(positive)
+        curves = [pos]
     else:
         onehot = (y_true[:, None] == np.arange(n_cls)[None, :]).astype(int)
         curves = list(range(n_cls))
@@ -127,16 +129,22 @@ def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
         ax_pr.plot(rec, prec, lw=1.5, label=f"{label} (AP {ap:.3f})")
     if len(curves) == 1 and y_true.ndim == 1 and n_cls == 2:
         t = 0.5 if threshold is None else float(threshold)
-        fpr_t, tpr_t, prec_t = _operating_point(onehot[:, 1], proba[:, 1], t)
+        pos = curves[0]
+        fpr_t, tpr_t, prec_t = _operating_point(onehot[:, pos], proba[:, pos], t)
         ax_roc.plot([fpr_t], [tpr_t], "o", color="crimson", label=f"threshold {t:.3g}")
         ax_pr.plot([tpr_t], [prec_t], "o", color="crimson", label=f"threshold {t:.3g}")
-        prevalence = onehot[:, 1].mean()
+        prevalence = onehot[:, pos].mean()
         ax_pr.axhline(prevalence, ls=":", color="grey", lw=1, label=f"prevalence {prevalence:.3f}")
+    suffix = ""
+    if y_true.ndim == 1 and n_cls == 2:
+        suffix = f" (positive class: {names[curves[0]] if curves else names[1 if positive is None else positive]})"
     ax_roc.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax_roc.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
-               title="ROC", xlim=(0, 1), ylim=(0, 1.02))
-    ax_pr.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall",
+               title="ROC" + suffix, xlim=(0, 1), ylim=(0, 1.02))
+    ax_pr.set(xlabel="recall (sensitivity)", ylabel="precision", title="precision-recall" + suffix,
               xlim=(0, 1), ylim=(0, 1.02))
+    if title:
+        fig.suptitle(title, fontsize=10)
     for ax in (ax_roc, ax_pr):
         if curves:
             ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
@@ -183,7 +191,7 @@ def _is_int(value: Any) -> bool:
 
 
 def knn_curve_plot(results: Mapping[Any, Any], path_stem: PathLike,
-                   metrics: Sequence[str] = ("top1", "top5")) -> list[Path]:
+                   metrics: Sequence[str] = ("top1", "top5"), title: str | None = None) -> list[Path]:
     """k-NN accuracy against k (log axis), one line per metric (and temperature when nested)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -197,53 +205,76 @@ def knn_curve_plot(results: Mapping[Any, Any], path_stem: PathLike,
         raise ValueError("knn results have no top1/top5 values to plot; expected {k: {'top1': ...}} "
                          "as returned by featcache.knn_eval.")
     ax.set_xscale("log")
-    ax.set(xlabel="k (neighbours)", ylabel="accuracy", title="k-NN accuracy vs k")
+    ks = sorted({k for m in metrics for ks_, _ in _knn_series(results, m).values() for k in ks_})
+    ax.set_xticks(ks, [str(k) for k in ks])  # ticks at the k values used, not powers of ten
+    ax.minorticks_off()
+    ax.set(xlabel="k (neighbours)", ylabel="accuracy" if "auroc" not in metrics else "score",
+           title=title or "k-NN accuracy vs k")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path_stem)
 
 
 def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
-                     n_bins: int = 10) -> list[Path]:
-    """Reliability diagram: accuracy against confidence of the top prediction in equal-width
-    bins (binary: fraction positive against P(positive)), with the bin counts below."""
+                     title: str | None = None) -> list[Path]:
+    """Reliability diagram of the top-1 confidence, with the bin counts below: the same bins
+    (metrics.ECE_BINS) and the same ECE as metrics.json. Multi-label: every (row, label)
+    probability against the fraction positive."""
+    from featcache.metrics import ECE_BINS, calibration_bins
+
     plt = _pyplot()
     y_true = np.asarray(y_true)
     proba = _as_proba(proba)
-    if y_true.ndim == 2:  # multi-label: pool every (sample, label) decision
-        conf, hit = proba.ravel(), (y_true > 0).ravel().astype(float)
-        xlabel, ylabel = "predicted probability", "fraction positive"
-    elif proba.shape[1] == 2:
-        conf, hit = proba[:, 1], (y_true == 1).astype(float)
-        xlabel, ylabel = "predicted P(positive)", "fraction positive"
+    if y_true.ndim == 2:  # multi-label: each label decision is a binary prediction
+        flat = proba.ravel()
+        edges, counts, mean_conf, mean_hit = calibration_bins(
+            (y_true > 0).ravel().astype(int), np.stack([1 - flat, flat], axis=1))
+        xlabel, ylabel = "confidence of each label decision", "accuracy"
     else:
-        conf, hit = proba.max(axis=1), (proba.argmax(axis=1) == y_true).astype(float)
+        edges, counts, mean_conf, mean_hit = calibration_bins(y_true, proba)
         xlabel, ylabel = "confidence (top-1 probability)", "accuracy"
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
-    counts = np.bincount(which, minlength=n_bins)
-    mean_conf = np.bincount(which, conf, minlength=n_bins) / np.maximum(counts, 1)
-    mean_hit = np.bincount(which, hit, minlength=n_bins) / np.maximum(counts, 1)
-    ece = float(np.sum(counts * np.abs(mean_hit - mean_conf)) / max(len(conf), 1))
+    ece = float(np.sum(counts * np.abs(mean_hit - mean_conf)) / max(counts.sum(), 1))
     filled = counts > 0
 
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
                                    gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    ax.plot(mean_conf[filled], mean_hit[filled], marker="o", lw=1.5, label=f"model (ECE {ece:.3f})")
-    ax.set(ylabel=ylabel, title="reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="upper left")
-    ax_n.bar(edges[:-1], counts, width=1.0 / n_bins, align="edge", color="steelblue", edgecolor="white")
+    ax.plot(mean_conf[filled], mean_hit[filled], marker="o", lw=1.5, label=f"model (ECE {ece:.3f}, {ECE_BINS} bins)")
+    ax.set(ylabel=ylabel, title=title or "reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
+    # the curve lives near the diagonal and top-1 confidence is >= 1/C: the lower right is free
+    ax.legend(fontsize=8, loc="lower right")
+    ax_n.bar(edges[:-1], counts, width=1.0 / ECE_BINS, align="edge", color="steelblue", edgecolor="white")
     ax_n.set(xlabel=xlabel, ylabel="count")
     return _save(fig, path_stem)
 
 
+def evaluation_figures(fig_dir: Path, metrics: Mapping[str, Any], y: np.ndarray, proba: np.ndarray,
+                       classes: Sequence[str], split: str | None = None, threshold: Any = None,
+                       positive: int | None = None) -> None:
+    """The figures of one evaluated split: confusion matrix (single-label), ROC/PR with the operating
+    point (binary and multi-label) and the reliability diagram."""
+    where = f" ({split})" if split else ""
+    y = np.asarray(y)
+    if y.ndim == 1 and metrics.get("confusion_matrix") is not None:
+        t = f", threshold {threshold:.3g}" if isinstance(threshold, float) else ""
+        confusion_matrix_plot(metrics["confusion_matrix"], classes, fig_dir / "confusion_matrix",
+                              title=f"confusion matrix{where}{t}")
+    if y.ndim == 2 or proba.shape[1] == 2:
+        t = threshold if isinstance(threshold, float) else (0.5 if y.ndim == 1 else None)
+        roc_pr_plot(y, proba, fig_dir / "roc_pr", classes=classes, threshold=t, positive=positive,
+                    title=f"{split} split" if split else None)
+    calibration_plot(y, proba, fig_dir / "calibration", title=f"reliability diagram{where}")
+
+
 def sweep_heatmap_plot(rows: Sequence[Mapping[str, Any]], x: str, y: str, value: str,
-                       path_stem: PathLike) -> list[Path]:
+                       path_stem: PathLike, value_range: tuple[float, float] | None = None,
+                       best: tuple[Any, Any] | None = None, title: str | None = None) -> list[Path]:
     """Heat-map of `value` over two swept hyper-parameters (e.g. x="lr", y="weight_decay").
 
     Rows come from a sweep leaderboard; when several rows share an (x, y) cell (other
-    parameters varied too) the cell shows the best (max) value, as a sweep would pick it."""
+    parameters varied too) the cell shows the best (max) value, as a sweep would pick it.
+    `value_range` shares one colour scale across several heat-maps (one per feature kind); `best`
+    outlines the (x, y) cell the sweep chose."""
     plt = _pyplot()
     cells: dict[tuple[Any, Any], float] = {}
     for row in rows:
@@ -268,10 +299,10 @@ def sweep_heatmap_plot(rows: Sequence[Mapping[str, Any]], x: str, y: str, value:
     for (a, b), v in cells.items():
         grid[ys.index(b), xs.index(a)] = v
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(xs), 1.2 + 0.6 * len(ys)))
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    lo, hi = value_range if value_range else (np.nanmin(grid), np.nanmax(grid))
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", vmin=lo, vmax=hi)
     fig.colorbar(im, ax=ax, label=value)
-    finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    mid = (lo + hi) / 2
     for i in range(len(ys)):
         for j in range(len(xs)):
             if np.isfinite(grid[i, j]):
@@ -279,5 +310,10 @@ def sweep_heatmap_plot(rows: Sequence[Mapping[str, Any]], x: str, y: str, value:
                         color="white" if grid[i, j] < mid else "black")
     ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else str(v) for v in xs], rotation=45)
     ax.set_yticks(range(len(ys)), [f"{v:g}" if isinstance(v, float) else str(v) for v in ys])
-    ax.set(xlabel=x, ylabel=y, title=f"sweep: {value}")
+    if best is not None and best[0] in xs and best[1] in ys:
+        from matplotlib.patches import Rectangle
+
+        j, i = xs.index(best[0]), ys.index(best[1])
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="crimson", lw=2.5))
+    ax.set(xlabel=x, ylabel=y, title=title or f"sweep: {value}")
     return _save(fig, path_stem)

@@ -18,8 +18,25 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from featcache.metrics import SELECTION_METRICS
+
 DEFAULT_CS = np.logspace(-6, 5, 12)
-SELECTION_METRICS = ("accuracy", "balanced_accuracy", "auroc", "loss")
+DINOV2_CS = np.logspace(-6, 5, 45)   # DINOv2's logistic-regression evaluation grid
+NAMED_CS = {"default": DEFAULT_CS, "dinov2": DINOV2_CS}
+
+
+def resolve_cs(Cs: Any) -> np.ndarray:
+    """A C grid from None (default), a grid name ("default", "dinov2") or numbers."""
+    if Cs is None:
+        return DEFAULT_CS
+    if isinstance(Cs, str):
+        if Cs.strip().lower() in NAMED_CS:
+            return NAMED_CS[Cs.strip().lower()]
+        try:
+            return np.array([float(c) for c in Cs.split(",") if c.strip()])
+        except ValueError:
+            raise ValueError(f"Cs must be comma-separated numbers or one of {', '.join(NAMED_CS)}; got {Cs!r}.") from None
+    return np.asarray(Cs, dtype=np.float64)
 
 
 def _check_xy(x: Any, y: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -316,6 +333,35 @@ class LogisticProbe:
         """(N, n_classes) probabilities in the order of classes_ (multi-label: (N, L) per label)."""
         x = self._check_fitted(x)
         return self.model_.predict_proba(self.scaler_.transform(x))
+
+    def linear_weights(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(weight (C, D), bias (C)) float32 of one linear layer whose softmax (single-label) or
+        sigmoid (multi-label) on standardised features gives predict_proba: the probe as a head.
+
+        Binary: sklearn scores one logit z for its second class; logits (0, z) give the same
+        softmax. Classes the probe never saw get bias -1e4 (probability 0, as expand_proba)."""
+        if not hasattr(self, "model_"):
+            raise ValueError("this LogisticProbe is not fitted yet; call fit first.")
+        d = self.n_features_in_
+        if self.multilabel_:
+            weight = np.zeros((n_classes, d))
+            bias = np.zeros(n_classes)
+            for j, (model, const) in enumerate(zip(self.model_.models, self.model_.constants)):
+                if const is not None:  # a label constant in training: its probability is that constant
+                    bias[j] = 1e4 if const > 0 else -1e4
+                else:
+                    weight[j], bias[j] = model.coef_[0], model.intercept_[0]
+            return weight.astype(np.float32), bias.astype(np.float32)
+        model = self.model_.models[0]
+        fitted = np.asarray(model.classes_, dtype=np.int64)
+        weight = np.zeros((n_classes, d))
+        bias = np.full(n_classes, -1e4)
+        if fitted.size == 2:
+            weight[fitted[1]], bias[fitted[1]] = model.coef_[0], model.intercept_[0]
+            bias[fitted[0]] = 0.0
+        else:
+            weight[fitted], bias[fitted] = model.coef_, model.intercept_
+        return weight.astype(np.float32), bias.astype(np.float32)
 
     def decision_scores(self, x: Any) -> np.ndarray:
         """Alias of predict_proba, for callers that treat probabilities as ranking scores."""

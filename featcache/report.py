@@ -7,20 +7,22 @@ mixer vs k-NN vs probe, or DINO vs ViT vs CNN on the same data, read in one glan
 section per run with its configuration, all its metrics and its figures (copied next to the
 report, so the report directory can be zipped and sent as is).
 
-Readers are tolerant: a missing key shows as n/a. Confidence intervals are read from, in order,
-``metrics[split]["ci"][name]``, ``metrics[split][name + "_ci"]``, ``metrics["ci"][split][name]``
-(each a [low, high] pair), so every writer's CIs show up next to the point estimate.
+Readers are tolerant: a missing key shows as n/a. Confidence intervals are read from the one
+layout featcache.runs writes, ``metrics[split]["ci"][name] = [low, high]``.
 """
 from __future__ import annotations
 
 import html
 import json
 import math
+import numbers
 import os
+import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from featcache.runs import Run, load_run
 
 # metrics shown in the comparison table, in this order, when any run has them
 KEY_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity",
@@ -28,59 +30,6 @@ KEY_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc"
 # config keys shown in the per-run configuration table first (the rest follow alphabetically)
 CONFIG_FIRST = ("kind", "model", "features", "features_file", "head", "fingerprint")
 MAX_TABLE_ROWS = 30  # long leaderboards / per-C tables are cut to this many rows in the report
-
-
-@dataclass
-class Run:
-    """One run directory as read for a report."""
-
-    path: Path                                          # the run directory
-    name: str                                           # unique display name (directory name)
-    config: dict[str, Any]                              # config.json ({} when absent)
-    metrics: dict[str, Any]                             # metrics.json
-    figures: list[Path] = field(default_factory=list)   # figures/*.png and *.svg
-
-    @property
-    def kind(self) -> str:
-        return str(self.metrics.get("kind") or self.config.get("kind") or "n/a")
-
-    @property
-    def model(self) -> str:
-        return str(self.config.get("model") or self.metrics.get("model") or "n/a")
-
-    @property
-    def features(self) -> str:
-        value = self.config.get("features") or self.config.get("feature") or self.metrics.get("features")
-        return str(value) if value else "n/a"
-
-
-def load_run(path: str | os.PathLike) -> Run:
-    """Read config.json, metrics.json and the figure list of one run directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory; expected a run directory written by "
-                                f"`featcache train|sweep|knn|probe --out RUN_DIR`.")
-    metrics_path = path / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{path} has no metrics.json, so it is not a finished run directory; "
-                                f"pass directories written by `featcache train|sweep|knn|probe --out "
-                                f"RUN_DIR` (a run that crashed leaves none: re-run it).")
-    metrics = _read_json(metrics_path)
-    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    fig_dir = path / "figures"
-    figures = sorted(p for p in fig_dir.glob("*") if p.suffix.lower() in (".png", ".svg")) \
-        if fig_dir.is_dir() else []
-    return Run(path=path, name=path.resolve().name, config=config, metrics=metrics, figures=figures)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); re-run the command that wrote it.") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} should hold a JSON object, found {type(data).__name__}.")
-    return data
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -124,22 +73,11 @@ def metric_value(run: Run, split: str | None, name: str) -> tuple[float | None, 
     if split is None:
         return None, None
     block = run.metrics.get(split) or {}
-    if name not in block and isinstance(block.get("best"), dict):
-        block = {**block["best"], **{k: v for k, v in block.items() if k == "ci"}}  # e.g. k-NN at its best k
     value = _num(block.get(name))
-    if value is None and name == "top1":
-        value = _num(block.get("accuracy"))
     ci = None
-    candidates = [(block.get("ci") or {}).get(name) if isinstance(block.get("ci"), dict) else None,
-                  block.get(f"{name}_ci"),
-                  ((run.metrics.get("ci") or {}).get(split) or {}).get(name)
-                  if isinstance(run.metrics.get("ci"), dict) else None]
-    for cand in candidates:
-        if isinstance(cand, dict):
-            cand = [cand.get("low"), cand.get("high")]
-        if isinstance(cand, (list, tuple)) and len(cand) == 2 and all(_num(c) is not None for c in cand):
-            ci = (float(cand[0]), float(cand[1]))
-            break
+    cand = (block.get("ci") or {}).get(name) if isinstance(block.get("ci"), dict) else None
+    if isinstance(cand, (list, tuple)) and len(cand) == 2 and all(_num(c) is not None for c in cand):
+        ci = (float(cand[0]), float(cand[1]))
     return value, ci
 
 
@@ -153,36 +91,59 @@ def fmt(value: float | None, ci: tuple[float, float] | None = None) -> str:
     return text
 
 
+def split_label(run: Run, split: str | None) -> str:
+    """The evaluated split's real name (e.g. "holdout"), not just the metrics key."""
+    if split is None:
+        return "n/a"
+    names = run.metrics.get("splits") if isinstance(run.metrics.get("splits"), dict) else {}
+    real = names.get(split) or (run.metrics.get("eval_split") if run.kind == "knn" else None) \
+        or run.config.get(f"{split}_split")
+    return str(real) if real else split
+
+
 def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the side-by-side table: run, kind, model, features, split, metrics."""
+    """Header and rows of the side-by-side table: run, kind, model, features, split, positive class and
+    threshold (binary runs), then the key metrics with their confidence intervals."""
     splits = [eval_split(r) for r in runs]
     present = [m for m in KEY_METRICS
                if any(metric_value(r, s, m)[0] is not None for r, s in zip(runs, splits))]
-    header = ["run", "kind", "model", "features", "split", *present]
+    binary = any(r.positive_class for r in runs)
+    header = ["run", "kind", "model", "features", "split"] + (["positive class", "threshold"] if binary else []) + present
     rows = []
     for run, split in zip(runs, splits):
-        rows.append([run.name, run.kind, run.model, run.features, split or "n/a",
+        extra = []
+        if binary:
+            block = run.metrics.get(split) or {} if split else {}
+            extra = [run.positive_class or "n/a", format_cell(block.get("threshold"))]
+        rows.append([run.name, run.kind, run.model, run.features, split_label(run, split), *extra,
                      *(fmt(*metric_value(run, split, m)) for m in present)])
     return header, rows
 
 
 def _scalar_metrics(block: dict[str, Any]) -> list[tuple[str, str]]:
-    """(name, formatted value with CI) for every number in one split's metrics."""
+    """(name, formatted value with CI) for every number or word in one split's metrics."""
     out = []
     ci = block.get("ci") if isinstance(block.get("ci"), dict) else {}
     for key, value in block.items():
-        if key == "ci" or key.endswith("_ci"):
+        if key in ("ci", "bootstrap"):
             continue
-        v = _num(value)
-        if v is None and not isinstance(value, str):
-            continue
-        if v is None:
+        if isinstance(value, str):
             out.append((key, value))
             continue
-        pair = ci.get(key) or block.get(f"{key}_ci")
-        pair = tuple(pair) if isinstance(pair, (list, tuple)) and len(pair) == 2 and \
-            all(_num(p) is not None for p in pair) else None
-        out.append((key, fmt(v, pair)))
+        v = _num(value)
+        if v is None:
+            continue
+        pair = ci.get(key)
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_num(p) is not None for p in pair):
+            out.append((key, fmt(v, (float(pair[0]), float(pair[1])))))
+        else:
+            out.append((key, format_cell(value)))
+    boot = block.get("bootstrap")
+    if isinstance(boot, dict) and boot.get("n_boot"):
+        valid = boot.get("n_valid") or {}
+        fewest = min(valid.values()) if valid else boot["n_boot"]
+        out.append(("bootstrap", f"{boot['n_boot']} resamples{' of whole groups' if boot.get('grouped') else ''}, "
+                                 f"at least {fewest} valid per metric"))
     return out
 
 
@@ -201,17 +162,28 @@ def _tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
             cols: list[str] = []
             for rec in value:
                 cols += [k for k, v in rec.items() if k not in cols and not isinstance(v, (dict, list))]
-            rows = [[_cell(rec.get(c)) for c in cols] for rec in value[:MAX_TABLE_ROWS]]
+            rows = [[format_cell(rec.get(c)) for c in cols] for rec in value[:MAX_TABLE_ROWS]]
             title = key if len(value) <= MAX_TABLE_ROWS else f"{key} (first {MAX_TABLE_ROWS} of {len(value)})"
             tables.append((title, cols, rows))
     return tables
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """The one number format of tables on screen and in reports: integers as integers (n 360),
+    fractions to 4 places (0.9123), very small or large values in scientific form (C 1e-05),
+    missing or undefined values as n/a."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
     v = _num(value)
-    if v is not None and not isinstance(value, int):
-        return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"
-    return "n/a" if value is None else str(value)
+    if v is None:
+        return str(value)
+    if v == 0:
+        return "0"
+    return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"
 
 
 def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
@@ -248,8 +220,19 @@ def _copy_figures(run: Run, out: Path) -> list[tuple[str, str]]:
     return [(stem.replace("_", " "), path.relative_to(out).as_posix()) for stem, path in sorted(stems.items())]
 
 
+def md_escape(text: Any) -> str:
+    """Text shown literally in Markdown: a run or model name with * _ [ ] ( ) ` < > | # never
+    becomes emphasis, a link, HTML or a table border."""
+    return re.sub(r"([\\`*_{}\[\]()#+!|<>])", r"\\\1", str(text))
+
+
+def _md_cell(text: Any) -> str:
+    """A table cell: like md_escape, but brackets stay (a CI [0.86, 0.88] is no link without "(")."""
+    return re.sub(r"([\\`*_()|<>])", r"\\\1", str(text))
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731 - a pipe would split the cell
+    esc = _md_cell
     lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -281,7 +264,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     header, rows = comparison_rows(runs)
 
-    md = [f"# {title}", "", f"{len(runs)} run(s). Numbers are on the test split when the run has one "
+    md = [f"# {md_escape(title)}", "", f"{len(runs)} run(s). Numbers are on the test split when the run has one "
           f"(else val); [low, high] is a bootstrap confidence interval when the run computed one.", "",
           "## Comparison", "", _md_table(header, rows), ""]
     hs = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -292,8 +275,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
 
     for run in runs:
         anchor = html.escape(run.name)
-        md += [f"## {run.name}", "", f"`{run.path}` — kind {run.kind}, model {run.model}, "
-               f"features {run.features}", ""]
+        md += [f"## {md_escape(run.name)}", "", f"{md_escape(run.path)} — kind {md_escape(run.kind)}, model "
+               f"{md_escape(run.model)}, features {md_escape(run.features)}", ""]
         hs += [f"<h2 id='{anchor}'>{anchor}</h2>",
                f"<p><code>{html.escape(str(run.path))}</code> — kind {html.escape(run.kind)}, model "
                f"{html.escape(run.model)}, features {html.escape(run.features)}</p>"]
@@ -309,11 +292,11 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                     md += [f"### Metrics ({split})", "", _md_table(["metric", "value"], vals), ""]
                     hs += [f"<h3>Metrics ({split})</h3>", _html_table(["metric", "value"], vals)]
         for name, cols, trows in _tables(run):
-            md += [f"### {name}", "", _md_table(cols, trows), ""]
+            md += [f"### {md_escape(name)}", "", _md_table(cols, trows), ""]
             hs += [f"<h3>{html.escape(name)}</h3>", _html_table(cols, trows)]
         figs = _copy_figures(run, out)
         if figs:
-            md += ["### Figures", ""] + [f"![{t}]({p})" for t, p in figs] + [""]
+            md += ["### Figures", ""] + [f"![{md_escape(t)}]({p})" for t, p in figs] + [""]
             hs += ["<h3>Figures</h3>"] + [
                 f"<figure><img src='{html.escape(p)}' alt='{html.escape(t)}'>"
                 f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in figs]

@@ -20,6 +20,7 @@ import numpy as np
 
 ENCODING_TYPE = "featcache"
 ENCODING_VERSION = "1"
+# feature kinds a vector head, k-NN or probe can read: datasets of a split, concatenated with "+"
 FEATURE_KINDS = ("cls", "pooled", "cls+pooled")
 ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
 
@@ -97,6 +98,40 @@ class FeatureStoreError(ValueError):
     """A feature file that cannot be used as asked (wrong format, version, or config)."""
 
 
+def parse_feature_kind(kind: str) -> list[str]:
+    """The datasets a feature kind concatenates, in order ("cls+pooled" -> ["cls", "pooled"]);
+    a ValueError naming the accepted kinds otherwise. The one parser every evaluator uses."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"--features must be one of {', '.join(FEATURE_KINDS)}; got {kind!r}.")
+    return kind.split("+")
+
+
+def check_finite(x: np.ndarray, what: str) -> None:
+    """Refuse NaN or inf features where they are loaded, for every evaluator alike: a NaN row would be
+    ranked as a neighbour or train a head to loss nan without a word."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    bad_rows = np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1)) if x.ndim > 1 else np.flatnonzero(~finite)
+    raise FeatureStoreError(
+        f"{what} holds {int((~finite).sum())} non-finite values (NaN or inf) in {bad_rows.size} rows (first: "
+        f"{bad_rows[:5].tolist()}). The features are unusable as they are: re-extract with --dtype float32 "
+        f"(float16 overflows above 65504), or drop those rows before importing.")
+
+
+def check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+    """Refuse single-label labels outside 0..num_classes-1 (-1, unlabelled, is filtered earlier)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        return
+    bad = (labels < -1) | (labels >= num_classes)
+    if bad.any():
+        raise FeatureStoreError(
+            f"{what} has {int(bad.sum())} labels outside the {num_classes} classes of the file (e.g. "
+            f"{int(labels[bad][0])}; labels must be 0..{num_classes - 1}, or -1 for unlabelled). Re-import "
+            f"with --classes naming every class.")
+
+
 # ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
@@ -165,19 +200,20 @@ class SplitView:
         return np.flatnonzero(self.done)
 
     def features(self, kind: str = "cls", rows: np.ndarray | None = None) -> np.ndarray:
-        """float32 features of the done rows (or of `rows`): cls, pooled, or both concatenated."""
-        if kind not in FEATURE_KINDS:
-            raise ValueError(f"features must be one of {', '.join(FEATURE_KINDS)}; got {kind!r}.")
+        """float32 features of the done rows (or of `rows`): cls, pooled, or both concatenated.
+        Non-finite values are refused here, once, for every evaluator."""
         idx = self.valid_index() if rows is None else np.asarray(rows)
         parts = []
-        for name in kind.split("+"):
+        for name in parse_feature_kind(kind):
             ds = self._g.get(name)
             if ds is None:
                 raise FeatureStoreError(
                     f"split {self.name!r} has no {name!r} features (imported with only 'cls'?); "
                     f"use --features cls.")
             parts.append(read_rows(ds, idx).astype(np.float32, copy=False))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        check_finite(x, f"split {self.name!r} ({kind})")
+        return x
 
     def arrays(self, kind: str = "cls", labelled_only: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(X float32, y, row index) of done rows, by default only those with a label."""
@@ -186,6 +222,11 @@ class SplitView:
         if labelled_only and labels.ndim == 1:
             idx = idx[labels[idx] >= 0]
         return self.features(kind, idx), labels[idx], idx
+
+    def row_groups(self, rows: np.ndarray) -> list[str] | None:
+        """Group ids of `rows`, or None when the split has no groups."""
+        groups = self.groups
+        return None if groups is None else [groups[i] for i in rows]
 
     def __repr__(self) -> str:
         return f"<SplitView {self.name!r}: {int(self.done.sum())}/{self.n} rows done>"
@@ -252,6 +293,29 @@ class FeatureStore:
     @property
     def multilabel(self) -> bool:
         return any(self[s].multilabel for s in self.splits)
+
+    def feature_dim(self, kind: str) -> int:
+        """Width of a feature kind (cls + pooled widths add up)."""
+        first = self[self.splits[0]]
+        dims = []
+        for name in parse_feature_kind(kind):
+            ds = first._g.get(name)
+            if ds is None:
+                raise FeatureStoreError(f"{self.path.name} has no {name!r} features (imported with only 'cls'?); "
+                                        f"use --features cls.")
+            dims.append(int(ds.shape[1]))
+        return sum(dims)
+
+    def leaked_groups(self) -> dict[str, list[str]]:
+        """Groups (patients) found in more than one split: {group: [splits]}. Any entry is leakage:
+        one patient's images on both sides of an evaluation."""
+        seen: dict[str, set[str]] = {}
+        for name in self.splits:
+            groups = self[name].groups
+            for g in set(groups or ()):
+                if g != "":
+                    seen.setdefault(g, set()).add(name)
+        return {g: sorted(s) for g, s in seen.items() if len(s) > 1}
 
     @property
     def h5(self) -> h5py.File:
@@ -433,7 +497,10 @@ class StoreWriter:
             if arr is None or name not in g:
                 continue
             ds = g[name]
-            arr = np.ascontiguousarray(arr, dtype=ds.dtype)
+            stored = np.ascontiguousarray(arr, dtype=ds.dtype)
+            if not np.isfinite(stored).all():
+                _refuse_non_finite(np.asarray(arr), stored, name, split)
+            arr = stored
             pos = 0
             for start, stop in contiguous_runs(rows):
                 ds.write_direct(arr, np.s_[pos:pos + stop - start], np.s_[start:stop])
@@ -462,6 +529,19 @@ class StoreWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _refuse_non_finite(source: np.ndarray, stored: np.ndarray, name: str, split: str) -> None:
+    """Never mark a row done whose stored features are NaN or inf: say whether the model produced
+    them or the storage dtype overflowed, and what to do."""
+    finite_source = source[np.isfinite(source)]
+    if np.isfinite(source).all() and stored.dtype == np.float16:
+        largest = float(np.abs(finite_source).max())
+        raise FeatureStoreError(
+            f"{name} features of split {split!r} reach {largest:.6g}, beyond float16's largest value 65504: "
+            f"stored as float16 they would be inf. Extract (or import) with --dtype float32.")
+    raise FeatureStoreError(f"the model produced NaN or inf {name} features in split {split!r}; nothing was "
+                            f"stored for this batch. Check the model and its inputs.")
 
 
 def _fit_bytes(text: str) -> bytes:
@@ -508,10 +588,17 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         if labels.shape[0] != n:
             raise ValueError(f"split {name!r}: {labels.shape[0]} labels for {n} feature rows; "
                              f"expected one label per row.")
-        paths = list(s.get("paths") or [f"{name}/{i:08d}" for i in range(n)])
+        given = s.get("paths")
+        paths = [str(p) for p in given] if given is not None else [f"{name}/{i:08d}" for i in range(n)]
         if len(paths) != n:
             raise ValueError(f"split {name!r}: {len(paths)} paths for {n} feature rows.")
-        specs[name] = SplitSpec(paths=paths, labels=labels, groups=s.get("groups"))
+        for key in ("cls", "pooled", "tokens"):
+            if s.get(key) is not None:
+                check_finite(np.asarray(s[key]), f"split {name!r} {key}")
+        if labels.ndim == 1:
+            check_labels(labels, len(classes), f"split {name!r}")
+        groups = s.get("groups")
+        specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [str(g) for g in groups])
     if path.exists():
         path.unlink()
     with StoreWriter(path, config, classes, specs, layout, overwrite=True) as w:

@@ -133,7 +133,7 @@ def test_cli_train_sweep_predict_and_refusal(digits_feature_file, tmp_path, digi
     assert r.exit_code == 0, r.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_params"] == 64 * 32 + 32 + 32 * 10 + 10 and {"val", "test"} <= set(metrics)
-    assert len(json.loads((run / "history.json").read_text())) >= 1 and (run / "best.pt").exists()
+    assert len(json.loads((run / "history.json").read_text())) >= 1 and (run / "head.safetensors").exists()
     s = runner.invoke(cli, ["sweep", str(digits_feature_file), "--lr", "1e-3,1e-2", "--wd", "0", "--features",
                             "cls,pooled", "--epochs", "5", "--out", str(tmp_path / "sweep"), "--quiet"])
     assert s.exit_code == 0, s.output
@@ -166,7 +166,7 @@ def test_binary_predictions_csv(tmp_path):
     write_arrays(path, {"train": {"cls": x[:80], "labels": y[:80]}, "val": {"cls": x[80:100], "labels": y[80:100]},
                         "test": {"cls": x[100:], "labels": y[100:], "paths": [f"img{i}.png" for i in range(20)]}},
                  ["normal", "pneumonia"], {"model": "b"})
-    fc.train_head(path, epochs=10, out=tmp_path / "run")
+    fc.train_head(path, epochs=10, out=tmp_path / "run", positive_class="pneumonia")
     for fig in ("confusion_matrix", "roc_pr", "calibration"):
         assert (tmp_path / "run" / "figures" / f"{fig}.png").stat().st_size > 0
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "p.csv")])

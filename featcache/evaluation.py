@@ -1,0 +1,263 @@
+"""Evaluation protocols on a feature file: k-NN and the logistic probe, end to end.
+
+``knn.knn_eval`` and ``probe.LogisticProbe`` are the algorithms on arrays; this module is the
+protocol around them that a command line or a notebook runs on a FeatureStore: which rows of
+which splits, the positive class of a binary task, the headline metrics with bootstrap
+intervals, and a run directory (runs.write_run). The CLI only parses options and prints.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featcache.knn import knn_eval
+from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, classification_metrics,
+                               resolve_positive)
+from featcache.probe import LogisticProbe, expand_proba, resolve_cs
+from featcache.runs import write_run
+from featcache.store import FeatureStore
+
+CI_METRICS = ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
+
+
+@dataclass
+class SplitArrays:
+    """The done, labelled rows of one split as arrays."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    rows: np.ndarray
+    groups: list[str] | None
+
+
+def load_split_arrays(store: FeatureStore, split: str, features: str, purpose: str) -> SplitArrays:
+    """(X, y, rows, groups) of a split's done, labelled rows, or a ValueError saying what is there."""
+    if split not in store.splits:
+        raise ValueError(f"{store.path.name} has no split {split!r} for {purpose}; it has: {', '.join(store.splits)}.")
+    view = store[split]
+    x, y, rows = view.arrays(features)
+    if len(y) == 0:
+        raise ValueError(f"split {split!r} of {store.path.name} has no labelled, extracted rows to use for {purpose}.")
+    from featcache.store import check_labels
+
+    check_labels(y, len(store.classes), f"{store.path.name} split {split!r}")
+    return SplitArrays(split, x, y, rows, view.row_groups(rows))
+
+
+def leakage_warning(store: FeatureStore, splits: Sequence[str | None]) -> str | None:
+    """A warning when a group (patient) appears in more than one of the splits used."""
+    used = {s for s in splits if s}
+    leaked = {g: s for g, s in store.leaked_groups().items() if len(used.intersection(s)) > 1}
+    if not leaked:
+        return None
+    example = next(iter(leaked))
+    return (f"leakage: {len(leaked)} group(s) appear in more than one of the splits {', '.join(sorted(used))} "
+            f"(e.g. {example!r} in {', '.join(leaked[example])}); the same patient on both sides inflates every "
+            f"number. Re-split by group (featcache split --group).")
+
+
+def _base_config(store: FeatureStore, kind: str, features: str) -> dict[str, Any]:
+    return {"kind": kind, "features_file": str(store.path.resolve()), "fingerprint": store.fingerprint,
+            "model": store.config.get("model"), "features": features}
+
+
+# ----------------------------------------------------------------------------------------------
+# k-NN
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class KnnResult:
+    """Every (k, T) row of a k-NN evaluation and the headline (first k, first T) metrics."""
+
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]              # one per (T, k): top1, top5, balanced_accuracy, auroc, ...
+    curve: dict[float, dict[int, dict[str, Any]]]  # knn_eval results without probabilities, for plots
+    headline: dict[str, Any]                # classification_metrics at the first k and T (+ "ci")
+    proba: np.ndarray                       # headline class scores of the eval rows
+    eval: SplitArrays
+    classes: list[str]
+    positive: int | None
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json: the headline under "test" (or "val" when the eval split is val)."""
+        key = "val" if self.eval.name == "val" else "test"
+        return {"positive_class": None if self.positive is None else self.classes[self.positive],
+                "eval_split": self.eval.name, key: self.headline, "results": self.rows,
+                "headline": self.config["headline"], "notes": self.warnings}
+
+    def save(self, out: str | Path) -> Path:
+        from featcache.plots import knn_curve_plot
+
+        curve = self.curve if len(self.curve) > 1 else next(iter(self.curve.values()))
+        first = next(iter(next(iter(self.curve.values())).values()))
+        shown = ("top1", "top5") if "top1" in first else ("auroc",)
+        title = (f"k-NN on {self.eval.name} ({self.config['train_split']} as neighbours), "
+                 f"T = {', '.join(f'{t:g}' for t in self.config['temperatures'])}")
+        return write_run(out, self.config, self.metrics(),
+                         figures=lambda d: knn_curve_plot(curve, d / "knn_curve", metrics=shown, title=title))
+
+
+def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str = "test",
+            ks: Sequence[int] = (10, 20, 100, 200), temperatures: Sequence[float] = (0.07,),
+            weighting: str = "distance", features: str = "cls", backend: str = "auto", bootstrap: int = 0,
+            positive_class: str | None = None, seed: int = 0) -> KnnResult:
+    """DINO's weighted k-NN of one split's rows against another's, every k and T from one search."""
+    train = load_split_arrays(store, train_split, features, "neighbours")
+    ev = load_split_arrays(store, eval_split, features, "evaluation")
+    classes = list(store.classes)
+    notes = []
+    if train_split == eval_split:
+        notes.append(f"the neighbours and the evaluated rows are the same split ({train_split!r}): each row finds "
+                     f"itself at similarity 1, so these numbers are optimistic. Pass --eval-split another split.")
+    leak = leakage_warning(store, [train_split, eval_split])
+    if leak:
+        notes.append(leak)
+    multilabel = train.y.ndim == 2
+    positive = None if multilabel else resolve_positive(classes, train.y, positive_class)
+    if not multilabel and len(set(train.y.tolist())) < len(classes):
+        missing = [c for i, c in enumerate(classes) if i not in set(train.y.tolist())]
+        notes.append(f"the {train_split} split lacks classes {', '.join(missing)}: they can never be predicted.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = knn_eval(train.x, train.y, ev.x, ev.y, ks=ks, temperature=tuple(temperatures), weighting=weighting,
+                       num_classes=len(classes), backend=backend, return_proba=True, positive=positive)
+    notes += [str(w.message) for w in caught]
+    rows = [{"k": k, "temperature": t, **{m: v for m, v in r.items() if m not in ("proba", "temperature")}}
+            for t, per_k in res.items() for k, r in per_k.items()]
+    head_k, head_t = list(ks)[0], float(list(temperatures)[0])
+    proba = res[head_t][head_k]["proba"]
+    headline = classification_metrics(ev.y, proba, classes=classes, positive=positive)
+    if bootstrap:
+        names = [m for m in CI_METRICS if headline.get(m) is not None]
+        boot = bootstrap_metrics(ev.y, proba, metrics=names, n_boot=bootstrap, groups=ev.groups, seed=seed,
+                                 positive=positive)
+        boot.attach(headline)
+        notes += boot.warnings
+    config = {**_base_config(store, "knn", features), "train_split": train_split, "eval_split": eval_split,
+              "weighting": weighting, "ks": [int(k) for k in ks], "temperatures": [float(t) for t in temperatures],
+              "headline": {"k": head_k, "temperature": head_t}, "bootstrap": bootstrap,
+              "n_train": int(len(train.y)), "n_eval": int(len(ev.y))}
+    curve = {t: {k: {m: v for m, v in r.items() if m != "proba"} for k, r in per_k.items()} for t, per_k in res.items()}
+    return KnnResult(config, rows, curve, headline, proba, ev, classes, positive, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# logistic probe
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ProbeResult:
+    """A fitted probe, its C sweep, and its test metrics (computed exactly as predict computes them)."""
+
+    config: dict[str, Any]
+    probe: LogisticProbe
+    classes: list[str]
+    positive: int | None
+    threshold: float | list[float] | None
+    threshold_rule: str | None
+    test: dict[str, Any] | None
+    test_split: SplitArrays | None
+    test_proba: np.ndarray | None
+    head: tuple[dict, dict]                 # the deployable linear head (prediction.save_head)
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        p = self.probe
+        val = {p.metric: p.best_score_}
+        if p.metric == "accuracy":
+            val["top1"] = p.best_score_
+        out = {"best_C": p.best_C_, "selection": p.selection_, "cv_folds": p.cv_folds_, "metric": p.metric,
+               "features": self.config["features"], "scores": {f"{c:g}": s for c, s in p.scores_.items()},
+               "n_iter": {f"{c:g}": n for c, n in p.n_iter_.items()}, "val": val, "test": self.test,
+               "positive_class": None if self.positive is None else self.classes[self.positive],
+               "notes": self.warnings}
+        if self.threshold is not None:
+            out["threshold"] = {"rule": self.threshold_rule, "value": self.threshold, "chosen_on": "val"}
+        return out
+
+    def save(self, out: str | Path) -> Path:
+        from featcache.plots import evaluation_figures
+
+        def figures(fig_dir: Path) -> None:
+            if self.test_proba is not None:
+                evaluation_figures(fig_dir, self.test, self.test_split.y, self.test_proba, self.classes,
+                                   split=self.test_split.name, threshold=self.threshold, positive=self.positive)
+
+        return write_run(out, self.config, self.metrics(), head=self.head, figures=figures)
+
+
+def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str | None = "val",
+              test_split: str | None = "test", features: str = "cls", Cs: Any = None, metric: str = "accuracy",
+              class_weight: str | None = None, cv: int = 5, refit: bool = True, bootstrap: int = 0,
+              max_iter: int = 1000, positive_class: str | None = None, threshold: str | None = None,
+              progress: bool = False, seed: int = 0) -> ProbeResult:
+    """Standardise, sweep C (val split, or grouped CV on train when there is none), refit on train +
+    val at the best C, and evaluate the deployable head once on the test split."""
+    from featcache.prediction import array_proba, probe_head_payload
+
+    notes: list[str] = []
+    train = load_split_arrays(store, train_split, features, "training the probe")
+    use_val = bool(val_split) and val_split in store.splits
+    use_test = bool(test_split) and test_split in store.splits
+    val = load_split_arrays(store, val_split, features, "choosing C") if use_val else None
+    test = load_split_arrays(store, test_split, features, "testing") if use_test else None
+    leak = leakage_warning(store, [train_split, val_split if use_val else None, test_split if use_test else None])
+    if leak:
+        notes.append(leak)
+    classes = list(store.classes)
+    multilabel = train.y.ndim == 2
+    positive = None if multilabel else resolve_positive(classes, train.y, positive_class)
+    rule = None if threshold in (None, "0.5") else threshold
+    if rule is not None and refit and use_val and not _is_number(rule):
+        raise ValueError(f"--threshold {rule} is chosen on the validation split, but the probe is refitted on train + "
+                         f"val, so no unseen rows are left to choose it on. Add --no-refit, or give a number.")
+    cs = resolve_cs(Cs)
+    probe = LogisticProbe(Cs=cs, metric=metric, cv=cv, refit=refit, max_iter=max_iter,
+                          class_weight=class_weight, progress=progress, random_state=seed)
+    probe.fit(train.x, train.y, val.x if val else None, val.y if val else None,
+              groups=None if use_val else train.groups)
+    t_value = None
+    if rule is not None:
+        if val is None:
+            raise ValueError("--threshold youden|sensitivity:T is chosen on a validation split; this file has none.")
+        val_proba = _expanded(probe, val.x, len(classes))
+        t_value = choose_threshold_rule(rule, val.y, val_proba, positive)
+    config = {**_base_config(store, "probe", features), "train_split": train_split,
+              "val_split": val_split if use_val else None, "test_split": test_split if use_test else None,
+              "Cs": [float(c) for c in cs], "metric": metric, "class_weight": class_weight, "cv": cv,
+              "refit": refit, "bootstrap": bootstrap, "max_iter": max_iter,
+              "n_train": int(len(train.y)), "n_val": int(len(val.y)) if val else 0,
+              "n_test": int(len(test.y)) if test else 0}
+    head = probe_head_payload(probe, classes=classes, fingerprint=store.fingerprint,
+                              model_name=store.config.get("model"), features=features, threshold=t_value,
+                              threshold_rule=rule, positive=positive, recipe=config)
+    metrics = proba = None
+    if test is not None:
+        proba = array_proba(head, test.x)   # exactly what predict computes from the saved head
+        metrics = classification_metrics(test.y, proba, classes=classes, threshold=t_value, positive=positive)
+        if bootstrap:
+            names = [m for m in CI_METRICS if metrics.get(m) is not None]
+            boot = bootstrap_metrics(test.y, proba, metrics=names, n_boot=bootstrap, groups=test.groups, seed=seed,
+                                     threshold=t_value, positive=positive)
+            boot.attach(metrics)
+            notes += boot.warnings
+    return ProbeResult(config, probe, classes, positive, t_value, rule, metrics, test, proba, head, notes)
+
+
+def _expanded(probe: LogisticProbe, x: np.ndarray, n_classes: int) -> np.ndarray:
+    proba = probe.predict_proba(x)
+    return proba if probe.multilabel_ else expand_proba(proba, probe.classes_, n_classes)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,323 @@
+"""Deployable heads: save, load and apply a trained head or probe to a feature file.
+
+A saved head is two files in its run directory: ``head.safetensors`` (weights and the feature
+standardisation, tensors only) and ``head.json`` (spec, classes, the feature file's fingerprint,
+positive class, decision threshold, recipe). Neither can execute code when read, so a run
+directory someone shared is safe to ``featcache predict``. Run directories of featcache 0.1
+(``best.pt``) are read with ``torch.load(weights_only=True)``, which refuses pickled code.
+
+The probabilities a run directory's metrics were computed from come from ``split_proba``, the
+same function ``predict`` applies, so a run's test metrics equal what its predictions CSV gives.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcache.heads import HeadSpec, build_head, uses_tokens
+from featcache.metrics import decide
+from featcache.store import FeatureStore, read_rows
+
+HEAD_FORMAT = "featcache-head-2"
+PREDICT_BATCH = 1024  # rows per forward in split_proba and predict (same batches -> same floats)
+
+
+# ----------------------------------------------------------------------------------------------
+# probabilities
+# ----------------------------------------------------------------------------------------------
+
+def batch_proba(model: nn.Module, batches: Iterable[torch.Tensor], multilabel: bool, num_classes: int) -> np.ndarray:
+    """Softmax (single-label) or per-label sigmoid probabilities of standardised input batches."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for x in batches:
+            logits = model(x)
+            out.append((logits.sigmoid() if multilabel else logits.softmax(dim=1)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, num_classes))
+
+
+def split_proba(model: nn.Module, data: Any, split: Any) -> np.ndarray:
+    """Probabilities of one of a CachedSplits' splits, in row order, batched as predict batches."""
+    from featcache.cached_splits import epoch_batches
+
+    batches = (x for x, _ in epoch_batches(data, split, PREDICT_BATCH, torch.Generator(), 0, False, None))
+    return batch_proba(model, batches, data.multilabel, len(data.classes))
+
+
+# ----------------------------------------------------------------------------------------------
+# saving and loading
+# ----------------------------------------------------------------------------------------------
+
+def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], fingerprint: str, model_name: str | None,
+                 features: str, mean: torch.Tensor | None, std: torch.Tensor | None,
+                 threshold: float | list[float] | None, threshold_rule: str | None, positive: int | None,
+                 multilabel: bool, source: str, recipe: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) that save_head writes and load_head reads back."""
+    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if mean is not None:
+        tensors["standardize.mean"] = mean.detach().float().cpu().contiguous()
+        tensors["standardize.std"] = std.detach().float().cpu().contiguous()
+    meta = {"format": HEAD_FORMAT, "spec": spec.as_dict(), "classes": list(classes), "fingerprint": fingerprint,
+            "model": model_name, "features": features, "multilabel": multilabel, "source": source,
+            "positive_class": None if positive is None else classes[positive],
+            "threshold": threshold, "threshold_rule": threshold_rule, "recipe": recipe}
+    return tensors, meta
+
+
+def save_head(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write head.safetensors and head.json (the weights' sha256 recorded in the JSON)."""
+    from safetensors.torch import save_file
+
+    from featcache.runs import write_json
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = run_dir / "head.safetensors"
+    save_file(tensors, str(weights))
+    write_json(run_dir / "head.json", {**meta, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()})
+    return weights
+
+
+@dataclass
+class SavedHead:
+    """A head read back from a run directory, ready to predict."""
+
+    model: nn.Module
+    spec: HeadSpec
+    meta: dict[str, Any]
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def positive(self) -> int | None:
+        name = self.meta.get("positive_class")
+        return None if name is None else self.classes.index(name)
+
+
+def load_head(run_dir: str | os.PathLike) -> SavedHead:
+    """Read a saved head without executing anything: safetensors + JSON, or a legacy best.pt through
+    torch's weights-only unpickler (which refuses any object that could run code)."""
+    path = Path(run_dir)
+    if path.is_dir() and (path / "head.safetensors").is_file():
+        return _load_safetensors(path)
+    legacy = path / "best.pt" if path.is_dir() else path
+    if legacy.is_file() and legacy.suffix == ".pt":
+        return _load_legacy(legacy)
+    raise FileNotFoundError(f"{path} holds no saved head (head.safetensors + head.json); expected a run "
+                            f"directory written by `featcache train|sweep|probe --out RUN`.")
+
+
+def _load_safetensors(run_dir: Path) -> SavedHead:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from featcache.runs import read_json
+
+    meta_path = run_dir / "head.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has head.safetensors but no head.json; the run directory is incomplete: "
+                                f"re-run the command that wrote it.")
+    meta = read_json(meta_path)
+    if meta.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{meta_path} is format {meta.get('format')!r}; this featcache reads {HEAD_FORMAT!r}.")
+    try:
+        tensors = load_file(str(run_dir / "head.safetensors"))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{run_dir / 'head.safetensors'} is not a readable safetensors file ({exc}).") from exc
+    state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    return _build(meta, state, tensors.get("standardize.mean"), tensors.get("standardize.std"), run_dir)
+
+
+def _load_legacy(path: Path) -> SavedHead:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as exc:
+        raise ValueError(f"refused to load {path}: it is not a plain tensor checkpoint (loading it would run "
+                         f"code from the file: {str(exc).splitlines()[0][:160]}). Retrain the head, or load it "
+                         f"yourself only if you trust its author.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "featcache-head-1":
+        raise ValueError(f"{path} is not a featcache head checkpoint.")
+    cfg = ckpt.get("train_config") or {}
+    meta = {"spec": ckpt["spec"], "classes": ckpt["classes"], "fingerprint": ckpt["fingerprint"],
+            "model": ckpt.get("model"), "features": "tokens" if uses_tokens(ckpt["spec"]["kind"]) else cfg.get("features", "cls"),
+            "multilabel": None, "positive_class": None, "threshold": None, "threshold_rule": None, "recipe": cfg}
+    return _build(meta, ckpt["state_dict"], ckpt.get("feature_mean"), ckpt.get("feature_std"), path)
+
+
+def _build(meta: dict[str, Any], state: dict[str, torch.Tensor], mean: torch.Tensor | None,
+           std: torch.Tensor | None, where: Path) -> SavedHead:
+    spec = HeadSpec(**meta["spec"])
+    model = build_head(spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"the weights in {where} do not fit a {spec.kind} head of its own spec ({exc}).") from exc
+    return SavedHead(model.eval(), spec, meta, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------
+# predict
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Predictions:
+    """A saved head's output on one split of a feature file."""
+
+    paths: list[str]
+    labels: np.ndarray
+    proba: np.ndarray                   # (N, C) probabilities (multi-label: per label)
+    classes: list[str]
+    multilabel: bool
+    positive: int | None                # binary: index of the positive class
+    threshold: float | list[float] | None
+    threshold_source: str               # "saved (youden, chosen on val)", "--threshold", "default 0.5"
+
+    def decisions(self) -> np.ndarray:
+        """Predicted class index per row (multi-label: (N, C) 0/1), by the documented tie rule."""
+        return decide(self.proba, threshold=self.threshold, positive=self.positive, multilabel=self.multilabel)
+
+
+def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split: str = "test",
+            threshold: float | None = None, positive_class: str | None = None) -> Predictions:
+    """Probabilities and decisions of a saved head (or probe) on a split, refusing features of
+    another backbone or preprocessing. The saved threshold applies unless `threshold` is given."""
+    head = load_head(run_dir)
+    meta = head.meta
+    with FeatureStore(features_file) as store:
+        if store.fingerprint != meta["fingerprint"]:
+            raise ValueError(f"the head in {run_dir} was trained on features of {meta.get('model')!r} (fingerprint "
+                             f"{meta['fingerprint'][:12]}), but {Path(features_file).name} holds features of "
+                             f"{store.config.get('model')!r} (fingerprint {store.fingerprint[:12]}). Predict on a "
+                             f"file extracted with the same model and settings.")
+        if split not in store.splits:
+            raise ValueError(f"{Path(features_file).name} has no split {split!r}; it has {', '.join(store.splits)}.")
+        view = store[split]
+        rows = view.valid_index()
+        multilabel = view.multilabel
+
+        def batches() -> Iterable[torch.Tensor]:
+            for i in range(0, len(rows), PREDICT_BATCH):
+                r = rows[i:i + PREDICT_BATCH]
+                if uses_tokens(head.spec.kind):
+                    x = torch.from_numpy(read_rows(view.tokens, r).astype(np.float32))
+                else:
+                    x = torch.from_numpy(view.features(meta["features"], r))
+                yield x if head.mean is None else (x - head.mean) / head.std
+
+        proba = batch_proba(head.model, batches(), multilabel, head.spec.num_classes)
+        paths = view.paths
+        labels = view.labels[rows]
+    positive, t, source = _decision_rule(head, multilabel, threshold, positive_class)
+    return Predictions([paths[i] for i in rows], labels, proba, head.classes, multilabel, positive, t, source)
+
+
+def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
+                   positive_class: str | None) -> tuple[int | None, float | list[float] | None, str]:
+    """(positive index, threshold, where the threshold came from) for predict."""
+    classes = head.classes
+    if multilabel or len(classes) != 2:
+        if threshold is not None and not multilabel:
+            raise ValueError(f"--threshold applies to binary and multi-label heads; this head has {len(classes)} "
+                             f"classes and predicts by argmax.")
+        if threshold is not None:
+            return None, float(threshold), "--threshold"
+        saved = head.meta.get("threshold")
+        return None, saved, "saved" if saved is not None else "default 0.5"
+    saved_pos = head.positive if head.positive is not None else 1
+    positive = saved_pos
+    if positive_class is not None:
+        if positive_class not in classes:
+            raise ValueError(f"--positive-class {positive_class!r} is not a class of this head ({', '.join(classes)}).")
+        positive = classes.index(positive_class)
+    if threshold is not None:
+        return positive, float(threshold), "--threshold"
+    saved = head.meta.get("threshold")
+    if saved is not None and positive == saved_pos:
+        rule = head.meta.get("threshold_rule") or "a number"
+        return positive, float(saved), f"saved ({rule}, chosen on validation)"
+    return positive, 0.5, "default 0.5"
+
+
+def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
+    """image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    classes, proba, decided = pred.classes, pred.proba, pred.decisions()
+    with out.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        if pred.multilabel:
+            w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + [f"label_{c}" for c in classes]
+                       + [f"pred_{c}" for c in classes])
+            for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
+                w.writerow([p, *[f"{v:.8f}" for v in pr], *map(int, lab), *map(int, d)])
+        elif len(classes) == 2:
+            w.writerow(["image_path", "probability", "label", "prediction"])
+            for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
+                w.writerow([p, f"{pr[pred.positive]:.8f}", classes[lab] if lab >= 0 else "", classes[d]])
+        else:
+            w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + ["label", "prediction"])
+            for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
+                w.writerow([p, *[f"{v:.8f}" for v in pr], classes[lab] if lab >= 0 else "", classes[d]])
+    return out
+
+
+def probe_head_payload(probe: Any, *, classes: list[str], fingerprint: str, model_name: str | None, features: str,
+                       threshold: float | list[float] | None, threshold_rule: str | None, positive: int | None,
+                       recipe: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A fitted LogisticProbe as a featcache linear head: the scaler becomes the standardisation and
+    the logistic regression(s) one (C, D) weight matrix, so predict treats probes and heads alike.
+
+    Binary sklearn models score one logit z for the second fitted class: the head's logits are
+    (0, z), whose softmax is exactly (1 - sigmoid(z), sigmoid(z)). Classes absent from training get
+    a -1e4 bias (probability 0), as the probe's expanded probabilities give them."""
+    weight, bias = probe.linear_weights(len(classes))
+    spec = HeadSpec("linear", weight.shape[1], weight.shape[0])
+    model = build_head(spec)
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(weight))
+        model.bias.copy_(torch.from_numpy(bias))
+    mean = torch.from_numpy(np.asarray(probe.scaler_.mean_, dtype=np.float32))
+    std = torch.from_numpy(np.asarray(probe.scaler_.scale_, dtype=np.float32))
+    return head_payload(model, spec, classes=classes, fingerprint=fingerprint, model_name=model_name,
+                        features=features, mean=mean, std=std, threshold=threshold, threshold_rule=threshold_rule,
+                        positive=positive, multilabel=probe.multilabel_, source="probe", recipe=recipe)
+
+
+def array_proba(head_tensors: tuple[dict[str, torch.Tensor], dict[str, Any]], x: np.ndarray) -> np.ndarray:
+    """Probabilities of an in-memory head payload on raw (unstandardised) features, batched as predict."""
+    tensors, meta = head_tensors
+    spec = HeadSpec(**meta["spec"])
+    model = build_head(spec)
+    model.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+    mean, std = tensors.get("standardize.mean"), tensors.get("standardize.std")
+
+    def batches() -> Iterable[torch.Tensor]:
+        for i in range(0, len(x), PREDICT_BATCH):
+            b = torch.from_numpy(np.ascontiguousarray(x[i:i + PREDICT_BATCH], dtype=np.float32))
+            yield b if mean is None else (b - mean) / std
+
+    return batch_proba(model, batches(), bool(meta["multilabel"]), spec.num_classes)
+
+
+def describe_head(run_dir: str | os.PathLike) -> str:
+    """One line naming a saved head, for the predict summary."""
+    head = load_head(run_dir)
+    m = head.meta
+    return (f"{m.get('source', 'train')} {head.spec.kind} head on {m.get('features')} of {m.get('model')} "
+            f"({len(head.classes)} classes" + (f", positive class {m['positive_class']}" if m.get("positive_class") else "")
+            + ")")
+

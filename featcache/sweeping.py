@@ -1,0 +1,326 @@
+"""Sweeps: train a grid of heads, rank them on validation, keep the best as a fitted HeadTrainer.
+
+Linear heads with AdamW train as one batched model: per feature kind one stacked (K, C, D)
+weight tensor, one gather of each epoch's shuffled rows shared by all K heads, analytic
+gradients of the loss (no autograd graph over K heads) and a stacked AdamW step with per-config
+lr and weight decay. Per configuration the result equals training it alone (same init, batch
+order, updates and early stopping). Other heads train one configuration after another.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from featcache.cached_splits import CachedSplits
+from featcache.devices import resolve_device
+from featcache.heads import HeadSpec, build_head
+from featcache.metrics import selection_score
+from featcache.store import FeatureStore, parse_feature_kind
+from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which HeadTrainer uses
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class SweepResult:
+    """A sweep's leaderboard (sorted by validation score) and its best head."""
+
+    leaderboard: list[dict[str, Any]]     # one row per configuration, best first
+    best: dict[str, Any]                  # the best row
+    trainer: HeadTrainer                  # the best head, as if trained alone
+    seconds: float
+    fused: bool                           # trained as one batched model
+    notes: list[str] = field(default_factory=list)  # e.g. the best lr sits at the edge of the grid
+
+    def save(self, out: str | Path, heat: tuple[str, str] = ("lr", "weight_decay")) -> Path:
+        """The best head's run directory, plus the leaderboard and one heat-map per feature kind."""
+        metric = f"val_{self.trainer.config.metric}"
+        extra = {"leaderboard": self.leaderboard, "best": self.best, "fused": self.fused,
+                 "sweep_seconds": self.seconds, "notes": self.trainer.notes_ + self.notes}
+        return self.trainer.save(out, kind="sweep", config={"grid_size": len(self.leaderboard)}, metrics=extra,
+                                 extra_figures=lambda d: sweep_figures(d, self.leaderboard, heat, metric, self.best))
+
+
+def sweep_figures(fig_dir: Path, leaderboard: list[dict[str, Any]], heat: tuple[str, str], metric: str,
+                  best: dict[str, Any]) -> None:
+    """One heat-map per feature kind, all on one colour range, the best cell marked."""
+    from featcache.plots import sweep_heatmap_plot
+
+    values = [float(r[metric]) for r in leaderboard if r.get(metric) is not None and math.isfinite(r[metric])]
+    if not values:
+        return
+    for feats in sorted({r["features"] for r in leaderboard}):
+        rows = [r for r in leaderboard if r["features"] == feats]
+        mark = (best[heat[0]], best[heat[1]]) if best["features"] == feats else None
+        sweep_heatmap_plot(rows, heat[0], heat[1], metric, fig_dir / f"sweep_{feats.replace('+', '_')}",
+                           value_range=(min(values), max(values)), best=mark, title=f"sweep on {feats}: {metric}")
+
+
+def sweep(features_file: str | Path, head: str = "linear", lrs: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3),
+          weight_decays: Sequence[float] = (0.0, 1e-4, 1e-2), features: Sequence[str] = ("cls",),
+          out: str | Path | None = None, progress: bool = False, threshold: str | None = None,
+          **options: Any) -> SweepResult:
+    """Train every (lr, weight decay, features) configuration and rank them on validation.
+
+    Linear heads train as one batched model (each batch read once for all); other heads train one
+    after another. The best configuration is chosen by validation only; test metrics are computed
+    for it alone. `threshold` (binary / multi-label) is then chosen on validation for the best head.
+    """
+    grid = [dict(lr=float(lr), weight_decay=float(wd), features=f)
+            for f, lr, wd in itertools.product(features, lrs, weight_decays)]
+    if not grid:
+        raise ValueError("the sweep grid is empty: give at least one lr, weight decay and features choice.")
+    base = TrainConfig(head=head, **options)
+    for g in grid:
+        replace(base, **g).check()
+    start = time.perf_counter()
+    device = resolve_device(base.device)
+    with FeatureStore(features_file) as store:
+        if head == "linear" and base.optimizer == "adamw":
+            rows, trainer_of = _fused_linear_sweep(store, base, grid, device, progress)
+            fused = True
+        else:
+            rows, trainers = [], []
+            for i, g in enumerate(grid):
+                t = HeadTrainer(replace(base, **g)).fit(store)
+                rows.append({**g, "config": i, "best_epoch": t.best_epoch_, f"val_{base.metric}": t.best_score_})
+                trainers.append(t)
+            trainer_of, fused = (lambda row: trainers[row["config"]]), False
+        metric = f"val_{base.metric}"
+        order = sorted(range(len(rows)), key=lambda i: (-_finite(rows[i][metric]), i))
+        leaderboard = [dict(rows[i], rank=r + 1) for r, i in enumerate(order)]
+        best = leaderboard[0]
+        trainer = trainer_of(best)
+        if threshold is not None:
+            trainer.apply_threshold(threshold)
+    result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, fused,
+                         grid_edge_notes(best, lrs, weight_decays))
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def grid_edge_notes(best: dict[str, Any], lrs: Sequence[float], weight_decays: Sequence[float]) -> list[str]:
+    """Say when the best lr or weight decay is the smallest or largest of its grid: the optimum may
+    lie outside what was tried."""
+    notes = []
+    for name, option, values in (("lr", "--lr", lrs), ("weight_decay", "--wd", weight_decays)):
+        values = sorted({float(v) for v in values})
+        if len(values) < 2:
+            continue
+        if best[name] == values[0] and not (name == "weight_decay" and values[0] == 0):
+            notes.append(f"the best {name} ({best[name]:g}) is the smallest in the grid: the optimum may be lower; "
+                         f"extend {option} below {values[0]:g}.")
+        elif best[name] == values[-1]:
+            notes.append(f"the best {name} ({best[name]:g}) is the largest in the grid: the optimum may be higher; "
+                         f"extend {option} above {values[-1]:g}.")
+    return notes
+
+
+def _finite(x: float | None) -> float:
+    return x if x is not None and math.isfinite(x) else -math.inf
+
+
+# ------------------------------------------------------------------------------------------------
+# the fused linear sweep
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _StackedLinear:
+    """K linear heads on one feature kind: parameters (K, C, D) and (K, C), per-config lr and wd,
+    and AdamW moments."""
+
+    kind: str
+    members: list[int]                   # config indices of the grid
+    params: list[torch.Tensor]           # [weight (K, C, D), bias (K, C)]
+    lr: torch.Tensor                     # (K,)
+    wd: torch.Tensor                     # (K,)
+    m: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+
+def _stack_linear(kind: str, members: list[int], grid: list[dict[str, Any]], d: int, c: int, seed: int,
+                  device: torch.device) -> _StackedLinear:
+    """Exactly HeadTrainer's init per member (seed, then nn.Linear(d, c)), stacked."""
+    w = torch.empty(len(members), c, d)
+    b = torch.empty(len(members), c)
+    for j in range(len(members)):
+        torch.manual_seed(seed)
+        lin = nn.Linear(d, c)
+        w[j], b[j] = lin.weight.detach(), lin.bias.detach()
+    params = [w.to(device), b.to(device)]
+    return _StackedLinear(kind, members, params,
+                          torch.tensor([grid[i]["lr"] for i in members], device=device),
+                          torch.tensor([grid[i]["weight_decay"] for i in members], device=device),
+                          [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+
+
+def _adamw_step(group: _StackedLinear, step: int) -> None:
+    """torch.optim.AdamW's update for every member at once, with per-config lr and weight decay."""
+    beta1, beta2 = ADAM_BETAS
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    with torch.no_grad():
+        for p, m, v in zip(group.params, group.m, group.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr, wd = group.lr.view(shape), group.wd.view(shape)
+            p.mul_(1 - lr * wd)
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(ADAM_EPS)
+            p.sub_(lr / bc1 * m / denom)
+
+
+class _EarlyStopping:
+    """Per-config best score, best epoch, patience counter and best weights, as HeadTrainer keeps them."""
+
+    def __init__(self, k: int, patience: int):
+        self.best = [-math.inf] * k
+        self.best_epoch = [-1] * k
+        self.waited = [0] * k
+        self.active = [True] * k
+        self.state: list[dict[str, torch.Tensor] | None] = [None] * k
+        self.patience = patience
+
+    def update(self, k: int, epoch: int, score: float, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        if not self.active[k]:
+            return
+        if score > self.best[k] or self.state[k] is None:
+            self.best[k], self.best_epoch[k], self.waited[k] = score, epoch, 0
+            self.state[k] = {"weight": weight.detach().clone().cpu(), "bias": bias.detach().clone().cpu()}
+        else:
+            self.waited[k] += 1
+            self.active[k] = self.waited[k] < self.patience
+
+
+def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[str, Any]], device: torch.device,
+                        progress: bool) -> tuple[list[dict[str, Any]], Any]:
+    """K linear heads trained at once; returns the leaderboard rows and a row -> HeadTrainer function."""
+    kinds = list(dict.fromkeys(g["features"] for g in grid))
+    data = {k: load_for(store, base, device, features=k) for k in kinds}
+    first = data[kinds[0]]
+    c = len(first.classes)
+    loss_fn = loss_for(first, base.balance)
+    weights = sample_weights(first, base.balance)
+    groups = [_stack_linear(kind, [i for i, g in enumerate(grid) if g["features"] == kind], grid,
+                            data[kind].in_dim, c, base.seed, device) for kind in kinds]
+    stop = _EarlyStopping(len(grid), base.patience)
+    gen = torch.Generator().manual_seed(base.seed)
+    n = len(first.train.rows)
+    step = 0
+    bar = tqdm(range(base.epochs), desc=f"sweep {len(grid)} heads", disable=not progress, unit="epoch")
+    for epoch in bar:
+        order = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights is not None
+                 else torch.randperm(n, generator=gen)).to(device)
+        xs = _epoch_views(data, kinds, order)                      # one gather per epoch, shared by all K
+        ys = first.train.y[order]
+        for i in range(0, n, base.batch_size):
+            y = ys[i:i + base.batch_size]
+            step += 1
+            for g in groups:
+                _stacked_backward(g, xs[g.kind][i:i + base.batch_size], y, loss_fn, first.multilabel)
+                _adamw_step(g, step)
+        _validate(groups, data, first, base.metric, epoch, stop)
+        bar.set_postfix(active=sum(stop.active), best=f"{max(stop.best):.4f}")
+        if not any(stop.active):
+            break
+    rows = [{**g, "config": i, "best_epoch": stop.best_epoch[i], f"val_{base.metric}": stop.best[i]}
+            for i, g in enumerate(grid)]
+
+    def trainer_of(row: dict[str, Any]) -> HeadTrainer:
+        cfg = replace(base, **{k: row[k] for k in ("lr", "weight_decay", "features")})
+        return _trainer_from_state(data[cfg.features], cfg, stop.state[row["config"]], row, device)
+
+    return rows, trainer_of
+
+
+def _stacked_backward(g: _StackedLinear, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                      multilabel: bool) -> None:
+    """Set .grad of the stacked parameters: the gradient each head's own loss would give it."""
+    w, b = g.params
+    dlogits = _stacked_loss_grad(_stacked_logits(x, w, b), y, loss_fn, multilabel)  # (K, B, C)
+    g_flat = dlogits.transpose(0, 1).reshape(len(y), -1)                          # (B, K*C)
+    w.grad = (g_flat.T @ x).view_as(w)
+    b.grad = g_flat.sum(0).view_as(b)
+
+
+def _validate(groups: list[_StackedLinear], data: dict[str, CachedSplits], first: CachedSplits, metric: str,
+              epoch: int, stop: _EarlyStopping) -> None:
+    """Score every head on validation and update its early-stopping state."""
+    multilabel = first.multilabel
+    yv = first.val.y.cpu().numpy()
+    with torch.no_grad():
+        for g in groups:
+            w, b = g.params
+            logits = _stacked_logits(data[g.kind].val.x, w, b)
+            if metric == "accuracy" and not multilabel and logits.shape[2] > 2:  # all K at once
+                scores = (logits.argmax(dim=2) == first.val.y).double().mean(dim=1).tolist()
+            else:
+                proba = (logits.sigmoid() if multilabel else logits.softmax(dim=2)).cpu().numpy()
+                scores = [selection_score(yv, proba[j], metric) for j in range(len(g.members))]
+            for j, k in enumerate(g.members):
+                stop.update(k, epoch, scores[j], w[j], b[j])
+
+
+def _epoch_views(data: dict[str, CachedSplits], kinds: list[str], order: torch.Tensor) -> dict[str, torch.Tensor]:
+    """This epoch's shuffled inputs per feature kind. A kind whose parts are a prefix or suffix of
+    another kind in the grid (cls and pooled of cls+pooled) is a column view of that kind's one
+    gathered matrix (BLAS reads strided rows without a copy)."""
+    views: dict[str, torch.Tensor] = {}
+    for kind in sorted(kinds, key=lambda k: -len(parse_feature_kind(k))):
+        if kind in views:
+            continue
+        x = data[kind].train.x[order]
+        views[kind] = x
+        parts = parse_feature_kind(kind)
+        widths = [data[kind].store.feature_dim(p) for p in parts]
+        offsets = np.concatenate([[0], np.cumsum(widths)])
+        for j, p in enumerate(parts):
+            if p in kinds and p not in views:
+                views[p] = x[:, offsets[j]:offsets[j + 1]]
+    return {kind: views[kind] for kind in kinds}
+
+
+def _stacked_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, D) inputs through K linear heads (K, C, D) -> (K, B, C), as one matrix product."""
+    k, c, d = w.shape
+    return (x @ w.reshape(k * c, d).T + b.reshape(-1)).view(len(x), k, c).transpose(0, 1)
+
+
+def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, multilabel: bool) -> torch.Tensor:
+    """d(loss_k)/d(logits_k) for K heads at once, each exactly the gradient loss_fn would give one
+    head (weighted cross-entropy mean, or BCE-with-logits mean): no autograd graph over K heads."""
+    k, bsz, c = logits.shape
+    if multilabel:
+        p = logits.sigmoid()
+        pw = loss_fn.pos_weight
+        if pw is None:
+            grad = p - y
+        else:  # d/dz of -(pw*y*log(s) + (1-y)*log(1-s)) = (pw*y + 1 - y) * s - pw*y
+            grad = (pw * y + 1 - y) * p - pw * y
+        return grad / (bsz * c)
+    grad = logits.softmax(dim=2)
+    grad[:, torch.arange(bsz), y] -= 1
+    if loss_fn.weight is None:
+        return grad / bsz
+    wy = loss_fn.weight[y]
+    return grad * (wy / wy.sum())[None, :, None]
+
+
+def _trainer_from_state(data: CachedSplits, cfg: TrainConfig, state: dict[str, torch.Tensor],
+                        row: dict[str, Any], device: torch.device) -> HeadTrainer:
+    """A fitted HeadTrainer around weights that the fused sweep learned (for metrics, save, predict)."""
+    spec = HeadSpec("linear", data.in_dim, len(data.classes))
+    model = build_head(spec)
+    model.load_state_dict(state)
+    model.to(device)
+    return HeadTrainer(cfg)._finish(model, spec, data, [], row["best_epoch"], row[f"val_{cfg.metric}"], 0.0)
