@@ -22,10 +22,11 @@ import numpy as np
 
 from featcache.loader import TokenBlockLoader
 from featcache.store import FeatureLayout, SplitSpec, StoreWriter
+from featcache.tokens import TokenLayout
 
 
 def make_file(path: Path, n: int, t: int, d: int) -> None:
-    layout = FeatureLayout(dim=d, num_tokens=t, token_dim=d, dtype="float16")
+    layout = FeatureLayout(dim=d, tokens=TokenLayout(1, None, d, t), dtype="float16")
     spec = SplitSpec(paths=[f"{i:07d}" for i in range(n)], labels=np.zeros(n, dtype=np.int64))
     rng = np.random.default_rng(0)
     with StoreWriter(path, {"model": "bench"}, ["a"], {"train": spec}, layout, overwrite=True) as w:

@@ -5,7 +5,11 @@ import logging
 
 import click
 
-from featcache_cli.app import cli, print_table, write_json
+from featcache.backbones import BackboneError
+from featcache.extraction import (ExtractConfig, ExtractionWriteError, RunOptions, distributed_rank, run_extraction,
+                                  saved_rows_line)
+from featcache.store import FeatureStoreError
+from featcache_cli.app import cli, json_option, library_errors, print_table, quiet_option, write_json
 
 
 def _window(value: str | None) -> tuple[float, float] | None:
@@ -41,11 +45,12 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--merge", type=click.Choice(["copy", "virtual"]), default="copy", show_default=True, help="Under torchrun: join the per-rank shard files by copying, or as HDF5 virtual datasets pointing at the shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with another model or settings.")
 @click.option("--retry-errors", is_flag=True, help="Try again the inputs that failed in an earlier run.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the run summary as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--group-column", default=None, metavar="NAME", help="CSV manifest column holding each row's group (patient / study id), kept in the file so CIs, held-out rows and leakage checks respect patients [default: a column named 'group', if any].")
+@json_option
+@quiet_option
 def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_size, batch_size, workers,
-            device, dtype, amp, compile_, label_columns, window, frame, merge, overwrite, retry_errors, json_path,
-            quiet):
+            device, dtype, amp, compile_, label_columns, window, frame, merge, overwrite, retry_errors, group_column,
+            json_path, quiet):
     """Run a frozen backbone over a dataset once and cache its features in an HDF5 file.
 
     Stores cls and pooled features for every image (and with --tokens full the whole token
@@ -57,9 +62,6 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
     Example: featcache extract --model facebook/dino-vits16 --data images/ --out feats.h5
     """
     from featcache.backbones import BackboneError
-    from featcache.extraction import ExtractConfig, RunOptions, distributed_rank, run_extraction
-    from featcache.store import FeatureStoreError
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
@@ -69,27 +71,35 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
     rank, world = distributed_rank()
     run = RunOptions(batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
                      retry_errors=retry_errors, progress=not quiet and rank == 0, compile=compile_, merge=merge)
-    source_options = {"label_columns": label_columns.split(",") if label_columns else None}
+    source_options = {"label_columns": label_columns.split(",") if label_columns else None,
+                      "group_column": group_column}
     try:
         summary = run_extraction(cfg, data, out, run, **source_options)
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted: {saved_rows_line(out)} Run the same command again to "
+                                   f"finish the rest.") from None
+    except ExtractionWriteError as exc:
+        raise click.ClickException(f"{exc} {saved_rows_line(out)} Free space (or fix the cause) and run the same "
+                                   f"command again to resume.") from None
     except (BackboneError, FeatureStoreError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     state = "resumed" if summary.resumed else "created"
     where = f" (rank {rank} of {world})" if world > 1 else ""
+    speed = (f" ({summary.images_per_second:.1f} images/s)" if summary.rows_computed else
+             " (nothing left to compute)")
     click.echo(f"{out}{where}: {state}; {summary.rows_computed} images extracted, {summary.rows_failed} skipped, "
                f"{summary.rows_done_before} already done, "
                + (f"{summary.rows_failed_before} unreadable before (not retried; --retry-errors), "
                   if summary.rows_failed_before else "")
-               + f"{summary.rows_total} in all "
-               f"({summary.images_per_second:.1f} images/s).")
+               + f"{summary.rows_total} in all{speed}.", err=json_path == "-")
     for split, path, reason in summary.errors[:20]:
-        click.echo(f"  skipped {split}/{path}: {reason}")
+        click.echo(f"  skipped {split}/{path}: {reason}", err=json_path == "-")
     if len(summary.errors) > 20:
-        click.echo(f"  ... and {len(summary.errors) - 20} more (see `featcache info {out}`)")
+        click.echo(f"  ... and {len(summary.errors) - 20} more (see `featcache info {out}`)", err=json_path == "-")
     write_json(json_path, {"out": str(out), "resumed": summary.resumed, "rows_total": summary.rows_total,
                            "rows_done_before": summary.rows_done_before, "rows_computed": summary.rows_computed,
                            "rows_failed": summary.rows_failed, "seconds": summary.seconds,
-                           "images_per_second": summary.images_per_second,
+                           "images_per_second": summary.images_per_second if summary.rows_computed else None,
                            "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
 
 
@@ -115,7 +125,7 @@ def import_(out, splits, label_files, path_files, classes, model, dtype, overwri
         store = import_features(out, _pairs(splits, "--split"), labels=_pairs(label_files, "--labels"),
                                 paths=_pairs(path_files, "--paths"), classes=classes, model=model,
                                 dtype=dtype, overwrite=overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from exc
     rows = [{"split": s, "rows": store[s].n, "dim": store[s].cls.shape[1]} for s in store.splits]
     print_table(rows, title=f"{out}: imported {len(store.classes)} classes")
@@ -134,7 +144,7 @@ def _pairs(values, option: str) -> dict[str, str]:
 
 @cli.command()
 @click.argument("features", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the same information as JSON.")
+@json_option
 @click.option("--errors", "show_errors", type=int, default=10, show_default=True, help="How many unreadable inputs to list per split.")
 def info(features, json_path, show_errors):
     """Describe a feature file: model, token layout, splits, rows done, class counts, errors.
@@ -142,25 +152,37 @@ def info(features, json_path, show_errors):
     Example: featcache info feats.h5 --json info.json
     """
     from featcache.store import describe
-    from featcache.store import FeatureStoreError
+
+    err = json_path == "-"  # --json - takes stdout: the human summary goes to stderr
+
+    def echo(text: str = "", **kw) -> None:
+        click.echo(text, err=True if kw.get("err") else err)
+
+    def print_table_(rows, *args, **kw) -> None:
+        print_table(rows, *args, err=err, **kw)
 
     try:
         d = describe(features)
     except (FeatureStoreError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"file      {d['path']}  ({d['size_mb']:.1f} MB, encoding-version {d['encoding_version']})")
-    click.echo(f"model     {d['model']}" + (f"  revision {d['revision']}" if d.get("revision") else ""))
-    click.echo(f"family    {d.get('family') or 'n/a'}   dtype {d['dtype']}   fingerprint {d['fingerprint'][:16]}")
-    click.echo(f"tokens    {d['token_layout']}")
-    click.echo(f"classes   {len(d['classes'])}: {', '.join(d['classes'][:20])}{' ...' if len(d['classes']) > 20 else ''}")
-    click.echo("")
-    print_table([{k: s[k] for k in ("split", "done", "total", "errors", "cls", "pooled", "tokens")}
+    echo(f"file      {d['path']}  ({d['size_mb']:.1f} MB, encoding-version {d['encoding_version']})"
+               + ("  [being written by another process]" if d["being_written"] else ""))
+    echo(f"model     {d['model']}" + (f"  revision {d['revision']}" if d.get("revision") else ""))
+    echo(f"family    {d.get('family') or 'n/a'}   dtype {d['dtype']}   fingerprint {d['fingerprint'][:16]}")
+    echo(f"tokens    {d['token_layout']}")
+    echo(f"classes   {len(d['classes'])}: {', '.join(d['classes'][:20])}{' ...' if len(d['classes']) > 20 else ''}")
+    echo("")
+    print_table_([{k: s[k] for k in ("split", "done", "total", "errors", "cls", "pooled", "tokens")}
                  for s in d["splits"]])
     for s in d["splits"]:
         counts = ", ".join(f"{c}={n}" for c, n in s["class_counts"].items())
-        click.echo(f"\n{s['split']} class counts: {counts}" + (f" (unlabelled={s['unlabelled']})" if s["unlabelled"] else ""))
+        echo(f"\n{s['split']} class counts: {counts}" + (f" (unlabelled={s['unlabelled']})" if s["unlabelled"] else ""))
         for warning in s["warnings"]:
-            click.echo(f"  warning: {warning}")
+            echo(f"  warning: {warning}")
         for path, reason in s["error_list"][:show_errors]:
-            click.echo(f"  unreadable: {path}: {reason}")
+            echo(f"  unreadable: {path}: {reason}")
+    if d["leaked_groups"]:
+        example = next(iter(d["leaked_groups"]))
+        echo(f"\nwarning: leakage: {len(d['leaked_groups'])} group(s) appear in more than one split (e.g. "
+                   f"{example!r} in {', '.join(d['leaked_groups'][example])}); re-split by group.", err=True)
     write_json(json_path, d)

@@ -18,6 +18,12 @@ for _name in _COMMAND_MODULES:
 
 
 def main() -> None:
+    import signal
+
+    # past the file-size limit (ulimit -f) the kernel would kill the process with SIGXFSZ in the
+    # middle of an HDF5 write; ignored, the write fails with EFBIG and featcache says what is saved
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli(prog_name="featcache")
 
 

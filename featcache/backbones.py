@@ -7,11 +7,15 @@ of pixels into the three things a feature file stores: cls, pooled and tokens.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from featcache.tokens import TokenLayout
 
 
 @dataclass(frozen=True)
@@ -37,19 +41,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-@dataclass(frozen=True)
-class TokenLayout:
-    """The token sequence a backbone produces at a given input size."""
-
-    n_prefix: int                      # tokens before the patches (0 for a CNN)
-    grid: tuple[int, int]              # patch grid (h, w), or the CNN's feature-map size
-    dim: int                           # hidden size D
-
-    @property
-    def num_tokens(self) -> int:
-        return self.n_prefix + self.grid[0] * self.grid[1]
-
-
 class BackboneError(ValueError):
     """A model that cannot be loaded or used as a featcache backbone."""
 
@@ -64,6 +55,7 @@ class Backbone:
         self.family = family
         self.name = name
         self.revision = revision
+        self.weights_id: str | None = None  # content hash of a local folder's weights (load_backbone)
         self.config = model.config
 
     @property
@@ -96,7 +88,7 @@ class Backbone:
         if grid[0] * grid[1] != n_patches:
             raise BackboneError(f"{self.name}: {n_patches} patch tokens do not form a grid at "
                                 f"{h}x{w} px (expected {grid[0]}x{grid[1]}).")
-        return TokenLayout(self.n_prefix, grid, int(dim))
+        return TokenLayout.of_backbone(self.n_prefix, grid, int(dim))
 
     def to(self, device: torch.device | str) -> "Backbone":
         self.model.to(device)
@@ -153,11 +145,32 @@ def set_processor_size(processor: Any, height: int, width: int) -> None:
         processor.size = {"height": height, "width": width}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def local_weights_id(folder: str | os.PathLike) -> str:
+    """sha256 over the names and contents of a local model folder's weight and config files.
+
+    A hub id is identified by its resolved commit; a local folder has none, and saving new weights
+    into the same folder must not let an interrupted extraction resume with the other model (the
+    file would mix two models). Contents, not mtimes, so a copied folder keeps its identity."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def load_backbone(model: str, revision: str | None = None, cache_dir: str | None = None,
-                  image_size: int | None = None) -> Backbone:
+                  image_size: int | None = None, quiet: bool = True) -> Backbone:
     """Load a frozen backbone and its image processor from a local directory or a hub id.
 
-    The hub's own cache and offline mode (HF_HUB_OFFLINE=1) are honoured by transformers.
+    The hub's own cache and offline mode (HF_HUB_OFFLINE=1) are honoured by transformers. With
+    `quiet`, transformers' own notices and weight-loading bars are hidden.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
     from transformers.utils import logging as hf_logging
@@ -176,7 +189,10 @@ def load_backbone(model: str, revision: str | None = None, cache_dir: str | None
         raise BackboneError(f"model {model!r} is a {config.model_type!r} model; featcache supports "
                             f"{', '.join(sorted(FAMILIES))}.")
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # silence "requires torchvision, falling back to PIL" notices
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         processor = AutoImageProcessor.from_pretrained(model, revision=revision, cache_dir=cache_dir)
         net = AutoModel.from_pretrained(model, revision=revision, cache_dir=cache_dir)
@@ -184,7 +200,11 @@ def load_backbone(model: str, revision: str | None = None, cache_dir: str | None
         raise BackboneError(f"could not load the weights or image processor of {model!r}: {exc}.{hint}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if image_size:
         set_processor_size(processor, image_size, image_size)
     commit = getattr(config, "_commit_hash", None) or revision
-    return Backbone(net, processor, family, model, commit)
+    backbone = Backbone(net, processor, family, model, commit)
+    backbone.weights_id = local_weights_id(model) if local else None
+    return backbone

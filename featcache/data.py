@@ -6,12 +6,13 @@ image or raises ``ImageDecodeError`` with a short reason the extractor records a
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -24,6 +25,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # folder names read as splits in root/<split>/<class>/x
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout", "unlabelled", "unlabeled")
 SINGLE_SPLIT = "all"  # split name of a root/<class>/x folder
+DEFAULT_GROUP_COLUMN = "group"  # manifest column read as the group (patient) when --group-column is not given
 
 
 @dataclass
@@ -57,7 +59,7 @@ class DecodeOptions:
 
     window: tuple[float, float] | None = None   # DICOM window centre, width override (--window C,W)
     frame: int | None = None                    # DICOM frame for multi-frame files (--frame N)
-    max_pixels: int = 178_956_970               # decompression-bomb limit: PIL's warning limit x2
+    max_pixels: int = 178_956_970               # decompression-bomb limit (PIL's error threshold); the only one applied
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,12 +68,13 @@ class DecodeOptions:
 
 def discover(data: str | Path, *, split: str | None = None, label_columns: Sequence[str] | None = None,
              path_column: str = "path", label_column: str = "label", split_column: str = "split",
-             group_column: str = "group", extensions: Sequence[str] | None = None) -> DataSource:
+             group_column: str | None = None, extensions: Sequence[str] | None = None) -> DataSource:
     """List the rows of an image folder or a CSV manifest.
 
     Folders: root/<class>/x is one split named "all"; root/<split>/<class>/x (top-level folders
     named like train/val/test) gives several; images directly in root or in a split folder are
-    unlabelled (-1). `split` keeps only that split.
+    unlabelled (-1). `split` keeps only that split. CSV manifests: `group_column` names the column
+    holding each row's group (patient); None takes a column named "group" when there is one.
     """
     data = Path(data)
     if not data.exists():
@@ -124,23 +127,45 @@ def _from_folder(root: Path, exts: tuple[str, ...]) -> DataSource:
     return DataSource(root.resolve(), classes, splits, multilabel=False, kind="folder")
 
 
-def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str, label_column: str,
-              split_column: str, group_column: str) -> DataSource:
+def read_manifest(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a CSV (or .tsv) manifest, every value a string: the one manifest reader of
+    `featcache extract` and `featcache split`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist; give a CSV with a header row such as "
+                                f"path,label,patient_id.")
     with path.open(newline="", encoding="utf-8-sig") as fh:
         dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
         reader = csv.DictReader(fh, dialect=dialect)
         columns = list(reader.fieldnames or [])
-        records = list(reader)
+        rows = [dict(r) for r in reader]
+    if not columns:
+        raise ValueError(f"manifest {path} is empty; expected a header row such as path,label,patient_id.")
+    if not rows:
+        raise ValueError(f"manifest {path} has a header but no rows.")
+    return columns, rows
+
+
+def is_binary_column(rows: list[dict[str, str]], column: str) -> bool:
+    """True when every row holds 0 or 1 in `column` (a multi-label finding column)."""
+    return all(_is_binary(r.get(column) or "") for r in rows)
+
+
+def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str, label_column: str,
+              split_column: str, group_column: str | None) -> DataSource:
+    columns, records = read_manifest(path)
     if path_column not in columns:
         raise ValueError(f"{path} has no {path_column!r} column; its columns are: {', '.join(columns) or 'none'}. "
                          f"Expected path,label[,split][,group].")
-    if not records:
-        raise ValueError(f"{path} lists no rows.")
+    if group_column is not None and group_column not in columns:
+        raise ValueError(f"{path} has no group column {group_column!r}; its columns are: {', '.join(columns)}. "
+                         f"Pass --group-column with one of them.")
+    group_column = group_column or DEFAULT_GROUP_COLUMN
     root = path.parent.resolve()
     reserved = {path_column, split_column, group_column}
     if label_columns is None and label_column not in columns:
         candidates = [c for c in columns if c not in reserved]
-        if candidates and all(_is_binary(r.get(c, "")) for r in records for c in candidates):
+        if candidates and all(is_binary_column(records, c) for c in candidates):
             label_columns = candidates  # a multi-label manifest: one 0/1 column per finding
     multilabel = label_columns is not None
     if multilabel:
@@ -199,8 +224,9 @@ def load_image(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
     if path.suffix.lower() in (".dcm", ".dicom") or _has_dicm_magic(path):
         return load_dicom(path, options)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(), _pil_pixel_limit(None):
+            # featcache's own limit (options.max_pixels) is the only one that applies: PIL's
+            # MAX_IMAGE_PIXELS is lifted while opening so the documented number is the real one
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > options.max_pixels:
@@ -219,6 +245,19 @@ def load_image(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
         if "truncated" in text.lower() or "premature" in text.lower() or "broken" in text.lower():
             raise ImageDecodeError(f"truncated or corrupt image: {text}") from None
         raise ImageDecodeError(f"cannot decode image: {text}") from None
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(limit: int | None) -> Iterator[None]:
+    """Temporarily set PIL's decompression-bomb limit (None lifts it)."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def _has_dicm_magic(path: Path) -> bool:
@@ -291,7 +330,10 @@ def load_dicom(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
             from pydicom.pixels import convert_color_space
 
             arr = convert_color_space(arr, photometric, "RGB")
-        return Image.fromarray(_scale_to_uint8(arr.astype(np.float64), None), "RGB")
+        if arr.dtype == np.uint8:  # 8-bit colour is shown as stored, never stretched to its own min..max
+            return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        bits = int(getattr(ds, "BitsStored", 8 * arr.dtype.itemsize))
+        return Image.fromarray(_scale_to_uint8(arr.astype(np.float64), (0.0, float(2 ** bits - 1))), "RGB")
     data = apply_modality_lut(arr, ds).astype(np.float64)
     if options.window is not None:
         centre, width = options.window

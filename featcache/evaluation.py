@@ -49,18 +49,6 @@ def load_split_arrays(store: FeatureStore, split: str, features: str, purpose: s
     return SplitArrays(split, x, y, rows, view.row_groups(rows))
 
 
-def leakage_warning(store: FeatureStore, splits: Sequence[str | None]) -> str | None:
-    """A warning when a group (patient) appears in more than one of the splits used."""
-    used = {s for s in splits if s}
-    leaked = {g: s for g, s in store.leaked_groups().items() if len(used.intersection(s)) > 1}
-    if not leaked:
-        return None
-    example = next(iter(leaked))
-    return (f"leakage: {len(leaked)} group(s) appear in more than one of the splits {', '.join(sorted(used))} "
-            f"(e.g. {example!r} in {', '.join(leaked[example])}); the same patient on both sides inflates every "
-            f"number. Re-split by group (featcache split --group).")
-
-
 def _base_config(store: FeatureStore, kind: str, features: str) -> dict[str, Any]:
     return {"kind": kind, "features_file": str(store.path.resolve()), "fingerprint": store.fingerprint,
             "model": store.config.get("model"), "features": features}
@@ -115,7 +103,7 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
     if train_split == eval_split:
         notes.append(f"the neighbours and the evaluated rows are the same split ({train_split!r}): each row finds "
                      f"itself at similarity 1, so these numbers are optimistic. Pass --eval-split another split.")
-    leak = leakage_warning(store, [train_split, eval_split])
+    leak = store.leakage_note([train_split, eval_split])
     if leak:
         notes.append(leak)
     multilabel = train.y.ndim == 2
@@ -207,7 +195,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     use_test = bool(test_split) and test_split in store.splits
     val = load_split_arrays(store, val_split, features, "choosing C") if use_val else None
     test = load_split_arrays(store, test_split, features, "testing") if use_test else None
-    leak = leakage_warning(store, [train_split, val_split if use_val else None, test_split if use_test else None])
+    leak = store.leakage_note([train_split, val_split if use_val else None, test_split if use_test else None])
     if leak:
         notes.append(leak)
     classes = list(store.classes)

@@ -15,17 +15,22 @@ import platform
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import h5py
 import numpy as np
 import torch
+import transformers
+from tqdm.auto import tqdm
 
+import featcache
+from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
+from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
 from featcache.devices import resolve_device
-from featcache.backbones import Backbone, load_backbone, set_processor_size
 from featcache.store import FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
-from featcache.tokens import TokenPlan, apply_token_mode, native_input_size, plan_tokens
+from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
 
@@ -106,8 +111,6 @@ class ImageRows(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor | None, str]:
-        from featcache.data import ImageDecodeError, load_image
-
         split, row, file = self.items[i]
         try:
             image = load_image(Path(file), self.decode_options)
@@ -166,15 +169,34 @@ class BackgroundWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"writing features failed: {self._error}") from self._error
+            if isinstance(self._error, FeatureStoreError):  # e.g. float16 overflow: already one clear line
+                raise self._error
+            raise ExtractionWriteError(f"writing features failed: {' '.join(str(self._error).split())[:300]}.") \
+                from self._error
+
+
+class ExtractionWriteError(RuntimeError):
+    """The disk refused a write (full, quota, file-size limit): rows written before stay valid."""
+
+
+def saved_rows_line(out: str | Path) -> str:
+    """'N of M rows are saved in OUT.' read back from the file (for interrupted or failed runs)."""
+    try:
+        with FeatureStore(out) as store:
+            done = sum(int(store[s].done.sum()) for s in store.splits)
+            total = sum(store[s].n for s in store.splits)
+        return f"{done} of {total} rows are saved in {out}."
+    except (OSError, ValueError):
+        return f"no rows are saved in {out}."
 
 
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
 
-def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenPlan]:
-    """Load the backbone and settle the token plan (resizing the processor for native mode)."""
+def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
+    """Load the backbone and settle the token layout it will store (resizing the processor for
+    native mode). Each layout is measured by one dummy forward, never repeated later."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {cfg.dtype!r}.")
     if cfg.tokens not in ("none", "full"):
@@ -183,8 +205,8 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenPlan]:
         raise ValueError(f"--num-tokens {cfg.num_tokens} only shapes stored tokens: add --tokens full "
                          f"(or use --token-mode native to change the input resolution).")
     backbone = load_backbone(cfg.model, revision=cfg.revision, image_size=cfg.image_size)
-    layout = backbone.layout()
-    plan = plan_tokens(layout.n_prefix, layout.grid, cfg.num_tokens, cfg.token_mode)
+    source = backbone.layout()
+    plan = plan_tokens(source, cfg.num_tokens, cfg.token_mode)
     if plan.mode == "native":
         if backbone.family.cnn:
             raise ValueError(f"--token-mode native needs a ViT-like model; {cfg.model} is a CNN. "
@@ -192,64 +214,46 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenPlan]:
         h, w = native_input_size(plan, backbone.patch_size)
         set_processor_size(backbone.processor, h, w)
         native = backbone.layout((h, w), native=True)
-        plan = TokenPlan("native", native.num_tokens, native.n_prefix, native.grid,
-                         layout.num_tokens, native.grid)
+        plan = replace(native, mode="native", source_num_tokens=source.num_tokens, source_grid=source.grid)
     return backbone, plan
 
 
-def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenPlan, data_root: Path) -> dict[str, Any]:
+def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_root: Path) -> dict[str, Any]:
     """The config recorded in (and, minus provenance, hashed into) the feature file."""
-    import h5py
-    import transformers
-
-    import featcache
-
     processor = {k: v for k, v in backbone.processor.to_dict().items() if not k.startswith("_")}
     config = asdict(cfg)
     config.update({
         "revision": backbone.revision,
+        "weights": backbone.weights_id,
         "family": backbone.family.name,
         "processor": processor,
-        "input_size": list(_input_size(backbone)),
-        "n_prefix": plan.n_prefix,
-        "grid": list(plan.grid) if plan.grid else None,
-        "source_num_tokens": plan.source_num_tokens,
+        "input_size": list(processor_output_size(backbone.processor)),
+        **plan.config(),
         "stored_num_tokens": plan.num_tokens if cfg.tokens == "full" else None,
-        "token_mode": plan.mode if cfg.num_tokens else "none",
         "versions": {"featcache": featcache.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "h5py": h5py.__version__,
                      "python": platform.python_version()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "data_root": str(data_root),
     })
+    if not cfg.num_tokens:
+        config["token_mode"] = "none"
     return config
 
 
-def _input_size(backbone: Backbone) -> tuple[int, int]:
-    from featcache.backbones import processor_output_size
-
-    return processor_output_size(backbone.processor)
-
-
 def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: RunOptions = RunOptions(),
-                   backbone: tuple[Backbone, TokenPlan] | None = None, **source_options: Any) -> ExtractSummary:
+                   backbone: tuple[Backbone, TokenLayout] | None = None, **source_options: Any) -> ExtractSummary:
     """Extract features of every image under `data` into `out`, resuming what is already done.
 
     Under torchrun (WORLD_SIZE > 1) each rank extracts a contiguous share of every split into
     its own shard file, then rank 0 joins the shards into `out` (run.merge: copy or virtual).
     """
-    from featcache.data import discover
-
     source = discover(data, **source_options)
     backbone_, plan = backbone or prepare_backbone(cfg)
     rank, world = distributed_rank()
     device = resolve_device(run.device, rank if world > 1 else None)
     config = file_config(cfg, backbone_, plan, Path(source.root))
-    layout = FeatureLayout(
-        dim=backbone_.layout(_input_size(backbone_), native=plan.mode == "native").dim,
-        num_tokens=plan.num_tokens if cfg.tokens == "full" else None,
-        n_prefix=plan.n_prefix, grid=plan.grid, mode=plan.mode,
-        source_num_tokens=plan.source_num_tokens, dtype=cfg.dtype)
+    layout = FeatureLayout(dim=plan.dim, tokens=plan if cfg.tokens == "full" else None, dtype=cfg.dtype)
     specs = {name: SplitSpec(paths=rows.paths, labels=rows.labels, groups=rows.groups)
              for name, rows in source.splits.items()}
     if world == 1:
@@ -295,18 +299,14 @@ def shard_path(out: str | Path, rank: int, world: int) -> Path:
 
 
 def _slice_rows(rows: Any, lo: int, hi: int) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(rows, paths=rows.paths[lo:hi], files=rows.files[lo:hi], labels=rows.labels[lo:hi],
+    return replace(rows, paths=rows.paths[lo:hi], files=rows.files[lo:hi], labels=rows.labels[lo:hi],
                                groups=None if rows.groups is None else rows.groups[lo:hi])
 
 
 def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: str | Path,
                   config: dict[str, Any], layout: FeatureLayout, classes: Sequence[str], backbone: Backbone,
-                  plan: TokenPlan, cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
+                  plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
     """Create or resume one feature file and compute its missing rows."""
-    from featcache.data import DecodeOptions
-
     writer = StoreWriter(out, config, classes, specs, layout, overwrite=run.overwrite,
                          retry_errors=run.retry_errors)
     split_names = list(split_rows)
@@ -330,10 +330,8 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
 
 def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str],
                    paths: Sequence[Sequence[str]], backbone: Backbone,
-                   plan: TokenPlan, cfg: ExtractConfig, run: RunOptions, device: torch.device,
+                   plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device,
                    writer: StoreWriter, summary: ExtractSummary, decode_options: Any) -> None:
-    from tqdm.auto import tqdm
-
     workers = default_workers() if run.workers is None else run.workers
     loader = torch.utils.data.DataLoader(
         ImageRows(items, backbone.processor, decode_options), batch_size=run.batch_size,

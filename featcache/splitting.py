@@ -16,8 +16,8 @@ row's rarest positive label ("rarest"; rows with none get "(none)"), so rare fin
 spread over every split; ``multilabel="combination"`` uses the whole 0/1 pattern instead,
 which is exact when combinations are few but scatters when they are many.
 
-Everything here is plain numpy; ``holdout_split`` and ``grouped_kfold`` give index arrays for
-the trainer's validation holdout, probe cross-validation and grouped bootstraps.
+Everything here is plain numpy; ``holdout_split`` gives the index arrays of the trainer's
+validation holdout. (The probe's grouped cross-validation is scikit-learn's StratifiedGroupKFold.)
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from featcache.data import DEFAULT_GROUP_COLUMN, is_binary_column, read_manifest
 
 SPLIT_NAMES = ("train", "val", "test")
 NO_LABEL = "(none)"   # key of a multi-label row with no positive label
@@ -167,20 +169,6 @@ def holdout_split(labels: np.ndarray | Sequence, groups: np.ndarray | Sequence |
     return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
 
 
-def grouped_kfold(labels: np.ndarray | Sequence, groups: np.ndarray | Sequence | None,
-                  n_splits: int = 5, seed: int = 0, stratify: bool = True
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """[(train_index, test_index)] * n_splits: stratified folds of whole groups (each row is
-    in exactly one test fold), for probe cross-validation and grouped resampling."""
-    if int(n_splits) < 2:
-        raise ValueError(f"n_splits must be at least 2; got {n_splits}.")
-    n = len(np.asarray(labels))
-    keys = stratify_key(labels) if stratify else np.zeros(n, dtype=object)
-    fold = assign_groups(keys, groups, [1.0 / n_splits] * n_splits, seed)
-    idx = np.arange(n)
-    return [(idx[fold != k], idx[fold == k]) for k in range(n_splits)]
-
-
 # ------------------------------------------------------------------------------------------------
 # summaries and CSV manifests
 # ------------------------------------------------------------------------------------------------
@@ -232,27 +220,6 @@ def summarize_split(labels: np.ndarray | Sequence, groups: np.ndarray | Sequence
     return SplitSummary(rows, classes, missing, leaked)
 
 
-def read_manifest(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows) of a CSV manifest, every value a string."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist; give a CSV with a header row "
-                                f"such as path,label,patient_id.")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = list(reader.fieldnames or [])
-        rows = [dict(r) for r in reader]
-    if not columns:
-        raise ValueError(f"manifest {path} is empty; expected a header row such as path,label,patient_id.")
-    if not rows:
-        raise ValueError(f"manifest {path} has a header but no rows.")
-    return columns, rows
-
-
-def _is_binary_column(rows: list[dict[str, str]], col: str) -> bool:
-    return all((r.get(col) or "").strip() in ("0", "1") for r in rows)
-
-
 def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str | None = "label",
                     exclude: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
     """Labels of a manifest and the label column names.
@@ -271,11 +238,11 @@ def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str |
         if absent:
             raise ValueError(f"label columns {absent} are not in the manifest; its columns are "
                              f"{', '.join(columns)}.")
-        bad = [c for c in wanted if not _is_binary_column(rows, c)]
+        bad = [c for c in wanted if not is_binary_column(rows, c)]
         if bad:
             raise ValueError(f"multi-label columns must hold 0 or 1 in every row; {bad} do not.")
         return np.asarray([[int(r[c]) for c in wanted] for r in rows], dtype=np.uint8), wanted
-    auto = [c for c in columns if c not in ("path", "split", *exclude) and _is_binary_column(rows, c)]
+    auto = [c for c in columns if c not in ("path", "split", *exclude) and is_binary_column(rows, c)]
     if len(auto) >= 2:
         return np.asarray([[int(r[c]) for c in auto] for r in rows], dtype=np.uint8), auto
     raise ValueError(f"label column {label!r} is not in the manifest; its columns are "
@@ -284,16 +251,20 @@ def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str |
 
 
 def write_manifest(path: str | Path, columns: list[str], rows: list[dict[str, str]],
-                   split: np.ndarray | Sequence) -> Path:
-    """Write rows back with a ``split`` column (replacing one that was there)."""
+                   split: np.ndarray | Sequence, group: str | None = None) -> Path:
+    """Write rows back with a ``split`` column (replacing one that was there). When the split was
+    grouped by a column other than "group", a "group" column copies it, so `featcache extract`
+    keeps the patients of this very file without being told which column holds them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out_cols = [c for c in columns if c != "split"] + ["split"]
+    copy_group = group is not None and group != DEFAULT_GROUP_COLUMN and DEFAULT_GROUP_COLUMN not in columns
+    out_cols = [c for c in columns if c != "split"] + ([DEFAULT_GROUP_COLUMN] if copy_group else []) + ["split"]
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=out_cols, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for r, s in zip(rows, split):
-            writer.writerow({**r, "split": s})
+            extra = {DEFAULT_GROUP_COLUMN: r[group]} if copy_group else {}
+            writer.writerow({**r, **extra, "split": s})
     return path
 
 
@@ -316,6 +287,6 @@ def split_manifest(manifest: str | Path, out: str | Path, group: str | None = No
     labels, label_cols = manifest_labels(columns, rows, label, exclude=[group] if group else [])
     split = grouped_split(labels, groups, val=val, test=test, stratify=stratify, seed=seed,
                           multilabel=multilabel)
-    write_manifest(out, columns, rows, split)
+    write_manifest(out, columns, rows, split, group=group)
     names = label_cols if labels.ndim == 2 else None
     return summarize_split(labels, groups, split, class_names=names)

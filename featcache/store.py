@@ -13,10 +13,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
+
+if TYPE_CHECKING:  # tokens.py imports torch; the store stays importable without it
+    from featcache.tokens import TokenLayout
 
 ENCODING_TYPE = "featcache"
 ENCODING_VERSION = "1"
@@ -81,15 +84,10 @@ def manifest_hash(paths: Sequence[str], labels: np.ndarray, groups: Sequence[str
 
 @dataclass
 class FeatureLayout:
-    """Shapes of what one backbone emits per image, after the token mode."""
+    """What one backbone stores per image: the cls/pooled width and the stored tokens' layout."""
 
     dim: int                                # D of cls and pooled
-    num_tokens: int | None = None           # T of stored tokens; None = tokens not stored
-    token_dim: int | None = None            # D of tokens (= dim for transformers)
-    n_prefix: int = 1                       # CLS (+ distillation, registers) before the patches
-    grid: tuple[int, int] | None = None     # patch grid (h, w) of the stored tokens
-    mode: str = "none"                      # token mode: none | resize | grid | native
-    source_num_tokens: int | None = None    # the backbone's own token count before the mode
+    tokens: "TokenLayout | None" = None     # the stored tokens (tokens.TokenLayout); None = not stored
     dtype: str = "float16"                  # storage dtype of cls, pooled, tokens
     has_pooled: bool = True                 # imported features may bring only one array
 
@@ -270,9 +268,12 @@ class FeatureStore:
             raise FileNotFoundError(f"{self.path} does not exist; make it with `featcache extract` "
                                     f"or `featcache import`.")
         try:
-            self._f = h5py.File(self.path, "r")
+            # no lock: a file is laid out in full at creation and rows only become visible through
+            # `done`, so reading while an extraction fills it is safe (and never blocks the writer)
+            self._f = h5py.File(self.path, "r", locking=False)
         except OSError as exc:
-            raise FeatureStoreError(f"{self.path} is not a readable HDF5 file ({exc}).") from exc
+            raise FeatureStoreError(f"{self.path} is not a readable HDF5 file ({exc}); pass a feature file made "
+                                    f"with `featcache extract` or `featcache import`.") from exc
         check_header(self._f, self.path)
         self.config: dict[str, Any] = json.loads(self._f.attrs["config"])
         self.fingerprint: str = str(self._f.attrs["fingerprint"])
@@ -305,6 +306,17 @@ class FeatureStore:
                                         f"use --features cls.")
             dims.append(int(ds.shape[1]))
         return sum(dims)
+
+    def leakage_note(self, splits: Sequence[str | None]) -> str | None:
+        """A warning when a group (patient) appears in more than one of the splits used together."""
+        used = {s for s in splits if s}
+        leaked = {g: s for g, s in self.leaked_groups().items() if len(used.intersection(s)) > 1}
+        if not leaked:
+            return None
+        example = next(iter(leaked))
+        return (f"leakage: {len(leaked)} group(s) appear in more than one of the splits {', '.join(sorted(used))} "
+                f"(e.g. {example!r} in {', '.join(leaked[example])}); the same patient on both sides inflates every "
+                f"number. Re-split by group (featcache split --group).")
 
     def leaked_groups(self) -> dict[str, list[str]]:
         """Groups (patients) found in more than one split: {group: [splits]}. Any entry is leakage:
@@ -387,6 +399,60 @@ def write_split_rows(f: h5py.File, name: str, spec: SplitSpec) -> h5py.Group:
     return g
 
 
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, BlockingIOError) or "lock" in text or "resource temporarily unavailable" in text
+
+
+def _open_for_writing(path: Path) -> h5py.File:
+    """The file opened read-write with HDF5's exclusive lock, or one line saying another process holds it."""
+    try:
+        return h5py.File(path, "r+")
+    except OSError as exc:
+        if _is_lock_error(exc):
+            raise FeatureStoreError(
+                f"another process is writing {path} (HDF5 holds its lock): wait for it to finish, or use "
+                f"another --out. The file is safe; nothing was changed.") from None
+        raise FeatureStoreError(f"{path} exists but cannot be opened ({exc}); use --overwrite to replace it.") from exc
+
+
+def is_being_written(path: str | os.PathLike) -> bool:
+    """True while another process holds the file's write lock (an extraction in progress)."""
+    try:
+        h5py.File(path, "r", locking=True).close()
+    except OSError as exc:
+        return _is_lock_error(exc)
+    return False
+
+
+def planned_bytes(splits: dict[str, SplitSpec], layout: FeatureLayout) -> int:
+    """Bytes a new file reserves: every feature array is allocated at creation (plus row metadata)."""
+    item = np.dtype(layout.dtype).itemsize
+    per_row = layout.dim * item * (2 if layout.has_pooled else 1) + ERROR_BYTES + 64
+    if layout.tokens is not None:
+        per_row += layout.tokens.num_tokens * layout.tokens.dim * item
+    return sum(len(spec.paths) for spec in splits.values()) * per_row + (1 << 20)
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse to start a file the disk (or the process's file-size limit) cannot hold, naming both sizes."""
+    import resource
+    import shutil
+
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    room, what = free, f"{_gib(free)} free on its disk"
+    if limit != resource.RLIM_INFINITY and limit < room:
+        room, what = limit, f"a file-size limit of {_gib(limit)} (ulimit -f)"
+    if needed > room:
+        raise FeatureStoreError(f"{path} needs {_gib(needed)} (every feature is preallocated), but there is {what}. "
+                                f"Free space, use another --out, or store less (--dtype float16, --tokens none).")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
 class StoreWriter:
     """Creates or resumes a feature file and fills it row by row, crash-safely.
 
@@ -406,12 +472,20 @@ class StoreWriter:
             self._f = self._open_existing(classes, splits)
             self.resumed = True
         else:
+            if self.path.exists():  # --overwrite: never replace a file another process is filling
+                _open_for_writing(self.path).close()
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            check_free_space(self.path, planned_bytes(splits, layout))
             tmp = self.path.with_name(self.path.name + ".creating")
-            with h5py.File(tmp, "w") as f:
-                self._create(f, classes, splits)
+            try:
+                with h5py.File(tmp, "w") as f:
+                    self._create(f, classes, splits)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise FeatureStoreError(f"could not create {self.path}: {exc}. Nothing was written; free disk "
+                                        f"space (or raise the file-size limit) and run the command again.") from exc
             os.replace(tmp, self.path)  # a file that exists is always fully laid out
-            self._f = h5py.File(self.path, "r+")
+            self._f = _open_for_writing(self.path)
         self.retry_errors = retry_errors
         if retry_errors:
             for name in splits:
@@ -430,24 +504,18 @@ class StoreWriter:
             if lay.has_pooled:
                 pooled = _allocated(g, "pooled", (n, lay.dim), lay.dtype)
                 pooled.attrs["role"] = "mean of patch tokens"
-            if lay.num_tokens is not None:
-                tok = _allocated(g, "tokens", (n, lay.num_tokens, lay.token_dim or lay.dim), lay.dtype)
+            if lay.tokens is not None:
+                tok = _allocated(g, "tokens", (n, lay.tokens.num_tokens, lay.tokens.dim), lay.dtype)
                 tok.attrs["role"] = "last_hidden_state after the token mode"
-                tok.attrs["n_prefix"] = lay.n_prefix
-                tok.attrs["grid"] = list(lay.grid) if lay.grid else []
-                tok.attrs["mode"] = lay.mode
-                tok.attrs["source_num_tokens"] = lay.source_num_tokens or lay.num_tokens
+                for key, value in lay.tokens.attrs().items():
+                    tok.attrs[key] = value
             done = g.create_dataset("done", data=np.zeros(n, dtype=bool))
             done.attrs["role"] = "a row is valid only when done is set"
             err = g.create_dataset("errors", data=np.zeros(n, dtype=f"S{ERROR_BYTES}"))
             err.attrs["role"] = "utf-8 reason a row's input could not be read; empty = no error"
 
     def _open_existing(self, classes: Sequence[str], splits: dict[str, SplitSpec]) -> h5py.File:
-        try:
-            f = h5py.File(self.path, "r+")
-        except OSError as exc:
-            raise FeatureStoreError(f"{self.path} exists but cannot be opened ({exc}); "
-                                    f"use --overwrite to replace it.") from exc
+        f = _open_for_writing(self.path)
         try:
             check_header(f, self.path)
             old_config = json.loads(f.attrs["config"])
@@ -568,16 +636,14 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
     if cls0.ndim != 2:
         raise ValueError(f"cls features must be 2-D (rows, dim); got shape {cls0.shape}.")
     tok0 = first.get("tokens")
-    layout = FeatureLayout(
-        dim=cls0.shape[1],
-        num_tokens=None if tok0 is None else int(np.asarray(tok0).shape[1]),
-        token_dim=None if tok0 is None else int(np.asarray(tok0).shape[2]),
-        n_prefix=int(config.get("n_prefix", 1)),
-        grid=tuple(config["grid"]) if config.get("grid") else None,
-        mode=str(config.get("token_mode", "none")),
-        dtype=dtype,
-        has_pooled=first.get("pooled") is not None,
-    )
+    tokens = None
+    if tok0 is not None:
+        from featcache.tokens import TokenLayout
+
+        t, d = np.asarray(tok0).shape[1:]
+        tokens = TokenLayout(int(config.get("n_prefix", 1)), tuple(config["grid"]) if config.get("grid") else None,
+                             int(d), int(t), str(config.get("token_mode", "none")))
+    layout = FeatureLayout(dim=cls0.shape[1], tokens=tokens, dtype=dtype, has_pooled=first.get("pooled") is not None)
     specs: dict[str, SplitSpec] = {}
     for name, s in splits.items():
         cls = np.asarray(s["cls"])
@@ -632,6 +698,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "config": cfg,
             "classes": store.classes,
             "multilabel": store.multilabel,
+            "being_written": is_being_written(path),
+            "leaked_groups": store.leaked_groups(),
             "splits": [],
         }
         layout = None
@@ -656,8 +724,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             if missing and entry["unlabelled"] < s.n:
                 entry["warnings"].append(f"no rows of class {', '.join(missing)}")
             if entry["done"] + entry["errors"] < s.n:
-                entry["warnings"].append(f"{s.n - entry['done'] - entry['errors']} rows not extracted yet "
-                                         f"(run the same extract command again to finish them)")
+                left = s.n - entry["done"] - entry["errors"]
+                entry["warnings"].append(f"{left} rows not extracted yet (being written by another process right now)"
+                                         if d["being_written"] else
+                                         f"{left} rows not extracted yet (run the same extract command again to "
+                                         f"finish them)")
             if s.tokens is not None and layout is None:
                 a = s.tokens.attrs
                 grid = list(a.get("grid", []))

@@ -21,45 +21,71 @@ TOKEN_MODES = ("resize", "grid", "native")
 
 
 @dataclass(frozen=True)
-class TokenPlan:
-    """What the stored tokens will look like after the mode."""
+class TokenLayout:
+    """A token sequence: the backbone's own (mode "none"), or what the token mode made of it.
 
-    mode: str                          # none | resize | grid | native
-    num_tokens: int                    # T stored
-    n_prefix: int                      # prefix tokens at the start of the stored sequence
-    grid: tuple[int, int] | None       # patch grid of the stored tokens; None when resize drops it
-    source_num_tokens: int             # the backbone's own T
-    source_grid: tuple[int, int]       # the backbone's own patch grid (h, w)
+    The one description of tokens everywhere: a backbone measures its layout, the token mode
+    turns it into the stored one, and the store writes it as the attributes of ``tokens``.
+    """
+
+    n_prefix: int                              # tokens before the patches (CLS, distillation, registers; 0 for a CNN)
+    grid: tuple[int, int] | None               # patch grid (h, w) of these tokens; None when resize dropped it
+    dim: int                                   # D
+    num_tokens: int                            # T
+    mode: str = "none"                         # none | resize | grid | native: how these came from the backbone's
+    source_num_tokens: int | None = None       # the backbone's own T (None: these are the backbone's own)
+    source_grid: tuple[int, int] | None = None  # the backbone's own patch grid
+
+    @classmethod
+    def of_backbone(cls, n_prefix: int, grid: tuple[int, int], dim: int) -> "TokenLayout":
+        return cls(n_prefix, tuple(grid), int(dim), n_prefix + grid[0] * grid[1])
+
+    @property
+    def source(self) -> tuple[int, tuple[int, int] | None]:
+        """(token count, grid) of the backbone output these tokens came from."""
+        return (self.source_num_tokens or self.num_tokens), (self.source_grid or self.grid)
+
+    def attrs(self) -> dict[str, object]:
+        """The HDF5 attributes of a stored ``tokens`` dataset."""
+        return {"n_prefix": self.n_prefix, "grid": list(self.grid) if self.grid else [], "mode": self.mode,
+                "source_num_tokens": self.source[0]}
+
+    def config(self) -> dict[str, object]:
+        """The token facts recorded in (and hashed into) a feature file's config."""
+        return {"n_prefix": self.n_prefix, "grid": list(self.grid) if self.grid else None,
+                "source_num_tokens": self.source[0], "token_mode": self.mode}
 
 
-def plan_tokens(n_prefix: int, grid: tuple[int, int], num_tokens: int | None, mode: str) -> TokenPlan:
-    """Check a requested token count against a layout and describe the result."""
-    source = n_prefix + grid[0] * grid[1]
-    if num_tokens is None or num_tokens == source:
-        return TokenPlan("none", source, n_prefix, grid, source, grid)
+def plan_tokens(source: TokenLayout, num_tokens: int | None, mode: str) -> TokenLayout:
+    """Check a requested token count against a backbone's layout and describe the result."""
+    if num_tokens is None or num_tokens == source.num_tokens:
+        return source
+    n_prefix = source.n_prefix
     if mode not in TOKEN_MODES:
         raise ValueError(f"token mode must be one of {', '.join(TOKEN_MODES)}; got {mode!r}.")
     if num_tokens <= n_prefix:
         raise ValueError(f"--num-tokens {num_tokens} leaves no patch tokens after {n_prefix} prefix tokens.")
+    kept = dict(dim=source.dim, num_tokens=num_tokens, mode=mode, source_num_tokens=source.num_tokens,
+                source_grid=source.grid)
     if mode == "resize":
-        return TokenPlan("resize", num_tokens, n_prefix, None, source, grid)
+        return TokenLayout(n_prefix, None, **kept)
     side = math.isqrt(num_tokens - n_prefix)
     if side * side != num_tokens - n_prefix:
         raise ValueError(
             f"--token-mode {mode} keeps {n_prefix} prefix token(s) and needs a square patch grid, so "
             f"--num-tokens must be {n_prefix} + a square (e.g. {n_prefix + (side + 1) ** 2}); got "
             f"{num_tokens}. Use --token-mode resize for any count.")
-    return TokenPlan(mode, num_tokens, n_prefix, (side, side), source, grid)
+    return TokenLayout(n_prefix, (side, side), **kept)
 
 
-def native_input_size(plan: TokenPlan, patch_size: int) -> tuple[int, int]:
+def native_input_size(plan: TokenLayout, patch_size: int) -> tuple[int, int]:
     """Input pixels at which a ViT yields plan.grid patches (e.g. 16x16 patches of 16 px -> 256 px)."""
     if plan.grid is None:
         raise ValueError("native mode needs a square patch grid.")
     return plan.grid[0] * patch_size, plan.grid[1] * patch_size
 
 
-def apply_token_mode(hidden: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
+def apply_token_mode(hidden: torch.Tensor, plan: TokenLayout) -> torch.Tensor:
     """(B, T, D) backbone tokens -> (B, plan.num_tokens, D) stored tokens."""
     if plan.mode in ("none", "native"):
         if hidden.shape[1] != plan.num_tokens:
@@ -72,7 +98,7 @@ def apply_token_mode(hidden: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
     if plan.mode == "grid":
         b, t, d = hidden.shape
         p = plan.n_prefix
-        h, w = plan.source_grid
+        h, w = plan.source[1]
         patches = hidden[:, p:].transpose(1, 2).reshape(b, d, h, w)
         patches = F.interpolate(patches, size=plan.grid, mode="bicubic", align_corners=False)
         return torch.cat([hidden[:, :p], patches.flatten(2).transpose(1, 2)], dim=1)

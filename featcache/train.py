@@ -225,7 +225,8 @@ class HeadTrainer:
         self.positive_ = None if data.multilabel else resolve_positive(data.classes, train_y, cfg.positive_class)
         self.threshold_: float | list[float] | None = None
         self.threshold_rule_: str | None = None
-        self.notes_: list[str] = []
+        leak = store.leakage_note([data.train.name, data.val.name, data.test.name if data.test else None])
+        self.notes_: list[str] = [leak] if leak else []
         self.val_y_ = data.val.y.cpu().numpy()
         self.val_proba_ = split_proba(model, data, data.val)
         self.test_y_ = self.test_proba_ = self.test_groups_ = None

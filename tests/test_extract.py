@@ -88,10 +88,10 @@ def test_token_mode_resize_equals_seed_recipe(tiny_vit, digits_dir, tmp_path):
 
 
 def test_token_mode_resize_197_to_257_like_the_seed():
-    from featcache.tokens import apply_token_mode, plan_tokens
+    from featcache.tokens import TokenLayout, apply_token_mode, plan_tokens
 
     hidden = torch.randn(2, 197, 768)
-    plan = plan_tokens(1, (14, 14), 257, "resize")
+    plan = plan_tokens(TokenLayout.of_backbone(1, (14, 14), 768), 257, "resize")
     out = apply_token_mode(hidden, plan)
     assert out.shape == (2, 257, 768)
     # float32 (torch) against a float64 reference: source coordinates round at ~1e-5 relative

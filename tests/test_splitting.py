@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from featcache.splitting import (grouped_kfold, grouped_split, holdout_split, stratify_key,
+from featcache.splitting import (grouped_split, holdout_split, stratify_key,
                                  summarize_split)
 
 
@@ -131,21 +131,12 @@ def test_multilabel_rarest_key_and_split():
         assert y[split == s, 2].sum() > 0
 
 
-def test_holdout_and_kfold_keep_groups_whole():
+def test_holdout_keeps_groups_whole():
     labels, groups = random_manifest(np.random.default_rng(3), n_groups=80)
     keep, hold = holdout_split(labels, groups, fraction=0.25, seed=0)
     assert sorted(np.concatenate([keep, hold]).tolist()) == list(range(len(labels)))
     assert not set(groups[keep]) & set(groups[hold])
     assert len(hold) / len(labels) == pytest.approx(0.25, abs=0.05)
-
-    folds = grouped_kfold(labels, groups, n_splits=5, seed=0)
-    test_rows = np.concatenate([t for _, t in folds])
-    assert sorted(test_rows.tolist()) == list(range(len(labels)))
-    for train, test in folds:
-        assert not set(groups[train]) & set(groups[test])
-        assert len(test) / len(labels) == pytest.approx(0.2, abs=0.05)
-    with pytest.raises(ValueError, match="at least 2"):
-        grouped_kfold(labels, groups, n_splits=1)
 
 
 def test_summary_counts_match_plain_counting():
@@ -193,7 +184,9 @@ def test_cli_split_writes_manifest_with_split_column(tmp_path):
                                       "--json", str(tmp_path / "split.json")])
     assert res.exit_code == 0, res.output
     rows = _read_csv(out)
-    assert list(rows[0].keys()) == ["path", "label", "patient_id", "age", "split"]
+    # the grouping column is copied as "group", so `featcache extract` keeps the patients as-is
+    assert list(rows[0].keys()) == ["path", "label", "patient_id", "age", "group", "split"]
+    assert all(r["group"] == r["patient_id"] for r in rows)
     assert [r["path"] for r in rows] == [f"img/{i}.png" for i in range(len(labels))]
     assert [r["label"] for r in rows] == list(labels)
     split = np.array([r["split"] for r in rows])
