@@ -164,6 +164,7 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
     from featcache.data import DataSource, SplitRows
 
     root = Path(root).resolve()
+    forget_open(root)  # the directory may have been rewritten since this process last read it
     dsets = load_splits(root)
     first_name, first = next(iter(dsets.items()))
     features = first.features
@@ -289,6 +290,12 @@ def _open_split(ref: HFRowRef) -> Any:
         ds = ds.select_columns([ref.column]).cast_column(ref.column, datasets.Image(decode=False))
         _OPEN[key] = ds
     return ds
+
+
+def forget_open(root: Path) -> None:
+    """Drop this process's cached handles on `root` (so a re-saved dataset is read afresh)."""
+    for key in [k for k in _OPEN if k[1] == str(root)]:
+        del _OPEN[key]
 
 
 def load_ref_image(ref: HFRowRef, options: "DecodeOptions") -> "Image.Image":
