@@ -111,10 +111,9 @@ def pick_image_column(features: Any, override: str | None, where: str) -> str:
 
 
 def pick_label_column(features: Any, override: str | None, where: str, image_column: str) -> str | None:
-    """The label column: `override`; else the one ClassLabel column (or, with several, the one
-    named label/labels/target); else an int or string column named label/labels/target; else None
+    """The label column: `override`; else the one ClassLabel (or list-of-ClassLabel) column (or,
+    with several, the one named label/labels/target); else an int or string column named label/labels/target; else None
     (every row unlabelled)."""
-    datasets = import_datasets()
     if override is not None:
         if override not in features:
             raise ValueError(f"--label-column {override!r} is not a column of {where}; its columns are: "
@@ -124,7 +123,7 @@ def pick_label_column(features: Any, override: str | None, where: str, image_col
                              f"ClassLabel, an integer or a string column (or a list of ClassLabel for multi-label).")
         return override
     columns = [c for c in features if c != image_column]
-    class_labels = [c for c in columns if isinstance(features[c], datasets.ClassLabel)]
+    class_labels = [c for c in columns if _label_kind(features[c]) in ("classlabel", "multilabel")]
     if len(class_labels) == 1:
         return class_labels[0]
     named = [c for c in LABEL_NAMES if c in columns and _label_kind(features[c]) is not None]
@@ -172,11 +171,13 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
     image_col = pick_image_column(features, image_column, where)
     label_col = pick_label_column(features, label_column, where, image_col)
     for name, ds in dsets.items():
-        if image_col not in ds.features or (label_col is not None and label_col not in ds.features):
-            raise ValueError(f"split {name!r} of {root} lacks column {image_col!r} or {label_col!r} that split "
-                             f"{first_name!r} has; every split needs the same columns.")
+        if image_col not in ds.features:
+            raise ValueError(f"split {name!r} of {root} has no column {image_col!r} (split {first_name!r} has "
+                             f"it); its columns are: {_describe_columns(ds.features)}.")
     kind = _label_kind(features[label_col]) if label_col else None
-    raw_labels = {name: (ds[label_col] if label_col else None) for name, ds in dsets.items()}
+    # a split without the label column (an unlabelled test split) is unlabelled, -1
+    raw_labels = {name: (ds[label_col] if label_col and label_col in ds.features else None)
+                  for name, ds in dsets.items()}
     classes = _classes(kind, features[label_col] if label_col else None, raw_labels)
     splits: dict[str, SplitRows] = {}
     for name, ds in dsets.items():
@@ -210,14 +211,15 @@ def _classes(kind: str | None, feature: Any, raw: dict[str, Any]) -> list[str]:
 
 def _encode_labels(kind: str | None, values: Any, classes: list[str], n: int) -> np.ndarray:
     """(N,) int64 with -1 = unlabelled, or (N, C) uint8 for a list-of-ClassLabel column."""
-    if kind is None:
-        return np.full(n, -1, dtype=np.int64)
     if kind == "multilabel":
         out = np.zeros((n, len(classes)), dtype=np.uint8)
-        for i, row in enumerate(values):
+        for i, row in enumerate(values if values is not None else ()):
             for c in row or ():
-                out[i, int(c)] = 1
+                if 0 <= int(c) < len(classes):
+                    out[i, int(c)] = 1
         return out
+    if kind is None or values is None:
+        return np.full(n, -1, dtype=np.int64)
     if kind == "str":
         index = {c: i for i, c in enumerate(classes)}
         return np.array([index.get(str(v).strip(), -1) if v is not None else -1 for v in values], dtype=np.int64)

@@ -212,3 +212,21 @@ def test_table(digits_feature_file, tmp_path, monkeypatch):
         assert df["label"].tolist() == [[0], [0, 1], []]
         assert df["class_name"].tolist() == ["effusion", "effusion|nodule", ""]
         assert df["group"].tolist() == ["p1", "p1", "p2"]
+
+
+def test_multilabel_column_and_split_without_labels(digits_dir, tmp_path):
+    """A list-of-ClassLabel column is multi-label; a split lacking the label column is unlabelled."""
+    rows = _folder_rows(digits_dir, "train")[:4]
+    seq = getattr(datasets, "List", datasets.Sequence)
+    images = [{"bytes": f.read_bytes(), "path": None} for f, _ in rows]
+    labelled = datasets.Dataset.from_dict(
+        {"image": images, "findings": [[0], [0, 1], [], [1]]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "findings": seq(datasets.ClassLabel(names=["effusion", "nodule"]))}))
+    bare = datasets.Dataset.from_dict({"image": images[:2]}, features=datasets.Features({"image": datasets.Image()}))
+    datasets.DatasetDict({"train": labelled, "test": bare}).save_to_disk(str(tmp_path / "ml"))
+    source = discover(tmp_path / "ml")  # the one (list of) ClassLabel column is found by itself
+    assert source.multilabel and source.classes == ["effusion", "nodule"]
+    assert source.splits["train"].labels.tolist() == [[1, 0], [1, 1], [0, 0], [0, 1]]
+    assert source.splits["test"].labels.tolist() == [[0, 0], [0, 0]]
+    assert source.splits["test"].paths == ["test/00000000", "test/00000001"]
