@@ -26,7 +26,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 
 @cli.command()
 @click.option("--model", "-m", required=True, help="Hub id (facebook/dino-vits16) or a local directory made with save_pretrained.")
-@click.option("--data", "-d", required=True, type=click.Path(exists=True), help="Image folder (root/class/x or root/split/class/x) or a CSV manifest (path,label[,split][,group]).")
+@click.option("--data", "-d", required=True, type=click.Path(exists=True), help="Image folder (root/class/x or root/split/class/x), a CSV manifest (path,label[,split][,group]), or a directory written by datasets' save_to_disk (needs featcache[hf]).")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Feature file to write (HDF5). An existing file of the same config is resumed.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit); the resolved commit is recorded in the file.")
 @click.option("--tokens", type=click.Choice(["none", "full"]), default="none", show_default=True, help="none: store cls and pooled only; full: also the whole last_hidden_state.")
@@ -40,6 +40,8 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--amp", is_flag=True, help="bf16 autocast on GPU (ignored on CPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU for big datasets).")
 @click.option("--label-columns", default=None, help="Multi-label manifest: comma-separated 0/1 finding columns.")
+@click.option("--image-column", default=None, help="Hugging Face datasets directory: the Image column to read, when it has several.")
+@click.option("--label-column", default=None, help="Column holding the label: in a CSV manifest (default: label), or in a datasets directory (default: its ClassLabel column, else label/labels/target).")
 @click.option("--window", default=None, help="DICOM window CENTRE,WIDTH overriding the files' own VOI LUT, e.g. 40,400.")
 @click.option("--frame", type=int, default=None, help="DICOM frame to use from multi-frame files (otherwise refused).")
 @click.option("--merge", type=click.Choice(["copy", "virtual"]), default="copy", show_default=True, help="Under torchrun: join the per-rank shard files by copying, or as HDF5 virtual datasets pointing at the shards.")
@@ -49,8 +51,8 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @json_option
 @quiet_option
 def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_size, batch_size, workers,
-            device, dtype, amp, compile_, label_columns, window, frame, merge, overwrite, retry_errors, group_column,
-            json_path, quiet):
+            device, dtype, amp, compile_, label_columns, image_column, label_column, window, frame, merge, overwrite,
+            retry_errors, group_column, json_path, quiet):
     """Run a frozen backbone over a dataset once and cache its features in an HDF5 file.
 
     Stores cls and pooled features for every image (and with --tokens full the whole token
@@ -61,7 +63,6 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
 
     Example: featcache extract --model facebook/dino-vits16 --data images/ --out feats.h5
     """
-    from featcache.backbones import BackboneError
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
@@ -72,7 +73,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
     run = RunOptions(batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
                      retry_errors=retry_errors, progress=not quiet and rank == 0, compile=compile_, merge=merge)
     source_options = {"label_columns": label_columns.split(",") if label_columns else None,
-                      "group_column": group_column}
+                      "image_column": image_column, "label_column": label_column, "group_column": group_column}
     try:
         summary = run_extraction(cfg, data, out, run, **source_options)
     except KeyboardInterrupt:
@@ -105,7 +106,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
 
 @cli.command("import")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Feature file to write.")
-@click.option("--split", "splits", multiple=True, required=True, metavar="NAME=FILE", help="Features of one split: .npy (N, D), .npz or .pt (arrays cls/features, pooled, tokens, labels, paths, groups). Repeat per split.")
+@click.option("--split", "splits", multiple=True, required=True, metavar="NAME=FILE", help="Features of one split: .npy (N, D), .npz or .pt (arrays cls/features, pooled, tokens, labels, paths, groups), or .h5/.hdf5 with a features dataset (thingsvision). Repeat per split.")
 @click.option("--labels", "label_files", multiple=True, metavar="NAME=FILE", help="Labels of a split when its feature file has none: .npy, .pt, or a text file with one label per line.")
 @click.option("--paths", "path_files", multiple=True, metavar="NAME=FILE", help="Text file with one image path per row of a split.")
 @click.option("--classes", default=None, help="Class names, comma-separated or a text file with one per line. Default: sorted unique labels.")
@@ -113,7 +114,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True, help="Storage dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def import_(out, splits, label_files, path_files, classes, model, dtype, overwrite):
-    """Bring features made elsewhere (.npy, .npz, .pt) into a featcache file.
+    """Bring features made elsewhere (.npy, .npz, .pt, thingsvision .h5) into a featcache file.
 
     Every later command (info, knn, probe, train, sweep) then works on them.
 

@@ -1,4 +1,5 @@
-"""Data sources and decoding: image folders, CSV manifests, DICOM, with clear per-file errors.
+"""Data sources and decoding: image folders, CSV manifests, DICOM, Hugging Face datasets
+directories (featcache.hf_source), with clear per-file errors.
 
 A source lists the rows of every split before anything is computed (sorted by path, so row
 order is deterministic and resumable); ``load_image`` turns one file into an 8-bit RGB PIL
@@ -33,7 +34,7 @@ class SplitRows:
     """The rows of one split."""
 
     paths: list[str]            # relative to the data root (or as given in the manifest), sorted, posix
-    files: list[Path]           # absolute paths to read
+    files: list[Path]           # absolute paths to read (hf_source: row references, see make_ref)
     labels: np.ndarray          # (N,) int64 with -1 = unlabelled, or (N, C) uint8 for multi-label
     groups: list[str] | None    # group/patient id per row when the manifest has a group column
 
@@ -46,7 +47,7 @@ class DataSource:
     classes: list[str]          # label i means classes[i]
     splits: dict[str, SplitRows]
     multilabel: bool            # labels are (N, C) 0/1
-    kind: str                   # "folder" | "csv"
+    kind: str                   # "folder" | "csv" | "hf"
 
 
 class ImageDecodeError(Exception):
@@ -67,24 +68,37 @@ class DecodeOptions:
 # ------------------------------------------------------------------------------------------------
 
 def discover(data: str | Path, *, split: str | None = None, label_columns: Sequence[str] | None = None,
-             path_column: str = "path", label_column: str = "label", split_column: str = "split",
-             group_column: str | None = None, extensions: Sequence[str] | None = None) -> DataSource:
-    """List the rows of an image folder or a CSV manifest.
+             path_column: str = "path", label_column: str | None = None, split_column: str = "split",
+             group_column: str | None = None, extensions: Sequence[str] | None = None,
+             image_column: str | None = None) -> DataSource:
+    """List the rows of an image folder, a CSV manifest, or a Hugging Face datasets directory.
 
     Folders: root/<class>/x is one split named "all"; root/<split>/<class>/x (top-level folders
     named like train/val/test) gives several; images directly in root or in a split folder are
-    unlabelled (-1). `split` keeps only that split. CSV manifests: `group_column` names the column
-    holding each row's group (patient); None takes a column named "group" when there is one.
+    unlabelled (-1). A directory written by Dataset/DatasetDict.save_to_disk is read by
+    featcache.hf_source (its splits, its ClassLabel names; `image_column`/`label_column` pick the
+    columns when they are not obvious). `label_column` defaults to "label" for CSV manifests.
+    CSV manifests: `group_column` names the column holding each row's group (patient); None takes
+    a column named "group" when there is one. `split` keeps only that split.
     """
     data = Path(data)
     if not data.exists():
-        raise FileNotFoundError(f"{data} does not exist: expected an image folder or a CSV manifest.")
+        raise FileNotFoundError(f"{data} does not exist: expected an image folder, a CSV manifest or a "
+                                f"datasets save_to_disk directory.")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in (extensions or IMAGE_EXTENSIONS))
+    from featcache import hf_source
+
+    if image_column is not None and not hf_source.is_hf_dataset_dir(data):
+        raise ValueError(f"--image-column applies to a Hugging Face datasets directory (save_to_disk), "
+                         f"but {data} is not one (no dataset_dict.json, or dataset_info.json + state.json).")
     if data.is_file():
         if data.suffix.lower() not in (".csv", ".tsv"):
             raise ValueError(f"{data} is a file but not a CSV manifest; pass a folder of images or a "
                              f".csv with columns path,label[,split][,group].")
-        source = _from_csv(data, label_columns, path_column, label_column, split_column, group_column)
+        source = _from_csv(data, label_columns, path_column, label_column or "label", split_column, group_column)
+    elif hf_source.is_hf_dataset_dir(data):
+        source = hf_source.from_hf_dir(data, image_column=image_column, label_column=label_column,
+                                       group_column=group_column)
     else:
         source = _from_folder(data, exts)
     if split is not None:
@@ -211,9 +225,14 @@ def _binary(value: str, path: Path, column: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def load_image(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.Image":
-    """Decode one file into an 8-bit RGB image, or raise ImageDecodeError with the reason."""
-    from PIL import Image
+    """Decode one file (or a datasets row reference from hf_source) into an 8-bit RGB image, or
+    raise ImageDecodeError with the reason."""
+    if str(path).startswith("hf:"):
+        from featcache.hf_source import load_ref_image, parse_ref
 
+        ref = parse_ref(path)
+        if ref is not None:
+            return load_ref_image(ref, options)
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -223,11 +242,30 @@ def load_image(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
         raise ImageDecodeError("empty file (0 bytes)")
     if path.suffix.lower() in (".dcm", ".dicom") or _has_dicm_magic(path):
         return load_dicom(path, options)
+    return _decode_pil(path, options)
+
+
+def decode_image_bytes(data: bytes, options: DecodeOptions = DecodeOptions()) -> "Image.Image":
+    """Decode encoded image bytes (PNG, JPEG, ...) exactly as load_image decodes a file."""
+    import io
+
+    if not data:
+        raise ImageDecodeError("empty image (0 bytes)")
+    if data[128:132] == b"DICM":
+        raise ImageDecodeError("DICOM bytes inside a dataset are not supported; save the DICOM files to a "
+                               "folder or CSV manifest instead")
+    return _decode_pil(io.BytesIO(data), options)
+
+
+def _decode_pil(source: "Path | object", options: DecodeOptions) -> "Image.Image":
+    """PIL decode of a path or file object with the decompression-bomb limit, then to_rgb."""
+    from PIL import Image
+
     try:
         with warnings.catch_warnings(), _pil_pixel_limit(None):
             # featcache's own limit (options.max_pixels) is the only one that applies: PIL's
             # MAX_IMAGE_PIXELS is lifted while opening so the documented number is the real one
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > options.max_pixels:
                     raise ImageDecodeError(f"decompression bomb: {w}x{h} px exceeds the limit of "

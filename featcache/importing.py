@@ -1,4 +1,5 @@
-"""Bring features computed elsewhere (.npy, .npz, .pt) into the featcache format."""
+"""Bring features computed elsewhere (.npy, .npz, .pt, or an .h5/.hdf5 holding a `features`
+dataset such as thingsvision writes) into the featcache format."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,8 @@ _ROLES = {
 
 
 def load_array_file(path: str | Path) -> dict[str, Any]:
-    """Read .npy (one array = features), .npz or .pt (a dict or one tensor) into role -> array."""
+    """Read .npy (one array = features), .npz or .pt (a dict or one tensor), or .h5/.hdf5 (top-level
+    datasets such as thingsvision's `features`) into role -> array."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
@@ -35,8 +37,10 @@ def load_array_file(path: str | Path) -> dict[str, Any]:
 
         obj = torch.load(path, map_location="cpu", weights_only=True)
         raw = obj if isinstance(obj, Mapping) else {"cls": obj}
+    elif suffix in (".h5", ".hdf5"):
+        raw = _read_hdf5_arrays(path)
     else:
-        raise ValueError(f"{path}: expected a .npy, .npz or .pt file; got {suffix or 'no extension'}.")
+        raise ValueError(f"{path}: expected a .npy, .npz, .pt or .h5/.hdf5 file; got {suffix or 'no extension'}.")
     found: dict[str, Any] = {}
     for role, names in _ROLES.items():
         for name in names:
@@ -47,6 +51,38 @@ def load_array_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} has no features: expected an array named one of "
                          f"{', '.join(_ROLES['cls'])}; found {', '.join(map(str, raw)) or 'nothing'}.")
     return found
+
+
+def _read_hdf5_arrays(path: Path) -> dict[str, Any]:
+    """The top-level datasets of a plain HDF5 file (thingsvision: `features`, maybe `labels`/`targets`).
+
+    Features with more than two axes (a conv layer's maps) are flattened per row. A featcache
+    file is refused: it needs no import.
+    """
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path} is not a readable HDF5 file ({exc}).") from None
+    with f:
+        if f.attrs.get("encoding-type") == "featcache":
+            raise ValueError(f"{path} is already a featcache feature file, not features to import (such as "
+                             f"thingsvision's .h5 with a 'features' dataset); use it directly, e.g. "
+                             f"`featcache info {path}`.")
+        raw: dict[str, Any] = {}
+        for name, item in f.items():
+            if not isinstance(item, h5py.Dataset):
+                continue
+            value = item[()]
+            if value.dtype.kind in ("O", "S"):
+                value = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in value]
+            raw[name] = value
+    cls_names = [n for n in _ROLES["cls"] if n in raw]
+    if cls_names and np.ndim(raw[cls_names[0]]) > 2:
+        x = np.asarray(raw[cls_names[0]])
+        raw[cls_names[0]] = x.reshape(x.shape[0], -1)
+    return raw
 
 
 def _to_numpy(value: Any) -> Any:

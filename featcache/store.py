@@ -20,6 +20,8 @@ import numpy as np
 
 if TYPE_CHECKING:  # tokens.py imports torch; the store stays importable without it
     from featcache.tokens import TokenLayout
+if TYPE_CHECKING:
+    import pandas
 
 ENCODING_TYPE = "featcache"
 ENCODING_VERSION = "1"
@@ -225,6 +227,35 @@ class SplitView:
         """Group ids of `rows`, or None when the split has no groups."""
         groups = self.groups
         return None if groups is None else [groups[i] for i in rows]
+    def table(self) -> "pandas.DataFrame":
+        """The split's rows as a pandas DataFrame, for your own analysis (needs pandas).
+
+        Columns: path, label, class_name, group, done, error. label is the class index (-1 =
+        unlabelled) and class_name its name ("" when unlabelled). In a multi-label file label is
+        the list of positive class indices of each row and class_name their names joined by "|".
+        group is None when the split has no groups; error is "" for rows without one.
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("SplitView.table() needs pandas, which is not installed: pip install pandas") from None
+        classes = [_decode(c) for c in self._g.file["classes"][()]]
+        labels = self.labels
+        if labels.ndim == 2:
+            label_col: list[Any] = [np.flatnonzero(row).tolist() for row in labels]
+            names = ["|".join(classes[i] for i in row) for row in label_col]
+        else:
+            label_col = labels.astype(np.int64).tolist()
+            names = [classes[i] if 0 <= i < len(classes) else "" for i in label_col]
+        groups = self.groups
+        return pd.DataFrame({
+            "path": self.paths,
+            "label": label_col,
+            "class_name": names,
+            "group": groups if groups is not None else [None] * self.n,
+            "done": self.done,
+            "error": [str(r) for r in self.error_reasons],
+        })
 
     def __repr__(self) -> str:
         return f"<SplitView {self.name!r}: {int(self.done.sum())}/{self.n} rows done>"

@@ -1,0 +1,326 @@
+"""Hugging Face ``datasets`` as input: a directory written by ``save_to_disk``.
+
+``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` write a directory that featcache reads
+like an image folder: its splits become the file's splits (a plain Dataset is one split named
+``all``), a ``ClassLabel`` column names the classes, and rows keep the dataset's own order.
+
+Workers never receive the dataset object: each row is a small reference that survives
+``Path(...)`` and pickling (``hf:/abs/dir::split::index::column``), and each worker process opens
+the dataset lazily (memory-mapped, cached per process) to read one row's encoded image bytes,
+which are decoded by featcache's own decoder, so EXIF, 16-bit and alpha handling is exactly that
+of image files.
+
+``datasets`` is an optional extra (``pip install 'featcache[hf]'``); only reading such a
+directory needs it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+from urllib.parse import quote, unquote
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from featcache.data import DataSource, DecodeOptions
+
+REF_PREFIX = "hf:"
+_SEP = "::"
+LABEL_NAMES = ("label", "labels", "target", "targets")
+INSTALL_HINT = "pip install 'featcache[hf]'"
+
+
+class MissingDatasetsError(ImportError, ValueError):
+    """`datasets` is needed but not installed (a ValueError too, so the CLI prints it cleanly)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# detection and loading
+# ------------------------------------------------------------------------------------------------
+
+def is_hf_dataset_dir(path: str | Path) -> bool:
+    """True for a directory written by save_to_disk: dataset_dict.json (a DatasetDict), or
+    dataset_info.json + state.json (a Dataset). Needs no `datasets` import."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    return (p / "dataset_dict.json").is_file() or ((p / "dataset_info.json").is_file()
+                                                    and (p / "state.json").is_file())
+
+
+def import_datasets() -> Any:
+    """The `datasets` module, or MissingDatasetsError saying how to install it."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise MissingDatasetsError(
+            f"reading a Hugging Face datasets directory needs the `datasets` package, which is not "
+            f"installed ({exc}); install it with: {INSTALL_HINT}") from None
+    return datasets
+
+
+def load_splits(root: Path) -> dict[str, Any]:
+    """split name -> datasets.Dataset, in the directory's own order; a plain Dataset is `all`."""
+    from featcache.data import SINGLE_SPLIT
+
+    datasets = import_datasets()
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except Exception as exc:
+        raise ValueError(f"{root} looks like a datasets save_to_disk directory but could not be "
+                         f"loaded: {type(exc).__name__}: {exc}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if not loaded:
+            raise ValueError(f"{root} is a DatasetDict with no splits.")
+        return dict(loaded.items())
+    return {SINGLE_SPLIT: loaded}
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing columns
+# ------------------------------------------------------------------------------------------------
+
+def _describe_columns(features: Any) -> str:
+    return ", ".join(f"{name} ({type(f).__name__})" for name, f in features.items())
+
+
+def pick_image_column(features: Any, override: str | None, where: str) -> str:
+    """The column holding images: the one datasets.Image column, or `override`."""
+    datasets = import_datasets()
+    if override is not None:
+        if override not in features:
+            raise ValueError(f"--image-column {override!r} is not a column of {where}; its columns are: "
+                             f"{_describe_columns(features)}.")
+        if not isinstance(features[override], datasets.Image):
+            raise ValueError(f"--image-column {override!r} of {where} is a {type(features[override]).__name__}, "
+                             f"expected a datasets.Image column. Columns: {_describe_columns(features)}.")
+        return override
+    candidates = [name for name, f in features.items() if isinstance(f, datasets.Image)]
+    if not candidates:
+        raise ValueError(f"{where} has no datasets.Image column; its columns are: {_describe_columns(features)}. "
+                         f"Cast the column holding the images with dataset.cast_column(name, datasets.Image()) "
+                         f"before save_to_disk.")
+    if len(candidates) > 1:
+        raise ValueError(f"{where} has several image columns ({', '.join(candidates)}); pick one with "
+                         f"--image-column {candidates[0]}.")
+    return candidates[0]
+
+
+def pick_label_column(features: Any, override: str | None, where: str, image_column: str) -> str | None:
+    """The label column: `override`; else the one ClassLabel (or list-of-ClassLabel) column (or,
+    with several, the one named label/labels/target); else an int or string column named label/labels/target; else None
+    (every row unlabelled)."""
+    if override is not None:
+        if override not in features:
+            raise ValueError(f"--label-column {override!r} is not a column of {where}; its columns are: "
+                             f"{_describe_columns(features)}.")
+        if _label_kind(features[override]) is None:
+            raise ValueError(f"--label-column {override!r} of {where} is {features[override]!r}; expected a "
+                             f"ClassLabel, an integer or a string column (or a list of ClassLabel for multi-label).")
+        return override
+    columns = [c for c in features if c != image_column]
+    class_labels = [c for c in columns if _label_kind(features[c]) in ("classlabel", "multilabel")]
+    if len(class_labels) == 1:
+        return class_labels[0]
+    named = [c for c in LABEL_NAMES if c in columns and _label_kind(features[c]) is not None]
+    if len(class_labels) > 1:
+        preferred = [c for c in named if c in class_labels]
+        if preferred:
+            return preferred[0]
+        raise ValueError(f"{where} has several ClassLabel columns ({', '.join(class_labels)}); pick one with "
+                         f"--label-column {class_labels[0]}.")
+    return named[0] if named else None
+
+
+def _label_kind(feature: Any) -> str | None:
+    """'classlabel' | 'multilabel' | 'int' | 'str' for usable label features, else None."""
+    datasets = import_datasets()
+    if isinstance(feature, datasets.ClassLabel):
+        return "classlabel"
+    inner = feature[0] if isinstance(feature, list) and len(feature) == 1 else getattr(feature, "feature", None)
+    if inner is not None:  # a list of class indices per row: multi-label
+        return "multilabel" if isinstance(inner, datasets.ClassLabel) else None
+    if isinstance(feature, datasets.Value):
+        dtype = str(feature.dtype)
+        if dtype.startswith(("int", "uint")) or dtype == "bool":
+            return "int"
+        if dtype in ("string", "large_string"):
+            return "str"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the source
+# ------------------------------------------------------------------------------------------------
+
+def from_hf_dir(root: Path, image_column: str | None = None, label_column: str | None = None,
+                group_column: str | None = "group") -> "DataSource":
+    """Read a save_to_disk directory into a DataSource (rows in dataset order)."""
+    from featcache.data import DataSource, SplitRows
+
+    root = Path(root).resolve()
+    forget_open(root)  # the directory may have been rewritten since this process last read it
+    dsets = load_splits(root)
+    first_name, first = next(iter(dsets.items()))
+    features = first.features
+    where = f"{root} (split {first_name!r})"
+    image_col = pick_image_column(features, image_column, where)
+    label_col = pick_label_column(features, label_column, where, image_col)
+    for name, ds in dsets.items():
+        if image_col not in ds.features:
+            raise ValueError(f"split {name!r} of {root} has no column {image_col!r} (split {first_name!r} has "
+                             f"it); its columns are: {_describe_columns(ds.features)}.")
+    kind = _label_kind(features[label_col]) if label_col else None
+    # a split without the label column (an unlabelled test split) is unlabelled, -1
+    raw_labels = {name: (ds[label_col] if label_col and label_col in ds.features else None)
+                  for name, ds in dsets.items()}
+    classes = _classes(kind, features[label_col] if label_col else None, raw_labels)
+    splits: dict[str, SplitRows] = {}
+    for name, ds in dsets.items():
+        n = len(ds)
+        splits[name] = SplitRows(
+            paths=row_ids(ds, name, image_col),
+            files=[make_ref(root, name, i, image_col) for i in range(n)],
+            labels=_encode_labels(kind, raw_labels[name], classes, n),
+            groups=([str(g) if g is not None else "" for g in ds[group_column]]
+                    if group_column and group_column in ds.features else None))
+    if not any(len(rows.paths) for rows in splits.values()):
+        raise ValueError(f"{root} holds no rows.")
+    return DataSource(root, classes, splits, multilabel=kind == "multilabel", kind="hf")
+
+
+def _classes(kind: str | None, feature: Any, raw: dict[str, Any]) -> list[str]:
+    """Class names: ClassLabel names; ints 0..max as strings; sorted distinct strings."""
+    if kind == "classlabel":
+        return list(feature.names)
+    if kind == "multilabel":
+        inner = feature[0] if isinstance(feature, list) else feature.feature
+        return list(inner.names)
+    values = [v for vals in raw.values() if vals is not None for v in vals if v is not None]
+    if kind == "int":
+        top = max((int(v) for v in values), default=-1)
+        return [str(i) for i in range(top + 1)]
+    if kind == "str":
+        return sorted({str(v).strip() for v in values} - {""})
+    return []
+
+
+def _encode_labels(kind: str | None, values: Any, classes: list[str], n: int) -> np.ndarray:
+    """(N,) int64 with -1 = unlabelled, or (N, C) uint8 for a list-of-ClassLabel column."""
+    if kind == "multilabel":
+        out = np.zeros((n, len(classes)), dtype=np.uint8)
+        for i, row in enumerate(values if values is not None else ()):
+            for c in row or ():
+                if 0 <= int(c) < len(classes):
+                    out[i, int(c)] = 1
+        return out
+    if kind is None or values is None:
+        return np.full(n, -1, dtype=np.int64)
+    if kind == "str":
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index.get(str(v).strip(), -1) if v is not None else -1 for v in values], dtype=np.int64)
+    labels = np.array([-1 if v is None else int(v) for v in values], dtype=np.int64)
+    labels[labels < 0] = -1
+    return labels
+
+
+def row_ids(ds: Any, split: str, image_column: str) -> list[str]:
+    """Stable row ids: the image paths the dataset kept when every row has one and they are
+    unique within the split; otherwise `<split>/<index:08d>`."""
+    paths = kept_paths(ds, image_column)
+    if paths and all(paths) and len(set(paths)) == len(paths):
+        return paths
+    return [f"{split}/{i:08d}" for i in range(len(ds))]
+
+
+def kept_paths(ds: Any, image_column: str) -> list[str | None]:
+    """The `path` field of each row's image (save_to_disk keeps the basename), without reading bytes."""
+    datasets = import_datasets()
+    raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    column = raw.with_format("arrow")[:].column(image_column)
+    out: list[str | None] = []
+    for chunk in column.chunks:
+        out.extend(chunk.field("path").to_pylist())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# row references (what the loader workers receive)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HFRowRef:
+    """One image row of a save_to_disk directory."""
+
+    root: str       # absolute dataset directory
+    split: str      # split name ("all" for a plain Dataset)
+    index: int      # row index in dataset order
+    column: str     # image column
+
+
+def make_ref(root: Path, split: str, index: int, column: str) -> Path:
+    """A Path whose text is `hf:/abs/dir::split::index::column`; Path() and pickle keep it as is."""
+    text = f"{REF_PREFIX}{Path(root).as_posix()}{_SEP}{quote(split, safe='')}{_SEP}{index}{_SEP}{quote(column, safe='')}"
+    return Path(text)
+
+
+def parse_ref(path: str | os.PathLike) -> HFRowRef | None:
+    """The reference encoded by make_ref, or None for an ordinary file path."""
+    text = os.fspath(path)
+    if not text.startswith(REF_PREFIX + "/") or text.count(_SEP) < 3:
+        return None
+    root, split, index, column = text[len(REF_PREFIX):].rsplit(_SEP, 3)
+    if not index.isdigit():
+        return None
+    return HFRowRef(root, unquote(split), int(index), unquote(column))
+
+
+_OPEN: dict[tuple[int, str, str, str], Any] = {}
+
+
+def _open_split(ref: HFRowRef) -> Any:
+    """The split's image column with decoding off, opened once per process (workers fork or spawn)."""
+    key = (os.getpid(), ref.root, ref.split, ref.column)
+    ds = _OPEN.get(key)
+    if ds is None:
+        datasets = import_datasets()
+        ds = load_splits(Path(ref.root))[ref.split]
+        ds = ds.select_columns([ref.column]).cast_column(ref.column, datasets.Image(decode=False))
+        _OPEN[key] = ds
+    return ds
+
+
+def forget_open(root: Path) -> None:
+    """Drop this process's cached handles on `root` (so a re-saved dataset is read afresh)."""
+    for key in [k for k in _OPEN if k[1] == str(root)]:
+        del _OPEN[key]
+
+
+def load_ref_image(ref: HFRowRef, options: "DecodeOptions") -> "Image.Image":
+    """Decode one row's image exactly as an image file would be (featcache's decoder)."""
+    from featcache.data import ImageDecodeError, decode_image_bytes, load_image
+
+    try:
+        value = _open_split(ref)[ref.index][ref.column]
+    except MissingDatasetsError as exc:
+        raise ImageDecodeError(str(exc)) from None
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot read row {ref.index} of split {ref.split!r} in {ref.root}: "
+                               f"{type(exc).__name__}: {exc}") from None
+    if value is None:
+        raise ImageDecodeError("the row has no image (None)")
+    data, path = value.get("bytes"), value.get("path")
+    if data is not None:
+        return decode_image_bytes(bytes(data), options)
+    if path:  # an image stored by path only: read the file it names
+        file = Path(path) if Path(path).is_absolute() else Path(ref.root) / path
+        return load_image(file, options)
+    raise ImageDecodeError("the row's image has neither bytes nor a path")
+
+
+__all__: Sequence[str] = ("is_hf_dataset_dir", "from_hf_dir", "make_ref", "parse_ref", "load_ref_image",
+                          "MissingDatasetsError", "HFRowRef")

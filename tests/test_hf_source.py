@@ -1,0 +1,232 @@
+"""Hugging Face `datasets` directories as input, thingsvision .h5 import, and SplitView.table().
+
+The datasets are built in the test from the same real digit PNGs as the folder tests, saved with
+save_to_disk, and extracted through the CLI; their features must equal those of the folder.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image as PILImage
+
+import featcache as fc
+from featcache.data import discover, load_image
+from featcache_cli.main import cli
+
+datasets = pytest.importorskip("datasets")
+
+NAMES = ["zero", "one", "two"]  # ClassLabel names differ from the folder names on purpose
+
+
+def _folder_rows(digits_dir: Path, split: str) -> list[tuple[Path, int]]:
+    files = sorted((digits_dir / split).rglob("*.png"))
+    return [(f, int(f.parent.name)) for f in files]
+
+
+def _image_dataset(rows: list[tuple[Path, int]], keep_path: bool = True, **extra_columns) -> "datasets.Dataset":
+    """An Image + ClassLabel dataset holding the files' encoded bytes (in reversed folder order)."""
+    rows = rows[::-1]
+    data = {"image": [{"bytes": f.read_bytes(), "path": f.name if keep_path else None} for f, _ in rows],
+            "label": [y for _, y in rows]}
+    features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)}
+    for name, (feature, values) in extra_columns.items():
+        data[name] = values
+        features[name] = feature
+    return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+@pytest.fixture()
+def hf_dir(tmp_path, digits_dir) -> Path:
+    """A DatasetDict (train, test) of the digit PNGs, written with save_to_disk."""
+    dd = datasets.DatasetDict({s: _image_dataset(_folder_rows(digits_dir, s)) for s in ("train", "test")})
+    dd.save_to_disk(str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def _extract(model: Path, data: Path, out: Path, *extra: str) -> "CliRunner.Result":
+    return CliRunner().invoke(cli, ["extract", "--model", str(model), "--data", str(data), "--out", str(out),
+                                    "--dtype", "float32", "--workers", "0", "--quiet", *extra])
+
+
+def test_features_equal_those_of_the_folder_and_resume(tiny_vit, digits_dir, hf_dir, tmp_path):
+    folder = _extract(tiny_vit, digits_dir, tmp_path / "folder.h5")
+    assert folder.exit_code == 0, folder.output
+    first = _extract(tiny_vit, hf_dir, tmp_path / "hf.h5", "--workers", "1")  # a worker process decodes
+    assert first.exit_code == 0, first.output
+    assert "60 images extracted, 0 skipped" in first.output
+    with fc.open(tmp_path / "folder.h5") as ref, fc.open(tmp_path / "hf.h5") as got:
+        assert got.classes == NAMES and sorted(got.splits) == ["test", "train"]  # HDF5 lists groups by name
+        assert got.config["data_root"] == str(hf_dir.resolve())
+        for split in ("train", "test"):
+            r, g = ref[split], got[split]
+            assert g.done.all() and g.cls.dtype == np.float32
+            # rows keep the dataset's order (reversed folder order) and the kept file names as ids
+            assert g.paths == [Path(p).name for p in r.paths][::-1]
+            np.testing.assert_allclose(g.cls[()], r.cls[()][::-1], atol=1e-6, rtol=0)
+            np.testing.assert_allclose(g.pooled[()], r.pooled[()][::-1], atol=1e-6, rtol=0)
+            np.testing.assert_array_equal(g.labels, r.labels[::-1])
+    again = _extract(tiny_vit, hf_dir, tmp_path / "hf.h5")
+    assert again.exit_code == 0, again.output
+    assert "resumed; 0 images extracted" in again.output and "60 already done" in again.output
+
+
+def test_plain_dataset_string_labels_and_index_ids(tiny_vit, digits_dir, tmp_path):
+    rows = _folder_rows(digits_dir, "train")[::2]  # 15 rows, 5 per class
+    ds = datasets.Dataset.from_dict(
+        {"img": [{"bytes": f.read_bytes(), "path": None} for f, _ in rows],
+         "target": [["cat", "dog", "emu"][y] if i != 3 else None for i, (_, y) in enumerate(rows)]},
+        features=datasets.Features({"img": datasets.Image(), "target": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "plain"))
+    source = discover(tmp_path / "plain")
+    assert source.kind == "hf" and list(source.splits) == ["all"]  # like a root/<class>/x folder
+    rows_all = source.splits["all"]
+    assert rows_all.paths[:2] == ["all/00000000", "all/00000001"]
+    assert source.classes == ["cat", "dog", "emu"]
+    assert rows_all.labels.tolist() == [y if i != 3 else -1 for i, (_, y) in enumerate(rows)]
+    result = _extract(tiny_vit, tmp_path / "plain", tmp_path / "p.h5")
+    assert result.exit_code == 0, result.output
+    with fc.open(tmp_path / "p.h5") as store:
+        assert store["all"].done.sum() == 15 and store.classes == ["cat", "dog", "emu"]
+
+
+def test_column_overrides_and_ambiguous_image_columns(tiny_vit, digits_dir, tmp_path):
+    rows = _folder_rows(digits_dir, "test")[::3]  # 10 rows of every class
+    coarse = ["small" if y == 0 else "big" for _, y in rows]
+    ds = _image_dataset(rows, photo=(datasets.Image(), [{"bytes": f.read_bytes(), "path": None} for f, _ in rows[::-1]]),
+                        coarse=(datasets.Value("string"), coarse[::-1]))
+    ds.save_to_disk(str(tmp_path / "two"))
+    refused = _extract(tiny_vit, tmp_path / "two", tmp_path / "x.h5")
+    assert refused.exit_code != 0
+    assert "several image columns (image, photo)" in refused.output and "--image-column" in refused.output
+    ok = _extract(tiny_vit, tmp_path / "two", tmp_path / "x.h5", "--image-column", "photo", "--label-column", "coarse")
+    assert ok.exit_code == 0, ok.output
+    with fc.open(tmp_path / "x.h5") as store:
+        assert store.classes == ["big", "small"]
+        assert store["all"].paths[0] == "all/00000000"  # the photo column kept no paths
+        assert store["all"].labels.tolist() == [1 if c == "small" else 0 for c in coarse[::-1]]
+    wrong = _extract(tiny_vit, tmp_path / "two", tmp_path / "y.h5", "--image-column", "coarse")
+    assert wrong.exit_code != 0 and "expected a datasets.Image column" in wrong.output
+    missing = _extract(tiny_vit, tmp_path / "two", tmp_path / "y.h5", "--image-column", "photo",
+                       "--label-column", "nope")
+    assert missing.exit_code != 0 and "'nope' is not a column" in missing.output
+    folder = _extract(tiny_vit, digits_dir, tmp_path / "z.h5", "--image-column", "image")
+    assert folder.exit_code != 0 and "applies to a Hugging Face datasets directory" in folder.output
+
+
+def test_decoding_rows_matches_decoding_files(tmp_path):
+    """16-bit, RGBA, palette and EXIF-rotated images decode identically from a dataset and from files."""
+    rng = np.random.default_rng(0)
+    files = []
+    img16 = PILImage.fromarray((rng.integers(0, 65535, (9, 7))).astype(np.uint16))
+    img16.save(tmp_path / "a16.png"); files.append(tmp_path / "a16.png")
+    PILImage.fromarray(rng.integers(0, 255, (6, 5, 4), dtype=np.uint8), "RGBA").save(tmp_path / "b.png")
+    files.append(tmp_path / "b.png")
+    PILImage.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).convert("P").save(tmp_path / "c.png")
+    files.append(tmp_path / "c.png")
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # rotate 90
+    PILImage.fromarray(rng.integers(0, 255, (4, 8, 3), dtype=np.uint8)).save(tmp_path / "d.jpg", exif=exif)
+    files.append(tmp_path / "d.jpg")
+    (tmp_path / "e.png").write_bytes(b"not an image")
+    files.append(tmp_path / "e.png")
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in files]},
+                                    features=datasets.Features({"image": datasets.Image()}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    rows = discover(tmp_path / "ds").splits["all"]
+    assert rows.paths == [f.name for f in files] and rows.labels.tolist() == [-1] * 5
+    for ref, f in zip(rows.files[:4], files):
+        np.testing.assert_array_equal(np.asarray(load_image(Path(ref))), np.asarray(load_image(f)))
+    assert np.asarray(load_image(rows.files[3])).shape == (8, 4, 3)  # EXIF applied
+    with pytest.raises(fc.data.ImageDecodeError, match="not an image"):
+        load_image(rows.files[4])
+
+
+def test_row_references_round_trip():
+    from featcache.hf_source import make_ref, parse_ref
+
+    ref = make_ref(Path("/data/my ds::v2"), "train.extra", 12, "image/x")
+    assert str(Path(str(ref))) == str(ref)
+    parsed = parse_ref(ref)
+    assert (parsed.root, parsed.split, parsed.index, parsed.column) == ("/data/my ds::v2", "train.extra", 12, "image/x")
+    assert parse_ref(Path("/data/images/hf:cat.png")) is None and parse_ref("relative/x.png") is None
+
+
+def test_missing_datasets_says_how_to_install(hf_dir, tiny_vit, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'featcache\[hf\]'"):
+        discover(hf_dir)
+    result = _extract(tiny_vit, hf_dir, tmp_path / "x.h5")
+    assert result.exit_code != 0 and "pip install 'featcache[hf]'" in result.output
+
+
+def test_import_thingsvision_h5(tmp_path, digits_arrays, digits_feature_file):
+    x, y = digits_arrays["train"]
+    with h5py.File(tmp_path / "features.hdf5", "w") as f:  # thingsvision's save_features(..., "hdf5")
+        f.create_dataset("features", data=x)
+        f.create_dataset("targets", data=y)
+    with h5py.File(tmp_path / "conv.h5", "w") as f:
+        f.create_dataset("features", data=digits_arrays["test"][0].reshape(-1, 4, 4, 4))
+    out = tmp_path / "imported.h5"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["import", "--out", str(out), "--split", f"train={tmp_path / 'features.hdf5'}",
+                                 "--split", f"test={tmp_path / 'conv.h5'}", "--model", "thingsvision-vit"])
+    assert result.exit_code == 0, result.output
+    with fc.open(out) as store:
+        np.testing.assert_array_equal(store["train"].features("cls"), x)
+        np.testing.assert_array_equal(store["train"].labels, y)
+        np.testing.assert_array_equal(store["test"].features("cls"), digits_arrays["test"][0])  # flattened
+        assert (store["test"].labels == -1).all() and store.classes == [str(i) for i in range(10)]
+    refused = runner.invoke(cli, ["import", "--out", str(tmp_path / "again.h5"), "--split",
+                                  f"train={digits_feature_file}"])
+    assert refused.exit_code != 0 and "already a featcache feature file" in refused.output
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("weights", data=np.zeros(3))
+    other = runner.invoke(cli, ["import", "--out", str(tmp_path / "o.h5"), "--split", f"train={tmp_path / 'other.h5'}"])
+    assert other.exit_code != 0 and "has no features" in other.output and "weights" in other.output
+
+
+def test_table(digits_feature_file, tmp_path, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    with fc.open(digits_feature_file) as store:
+        s = store["val"]
+        df = s.table()
+        assert isinstance(df, pd.DataFrame) and len(df) == s.n
+        assert list(df.columns) == ["path", "label", "class_name", "group", "done", "error"]
+        assert df["label"].tolist() == s.labels.tolist()
+        assert df["class_name"].tolist() == [str(v) for v in s.labels]
+        assert df["done"].all() and (df["error"] == "").all() and df["group"].isna().all()
+        monkeypatch.setitem(sys.modules, "pandas", None)
+        with pytest.raises(ImportError, match="pip install pandas"):
+            s.table()
+    monkeypatch.undo()
+    fc.store.write_arrays(tmp_path / "ml.h5", {"all": {
+        "cls": np.eye(3, dtype=np.float32), "labels": np.array([[1, 0], [1, 1], [0, 0]], dtype=np.uint8),
+        "groups": ["p1", "p1", "p2"]}}, ["effusion", "nodule"], {"model": "m"})
+    with fc.open(tmp_path / "ml.h5") as store:
+        df = store["all"].table()
+        assert df["label"].tolist() == [[0], [0, 1], []]
+        assert df["class_name"].tolist() == ["effusion", "effusion|nodule", ""]
+        assert df["group"].tolist() == ["p1", "p1", "p2"]
+
+
+def test_multilabel_column_and_split_without_labels(digits_dir, tmp_path):
+    """A list-of-ClassLabel column is multi-label; a split lacking the label column is unlabelled."""
+    rows = _folder_rows(digits_dir, "train")[:4]
+    seq = getattr(datasets, "List", datasets.Sequence)
+    images = [{"bytes": f.read_bytes(), "path": None} for f, _ in rows]
+    labelled = datasets.Dataset.from_dict(
+        {"image": images, "findings": [[0], [0, 1], [], [1]]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "findings": seq(datasets.ClassLabel(names=["effusion", "nodule"]))}))
+    bare = datasets.Dataset.from_dict({"image": images[:2]}, features=datasets.Features({"image": datasets.Image()}))
+    datasets.DatasetDict({"train": labelled, "test": bare}).save_to_disk(str(tmp_path / "ml"))
+    source = discover(tmp_path / "ml")  # the one (list of) ClassLabel column is found by itself
+    assert source.multilabel and source.classes == ["effusion", "nodule"]
+    assert source.splits["train"].labels.tolist() == [[1, 0], [1, 1], [0, 0], [0, 1]]
+    assert source.splits["test"].labels.tolist() == [[0, 0], [0, 0]]
+    assert source.splits["test"].paths == ["test/00000000", "test/00000001"]
