@@ -43,7 +43,8 @@ def _scalars(block: dict[str, Any]) -> dict[str, Any]:
 @click.option("--features", "kind", type=click.Choice(["cls", "pooled", "cls+pooled"]), default="cls",
               show_default=True, help="Which cached features to probe.")
 @click.option("--Cs", "cs", default=None,
-              help="Comma-separated C values (inverse L2 strength) [default: 12 values, 1e-6 ... 1e5].")
+              help="Comma-separated C values (inverse L2 strength), or a named grid: 'default' (12 "
+                   "values, 1e-6 ... 1e5) or 'dinov2' (DINOv2's 45 values, 1e-6 ... 1e5) [default: default].")
 @click.option("--metric", type=click.Choice(["accuracy", "balanced_accuracy", "auroc", "loss"]),
               default="accuracy", show_default=True, help="What C is chosen by on validation.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
@@ -71,10 +72,13 @@ def probe(features_file: str, train_split: str, val_split: str, test_split: str,
     Example: featcache probe feats.h5 --features cls --bootstrap 1000 --out runs/probe-cls
     """
     import featcache
-    from featcache.probe import DEFAULT_CS, LogisticProbe, expand_proba
+    from featcache.probe import DEFAULT_CS, NAMED_CS, LogisticProbe, expand_proba
 
     say = (lambda msg: None) if quiet else click.echo
-    Cs = parse_csv(cs, float) if cs else list(DEFAULT_CS)
+    if cs and cs.strip().lower() in NAMED_CS:
+        Cs = list(NAMED_CS[cs.strip().lower()])
+    else:
+        Cs = parse_csv(cs, float) if cs else list(DEFAULT_CS)
     try:
         store = featcache.open(features_file)
     except (ValueError, OSError) as exc:
