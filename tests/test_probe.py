@@ -143,3 +143,77 @@ def test_balanced_selection_and_class_weight_match_sklearn(digits_arrays):
                                    .fit(sc.transform(x), y).predict(sc.transform(vx))) for c in cs]
     np.testing.assert_allclose([probe.scores_[c] for c in cs], ref, atol=0.01)
     assert ref[list(cs).index(probe.best_C_)] >= max(ref) - 0.01  # the choice is a reference near-tie
+
+
+# ------------------------------------------------------------------------------------------------
+# every C of the default grid is scored with a model converged at that C (issue: the C path did
+# not fit large C). Reference: a converged sklearn fit per C in float64 (tol 1e-8); in float32
+# sklearn's lbfgs stops after ~14 iterations at C = 1e-5 (the float32 loss cannot resolve further
+# decrease) and lands up to 2 points away from the float64 optimum, so it is not a converged one.
+# ------------------------------------------------------------------------------------------------
+
+def _relu_features(x: np.ndarray) -> np.ndarray:
+    """Random ReLU features of the digits (fixed-seed Gaussian projection to 256-d)."""
+    w = np.random.default_rng(0).standard_normal((x.shape[1], 256)).astype(np.float32)
+    return np.maximum(x @ w, 0)
+
+
+def _converged_val_scores(x, y, vx, vy, cs):
+    """Validation accuracy of a converged (tol 1e-8, float64) sklearn fit at every C."""
+    sc = StandardScaler().fit(x.astype(np.float64))
+    a, b = sc.transform(x.astype(np.float64)), sc.transform(vx.astype(np.float64))
+    return np.array([LogisticRegression(C=c, tol=1e-8, max_iter=10000).fit(a, y).score(b, vy)
+                     for c in cs])
+
+
+@pytest.mark.parametrize("features", ["pixels", "relu"])
+def test_every_C_of_the_default_grid_is_scored_with_its_own_converged_model(digits_arrays, features):
+    from featcache.probe import DEFAULT_CS
+
+    (x, y), (vx, vy) = digits_arrays["train"], digits_arrays["val"]
+    if features == "relu":
+        x, vx = _relu_features(x), _relu_features(vx)
+    ref = _converged_val_scores(x, y, vx, vy, DEFAULT_CS)
+    probe = LogisticProbe().fit(x, y, vx, vy)
+    assert sorted(probe.scores_) == list(DEFAULT_CS)
+    got = np.array([probe.scores_[float(c)] for c in DEFAULT_CS])
+    np.testing.assert_allclose(got, ref, atol=0.01)
+    # the chosen C is (near) the converged best: before the fix pixels picked C = 10, 0.84 points
+    # below the converged best at C = 1
+    assert ref[list(DEFAULT_CS).index(probe.best_C_)] >= ref.max() - 0.005
+
+
+def test_lbfgs_iterations_per_C_are_the_iterations_run_at_that_C(digits_arrays):
+    """n_iter_ counts real lbfgs iterations at each C: a warm start that is not converged at the
+    new C (the previous C's W, whose gradient there exceeds the final fit's tol) iterates."""
+    from featcache.probe import DEFAULT_CS
+
+    (x, y), (vx, vy) = digits_arrays["train"], digits_arrays["val"]
+    probe = LogisticProbe(refit=False).fit(x, y, vx, vy)
+    sc = StandardScaler().fit(x)
+    a = sc.transform(x)
+    prev = None
+    for c in DEFAULT_CS:
+        snap = probe._snapshots.get(float(c)) if hasattr(probe, "_snapshots") else None
+        assert snap is None  # snapshots are released after fit
+        if prev is not None:
+            # the previous C's model, re-evaluated at this C: its gradient under the final tol?
+            m = LogisticRegression(C=c, tol=probe.tol, max_iter=probe.max_iter, warm_start=True)
+            m.coef_, m.intercept_ = prev.coef_.copy(), prev.intercept_.copy()
+            m.fit(a, y)
+            if int(m.n_iter_[0]) > 0:   # not converged at c under tol: the probe must iterate
+                assert probe.n_iter_[float(c)] > 0, c
+        prev = LogisticRegression(C=c, tol=1e-8, max_iter=10000).fit(a, y)
+    assert probe.n_iter_[float(DEFAULT_CS[6])] > 0  # C = 1 moves far from C = 0.1: iterations
+
+
+def test_named_grids(digits_arrays):
+    from featcache.probe import DEFAULT_CS, DINOV2_CS
+
+    assert DINOV2_CS.size == 45 and DINOV2_CS[0] == pytest.approx(1e-6) and DINOV2_CS[-1] == pytest.approx(1e5)
+    (x, y), (vx, vy) = digits_arrays["train"], digits_arrays["val"]
+    probe = LogisticProbe(Cs="dinov2").fit(x[:300], y[:300], vx, vy)
+    np.testing.assert_allclose(probe.Cs_, DINOV2_CS)
+    np.testing.assert_allclose(LogisticProbe(Cs="default").fit(x[:300], y[:300], vx, vy).Cs_, DEFAULT_CS)
+    with pytest.raises(ValueError, match="dinov2"):
+        LogisticProbe(Cs="imagenet").fit(x, y, vx, vy)
