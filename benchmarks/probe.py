@@ -67,6 +67,8 @@ def main() -> None:
                     help="probe's sweep rule: residual gradient <= this fraction of W / (C n) "
                          "(default: featcache.probe.DEFAULT_PATH_RTOL)")
     ap.add_argument("--no-naive", action="store_true", help="skip the cold 12-fit reference sweep")
+    ap.add_argument("--patience", type=int, default=None, help="LogisticProbe(patience=...): stop the path this "
+                    "many C values past the best (default: the probe's default)")
     ap.add_argument("--max-iter", type=int, default=1000, help="lbfgs max_iter for probe and cold fit")
     ap.add_argument("--tol", type=float, default=1e-4, help="lbfgs tol for probe and cold fit")
     args = ap.parse_args()
@@ -93,8 +95,9 @@ def main() -> None:
     from featcache.probe import DEFAULT_PATH_RTOL
 
     rtol = DEFAULT_PATH_RTOL if args.path_rtol is None else args.path_rtol
+    extra = {} if args.patience is None else {"patience": args.patience}
     probe = LogisticProbe(Cs=cs, max_iter=args.max_iter, tol=args.tol, path_tol=args.path_tol,
-                          path_rtol=rtol).fit(tx, ty, vx, vy)
+                          path_rtol=rtol, **extra).fit(tx, ty, vx, vy)
     t_probe = time.perf_counter() - t0
     print(f"probe (sweep + refit): {t_probe:8.2f} s  best C {probe.best_C_:g}  val acc "
           f"{probe.best_score_:.4f}  test acc {probe.score(sx, sy):.4f}")
