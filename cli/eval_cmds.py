@@ -3,22 +3,18 @@ from __future__ import annotations
 
 import click
 
-from featcache.evaluation import run_knn, run_probe
-from featcache.knn import BACKENDS
-from featcache.metrics import SELECTION_METRICS
-from featcache.probe import NAMED_CS
-from featcache.store import FEATURE_KINDS, FeatureStore
+from featcache.names import FEATURE_KINDS, KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                positive_option, quiet_option, write_json)
 
-_SHOWN = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity", "specificity", "ece")
+# the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
 
 
 def _ci_rows(block: dict) -> list[dict]:
     """metric, value and 95% CI rows of a metrics block (only the headline metrics)."""
     ci = block.get("ci") or {}
     rows = []
-    for m in _SHOWN:
+    for m in SHOWN_METRICS:
         if block.get(m) is None:
             continue
         row = {"metric": m, "value": block[m]}
@@ -46,7 +42,7 @@ def _positive_title(block: dict) -> str:
               help="distance: DINO's exp(sim / T) vote; uniform: plain majority.")
 @click.option("--features", default="cls", show_default=True, type=click.Choice(FEATURE_KINDS),
               help="Which cached features to compare.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(KNN_BACKENDS), default="auto", show_default=True,
               help="Search backend; auto uses faiss on CPU when installed, torch (GPU when there is one) otherwise.")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
               help="Bootstrap resamples for 95% CIs of the headline k (grouped by patient when the file has groups).")
@@ -62,6 +58,9 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 
     Example: featcache knn feats.h5 --train-split train --eval-split test --k 10,20,100,200
     """
+    from featcache.evaluation import run_knn
+    from featcache.store import FeatureStore
+
     console = Console(quiet, json_path)
     if min(temperature) <= 0:
         raise click.BadParameter(f"the temperature must be positive (DINO uses 0.07); got {min(temperature):g}",
@@ -96,8 +95,8 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 @click.option("--features", "kind", type=click.Choice(FEATURE_KINDS), default="cls",
               show_default=True, help="Which cached features to probe.")
 @click.option("--Cs", "cs", default=None,
-              help=f"C values (inverse L2 strength), comma-separated, or a named grid: {', '.join(NAMED_CS)} "
-                   f"(dinov2: DINOv2's 45 values, 1e-6 ... 1e5) [default: 12 values, 1e-6 ... 1e5].")
+              help="C values (inverse L2 strength), comma-separated, or a named grid: default, dinov2 "
+                   "(DINOv2's 45 values, 1e-6 ... 1e5) [default: 12 values, 1e-6 ... 1e5].")
 @click.option("--metric", type=click.Choice(SELECTION_METRICS), default="accuracy", show_default=True,
               help="What C is chosen by on validation.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
@@ -128,6 +127,9 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
 
     Example: featcache probe feats.h5 --features cls --bootstrap 1000 --out runs/probe-cls
     """
+    from featcache.evaluation import run_probe
+    from featcache.store import FeatureStore
+
     console = Console(quiet, json_path)
     val = None if val_split.lower() == "none" else val_split
     test = None if test_split.lower() == "none" else test_split

@@ -5,9 +5,7 @@ import logging
 
 import click
 
-from featcache.backbones import BackboneError
-from featcache.extraction import (ExtractConfig, ExtractionWriteError, RunOptions, distributed_rank, run_extraction,
-                                  saved_rows_line)
+from featcache.names import DTYPES, TOKEN_MODES
 from featcache.store import FeatureStoreError
 from featcache_cli.app import cli, json_option, library_errors, print_table, quiet_option, write_json
 
@@ -31,12 +29,12 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit); the resolved commit is recorded in the file.")
 @click.option("--tokens", type=click.Choice(["none", "full"]), default="none", show_default=True, help="none: store cls and pooled only; full: also the whole last_hidden_state.")
 @click.option("--num-tokens", type=int, default=None, help="Token count to store, e.g. 257 (197 -> 257 as in the seed). Default: the backbone's own.")
-@click.option("--token-mode", type=click.Choice(["resize", "grid", "native"]), default="resize", show_default=True, help="How to reach --num-tokens: resize the token axis (seed recipe), resize the patch grid, or run at the native resolution.")
+@click.option("--token-mode", type=click.Choice(TOKEN_MODES), default="resize", show_default=True, help="How to reach --num-tokens: resize the token axis (seed recipe), resize the patch grid, or run at the native resolution.")
 @click.option("--image-size", type=int, default=None, help="Override the processor's output size in pixels (square).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype of the features.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage dtype of the features.")
 @click.option("--amp", is_flag=True, help="bf16 autocast on GPU (ignored on CPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU for big datasets).")
 @click.option("--label-columns", default=None, help="Multi-label manifest: comma-separated 0/1 finding columns.")
@@ -63,6 +61,11 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
 
     Example: featcache extract --model facebook/dino-vits16 --data images/ --out feats.h5
     """
+    # torch and transformers load here, not at import, so `featcache --help` stays instant
+    from featcache.backbones import BackboneError
+    from featcache.extraction import (ExtractConfig, ExtractionWriteError, RunOptions, distributed_rank,
+                                      run_extraction, saved_rows_line)
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
@@ -111,7 +114,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
 @click.option("--paths", "path_files", multiple=True, metavar="NAME=FILE", help="Text file with one image path per row of a split.")
 @click.option("--classes", default=None, help="Class names, comma-separated or a text file with one per line. Default: sorted unique labels.")
 @click.option("--model", default="imported", show_default=True, help="Name of the model the features came from (recorded and fingerprinted).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True, help="Storage dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Storage dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def import_(out, splits, label_files, path_files, classes, model, dtype, overwrite):
     """Bring features made elsewhere (.npy, .npz, .pt, thingsvision .h5) into a featcache file.

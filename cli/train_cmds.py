@@ -6,16 +6,11 @@ from typing import Any, Callable
 
 import click
 
-from featcache.heads import HEAD_NAMES
-from featcache.metrics import SELECTION_METRICS
-from featcache.prediction import describe_head, predict as run_predict, write_predictions_csv
-from featcache.store import FEATURE_KINDS
-from featcache.sweeping import sweep as run_sweep
-from featcache.train import BALANCE, OPTIMIZERS, train_repeats
+from featcache.names import BALANCE, FEATURE_KINDS, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                positive_option, quiet_option, write_json)
 
-_SHOWN = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity", "specificity", "ece")
+# the library (torch) is imported inside each command, so `featcache --help` stays instant
 
 
 def recipe_options(fn: Callable) -> Callable:
@@ -55,7 +50,7 @@ def _recipe(kw: dict[str, Any]) -> dict[str, Any]:
 def _metric_rows(val: dict | None, test: dict | None) -> list[dict[str, Any]]:
     rows = []
     ci = (test or {}).get("ci") or {}
-    for name in _SHOWN:
+    for name in SHOWN_METRICS:
         v, t = (val or {}).get(name), (test or {}).get(name)
         if v is not None or t is not None:
             row = {"metric": name, "val": v, "test": t}
@@ -91,6 +86,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
     Example: featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
     """
     from featcache.heads import uses_tokens
+    from featcache.train import train_repeats
 
     console = Console(kw["quiet"], kw["json_path"])
     if features is not None and uses_tokens(head):
@@ -117,7 +113,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
     if repeats > 1:
         split = "test" if "test" in summary else "val"
         console.table([{"metric": m, "median": s["median"], "std": s["std"], "runs": len(s["values"])}
-                       for m, s in summary[split].items() if m in _SHOWN],
+                       for m, s in summary[split].items() if m in SHOWN_METRICS],
                       title=f"\n{split} over {repeats} seeds ({summary['seeds'][0]}..{summary['seeds'][-1]}): median ± std")
     write_json(kw["json_path"], t.run_metrics())
     if kw["out_dir"]:
@@ -138,6 +134,8 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
 
     Example: featcache sweep feats.h5 --lr 1e-4,3e-4,1e-3,3e-3 --wd 0,1e-4,1e-2 --features cls,pooled,cls+pooled
     """
+    from featcache.sweeping import sweep as run_sweep
+
     console = Console(kw["quiet"], kw["json_path"])
     result = run_sweep(features_file, head=head, lrs=lrs, weight_decays=wds, features=feature_list,
                        progress=not kw["quiet"], out=kw["out_dir"], threshold=threshold, **_recipe(kw))
@@ -171,6 +169,8 @@ def predict(run_dir, features_file, split, out_csv, threshold, positive_class, q
 
     Example: featcache predict runs/linear feats.h5 --split test --out preds.csv
     """
+    from featcache.prediction import describe_head, predict as run_predict, write_predictions_csv
+
     pred = run_predict(run_dir, features_file, split, threshold=threshold, positive_class=positive_class)
     write_predictions_csv(pred, out_csv)
     console = Console(quiet)

@@ -17,11 +17,13 @@ import numpy as np
 from featcache.knn import knn_eval
 from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, classification_metrics,
                                resolve_positive)
+from featcache.names import CI_METRICS
+from featcache.plots import evaluation_figures, knn_curve_plot
+from featcache.prediction import array_proba, probe_head_payload
 from featcache.probe import LogisticProbe, expand_proba, resolve_cs
 from featcache.runs import write_run
-from featcache.store import FeatureStore
+from featcache.store import FeatureStore, check_labels
 
-CI_METRICS = ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
 
 
 @dataclass
@@ -43,8 +45,6 @@ def load_split_arrays(store: FeatureStore, split: str, features: str, purpose: s
     x, y, rows = view.arrays(features)
     if len(y) == 0:
         raise ValueError(f"split {split!r} of {store.path.name} has no labelled, extracted rows to use for {purpose}.")
-    from featcache.store import check_labels
-
     check_labels(y, len(store.classes), f"{store.path.name} split {split!r}")
     return SplitArrays(split, x, y, rows, view.row_groups(rows))
 
@@ -80,8 +80,6 @@ class KnnResult:
                 "headline": self.config["headline"], "notes": self.warnings}
 
     def save(self, out: str | Path) -> Path:
-        from featcache.plots import knn_curve_plot
-
         curve = self.curve if len(self.curve) > 1 else next(iter(self.curve.values()))
         first = next(iter(next(iter(self.curve.values())).values()))
         shown = ("top1", "top5") if "top1" in first else ("auroc",)
@@ -170,8 +168,6 @@ class ProbeResult:
         return out
 
     def save(self, out: str | Path) -> Path:
-        from featcache.plots import evaluation_figures
-
         def figures(fig_dir: Path) -> None:
             if self.test_proba is not None:
                 evaluation_figures(fig_dir, self.test, self.test_split.y, self.test_proba, self.classes,
@@ -187,8 +183,6 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
               progress: bool = False, seed: int = 0) -> ProbeResult:
     """Standardise, sweep C (val split, or grouped CV on train when there is none), refit on train +
     val at the best C, and evaluate the deployable head once on the test split."""
-    from featcache.prediction import array_proba, probe_head_payload
-
     notes: list[str] = []
     train = load_split_arrays(store, train_split, features, "training the probe")
     use_val = bool(val_split) and val_split in store.splits

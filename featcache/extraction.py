@@ -29,12 +29,11 @@ import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
 from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
 from featcache.devices import resolve_device
+from featcache.names import DTYPES
 from featcache.store import FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
-
-DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from featcache.names import HEAD_NAMES
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -87,7 +89,8 @@ HEADS: dict[str, tuple[Callable[[HeadSpec], nn.Module], bool]] = {
 }
 
 
-HEAD_NAMES = tuple(HEADS)
+if tuple(HEADS) != HEAD_NAMES:  # names.py lists what the registry holds, for the CLI's choices
+    raise ImportError(f"featcache.names.HEAD_NAMES {HEAD_NAMES} does not match the head registry {tuple(HEADS)}.")
 
 
 def uses_tokens(kind: str) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+import h5py
 import numpy as np
 
-from featcache.store import FeatureStore, write_arrays
+from featcache.store import READ_LOCKING, FeatureStore, write_arrays
 
 # names accepted for each role inside an .npz / .pt dict, first match wins
 _ROLES = {
@@ -59,10 +60,8 @@ def _read_hdf5_arrays(path: Path) -> dict[str, Any]:
     Features with more than two axes (a conv layer's maps) are flattened per row. A featcache
     file is refused: it needs no import.
     """
-    import h5py
-
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=READ_LOCKING)
     except OSError as exc:
         raise ValueError(f"{path} is not a readable HDF5 file ({exc}).") from None
     with f:

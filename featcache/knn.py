@@ -13,11 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from featcache.names import KNN_BACKENDS
 from featcache.metrics import _auroc, _balanced_accuracy, _topk_accuracy, classification_metrics, decide
 from featcache.store import check_finite
 
 DEFAULT_KS = (10, 20, 100, 200)
-BACKENDS = ("auto", "torch", "faiss")
+BACKENDS = KNN_BACKENDS
 
 
 def nearest_neighbours(train_x: np.ndarray, test_x: np.ndarray, k: int, backend: str = "auto",

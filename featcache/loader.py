@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+import h5py
 import numpy as np
 import torch
 
-from featcache.store import read_rows
+from featcache.store import READ_LOCKING, read_rows
 
 
 class _BlockReader(torch.utils.data.Dataset):
@@ -26,10 +27,8 @@ class _BlockReader(torch.utils.data.Dataset):
         self._pid = None
 
     def _dataset(self):
-        import h5py
-
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", locking=READ_LOCKING)
             self._pid = os.getpid()
         return self._file[self.split][self.key]
 
@@ -56,10 +55,8 @@ class TokenBlockLoader:
     def __init__(self, path: str | os.PathLike, split: str, key: str = "tokens", rows: np.ndarray | None = None,
                  batch_size: int = 256, block_rows: int = 1024, shuffle: bool = True, seed: int = 0,
                  num_workers: int = 0, window_blocks: int = 4, drop_last: bool = False):
-        import h5py
-
         self.path, self.split, self.key = Path(path), split, key
-        with h5py.File(self.path, "r") as f:
+        with h5py.File(self.path, "r", locking=READ_LOCKING) as f:
             if key not in f[split]:
                 raise ValueError(f"{self.path.name} split {split!r} has no {key!r} dataset; "
                                  f"it has {', '.join(f[split].keys())}.")

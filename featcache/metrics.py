@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SELECTION_METRICS = ("accuracy", "balanced_accuracy", "auroc", "loss")
+from featcache.names import SELECTION_METRICS
+
 ECE_BINS = 15          # one bin count for metrics.json's ECE and the reliability diagram
 DEFAULT_THRESHOLD = 0.5
 BOOTSTRAP_WARN_DROPPED = 0.05  # warn when more than this share of resamples leave a metric undefined

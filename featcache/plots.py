@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from featcache.metrics import ECE_BINS, calibration_bins
+
 PathLike = str | os.PathLike
 
 
@@ -220,8 +222,6 @@ def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
     """Reliability diagram of the top-1 confidence, with the bin counts below: the same bins
     (metrics.ECE_BINS) and the same ECE as metrics.json. Multi-label: every (row, label)
     probability against the fraction positive."""
-    from featcache.metrics import ECE_BINS, calibration_bins
-
     plt = _pyplot()
     y_true = np.asarray(y_true)
     proba = _as_proba(proba)

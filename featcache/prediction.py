@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import decide
+from featcache.runs import read_json, write_json
 from featcache.store import FeatureStore, read_rows
 
 HEAD_FORMAT = "featcache-head-2"
@@ -48,8 +50,6 @@ def batch_proba(model: nn.Module, batches: Iterable[torch.Tensor], multilabel: b
 
 def split_proba(model: nn.Module, data: Any, split: Any) -> np.ndarray:
     """Probabilities of one of a CachedSplits' splits, in row order, batched as predict batches."""
-    from featcache.cached_splits import epoch_batches
-
     batches = (x for x, _ in epoch_batches(data, split, PREDICT_BATCH, torch.Generator(), 0, False, None))
     return batch_proba(model, batches, data.multilabel, len(data.classes))
 
@@ -77,8 +77,6 @@ def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], finger
 def save_head(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write head.safetensors and head.json (the weights' sha256 recorded in the JSON)."""
     from safetensors.torch import save_file
-
-    from featcache.runs import write_json
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +122,6 @@ def load_head(run_dir: str | os.PathLike) -> SavedHead:
 def _load_safetensors(run_dir: Path) -> SavedHead:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from featcache.runs import read_json
 
     meta_path = run_dir / "head.json"
     if not meta_path.is_file():

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache.metrics import SELECTION_METRICS
+from featcache.metrics import SELECTION_METRICS, classification_metrics, selection_score
 
 DEFAULT_CS = np.logspace(-6, 5, 12)
 # DINOv2's logistic-regression evaluation grid (dinov2/eval/log_regression.py): 45 values, 1e-6 ... 1e5
@@ -246,13 +246,9 @@ def _score(y: np.ndarray, proba: np.ndarray, classes: np.ndarray | None, metric:
     if y.ndim == 2:  # multi-label: mean per-label accuracy at 0.5 unless another metric is asked
         if metric == "accuracy":
             return float(((proba >= 0.5) == (y > 0)).mean())
-        from featcache.metrics import selection_score
-
         return float(selection_score(y, proba, metric))
     if metric == "accuracy":
         return float(np.mean(classes[proba.argmax(axis=1)] == y))
-    from featcache.metrics import selection_score
-
     # selection_score expects label i <-> column i; map labels onto the fitted columns
     index = {c: i for i, c in enumerate(classes)}
     if not all(v in index for v in np.unique(y)):
@@ -522,8 +518,6 @@ def logistic_probe(train_x: Any, train_y: Any, val_x: Any = None, val_y: Any = N
         if not probe.multilabel_:
             n_cls = len(classes) if classes is not None else int(max(probe.classes_.max(), ty.max())) + 1
             proba = expand_proba(proba, probe.classes_, n_cls)
-        from featcache.metrics import classification_metrics
-
         out["test"] = classification_metrics(ty, proba, classes=list(classes) if classes is not None else None)
         if return_probe:
             out["test_proba"] = proba

@@ -104,7 +104,7 @@ def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str,
     if history is not None:
         write_json(out / "history.json", history)
     if head is not None:
-        from featcache.prediction import save_head
+        from featcache.prediction import save_head  # torch + safetensors: only when a head is saved
 
         save_head(out, *head)
     if figures is not None:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from featcache.names import FEATURE_KINDS
+
 if TYPE_CHECKING:  # tokens.py imports torch; the store stays importable without it
     from featcache.tokens import TokenLayout
 if TYPE_CHECKING:
@@ -25,8 +27,9 @@ if TYPE_CHECKING:
 
 ENCODING_TYPE = "featcache"
 ENCODING_VERSION = "1"
-# feature kinds a vector head, k-NN or probe can read: datasets of a split, concatenated with "+"
-FEATURE_KINDS = ("cls", "pooled", "cls+pooled")
+# readers never take HDF5's lock: a file is laid out in full at creation and rows become visible
+# only through `done`, so reading while an extraction fills it is safe and never blocks the writer
+READ_LOCKING = False
 ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
 
 # config keys that describe where/when a file was made rather than what is in it: recorded, but
@@ -299,9 +302,7 @@ class FeatureStore:
             raise FileNotFoundError(f"{self.path} does not exist; make it with `featcache extract` "
                                     f"or `featcache import`.")
         try:
-            # no lock: a file is laid out in full at creation and rows only become visible through
-            # `done`, so reading while an extraction fills it is safe (and never blocks the writer)
-            self._f = h5py.File(self.path, "r", locking=False)
+            self._f = h5py.File(self.path, "r", locking=READ_LOCKING)
         except OSError as exc:
             raise FeatureStoreError(f"{self.path} is not a readable HDF5 file ({exc}); pass a feature file made "
                                     f"with `featcache extract` or `featcache import`.") from exc
@@ -432,7 +433,9 @@ def write_split_rows(f: h5py.File, name: str, spec: SplitSpec) -> h5py.Group:
 
 def _is_lock_error(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return isinstance(exc, BlockingIOError) or "lock" in text or "resource temporarily unavailable" in text
+    if "flag values don't match" in text:  # this very process has the file open without locking
+        return False
+    return isinstance(exc, BlockingIOError) or "unable to lock" in text or "resource temporarily unavailable" in text
 
 
 def _open_for_writing(path: Path) -> h5py.File:
@@ -448,11 +451,23 @@ def _open_for_writing(path: Path) -> h5py.File:
 
 
 def is_being_written(path: str | os.PathLike) -> bool:
-    """True while another process holds the file's write lock (an extraction in progress)."""
+    """True while a writer holds the file's HDF5 lock (an extraction in progress). HDF5 locks with
+    flock(LOCK_EX); a shared, non-blocking flock on our own descriptor tests it without opening the
+    file through HDF5 (whose per-process state would clash with readers opened without locking)."""
+    import fcntl
+
     try:
-        h5py.File(path, "r", locking=True).close()
-    except OSError as exc:
-        return _is_lock_error(exc)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases our shared lock
     return False
 
 
@@ -801,7 +816,7 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, co
     if mode == "copy":
         with StoreWriter(out, config, classes, splits, layout, overwrite=overwrite) as w:
             for shard, rng in zip(shards, ranges):
-                with h5py.File(shard, "r") as src:
+                with h5py.File(shard, "r", locking=READ_LOCKING) as src:
                     for name, (lo, hi) in rng.items():
                         if hi <= lo:
                             continue
@@ -825,7 +840,7 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, co
         for name, spec in splits.items():
             n = len(spec.paths)
             g = write_split_rows(f, name, spec)
-            with h5py.File(shards[0], "r") as first:
+            with h5py.File(shards[0], "r", locking=READ_LOCKING) as first:
                 templates = {k: first[name][k] for k in SHARDED if k in first[name]}
                 for key, ds in templates.items():
                     vl = h5py.VirtualLayout(shape=(n,) + ds.shape[1:], dtype=ds.dtype)

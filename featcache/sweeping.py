@@ -24,6 +24,7 @@ from featcache.cached_splits import CachedSplits
 from featcache.devices import resolve_device
 from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
+from featcache.plots import sweep_heatmap_plot
 from featcache.store import FeatureStore, parse_feature_kind
 from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights
 
@@ -54,8 +55,6 @@ class SweepResult:
 def sweep_figures(fig_dir: Path, leaderboard: list[dict[str, Any]], heat: tuple[str, str], metric: str,
                   best: dict[str, Any]) -> None:
     """One heat-map per feature kind, all on one colour range, the best cell marked."""
-    from featcache.plots import sweep_heatmap_plot
-
     values = [float(r[metric]) for r in leaderboard if r.get(metric) is not None and math.isfinite(r[metric])]
     if not values:
         return

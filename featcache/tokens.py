@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TOKEN_MODES = ("resize", "grid", "native")
+from featcache.names import TOKEN_MODES
+
 
 
 @dataclass(frozen=True)

@@ -22,18 +22,16 @@ from tqdm.auto import tqdm
 
 from featcache.cached_splits import CachedSplits, SplitChoice, SplitData, epoch_batches, load_cached_splits
 from featcache.devices import resolve_device
-from featcache.heads import HEAD_NAMES, HeadSpec, build_head, num_params, uses_tokens
-from featcache.metrics import (SELECTION_METRICS, bootstrap_metrics, choose_threshold_rule,
+from featcache.heads import HeadSpec, build_head, num_params, uses_tokens
+from featcache.metrics import (bootstrap_metrics, choose_threshold_rule,
                                classification_metrics, resolve_positive, selection_score,
                                summarize_repeats)
 from featcache.plots import evaluation_figures
+from featcache.names import BALANCE, CI_METRICS, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS
 from featcache.prediction import head_payload, split_proba
 from featcache.runs import write_run
 from featcache.store import FeatureStore, parse_feature_kind
 
-BALANCE = ("weights", "sampler", "none")
-OPTIMIZERS = ("adamw", "adam")
-CI_METRICS = ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
 
 
 @dataclass(frozen=True)

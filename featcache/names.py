@@ -1,0 +1,29 @@
+"""featcache's vocabulary: every name a user types or reads, in one place.
+
+Feature kinds, head names, selection metrics, balance modes, token modes, storage dtypes, k-NN
+backends and the metrics with confidence intervals are defined here once; the library checks
+against these tuples and the command line offers them as choices. The module imports nothing,
+so `featcache --help` lists the choices without loading torch.
+"""
+from __future__ import annotations
+
+# what a vector head, k-NN or probe reads: datasets of a split, concatenated with "+"
+FEATURE_KINDS = ("cls", "pooled", "cls+pooled")
+# heads of heads.HEADS (linear/mlp read feature kinds, mixer/attn read full tokens)
+HEAD_NAMES = ("linear", "mlp", "mixer", "attn")
+# one number to select epochs, configurations and C by (higher is better; loss is negated)
+SELECTION_METRICS = ("accuracy", "balanced_accuracy", "auroc", "loss")
+# how a head meets imbalanced classes: weighted loss, class-balanced batches, nothing
+BALANCE = ("weights", "sampler", "none")
+OPTIMIZERS = ("adamw", "adam")
+# how stored tokens reach --num-tokens (tokens.py)
+TOKEN_MODES = ("resize", "grid", "native")
+# storage dtype of features
+DTYPES = ("float16", "float32")
+# k-NN search backends
+KNN_BACKENDS = ("auto", "torch", "faiss")
+# test metrics that get bootstrap confidence intervals when they are defined
+CI_METRICS = ("top1", "balanced_accuracy", "macro_f1", "auroc", "sensitivity", "specificity")
+# metrics printed in the command line's tables (metrics.json has every one)
+SHOWN_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity", "specificity",
+                 "ece")
