@@ -4,7 +4,7 @@ One file holds every split of one dataset under one backbone and preprocessing. 
 is preallocated at its final shape with contiguous storage that is allocated at creation, so a
 later write only fills raw bytes and never changes HDF5 metadata: after a SIGKILL at any moment
 the file still opens, and a row is trusted only once its ``done`` flag was set after its
-features were flushed. See DESIGN.md for the layout.
+features were flushed. The format is specified in docs/architecture.md.
 """
 from __future__ import annotations
 
