@@ -8,6 +8,7 @@ features were flushed. The format is specified in docs/architecture.md.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -393,6 +394,57 @@ def check_header(f: h5py.File, path: Path) -> None:
 def open_store(path: str | os.PathLike) -> FeatureStore:
     """Open a feature file read-only (the pinned ``featcache.open``)."""
     return FeatureStore(path)
+
+
+@contextlib.contextmanager
+def open_features(source: Any, classes: Sequence[str] | None = None) -> Iterator[FeatureStore]:
+    """A FeatureStore for a path, an open store, or in-memory arrays.
+
+    Arrays are ``{"train": (X, y), "val": (X, y)[, "test": (X, y)]}`` (X (N, D) float features,
+    y (N,) class indices or (N, C) 0/1) or per split a dict with ``cls`` [``pooled``, ``tokens``]
+    and ``labels``. They are written to a temporary featcache file, removed afterwards, so heads
+    trained on arrays go through exactly the code (and numbers) of the same arrays imported into
+    a file. `classes` names the classes (default "0".."C-1").
+    """
+    if isinstance(source, FeatureStore):
+        yield source
+        return
+    if not isinstance(source, dict):
+        with FeatureStore(source) as store:
+            yield store
+        return
+    import tempfile
+
+    splits = {name: _as_split_arrays(name, value) for name, value in source.items()}
+    if classes is None:
+        first = next(iter(splits.values()))["labels"]
+        if np.asarray(first).ndim == 2:
+            n = np.asarray(first).shape[1]
+        else:
+            n = int(max(int(np.max(s["labels"])) for s in splits.values() if len(s["labels"]))) + 1
+        classes = [str(i) for i in range(n)]
+    with tempfile.TemporaryDirectory(prefix="featcache-arrays-") as tmp:
+        store = write_arrays(Path(tmp) / "arrays.h5", splits, classes, {"model": "arrays", "tokens": "arrays"})
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _as_split_arrays(name: str, value: Any) -> dict[str, Any]:
+    """One split of open_features' arrays as write_arrays' dict."""
+    if isinstance(value, dict):
+        if "cls" not in value or "labels" not in value:
+            raise ValueError(f"split {name!r}: expected a dict with 'cls' and 'labels' (optionally 'pooled', "
+                             f"'tokens'); got keys {sorted(value)}.")
+        return {k: value[k] for k in ("cls", "pooled", "tokens", "labels", "paths", "groups") if k in value}
+    if isinstance(value, (tuple, list)) and len(value) in (2, 3):
+        out = {"cls": np.asarray(value[0], dtype=np.float32), "labels": np.asarray(value[1])}
+        if len(value) == 3:
+            out["tokens"] = np.asarray(value[2], dtype=np.float32)
+        return out
+    raise ValueError(f"split {name!r}: expected (X, y), (X, y, tokens) or a dict of arrays; got "
+                     f"{type(value).__name__}.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from featcache.devices import resolve_device
 from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
-from featcache.store import FeatureStore, parse_feature_kind
+from featcache.store import FeatureStore, open_features, parse_feature_kind
 from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which HeadTrainer uses
@@ -65,7 +65,7 @@ def sweep_figures(fig_dir: Path, leaderboard: list[dict[str, Any]], heat: tuple[
                            value_range=(min(values), max(values)), best=mark, title=f"sweep on {feats}: {metric}")
 
 
-def sweep(features_file: str | Path, head: str = "linear", lrs: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3),
+def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear", lrs: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3),
           weight_decays: Sequence[float] = (0.0, 1e-4, 1e-2), features: Sequence[str] = ("cls",),
           out: str | Path | None = None, progress: bool = False, threshold: str | None = None,
           **options: Any) -> SweepResult:
@@ -84,7 +84,7 @@ def sweep(features_file: str | Path, head: str = "linear", lrs: Sequence[float] 
         replace(base, **g).check()
     start = time.perf_counter()
     device = resolve_device(base.device)
-    with FeatureStore(features_file) as store:
+    with open_features(features_file) as store:
         if head == "linear" and base.optimizer == "adamw":
             rows, trainer_of = _fused_linear_sweep(store, base, grid, device, progress)
             fused = True

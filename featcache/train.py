@@ -30,7 +30,7 @@ from featcache.plots import evaluation_figures
 from featcache.names import BALANCE, CI_METRICS, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS
 from featcache.prediction import head_payload, split_proba
 from featcache.runs import write_run
-from featcache.store import FeatureStore, parse_feature_kind
+from featcache.store import FeatureStore, open_features, parse_feature_kind
 
 
 
@@ -151,13 +151,12 @@ class HeadTrainer:
         self.config = config
         self.progress = progress
 
-    def fit(self, features_file: str | Path | FeatureStore) -> "HeadTrainer":
+    def fit(self, features_file: str | Path | FeatureStore | dict) -> "HeadTrainer":
+        """Train on a feature file, an open FeatureStore, or arrays (store.open_features)."""
         cfg = self.config
         cfg.check()
         device = resolve_device(cfg.device)
-        if isinstance(features_file, FeatureStore):
-            return self._fit(load_for(features_file, cfg, device), device)
-        with FeatureStore(features_file) as store:
+        with open_features(features_file) as store:
             return self._fit(load_for(store, cfg, device), device)
 
     def _fit(self, data: CachedSplits, device: torch.device) -> "HeadTrainer":

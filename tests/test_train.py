@@ -213,3 +213,22 @@ def test_threshold_chosen_on_validation_is_applied_to_test(tmp_path):
     assert t.test_metrics_["specificity"] == pytest.approx(ref["specificity"])
     r = CliRunner().invoke(cli, ["train", str(path), "--epochs", "10", "--lr", "1e-2", "--threshold", "youden", "--quiet"])
     assert r.exit_code == 0 and "threshold youden chosen on validation" in r.output
+
+
+def test_arrays_in_equal_the_same_arrays_imported_into_a_file(digits_arrays, tmp_path):
+    """fc.train_head and fc.sweep take {"train": (X, y), ...} as they take a file: same numbers."""
+    arrays = {k: (x, y) for k, (x, y) in digits_arrays.items()}
+    path = tmp_path / "same.h5"
+    write_arrays(path, {k: {"cls": x, "labels": y} for k, (x, y) in arrays.items()}, [str(i) for i in range(10)],
+                 {"model": "arrays"})
+    from_arrays = fc.train_head(arrays, lr=1e-2, epochs=8)
+    from_file = fc.train_head(path, lr=1e-2, epochs=8)
+    assert from_arrays.best_epoch_ == from_file.best_epoch_
+    assert from_arrays.test_metrics_["top1"] == from_file.test_metrics_["top1"]
+    np.testing.assert_array_equal(from_arrays.test_proba_, from_file.test_proba_)
+    with fc.open(path) as store:  # an open FeatureStore works too
+        s_store = fc.sweep(store, lrs=(1e-3, 1e-2), weight_decays=(0.0,), epochs=5)
+    s_arrays = fc.sweep(arrays, lrs=(1e-3, 1e-2), weight_decays=(0.0,), epochs=5)
+    assert [r["val_accuracy"] for r in s_arrays.leaderboard] == [r["val_accuracy"] for r in s_store.leaderboard]
+    with pytest.raises(ValueError, match="expected"):
+        fc.train_head({"train": "not arrays", "val": (arrays["val"])})
