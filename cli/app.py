@@ -31,7 +31,7 @@ class CommaList(click.ParamType):
 
     name = "list"
 
-    def __init__(self, cast: type = str, choices: Sequence[str] | None = None, minimum: float | None = None):
+    def __init__(self, cast: Any = str, choices: Sequence[str] | None = None, minimum: float | None = None):
         self.cast, self.choices, self.minimum = cast, choices, minimum
 
     def convert(self, value: Any, param: Any, ctx: Any) -> list:
@@ -41,9 +41,11 @@ class CommaList(click.ParamType):
         if not items:
             self.fail(f"expected comma-separated {self.cast.__name__} values; got {value!r}", param, ctx)
         try:
-            out = [self.cast(v) for v in items]
+            out = [self.cast.convert(v, param, ctx) if isinstance(self.cast, click.ParamType) else self.cast(v)
+                   for v in items]
         except ValueError:
-            self.fail(f"expected comma-separated {self.cast.__name__} values; got {value!r}", param, ctx)
+            self.fail(f"expected comma-separated {getattr(self.cast, '__name__', 'value')} values; got {value!r}",
+                      param, ctx)
         if self.choices is not None:
             bad = [v for v in out if v not in self.choices]
             if bad:
@@ -72,6 +74,21 @@ class ThresholdRule(click.ParamType):
             pass
         self.fail(f"expected youden, sensitivity:TARGET (e.g. sensitivity:0.95) or a number in (0, 1); got {value!r}",
                   param, ctx)
+
+
+class FeatureKind(click.ParamType):
+    """A feature kind: cls, pooled, cls+pooled, cls@N or cls@N+pooled (store.parse_feature_kind)."""
+
+    name = "kind"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from featcache.store import parse_feature_kind
+
+        try:
+            parse_feature_kind(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
 
 
 def json_option(fn: Callable) -> Callable:

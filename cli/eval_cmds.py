@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from featcache.names import FEATURE_KINDS, KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CommaList, Console, ThresholdRule, cli, echo_notes, json_option, library_errors,
+from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
+from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                positive_option, quiet_option, write_json)
 
 # the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
@@ -40,8 +40,8 @@ def _positive_title(block: dict) -> str:
               help="Vote temperature(s) T > 0, comma-separated: each neighbour votes exp(sim / T).")
 @click.option("--weighting", type=click.Choice(["distance", "uniform"]), default="distance", show_default=True,
               help="distance: DINO's exp(sim / T) vote; uniform: plain majority.")
-@click.option("--features", default="cls", show_default=True, type=click.Choice(FEATURE_KINDS),
-              help="Which cached features to compare.")
+@click.option("--features", default="cls", show_default=True, type=FeatureKind(),
+              help="Which cached features to compare: cls, pooled, cls+pooled, cls@N, cls@N+pooled.")
 @click.option("--backend", type=click.Choice(KNN_BACKENDS), default="auto", show_default=True,
               help="Search backend; auto uses faiss on CPU when installed, torch (GPU when there is one) otherwise.")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
@@ -92,8 +92,8 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
                    "is chosen by 5-fold cross-validation on train (grouped by patient when groups exist).")
 @click.option("--test-split", default="test", show_default=True,
               help="Split evaluated once at the chosen C (skipped when the file has none, or 'none').")
-@click.option("--features", "kind", type=click.Choice(FEATURE_KINDS), default="cls",
-              show_default=True, help="Which cached features to probe.")
+@click.option("--features", "kind", type=FeatureKind(), default="cls",
+              show_default=True, help="Which cached features to probe: cls, pooled, cls+pooled, cls@N, cls@N+pooled.")
 @click.option("--Cs", "cs", default=None,
               help="C values (inverse L2 strength), comma-separated, or a named grid: default, dinov2 "
                    "(DINOv2's 45 values, 1e-6 ... 1e5) [default: 12 values, 1e-6 ... 1e5].")

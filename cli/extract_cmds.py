@@ -30,6 +30,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--tokens", type=click.Choice(["none", "full"]), default="none", show_default=True, help="none: store cls and pooled only; full: also the whole last_hidden_state.")
 @click.option("--num-tokens", type=int, default=None, help="Token count to store, e.g. 257 (197 -> 257 as in the seed). Default: the backbone's own.")
 @click.option("--token-mode", type=click.Choice(TOKEN_MODES), default="resize", show_default=True, help="How to reach --num-tokens: resize the token axis (seed recipe), resize the patch grid, or run at the native resolution.")
+@click.option("--blocks", type=click.IntRange(min=1), default=None, metavar="N", help="Also store the CLS token and mean patch token of the last N blocks after the final norm (DINOv2's linear evaluation; feature kinds cls@N, cls@N+pooled). ViT, DeiT, DINOv2 only.")
 @click.option("--image-size", type=int, default=None, help="Override the processor's output size in pixels (square).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
@@ -48,7 +49,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--group-column", default=None, metavar="NAME", help="CSV manifest column holding each row's group (patient / study id), kept in the file so CIs, held-out rows and leakage checks respect patients [default: a column named 'group', if any].")
 @json_option
 @quiet_option
-def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_size, batch_size, workers,
+def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, image_size, batch_size, workers,
             device, dtype, amp, compile_, label_columns, image_column, label_column, window, frame, merge, overwrite,
             retry_errors, group_column, json_path, quiet):
     """Run a frozen backbone over a dataset once and cache its features in an HDF5 file.
@@ -71,7 +72,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
         raise click.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
     cfg = ExtractConfig(model=model, revision=revision, tokens=tokens, num_tokens=num_tokens,
                         token_mode=token_mode, dtype=dtype, image_size=image_size,
-                        window=_window(window), frame=frame)
+                        window=_window(window), frame=frame, blocks=blocks)
     rank, world = distributed_rank()
     run = RunOptions(batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
                      retry_errors=retry_errors, progress=not quiet and rank == 0, compile=compile_, merge=merge)

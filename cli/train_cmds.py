@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 import click
 
-from featcache.names import BALANCE, FEATURE_KINDS, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CommaList, Console, ThresholdRule, cli, echo_notes, json_option, library_errors,
+from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
+from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                positive_option, quiet_option, write_json)
 
 # the library (torch) is imported inside each command, so `featcache --help` stays instant
@@ -72,7 +72,7 @@ def _decision_line(t: Any) -> str:
 @cli.command()
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="linear / mlp on cls or pooled; mixer (the seeds' token mixer) / attn (attention pooling) on full tokens.")
-@click.option("--features", type=click.Choice(FEATURE_KINDS), default=None, help="Input of linear / mlp heads [default: cls]. Token heads read the full tokens and refuse it.")
+@click.option("--features", type=FeatureKind(), default=None, help="Input of linear / mlp heads: cls, pooled, cls+pooled, cls@N, cls@N+pooled [default: cls]. Token heads read the full tokens and refuse it.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--wd", "weight_decay", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Weight decay.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2).")
@@ -126,7 +126,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
 @click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="Head to sweep; linear heads train all together as one batched model.")
 @click.option("--lr", "lrs", type=CommaList(float, minimum=1e-12), default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="Learning rates, comma-separated.")
 @click.option("--wd", "wds", type=CommaList(float, minimum=0), default="0,1e-4,1e-2", show_default=True, help="Weight decays, comma-separated.")
-@click.option("--features", "feature_list", type=CommaList(str, choices=FEATURE_KINDS), default="cls", show_default=True, help=f"Feature choices, comma-separated: {', '.join(FEATURE_KINDS)}.")
+@click.option("--features", "feature_list", type=CommaList(FeatureKind()), default="cls", show_default=True, help="Feature choices, comma-separated: cls, pooled, cls+pooled, cls@N, cls@N+pooled (e.g. DINOv2's grid: cls,cls+pooled,cls@4,cls@4+pooled).")
 @recipe_options
 @library_errors
 def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):

@@ -94,18 +94,40 @@ class Backbone:
         self.model.to(device)
         return self
 
-    def features(self, pixel_values: torch.Tensor, native: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward pass -> (cls (B, D), pooled (B, D), tokens (B, T, D)) in float32.
+    def check_blocks(self, n_blocks: int) -> None:
+        """Refuse --blocks on a model without ViT-style blocks and a final norm (DINOv2's
+        get_intermediate_layers(n, norm=True) needs both)."""
+        depth = getattr(self.config, "num_hidden_layers", None)
+        if self.family.cnn or depth is None or not isinstance(getattr(self.model, "layernorm", None), torch.nn.Module):
+            raise BackboneError(f"--blocks reads the CLS token of the last blocks after the model's final norm, as "
+                                f"DINOv2's linear evaluation does; {self.name} ({self.family.name}) has no such "
+                                f"structure. Drop --blocks (ViT, DeiT and DINOv2 models support it).")
+        if not 1 <= n_blocks <= depth:
+            raise BackboneError(f"--blocks {n_blocks}: {self.name} has {depth} blocks; use 1..{depth}.")
+
+    def features(self, pixel_values: torch.Tensor, native: bool = False, blocks: int | None = None
+                 ) -> tuple[torch.Tensor, ...]:
+        """One forward pass -> (cls (B, D), pooled (B, D), tokens (B, T, D)) in float32, and with
+        `blocks` also (blocks_cls (B, N, D), blocks_pooled (B, N, D)).
 
         cls is the first prefix token (a CNN's pooled output); pooled is the mean of the patch
         tokens (DINOv2's "avgpool"); tokens is the whole last_hidden_state (a CNN's flattened map).
+        blocks_* are the CLS token and mean patch token of each of the last N blocks after the
+        model's final norm, oldest first (DINOv2's get_intermediate_layers(N, norm=True)), so
+        blocks_cls[:, -1] is cls.
         """
         kwargs = {}
         if native and self.family.interpolates_pos:
             kwargs["interpolate_pos_encoding"] = True
+        if blocks:
+            kwargs["output_hidden_states"] = True
         out = self.model(pixel_values=pixel_values, **kwargs)
         hidden = out.last_hidden_state
+        if blocks:
+            normed = torch.stack([self.model.layernorm(h) for h in out.hidden_states[-blocks:]], dim=1).float()
+            hidden = hidden.float()
+            return (hidden[:, 0], hidden[:, self.n_prefix:].mean(dim=1), hidden,
+                    normed[:, :, 0], normed[:, :, self.n_prefix:].mean(dim=2))
         if self.family.cnn:
             tokens = hidden.flatten(2).transpose(1, 2).float()        # (B, h*w, C)
             cls = out.pooler_output.flatten(1).float()

@@ -30,7 +30,7 @@ from featcache.backbones import Backbone, load_backbone, processor_output_size, 
 from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
 from featcache.devices import resolve_device
 from featcache.names import DTYPES
-from featcache.store import FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
+from featcache.store import FEATURE_DATASETS, FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
@@ -49,6 +49,7 @@ class ExtractConfig:
     image_size: int | None = None           # override the processor's output size (px, square)
     window: tuple[float, float] | None = None  # DICOM window centre, width override
     frame: int | None = None                # DICOM frame of multi-frame files
+    blocks: int | None = None               # also store CLS / mean patch token of the last N blocks (DINOv2 eval)
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,8 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
         raise ValueError(f"--num-tokens {cfg.num_tokens} only shapes stored tokens: add --tokens full "
                          f"(or use --token-mode native to change the input resolution).")
     backbone = load_backbone(cfg.model, revision=cfg.revision, image_size=cfg.image_size)
+    if cfg.blocks is not None:
+        backbone.check_blocks(cfg.blocks)
     source = backbone.layout()
     plan = plan_tokens(source, cfg.num_tokens, cfg.token_mode)
     if plan.mode == "native":
@@ -237,6 +240,9 @@ def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_
     })
     if not cfg.num_tokens:
         config["token_mode"] = "none"
+    for key in ("blocks", "weights"):  # keys added in 0.2: absent when unused, so older files keep their fingerprint
+        if config.get(key) is None:
+            config.pop(key, None)
     return config
 
 
@@ -252,7 +258,8 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     rank, world = distributed_rank()
     device = resolve_device(run.device, rank if world > 1 else None)
     config = file_config(cfg, backbone_, plan, Path(source.root))
-    layout = FeatureLayout(dim=plan.dim, tokens=plan if cfg.tokens == "full" else None, dtype=cfg.dtype)
+    layout = FeatureLayout(dim=plan.dim, tokens=plan if cfg.tokens == "full" else None, dtype=cfg.dtype,
+                           blocks=cfg.blocks)
     specs = {name: SplitSpec(paths=rows.paths, labels=rows.labels, groups=rows.groups)
              for name, rows in source.splits.items()}
     if world == 1:
@@ -362,12 +369,12 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
             if batch["pixels"] is not None:
                 pixels = batch["pixels"].to(device, non_blocking=True)
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    cls, pooled, hidden = forward(pixels, native=native)
-                    tokens = apply_token_mode(hidden, plan) if keep_tokens else None
+                    out = forward(pixels, native=native, blocks=cfg.blocks)
+                    tokens = apply_token_mode(out[2], plan) if keep_tokens else None
                 np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-                result = [t.float().cpu().numpy().astype(np_dtype) if t is not None else None
-                          for t in (cls, pooled, tokens)]
-                background.submit(_write_job(writer, split_names, batch["split"], batch["row"], *result))
+                arrays = dict(zip(FEATURE_DATASETS, (out[0], out[1], tokens, *out[3:])))
+                result = {k: t.float().cpu().numpy().astype(np_dtype) for k, t in arrays.items() if t is not None}
+                background.submit(_write_job(writer, split_names, batch["split"], batch["row"], result))
                 summary.rows_computed += len(batch["row"])
             bar.update(len(batch["row"]) + len(batch["failed"]))
     finally:
@@ -379,11 +386,12 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
 
 
 def _write_job(writer: StoreWriter, split_names: Sequence[str], splits: np.ndarray, rows: np.ndarray,
-               cls: np.ndarray, pooled: np.ndarray, tokens: np.ndarray | None) -> Callable[[], None]:
+               arrays: dict[str, np.ndarray]) -> Callable[[], None]:
+    """One batch's rows, written split by split (StoreWriter.write: features, flush, done, flush)."""
     def job() -> None:
         for s in np.unique(splits):
             m = splits == s
-            writer.write(split_names[s], rows[m], cls[m], pooled[m], None if tokens is None else tokens[m])
+            writer.write(split_names[s], rows[m], **{k: a[m] for k, a in arrays.items()})
     return job
 
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -59,6 +60,10 @@ def describe_config(config: dict[str, Any]) -> str:
     parts.append(f"dtype {config.get('dtype', '?')}")
     if config.get("image_size"):
         parts.append(f"image size {config['image_size']}")
+    if config.get("blocks"):
+        parts.append(f"{config['blocks']} blocks")
+    if config.get("weights"):
+        parts.append(f"weights sha256 {str(config['weights'])[:12]}")
     return f"{parts[0]} ({', '.join(parts[1:])})"
 
 
@@ -96,18 +101,50 @@ class FeatureLayout:
     tokens: "TokenLayout | None" = None     # the stored tokens (tokens.TokenLayout); None = not stored
     dtype: str = "float16"                  # storage dtype of cls, pooled, tokens
     has_pooled: bool = True                 # imported features may bring only one array
+    blocks: int | None = None               # per-block CLS / mean patch token of the last N blocks (--blocks)
 
 
 class FeatureStoreError(ValueError):
     """A feature file that cannot be used as asked (wrong format, version, or config)."""
 
 
-def parse_feature_kind(kind: str) -> list[str]:
-    """The datasets a feature kind concatenates, in order ("cls+pooled" -> ["cls", "pooled"]);
-    a ValueError naming the accepted kinds otherwise. The one parser every evaluator uses."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"--features must be one of {', '.join(FEATURE_KINDS)}; got {kind!r}.")
-    return kind.split("+")
+@dataclass(frozen=True)
+class FeaturePart:
+    """One piece of a feature kind: a dataset, and for block datasets how many last blocks."""
+
+    dataset: str                # cls | pooled | blocks_cls
+    blocks: int | None = None   # blocks_cls: the last N blocks, concatenated oldest first
+
+    @property
+    def kind(self) -> str:
+        """This part alone as a feature kind ("cls", "pooled", "cls@4")."""
+        return f"cls@{self.blocks}" if self.blocks is not None else self.dataset
+
+
+def parse_feature_kind(kind: str) -> list[FeaturePart]:
+    """What a feature kind concatenates, in order: "cls+pooled" -> cls, pooled; "cls@4+pooled" ->
+    the CLS tokens of the last 4 blocks, then the last block's mean patch token (DINOv2's "4 blocks
+    + avgpool"). A ValueError naming the accepted kinds otherwise. The one parser every evaluator uses."""
+    parts = []
+    pieces = str(kind).split("+")
+    for piece in pieces:
+        m = _BLOCK_KIND.fullmatch(piece)
+        if m:
+            parts.append(FeaturePart("blocks_cls", int(m.group(1))))
+        elif piece in ("cls", "pooled"):
+            parts.append(FeaturePart(piece))
+        else:
+            parts = []
+            break
+    names = [p.dataset for p in parts]
+    if not parts or len(set(names)) != len(names) or (parts[0].dataset == "pooled" and len(parts) > 1) \
+            or any(p.blocks == 0 for p in parts):
+        raise ValueError(f"--features must be one of {', '.join(FEATURE_KINDS)}, or cls@N / cls@N+pooled (the CLS "
+                         f"tokens of the last N blocks, stored with extract --blocks N); got {kind!r}.")
+    return parts
+
+
+_BLOCK_KIND = re.compile(r"cls@(\d+)")
 
 
 def check_finite(x: np.ndarray, what: str) -> None:
@@ -208,13 +245,12 @@ class SplitView:
         Non-finite values are refused here, once, for every evaluator."""
         idx = self.valid_index() if rows is None else np.asarray(rows)
         parts = []
-        for name in parse_feature_kind(kind):
-            ds = self._g.get(name)
-            if ds is None:
-                raise FeatureStoreError(
-                    f"split {self.name!r} has no {name!r} features (imported with only 'cls'?); "
-                    f"use --features cls.")
-            parts.append(read_rows(ds, idx).astype(np.float32, copy=False))
+        for part in parse_feature_kind(kind):
+            ds = _part_dataset(self._g, part, self.name)
+            x = read_rows(ds, idx).astype(np.float32, copy=False)
+            if part.blocks is not None:
+                x = x[:, -part.blocks:].reshape(len(x), -1)
+            parts.append(x)
         x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         check_finite(x, f"split {self.name!r} ({kind})")
         return x
@@ -263,6 +299,21 @@ class SplitView:
 
     def __repr__(self) -> str:
         return f"<SplitView {self.name!r}: {int(self.done.sum())}/{self.n} rows done>"
+
+
+def _part_dataset(group: h5py.Group, part: FeaturePart, split: str) -> h5py.Dataset:
+    """The dataset a feature part reads, or an error saying how to get it."""
+    ds = group.get(part.dataset)
+    if ds is None:
+        if part.dataset == "blocks_cls":
+            raise FeatureStoreError(f"split {split!r} has no per-block features; --features cls@{part.blocks} needs a "
+                                    f"file extracted with --blocks {part.blocks} (or more).")
+        raise FeatureStoreError(f"split {split!r} has no {part.dataset!r} features (imported with only 'cls'?); "
+                                f"use --features cls.")
+    if part.blocks is not None and part.blocks > ds.shape[1]:
+        raise FeatureStoreError(f"split {split!r} stores {ds.shape[1]} blocks; --features cls@{part.blocks} needs a "
+                                f"file extracted with --blocks {part.blocks}.")
+    return ds
 
 
 def _decode(value: Any) -> str:
@@ -332,12 +383,9 @@ class FeatureStore:
         """Width of a feature kind (cls + pooled widths add up)."""
         first = self[self.splits[0]]
         dims = []
-        for name in parse_feature_kind(kind):
-            ds = first._g.get(name)
-            if ds is None:
-                raise FeatureStoreError(f"{self.path.name} has no {name!r} features (imported with only 'cls'?); "
-                                        f"use --features cls.")
-            dims.append(int(ds.shape[1]))
+        for part in parse_feature_kind(kind):
+            ds = _part_dataset(first._g, part, first.name)
+            dims.append(int(ds.shape[-1]) * (part.blocks or 1))
         return sum(dims)
 
     def leakage_note(self, splits: Sequence[str | None]) -> str | None:
@@ -529,6 +577,8 @@ def planned_bytes(splits: dict[str, SplitSpec], layout: FeatureLayout) -> int:
     per_row = layout.dim * item * (2 if layout.has_pooled else 1) + ERROR_BYTES + 64
     if layout.tokens is not None:
         per_row += layout.tokens.num_tokens * layout.tokens.dim * item
+    if layout.blocks:
+        per_row += 2 * layout.blocks * layout.dim * item
     return sum(len(spec.paths) for spec in splits.values()) * per_row + (1 << 20)
 
 
@@ -602,6 +652,13 @@ class StoreWriter:
             if lay.has_pooled:
                 pooled = _allocated(g, "pooled", (n, lay.dim), lay.dtype)
                 pooled.attrs["role"] = "mean of patch tokens"
+            if lay.blocks:
+                for key, role in (("blocks_cls", "CLS token of each of the last N blocks after the final norm, "
+                                                  "oldest first (blocks_cls[:, -1] is cls)"),
+                                  ("blocks_pooled", "mean patch token of each of the last N blocks after the "
+                                                     "final norm, oldest first")):
+                    ds = _allocated(g, key, (n, lay.blocks, lay.dim), lay.dtype)
+                    ds.attrs["role"] = role
             if lay.tokens is not None:
                 tok = _allocated(g, "tokens", (n, lay.tokens.num_tokens, lay.tokens.dim), lay.dtype)
                 tok.attrs["role"] = "last_hidden_state after the token mode"
@@ -654,11 +711,13 @@ class StoreWriter:
 
     # writes -----------------------------------------------------------------------------------
     def write(self, split: str, rows: np.ndarray, cls: np.ndarray, pooled: np.ndarray | None,
-              tokens: np.ndarray | None = None) -> None:
+              tokens: np.ndarray | None = None, blocks_cls: np.ndarray | None = None,
+              blocks_pooled: np.ndarray | None = None) -> None:
         """Store features of `rows` (ascending), flush, then mark them done and flush again."""
         g = self._f[split]
         rows = np.asarray(rows, dtype=np.int64)
-        arrays = [("cls", cls), ("pooled", pooled), ("tokens", tokens)]
+        arrays = [("cls", cls), ("pooled", pooled), ("tokens", tokens), ("blocks_cls", blocks_cls),
+                  ("blocks_pooled", blocks_pooled)]
         for name, arr in arrays:
             if arr is None or name not in g:
                 continue
@@ -851,7 +910,8 @@ def _shape(ds: h5py.Dataset | None) -> str:
 # shards (distributed extraction): rank r holds rows [lo, hi) of every split
 # ----------------------------------------------------------------------------------------------
 
-SHARDED = ("cls", "pooled", "tokens", "done", "errors")
+FEATURE_DATASETS = ("cls", "pooled", "tokens", "blocks_cls", "blocks_pooled")  # StoreWriter.write's arrays
+SHARDED = FEATURE_DATASETS + ("done", "errors")
 
 
 def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, config: dict[str, Any],
@@ -880,9 +940,8 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, co
                         done = np.flatnonzero(g["done"][()])
                         for start in range(0, done.size, 1024):
                             rows = done[start:start + 1024]
-                            w.write(name, rows + lo, read_rows(g["cls"], rows),
-                                    read_rows(g["pooled"], rows) if "pooled" in g else None,
-                                    read_rows(g["tokens"], rows) if "tokens" in g else None)
+                            w.write(name, rows + lo, **{k: read_rows(g[k], rows) if k in g else None
+                                                        for k in FEATURE_DATASETS})
         return out
     if mode != "virtual":
         raise ValueError(f"merge mode must be copy or virtual; got {mode!r}.")

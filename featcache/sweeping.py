@@ -281,11 +281,11 @@ def _epoch_views(data: dict[str, CachedSplits], kinds: list[str], order: torch.T
         x = data[kind].train.x[order]
         views[kind] = x
         parts = parse_feature_kind(kind)
-        widths = [data[kind].store.feature_dim(p) for p in parts]
+        widths = [data[kind].store.feature_dim(p.kind) for p in parts]
         offsets = np.concatenate([[0], np.cumsum(widths)])
         for j, p in enumerate(parts):
-            if p in kinds and p not in views:
-                views[p] = x[:, offsets[j]:offsets[j + 1]]
+            if p.kind in kinds and p.kind not in views:
+                views[p.kind] = x[:, offsets[j]:offsets[j + 1]]
     return {kind: views[kind] for kind in kinds}
 
 
