@@ -46,12 +46,13 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--merge", type=click.Choice(["copy", "virtual"]), default="copy", show_default=True, help="Under torchrun: join the per-rank shard files by copying, or as HDF5 virtual datasets pointing at the shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with another model or settings.")
 @click.option("--retry-errors", is_flag=True, help="Try again the inputs that failed in an earlier run.")
+@click.option("--update", is_flag=True, help="The data changed (images added, removed, relabelled, moved between splits): keep the stored features of images still there, compute the new ones, drop the removed ones. Same model and settings only; crash-safe.")
 @click.option("--group-column", default=None, metavar="NAME", help="CSV manifest column holding each row's group (patient / study id), kept in the file so CIs, held-out rows and leakage checks respect patients [default: a column named 'group', if any].")
 @json_option
 @quiet_option
 def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, image_size, batch_size, workers,
             device, dtype, amp, compile_, label_columns, image_column, label_column, window, frame, merge, overwrite,
-            retry_errors, group_column, json_path, quiet):
+            retry_errors, update, group_column, json_path, quiet):
     """Run a frozen backbone over a dataset once and cache its features in an HDF5 file.
 
     Stores cls and pooled features for every image (and with --tokens full the whole token
@@ -75,7 +76,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                         window=_window(window), frame=frame, blocks=blocks)
     rank, world = distributed_rank()
     run = RunOptions(batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
-                     retry_errors=retry_errors, progress=not quiet and rank == 0, compile=compile_, merge=merge)
+                     retry_errors=retry_errors, progress=not quiet and rank == 0, compile=compile_, merge=merge,
+                     update=update)
     source_options = {"label_columns": label_columns.split(",") if label_columns else None,
                       "image_column": image_column, "label_column": label_column, "group_column": group_column}
     try:
@@ -89,6 +91,9 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
     except (BackboneError, FeatureStoreError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     state = "resumed" if summary.resumed else "created"
+    if summary.updated:
+        state = (f"updated ({summary.rows_reused} rows reused from the old file, {summary.rows_dropped} dropped "
+                 f"with their images)")
     where = f" (rank {rank} of {world})" if world > 1 else ""
     speed = (f" ({summary.images_per_second:.1f} images/s)" if summary.rows_computed else
              " (nothing left to compute)")
@@ -105,6 +110,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                            "rows_done_before": summary.rows_done_before, "rows_computed": summary.rows_computed,
                            "rows_failed": summary.rows_failed, "seconds": summary.seconds,
                            "images_per_second": summary.images_per_second if summary.rows_computed else None,
+                           "updated": summary.updated, "rows_reused": summary.rows_reused,
+                           "rows_dropped": summary.rows_dropped,
                            "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
 
 

@@ -30,7 +30,9 @@ from featcache.backbones import Backbone, load_backbone, processor_output_size, 
 from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
 from featcache.devices import resolve_device
 from featcache.names import DTYPES
-from featcache.store import FEATURE_DATASETS, FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
+from featcache.store import (FEATURE_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, FileBusyError, SplitSpec,
+                             StoreWriter,
+                             describe_config, fingerprint_of, merge_shards, read_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
@@ -65,6 +67,7 @@ class RunOptions:
     progress: bool = True                   # tqdm bar with images/s
     compile: bool = False                   # torch.compile the model (GPU, opt-in)
     merge: str = "copy"                     # distributed runs: join shards by copy or virtual datasets
+    update: bool = False                    # the data changed: keep stored rows of images still there
 
 
 @dataclass
@@ -80,6 +83,9 @@ class ExtractSummary:
     rows_failed_before: int = 0             # known unreadable inputs not retried (see --retry-errors)
     seconds: float = 0.0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (split, path, reason)
+    updated: bool = False                   # --update rebuilt the file around the current data
+    rows_reused: int = 0                    # --update: rows copied from the old file, never recomputed
+    rows_dropped: int = 0                   # --update: old rows whose image is gone
 
     @property
     def images_per_second(self) -> float:
@@ -312,18 +318,34 @@ def _slice_rows(rows: Any, lo: int, hi: int) -> Any:
 def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: str | Path,
                   config: dict[str, Any], layout: FeatureLayout, classes: Sequence[str], backbone: Backbone,
                   plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
-    """Create or resume one feature file and compute its missing rows."""
-    writer = StoreWriter(out, config, classes, specs, layout, overwrite=run.overwrite,
-                         retry_errors=run.retry_errors)
+    """Create or resume one feature file and compute its missing rows (--update: rebuild it)."""
+    try:
+        writer = StoreWriter(out, config, classes, specs, layout, overwrite=run.overwrite,
+                             retry_errors=run.retry_errors)
+    except FileBusyError:
+        raise
+    except FeatureStoreError:
+        if not (run.update and Path(out).exists()):
+            raise
+        # the data changed since OUT was made (an unchanged data set resumes above, as without --update)
+        return _update_file(split_rows, specs, Path(out), config, layout, classes, backbone, plan, cfg, run, device)
+    return _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device)
+
+
+def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: str | Path,
+          backbone: Backbone, plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device,
+          rows_done_before: int | None = None) -> ExtractSummary:
+    """Compute every row of an open writer that is not done (nor known unreadable), then close it."""
     split_names = list(split_rows)
     items: list[tuple[int, int, Path]] = []
     for s, name in enumerate(split_names):
         files = split_rows[name].files
         items.extend((s, int(r), files[r]) for r in writer.pending_rows(name))
     total = sum(len(spec.paths) for spec in specs.values())
-    done_before = sum(writer.done_count(name) for name in split_names)
-    summary = ExtractSummary(Path(out), writer.resumed, total, rows_done_before=done_before,
-                             rows_failed_before=total - done_before - len(items))
+    done_now = sum(writer.done_count(name) for name in split_names)
+    summary = ExtractSummary(Path(out), writer.resumed, total,
+                             rows_done_before=done_now if rows_done_before is None else rows_done_before,
+                             rows_failed_before=total - done_now - len(items))
     try:
         if items:
             paths = [split_rows[name].paths for name in split_names]
@@ -332,6 +354,75 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
     finally:
         writer.close()
     return summary
+
+
+def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: Path, config: dict[str, Any],
+                 layout: FeatureLayout, classes: Sequence[str], backbone: Backbone, plan: TokenLayout,
+                 cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
+    """--update: build OUT.updating for the data as it is now, copying the stored features of every
+    image still present (found by path, in whatever split it now sits) and computing the new ones,
+    then replace OUT with it. OUT stays intact until the rename, and an interrupted update resumes
+    its OUT.updating, so a kill at any moment loses nothing."""
+    tmp = out.with_name(out.name + ".updating")
+    with FeatureStore(out) as old:
+        if old.fingerprint != fingerprint_of(config):
+            raise FeatureStoreError(
+                f"{out} was made with {describe_config(old.config)}, but this run asks for "
+                f"{describe_config(config)}. --update keeps rows of the same model and settings only: use another "
+                f"--out, or --overwrite to re-extract everything.")
+        where = _done_rows_by_path(old)
+        try:
+            writer = StoreWriter(tmp, config, classes, specs, layout)
+        except FeatureStoreError:
+            if not tmp.exists():
+                raise
+            tmp.unlink()  # an earlier update for data that has changed again since: start it afresh
+            writer = StoreWriter(tmp, config, classes, specs, layout)
+        current = {p for spec in specs.values() for p in spec.paths}
+        reused = sum(writer.done_count(name) for name in specs)
+        try:
+            reused += _copy_stored_rows(old, writer, specs, where)
+        except BaseException:
+            writer.close()
+            raise
+        dropped = sum(1 for p in where if p not in current)
+    summary = _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device, rows_done_before=0)
+    os.replace(tmp, out)
+    summary.out, summary.resumed, summary.updated = out, True, True
+    summary.rows_reused, summary.rows_dropped = reused, dropped
+    return summary
+
+
+def _done_rows_by_path(store: FeatureStore) -> dict[str, tuple[str, int]]:
+    """path -> (split, row) of every done row of a feature file (the first, if a path repeats)."""
+    where: dict[str, tuple[str, int]] = {}
+    for name in store.splits:
+        view = store[name]
+        paths = view.paths
+        for r in view.valid_index():
+            where.setdefault(paths[r], (name, int(r)))
+    return where
+
+
+def _copy_stored_rows(old: FeatureStore, writer: StoreWriter, specs: dict[str, SplitSpec],
+                      where: dict[str, tuple[str, int]], block: int = 1024) -> int:
+    """Copy the features of rows whose image the old file already holds; returns how many."""
+    copied = 0
+    for name, spec in specs.items():
+        pending = set(writer.pending_rows(name).tolist())
+        pairs = [(i, where[p]) for i, p in enumerate(spec.paths) if i in pending and p in where]
+        by_old_split: dict[str, list[tuple[int, int]]] = {}
+        for new_row, (old_split, old_row) in pairs:
+            by_old_split.setdefault(old_split, []).append((new_row, old_row))
+        for old_split, rows in by_old_split.items():
+            g = old[old_split]._g
+            for start in range(0, len(rows), block):
+                chunk = np.array(rows[start:start + block], dtype=np.int64)
+                new_rows, old_rows = chunk[:, 0], chunk[:, 1]
+                arrays = {k: read_rows(g[k], old_rows) for k in FEATURE_DATASETS if k in g}
+                writer.write(name, new_rows, **arrays)
+                copied += len(chunk)
+    return copied
 
 
 def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str],

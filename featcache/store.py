@@ -531,6 +531,10 @@ def write_split_rows(f: h5py.File, name: str, spec: SplitSpec) -> h5py.Group:
     return g
 
 
+class FileBusyError(FeatureStoreError):
+    """Another process holds the file's write lock."""
+
+
 def _is_lock_error(exc: BaseException) -> bool:
     text = str(exc).lower()
     if "flag values don't match" in text:  # this very process has the file open without locking
@@ -544,7 +548,7 @@ def _open_for_writing(path: Path) -> h5py.File:
         return h5py.File(path, "r+")
     except OSError as exc:
         if _is_lock_error(exc):
-            raise FeatureStoreError(
+            raise FileBusyError(
                 f"another process is writing {path} (HDF5 holds its lock): wait for it to finish, or use "
                 f"another --out. The file is safe; nothing was changed.") from None
         raise FeatureStoreError(f"{path} exists but cannot be opened ({exc}); use --overwrite to replace it.") from exc
@@ -682,17 +686,20 @@ class StoreWriter:
             if old_classes != list(classes):
                 raise FeatureStoreError(
                     f"{self.path} has classes {old_classes}, but the data now has {list(classes)}. "
-                    f"Use another --out, or --overwrite to re-extract.")
+                    f"Use --update to keep the stored rows and compute only what is new, another --out, or "
+                    f"--overwrite to re-extract.")
             for name, spec in splits.items():
                 if name not in f:
                     raise FeatureStoreError(f"{self.path} has no split {name!r} (it has "
-                                            f"{', '.join(k for k in f.keys() if k != 'classes')}); "
-                                            f"the data changed: use another --out or --overwrite.")
+                                            f"{', '.join(k for k in f.keys() if k != 'classes')}); the data "
+                                            f"changed: use --update to keep the stored rows and compute only what "
+                                            f"is new, another --out, or --overwrite.")
                 if str(f[name].attrs["manifest_sha256"]) != spec.manifest_sha256:
                     raise FeatureStoreError(
                         f"the images or labels of split {name!r} changed since {self.path} was made "
                         f"({f[name].attrs['n']} rows then, {len(spec.paths)} now). "
-                        f"Use another --out, or --overwrite to re-extract.")
+                        f"Use --update to keep the stored rows and compute only what is new, another --out, or "
+                        f"--overwrite to re-extract.")
         except Exception:
             f.close()
             raise

@@ -1,0 +1,138 @@
+"""Incremental extraction: `featcache extract --update` keeps rows of images still there, computes
+new ones, drops removed ones, and ends equal to a fresh extraction of the data as it is now."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache as fc
+from featcache_cli.main import cli
+from tests.conftest import render_digits
+
+
+def _manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return path
+
+
+def _extract(model: Path, data: Path, out: Path, *extra: str) -> str:
+    res = CliRunner().invoke(cli, ["extract", "-m", str(model), "-d", str(data), "-o", str(out), "--dtype",
+                                   "float32", "--workers", "0", "--batch-size", "8", "-q", *extra])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture()
+def digits_manifest(tmp_path) -> tuple[Path, list[tuple[str, str, str]]]:
+    root = render_digits(tmp_path / "img", per_class=8, classes=(0, 1, 2, 3), splits=("train", "test"))
+    rows = sorted((p.relative_to(tmp_path).as_posix(), p.parent.name, p.parent.parent.name)
+                  for p in root.rglob("*.png"))
+    return tmp_path / "data.csv", rows
+
+
+def _assert_equal_files(a: Path, b: Path) -> None:
+    with fc.open(a) as x, fc.open(b) as y:
+        assert x.splits == y.splits and x.classes == y.classes and x.fingerprint == y.fingerprint
+        for s in x.splits:
+            assert x[s].paths == y[s].paths
+            np.testing.assert_array_equal(x[s].labels, y[s].labels)
+            assert x[s].done.all() and y[s].done.all()
+            # float32 features of the same images; batches differ between the runs (float rounding)
+            np.testing.assert_allclose(x[s].cls[()], y[s].cls[()], atol=1e-5)
+            np.testing.assert_allclose(x[s].pooled[()], y[s].pooled[()], atol=1e-5)
+
+
+def test_update_equals_a_fresh_extraction(tiny_vit, digits_manifest, tmp_path):
+    manifest, rows = digits_manifest
+    _manifest(manifest, rows[:-6])                        # last month's data: 6 images not there yet
+    out = tmp_path / "feats.h5"
+    _extract(tiny_vit, manifest, out)
+    _manifest(manifest, rows)                              # the data grew: without --update, refused
+    refused = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(manifest), "-o", str(out),
+                                       "--dtype", "float32", "--workers", "0", "-q"])
+    assert refused.exit_code == 1 and "--update" in refused.output
+    # this week: 6 new images, 3 removed, one moved from train to test, one relabelled
+    now = [list(r) for r in rows[3:]]
+    now[0][2] = "test" if now[0][2] == "train" else "train"
+    now[1][1] = "3" if now[1][1] != "3" else "0"
+    _manifest(manifest, [tuple(r) for r in now])
+    res = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(manifest), "-o", str(out), "--dtype",
+                                   "float32", "--workers", "0", "--update", "--json", str(tmp_path / "u.json")])
+    assert res.exit_code == 0, res.output
+    import json
+
+    summary = json.loads((tmp_path / "u.json").read_text())
+    assert summary["updated"] and summary["rows_computed"] == 6
+    assert summary["rows_reused"] == len(now) - 6 and summary["rows_dropped"] == 3
+    assert "updated (" in res.output and not (tmp_path / "feats.h5.updating").exists()
+    fresh = tmp_path / "fresh.h5"
+    _extract(tiny_vit, manifest, fresh)
+    _assert_equal_files(out, fresh)
+    again = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(manifest), "-o", str(out), "--dtype",
+                                     "float32", "--workers", "0", "--update", "-q"])
+    assert again.exit_code == 0 and "nothing left to compute" in again.output   # unchanged data: a plain resume
+
+
+def test_update_refuses_another_configuration(tiny_vit, digits_manifest, tmp_path):
+    manifest, rows = digits_manifest
+    _manifest(manifest, rows[:-2])
+    out = tmp_path / "feats.h5"
+    _extract(tiny_vit, manifest, out)
+    _manifest(manifest, rows)
+    res = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(manifest), "-o", str(out),
+                                   "--dtype", "float16", "--workers", "0", "--update", "-q"])
+    assert res.exit_code == 1 and "--update keeps rows of the same model and settings" in res.output
+
+
+def _cmd(model: Path, data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "featcache", "extract", "--model", str(model), "--data", str(data), "--out",
+            str(out), "--workers", "0", "--batch-size", "4", "--dtype", "float32", "--quiet", "--update"]
+
+
+def test_update_survives_sigkill(tiny_vit, tmp_path):
+    """kill -9 while an update computes new rows: OUT is untouched, and the same command completes it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "jpegs"
+    for c in ("cat", "dog"):
+        (data / c).mkdir(parents=True)
+        for i in range(150):
+            Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(data / c / f"{i:03d}.jpg")
+    keep = tmp_path / "kept"
+    shutil.move(str(data / "dog"), str(keep))             # first extraction: cats only
+    out = tmp_path / "feats.h5"
+    subprocess.run(_cmd(tiny_vit, data, out), check=True)
+    before = out.read_bytes()
+    shutil.move(str(keep), str(data / "dog"))             # then the dogs arrive
+    env = dict(os.environ, HDF5_USE_FILE_LOCKING="FALSE")
+    proc = subprocess.Popen(_cmd(tiny_vit, data, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tmp = out.with_name(out.name + ".updating")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if tmp.exists() and tmp.stat().st_size > 0:
+            time.sleep(0.3)
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the update finished before it could be killed: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert out.read_bytes() == before                      # the old file is intact until the update is complete
+    done = subprocess.run(_cmd(tiny_vit, data, out), env=env, check=True, capture_output=True, text=True)
+    assert "updated" in done.stdout and not tmp.exists()
+    fresh = tmp_path / "fresh.h5"
+    subprocess.run(_cmd(tiny_vit, data, fresh)[:-1], check=True)
+    _assert_equal_files(out, fresh)
