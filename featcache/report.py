@@ -252,13 +252,21 @@ figcaption{font-size:0.85em;color:#555}h2{border-bottom:1px solid #ddd;padding-b
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 title: str = "featcache report") -> dict[str, Path]:
+                 title: str = "featcache report", positive_class: str | None = None) -> dict[str, Path]:
     """Write out/report.md and out/report.html comparing run_dirs; return both paths.
 
-    Raises FileNotFoundError naming the directory when one has no metrics.json."""
+    Raises FileNotFoundError naming the directory when one has no metrics.json. With
+    `positive_class`, binary runs must all have used that positive class (a table mixing
+    "sensitivity for abnormal" with "sensitivity for normal" would compare nothing)."""
     if not run_dirs:
         raise ValueError("no run directories given; pass one or more RUN_DIRs written with --out.")
     runs = [load_run(p) for p in run_dirs]
+    if positive_class is not None:
+        other = [f"{r.path.name} ({r.positive_class})" for r in runs
+                 if r.positive_class is not None and r.positive_class != positive_class]
+        if other:
+            raise ValueError(f"--positive-class {positive_class}: these runs used another positive class: "
+                             f"{', '.join(other)}. Re-run them with --positive-class {positive_class}.")
     _unique_names(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
