@@ -184,16 +184,21 @@ def decode_image(path: Path) -> Any:
 # drawing
 # ------------------------------------------------------------------------------------------------
 
-def _overlay(ax: Any, image: np.ndarray, attn_map: np.ndarray, title: str, alpha: float = 0.5) -> None:
-    """Heat map of one (h, w) map over the image, with the top-50%-mass region outlined."""
+ATTENTION_CMAP = "inferno"  # perceptually uniform: equal steps of attention look like equal steps of colour
+
+
+def _overlay(ax: Any, image: np.ndarray, attn_map: np.ndarray, title: str, alpha: float = 0.5) -> Any:
+    """Heat map of one (h, w) map over the image, with the top-50%-mass region outlined; returns the
+    heat-map artist (for a colour bar)."""
     size = image.shape[:2]
     ax.imshow(image)
-    ax.imshow(upsample(attn_map, size), cmap="jet", alpha=alpha)
+    heat = ax.imshow(upsample(attn_map, size), cmap=ATTENTION_CMAP, alpha=alpha)
     mask = upsample(top_mass_mask(attn_map).astype(np.float32), size, mode="nearest")
     if 0 < mask.sum() < mask.size:
         ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+    return heat
 
 
 def save_image_figure(path: Path, image: np.ndarray, attn_map: np.ndarray, title: str) -> Path:
@@ -208,7 +213,8 @@ def save_image_figure(path: Path, image: np.ndarray, attn_map: np.ndarray, title
     axes[0].imshow(image)
     axes[0].set_title(title, fontsize=8)
     axes[0].axis("off")
-    _overlay(axes[1], image, attn_map, "CLS attention (mean of heads)")
+    heat = _overlay(axes[1], image, attn_map, "CLS attention (mean of heads)")
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02, label="attention weight")
     axes[2].imshow(image * (0.15 + 0.85 * mask[..., None]))
     axes[2].set_title("top 50% attention mass", fontsize=8)
     axes[2].axis("off")
@@ -232,9 +238,13 @@ def save_grid_figure(path: Path, images: Sequence[np.ndarray], maps: Sequence[np
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    heat = None
     for ax, image, m, t in zip(axes.ravel(), images, maps, titles):
-        _overlay(ax, image, m, t)
+        heat = _overlay(ax, image, m, t)
     fig.tight_layout()
+    if heat is not None:  # each map has its own scale: the bar shows the colours' order (low -> high)
+        bar = fig.colorbar(heat, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+        bar.set_label("attention (per image: low -> high)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from featcache.knn import knn_eval
-from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, classification_metrics,
-                               resolve_positive)
+from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, classification_metrics, decide,
+                               resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
 from featcache.plots import evaluation_figures, knn_curve_plot
 from featcache.prediction import array_proba, probe_head_payload
@@ -114,6 +114,8 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
         res = knn_eval(train.x, train.y, ev.x, ev.y, ks=ks, temperature=tuple(temperatures), weighting=weighting,
                        num_classes=len(classes), backend=backend, return_proba=True, positive=positive)
     notes += [str(w.message) for w in caught]
+    if bootstrap and not multilabel:
+        add_curve_cis(res, ev, bootstrap, seed, positive)
     rows = [{"k": k, "temperature": t, **{m: v for m, v in r.items() if m not in ("proba", "temperature")}}
             for t, per_k in res.items() for k, r in per_k.items()]
     head_k, head_t = list(ks)[0], float(list(temperatures)[0])
@@ -131,6 +133,17 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
               "n_train": int(len(train.y)), "n_eval": int(len(ev.y))}
     curve = {t: {k: {m: v for m, v in r.items() if m != "proba"} for k, r in per_k.items()} for t, per_k in res.items()}
     return KnnResult(config, rows, curve, headline, proba, ev, classes, positive, notes)
+
+
+def add_curve_cis(res: dict, ev: SplitArrays, n_boot: int, seed: int, positive: int | None) -> None:
+    """top1_ci of every (T, k), from the same resamples (whole groups when the split has them) as
+    the headline's bootstrap, for the CI band of the k-NN curve."""
+    resamples = resample_indices(len(ev.y), n_boot, ev.groups, seed)
+    for per_k in res.values():
+        for row in per_k.values():
+            hit = (decide(row["proba"], positive=positive) == ev.y).astype(np.float64)
+            values = [hit[idx].mean() for idx in resamples]
+            row["top1_ci"] = [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +184,8 @@ class ProbeResult:
         def figures(fig_dir: Path) -> None:
             if self.test_proba is not None:
                 evaluation_figures(fig_dir, self.test, self.test_split.y, self.test_proba, self.classes,
-                                   split=self.test_split.name, threshold=self.threshold, positive=self.positive)
+                                   split=self.test_split.name, threshold=self.threshold, positive=self.positive,
+                                   groups=self.test_split.groups)
 
         return write_run(out, self.config, self.metrics(), head=self.head, figures=figures)
 

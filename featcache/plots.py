@@ -73,10 +73,13 @@ def confusion_matrix_plot(cm: Sequence[Sequence[int]] | np.ndarray, classes: Seq
             for j in range(n):
                 ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7 if n > 12 else 9,
                         color="white" if frac[i, j] > 0.5 else "black")
-    ticks = np.arange(n)
-    long_names = n * max(len(c) for c in classes) > 30
-    ax.set_xticks(ticks, classes if n <= 40 else [""] * n, rotation=90 if long_names else 0)
-    ax.set_yticks(ticks, classes if n <= 40 else [""] * n)
+    step = max(1, int(np.ceil(n / 40)))  # at most ~40 labels per axis, evenly spaced, at any class count
+    ticks = np.arange(0, n, step)
+    shown = [classes[i] for i in ticks]
+    long_names = len(ticks) * max(len(c) for c in classes) > 30
+    font = 9 if len(ticks) <= 15 else 7 if len(ticks) <= 30 else 6
+    ax.set_xticks(ticks, shown, rotation=90 if long_names else 0, fontsize=font)
+    ax.set_yticks(ticks, shown, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -95,7 +98,8 @@ def _operating_point(y: np.ndarray, score: np.ndarray, threshold: float) -> tupl
 
 def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
                 classes: Sequence[str] | None = None, threshold: float | None = None,
-                positive: int | None = None, title: str | None = None) -> list[Path]:
+                positive: int | None = None, title: str | None = None, n_boot: int = 0,
+                groups: Sequence[Any] | None = None) -> list[Path]:
     """ROC (left) and precision-recall (right) curves with their AUCs.
 
     Binary: one curve for the positive class (`positive`, default column 1), and the chosen operating point
@@ -129,6 +133,11 @@ def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
         label = names[c] if c < len(names) else str(c)
         ax_roc.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {auc(fpr, tpr):.3f})")
         ax_pr.plot(rec, prec, lw=1.5, label=f"{label} (AP {ap:.3f})")
+    if n_boot and len(curves) == 1 and y_true.ndim == 1 and n_cls == 2:
+        grid = np.linspace(0, 1, 101)
+        roc_band, pr_band = _roc_pr_bands(onehot[:, curves[0]], proba[:, curves[0]], n_boot, groups, grid)
+        ax_roc.fill_between(grid, *roc_band, color="tab:blue", alpha=0.18, lw=0, label=f"95% CI ({n_boot} resamples)")
+        ax_pr.fill_between(grid, *pr_band, color="tab:blue", alpha=0.18, lw=0, label=f"95% CI ({n_boot} resamples)")
     if len(curves) == 1 and y_true.ndim == 1 and n_cls == 2:
         t = 0.5 if threshold is None else float(threshold)
         pos = curves[0]
@@ -165,8 +174,9 @@ def _knn_series(results: Mapping[Any, Any], metric: str) -> dict[str, tuple[list
         if value is None:
             return
         try:
-            series.setdefault(label, {})[int(float(k))] = float(value)
-        except (TypeError, ValueError):
+            series.setdefault(label, {})[int(float(k))] = (
+                (float(value[0]), float(value[1])) if isinstance(value, (list, tuple)) else float(value))
+        except (TypeError, ValueError, IndexError):
             return
 
     for key, row in results.items():
@@ -199,9 +209,15 @@ def knn_curve_plot(results: Mapping[Any, Any], path_stem: PathLike,
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
     for metric in metrics:
+        bands = _knn_series(results, f"{metric}_ci")
         for label, (ks, values) in _knn_series(results, metric).items():
             name = metric if label == metric else f"{metric} {label}"
-            ax.plot(ks, values, marker="o", lw=1.5, label=name)
+            line, = ax.plot(ks, values, marker="o", lw=1.5, label=name)
+            band = bands.get(label.replace(metric, f"{metric}_ci", 1) if label == metric else label)
+            if band is not None and len(band[0]) == len(ks):
+                lo, hi = zip(*band[1])
+                ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.18, lw=0,
+                                label=f"{name} 95% CI")
             drawn += 1
     if drawn == 0:
         raise ValueError("knn results have no top1/top5 values to plot; expected {k: {'top1': ...}} "
@@ -215,6 +231,50 @@ def knn_curve_plot(results: Mapping[Any, Any], path_stem: PathLike,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path_stem)
+
+
+def learning_curve_plot(history: Sequence[Mapping[str, Any]], metric: str, path_stem: PathLike,
+                        best_epoch: int | None = None, title: str | None = None) -> list[Path]:
+    """Training loss (left axis) and the validation metric (right axis) per epoch, the kept epoch
+    marked: whether the head under- or over-fitted shows at a glance."""
+    plt = _pyplot()
+    epochs = [int(h["epoch"]) for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", lw=1.5, label="train loss")
+    ax.set(xlabel="epoch", ylabel="train loss", title=title or "learning curve")
+    ax2 = ax.twinx()
+    key = f"val_{metric}"
+    ax2.plot(epochs, [h.get(key) for h in history], color="tab:orange", lw=1.5, marker=".", label=f"val {metric}")
+    ax2.set_ylabel(f"validation {metric}")
+    if best_epoch is not None and best_epoch >= 0:
+        ax.axvline(best_epoch, ls="--", color="grey", lw=1, label=f"kept epoch {best_epoch}")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path_stem)
+
+
+def _roc_pr_bands(y: np.ndarray, score: np.ndarray, n_boot: int, groups: Sequence[Any] | None,
+                  grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """95 % bootstrap bands (2, len(grid)) of TPR at fixed FPR and of precision at fixed recall,
+    resampling rows (or whole groups) as the metrics' bootstrap does."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from featcache.metrics import resample_indices
+
+    tprs, precs = [], []
+    for idx in resample_indices(len(y), n_boot, groups, seed=0):
+        yb, sb = y[idx], score[idx]
+        if yb.min() == yb.max():
+            continue
+        fpr, tpr, _ = roc_curve(yb, sb)
+        tprs.append(np.interp(grid, fpr, tpr))
+        prec, rec, _ = precision_recall_curve(yb, sb)
+        precs.append(np.interp(grid, rec[::-1], prec[::-1]))
+    if not tprs:
+        return np.full((2, grid.size), np.nan), np.full((2, grid.size), np.nan)
+    return np.percentile(tprs, [2.5, 97.5], axis=0), np.percentile(precs, [2.5, 97.5], axis=0)
 
 
 def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
@@ -250,9 +310,10 @@ def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
 
 def evaluation_figures(fig_dir: Path, metrics: Mapping[str, Any], y: np.ndarray, proba: np.ndarray,
                        classes: Sequence[str], split: str | None = None, threshold: Any = None,
-                       positive: int | None = None) -> None:
+                       positive: int | None = None, groups: Sequence[Any] | None = None) -> None:
     """The figures of one evaluated split: confusion matrix (single-label), ROC/PR with the operating
-    point (binary and multi-label) and the reliability diagram."""
+    point (binary and multi-label; with 95 % bootstrap bands when the metrics were bootstrapped)
+    and the reliability diagram."""
     where = f" ({split})" if split else ""
     y = np.asarray(y)
     if y.ndim == 1 and metrics.get("confusion_matrix") is not None:
@@ -261,8 +322,9 @@ def evaluation_figures(fig_dir: Path, metrics: Mapping[str, Any], y: np.ndarray,
                               title=f"confusion matrix{where}{t}")
     if y.ndim == 2 or proba.shape[1] == 2:
         t = threshold if isinstance(threshold, float) else (0.5 if y.ndim == 1 else None)
+        n_boot = int((metrics.get("bootstrap") or {}).get("n_boot") or 0)
         roc_pr_plot(y, proba, fig_dir / "roc_pr", classes=classes, threshold=t, positive=positive,
-                    title=f"{split} split" if split else None)
+                    title=f"{split} split" if split else None, n_boot=min(n_boot, 500), groups=groups)
     calibration_plot(y, proba, fig_dir / "calibration", title=f"reliability diagram{where}")
 
 

@@ -26,7 +26,7 @@ from featcache.heads import HeadSpec, build_head, num_params, uses_tokens
 from featcache.metrics import (bootstrap_metrics, choose_threshold_rule,
                                classification_metrics, resolve_positive, selection_score,
                                summarize_repeats)
-from featcache.plots import evaluation_figures
+from featcache.plots import evaluation_figures, learning_curve_plot
 from featcache.names import BALANCE, CI_METRICS, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS
 from featcache.prediction import head_payload, split_proba
 from featcache.runs import write_run
@@ -295,12 +295,18 @@ class HeadTrainer:
         """Write the run directory (runs.write_run): config, metrics, history, head, figures."""
         if self.test_proba_ is not None:
             split, block, y, proba = self.split_names_["test"], self.test_metrics_, self.test_y_, self.test_proba_
+            groups = self.test_groups_
         else:
             split, block, y, proba = self.split_names_["val"], self.val_metrics_, self.val_y_, self.val_proba_
+            groups = None
 
         def figures(fig_dir: Path) -> None:
             evaluation_figures(fig_dir, block, y, proba, self.classes_, split=split, threshold=self.threshold_,
-                               positive=self.positive_)
+                               positive=self.positive_, groups=groups)
+            if self.history_:
+                learning_curve_plot(self.history_, self.config.metric, fig_dir / "learning_curve",
+                                    best_epoch=self.best_epoch_,
+                                    title=f"{self.config.head} head on {self.input_kind_}: learning curve")
             if extra_figures is not None:
                 extra_figures(fig_dir)
 
