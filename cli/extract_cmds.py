@@ -81,7 +81,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
                + (f"{summary.rows_failed_before} unreadable before (not retried; --retry-errors), "
                   if summary.rows_failed_before else "")
                + f"{summary.rows_total} in all "
-               f"({summary.images_per_second:.1f} images/s).")
+               f"({summary.images_per_second:.1f} images/s"
+               + (f"; pixels: {summary.pixel_path}" if summary.pixel_path else "") + ").")
     for split, path, reason in summary.errors[:20]:
         click.echo(f"  skipped {split}/{path}: {reason}")
     if len(summary.errors) > 20:
@@ -89,7 +90,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, image_si
     write_json(json_path, {"out": str(out), "resumed": summary.resumed, "rows_total": summary.rows_total,
                            "rows_done_before": summary.rows_done_before, "rows_computed": summary.rows_computed,
                            "rows_failed": summary.rows_failed, "seconds": summary.seconds,
-                           "images_per_second": summary.images_per_second,
+                           "images_per_second": summary.images_per_second, "pixel_path": summary.pixel_path,
                            "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
 
 

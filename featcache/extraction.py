@@ -1,7 +1,10 @@
 """The extraction loop: loader workers decode -> frozen model -> background writer.
 
-Images are decoded and preprocessed by the model's own image processor inside DataLoader
-workers; the model runs under ``torch.inference_mode`` (bf16 autocast on GPU with ``amp``);
+Images are decoded inside DataLoader workers. When featcache knows every step of the model's
+image processor (featcache.pixels), the workers run only its 8-bit steps (RGB, resize, crop) and
+ship uint8 pixels; rescale and normalise then run on the device, in batch, bit-identical to the
+processor. Otherwise the whole processor runs in the workers and float32 pixels cross over. The
+model runs under ``torch.inference_mode`` (bf16 autocast on GPU with ``amp``);
 a single background thread owns the HDF5 file and writes each batch, so the model never waits
 on the disk. Rows already ``done`` in an existing file of the same fingerprint are skipped, so
 re-running an interrupted command finishes only what is missing.
@@ -23,6 +26,8 @@ import numpy as np
 import torch
 
 from featcache.backbones import Backbone, load_backbone, set_processor_size
+from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
+                              to_uint8)
 from featcache.store import FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
 from featcache.tokens import TokenPlan, apply_token_mode, native_input_size, plan_tokens
 
@@ -59,6 +64,7 @@ class RunOptions:
     progress: bool = True                   # tqdm bar with images/s
     compile: bool = False                   # torch.compile the model (GPU, opt-in)
     merge: str = "copy"                     # distributed runs: join shards by copy or virtual datasets
+    pixels: str = "auto"                    # auto: uint8 workers + device normalise when known; processor: whole processor in workers
 
 
 @dataclass
@@ -73,6 +79,7 @@ class ExtractSummary:
     rows_failed: int = 0
     rows_failed_before: int = 0             # known unreadable inputs not retried (see --retry-errors)
     seconds: float = 0.0
+    pixel_path: str = ""                    # uint8+device-normalize | processor-in-workers ("" if nothing ran)
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (split, path, reason)
 
     @property
@@ -106,16 +113,19 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------------------------
 
 class ImageRows(torch.utils.data.Dataset):
-    """Rows to compute: each item decodes one file and preprocesses it with the model's processor.
+    """Rows to compute: each item decodes one file, then runs the processor's uint8 steps (with a
+    pixel plan: (3, H, W) uint8) or the whole processor (without: (3, H, W) float32).
 
     A file that cannot be decoded yields its reason instead of pixels, so one bad input never
     stops the run.
     """
 
-    def __init__(self, items: list[tuple[int, int, Path]], processor: Any, decode_options: Any):
+    def __init__(self, items: list[tuple[int, int, Path]], processor: Any, decode_options: Any,
+                 pixel_plan: PixelPlan | None = None):
         self.items = items
         self.processor = processor
         self.decode_options = decode_options
+        self.pixel_plan = pixel_plan
 
     def __len__(self) -> int:
         return len(self.items)
@@ -126,6 +136,8 @@ class ImageRows(torch.utils.data.Dataset):
         split, row, file = self.items[i]
         try:
             image = load_image(Path(file), self.decode_options)
+            if self.pixel_plan is not None:
+                return split, row, torch.from_numpy(to_uint8(image, self.pixel_plan)), ""
             pixels = self.processor(images=image, return_tensors="np")["pixel_values"][0]
             return split, row, torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), ""
         except ImageDecodeError as exc:
@@ -350,8 +362,12 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
     from tqdm.auto import tqdm
 
     workers = default_workers() if run.workers is None else run.workers
+    if run.pixels not in ("auto", "processor"):
+        raise ValueError(f"RunOptions.pixels must be auto or processor; got {run.pixels!r}.")
+    pixel_plan = plan_from_processor(backbone.processor) if run.pixels == "auto" else None
+    summary.pixel_path = UINT8_PATH if pixel_plan is not None else PROCESSOR_PATH
     loader = torch.utils.data.DataLoader(
-        ImageRows(items, backbone.processor, decode_options), batch_size=run.batch_size,
+        ImageRows(items, backbone.processor, decode_options, pixel_plan), batch_size=run.batch_size,
         shuffle=False, num_workers=workers, collate_fn=collate_rows,
         pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None)
@@ -378,7 +394,9 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
                 summary.rows_failed += len(failed)
                 background.submit(_error_job(writer, split_names, failed))
             if batch["pixels"] is not None:
-                pixels = batch["pixels"].to(device, non_blocking=True)
+                pixels = batch["pixels"].to(device, non_blocking=True)  # pinned by the loader on cuda
+                if pixel_plan is not None:
+                    pixels = normalize_batch(pixels, pixel_plan)
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     cls, pooled, hidden = forward(pixels, native=native)
                     tokens = apply_token_mode(hidden, plan) if keep_tokens else None
