@@ -246,6 +246,11 @@ def normalize_batch(pixels: torch.Tensor, plan: PixelPlan) -> torch.Tensor:
                          f"{pixels.dtype}.")
     if pixels.device.type == "cpu":
         return torch.from_numpy(normalize_array(pixels.numpy(), plan))
+    return normalize_tensor(pixels, plan)
+
+
+def normalize_tensor(pixels: torch.Tensor, plan: PixelPlan) -> torch.Tensor:
+    """The same lookup in torch ops on pixels' own device (the GPU path; runs on the CPU too)."""
     table = _device_table(plan, str(pixels.device))
     offsets = torch.arange(0, 3 * 256, 256, device=pixels.device).view(1, 3, 1, 1)
     return table.take(pixels.long() + offsets)
