@@ -64,7 +64,8 @@ class RunOptions:
     progress: bool = True                   # tqdm bar with images/s
     compile: bool = False                   # torch.compile the model (GPU, opt-in)
     merge: str = "copy"                     # distributed runs: join shards by copy or virtual datasets
-    pixels: str = "auto"                    # auto: uint8 workers + device normalise when known; processor: whole processor in workers
+    pixels: str = "auto"                    # auto: uint8 from the workers when featcache knows the processor
+                                            # (featcache.pixels); processor: whole processor in the workers
 
 
 @dataclass

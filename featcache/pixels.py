@@ -31,7 +31,8 @@ UINT8_PATH = "uint8+device-normalize"
 PROCESSOR_PATH = "processor-in-workers"
 
 # The PIL-backend processors whose every step featcache reproduces (class names, transformers >= 5;
-# the names without "Pil" are those of transformers 4, where these classes were PIL-only).
+# the names without "Pil" are those of transformers 4, where these classes were PIL-only; in
+# transformers 5 they name the torchvision backend, which `backend != "pil"` turns away).
 KNOWN_PROCESSORS = ("ViTImageProcessorPil", "DeiTImageProcessorPil", "BitImageProcessorPil",
                     "ConvNextImageProcessorPil", "ViTImageProcessor", "DeiTImageProcessor",
                     "BitImageProcessor", "ConvNextImageProcessor")
@@ -107,7 +108,10 @@ def _read_plan(processor: Any) -> tuple[PixelPlan | None, str]:
         return None, f"{name} uses the {processor.backend!r} backend, not PIL"
     if getattr(processor, "do_pad", None):
         return None, "it pads images"
-    get = lambda key: getattr(processor, key, None)  # noqa: E731
+
+    def get(key: str) -> Any:
+        return getattr(processor, key, None)
+
     resample = get("resample")
     resample = 2 if resample is None else resample  # PilBackend.resize: BILINEAR when unset
     if not isinstance(resample, int):
