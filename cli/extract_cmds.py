@@ -101,7 +101,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                f"{summary.rows_done_before} already done, "
                + (f"{summary.rows_failed_before} unreadable before (not retried; --retry-errors), "
                   if summary.rows_failed_before else "")
-               + f"{summary.rows_total} in all{speed}.", err=json_path == "-")
+               + f"{summary.rows_total} in all{speed}"
+               + (f"; pixels: {summary.pixel_path}" if summary.pixel_path else "") + ".", err=json_path == "-")
     for split, path, reason in summary.errors[:20]:
         click.echo(f"  skipped {split}/{path}: {reason}", err=json_path == "-")
     if len(summary.errors) > 20:
@@ -111,7 +112,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                            "rows_failed": summary.rows_failed, "seconds": summary.seconds,
                            "images_per_second": summary.images_per_second if summary.rows_computed else None,
                            "updated": summary.updated, "rows_reused": summary.rows_reused,
-                           "rows_dropped": summary.rows_dropped,
+                           "rows_dropped": summary.rows_dropped, "pixel_path": summary.pixel_path,
                            "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
 
 

@@ -1,7 +1,10 @@
 """The extraction loop: loader workers decode -> frozen model -> background writer.
 
-Images are decoded and preprocessed by the model's own image processor inside DataLoader
-workers; the model runs under ``torch.inference_mode`` (bf16 autocast on GPU with ``amp``);
+Images are decoded inside DataLoader workers. When featcache knows every step of the model's
+image processor (featcache.pixels), the workers run only its 8-bit steps (RGB, resize, crop) and
+ship uint8 pixels; rescale and normalise then run on the device, in batch, bit-identical to the
+processor. Otherwise the whole processor runs in the workers and float32 pixels cross over. The
+model runs under ``torch.inference_mode`` (bf16 autocast on GPU with ``amp``);
 a single background thread owns the HDF5 file and writes each batch, so the model never waits
 on the disk. Rows already ``done`` in an existing file of the same fingerprint are skipped, so
 re-running an interrupted command finishes only what is missing.
@@ -30,9 +33,10 @@ from featcache.backbones import Backbone, load_backbone, processor_output_size, 
 from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
 from featcache.devices import resolve_device
 from featcache.names import DTYPES
+from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
+                              to_uint8)
 from featcache.store import (FEATURE_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, FileBusyError, SplitSpec,
-                             StoreWriter,
-                             describe_config, fingerprint_of, merge_shards, read_rows)
+                             StoreWriter, describe_config, fingerprint_of, merge_shards, read_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
@@ -68,6 +72,8 @@ class RunOptions:
     compile: bool = False                   # torch.compile the model (GPU, opt-in)
     merge: str = "copy"                     # distributed runs: join shards by copy or virtual datasets
     update: bool = False                    # the data changed: keep stored rows of images still there
+    pixels: str = "auto"                    # auto: uint8 from the workers when featcache knows the processor
+                                            # (featcache.pixels); processor: whole processor in the workers
 
 
 @dataclass
@@ -82,6 +88,7 @@ class ExtractSummary:
     rows_failed: int = 0
     rows_failed_before: int = 0             # known unreadable inputs not retried (see --retry-errors)
     seconds: float = 0.0
+    pixel_path: str = ""                    # uint8+device-normalize | processor-in-workers ("" if nothing ran)
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (split, path, reason)
     updated: bool = False                   # --update rebuilt the file around the current data
     rows_reused: int = 0                    # --update: rows copied from the old file, never recomputed
@@ -102,16 +109,19 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------------------------
 
 class ImageRows(torch.utils.data.Dataset):
-    """Rows to compute: each item decodes one file and preprocesses it with the model's processor.
+    """Rows to compute: each item decodes one file, then runs the processor's uint8 steps (with a
+    pixel plan: (3, H, W) uint8) or the whole processor (without: (3, H, W) float32).
 
     A file that cannot be decoded yields its reason instead of pixels, so one bad input never
     stops the run.
     """
 
-    def __init__(self, items: list[tuple[int, int, Path]], processor: Any, decode_options: Any):
+    def __init__(self, items: list[tuple[int, int, Path]], processor: Any, decode_options: Any,
+                 pixel_plan: PixelPlan | None = None):
         self.items = items
         self.processor = processor
         self.decode_options = decode_options
+        self.pixel_plan = pixel_plan
 
     def __len__(self) -> int:
         return len(self.items)
@@ -120,6 +130,8 @@ class ImageRows(torch.utils.data.Dataset):
         split, row, file = self.items[i]
         try:
             image = load_image(Path(file), self.decode_options)
+            if self.pixel_plan is not None:
+                return split, row, torch.from_numpy(to_uint8(image, self.pixel_plan)), ""
             pixels = self.processor(images=image, return_tensors="np")["pixel_values"][0]
             return split, row, torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), ""
         except ImageDecodeError as exc:
@@ -135,9 +147,24 @@ def collate_rows(batch: list[tuple[int, int, torch.Tensor | None, str]]) -> dict
     return {
         "split": np.array([b[0] for b in ok], dtype=np.int64),
         "row": np.array([b[1] for b in ok], dtype=np.int64),
-        "pixels": torch.stack([b[2] for b in ok]) if ok else None,
+        "pixels": _stack([b[2] for b in ok]) if ok else None,
         "failed": [(b[0], b[1], b[3]) for b in bad],
     }
+
+
+def _stack(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Stack same-shaped images; in a loader worker, straight into shared memory (as torch's
+    default_collate does) so the batch is not copied again when it crosses to the main process.
+    numpy does the copy: torch's CPU copy of uint8 was 2-60x slower on the busy 2-core test box."""
+    if any(p.shape != pixels[0].shape for p in pixels):
+        raise ValueError(f"images of one batch must share a size to be stacked; got "
+                         f"{sorted({tuple(p.shape) for p in pixels})}. Give the processor a fixed size "
+                         f"(--image-size) or a centre crop.")
+    out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    np.stack([p.numpy() for p in pixels], out=out.numpy())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,8 +457,12 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
                    plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device,
                    writer: StoreWriter, summary: ExtractSummary, decode_options: Any) -> None:
     workers = default_workers() if run.workers is None else run.workers
+    if run.pixels not in ("auto", "processor"):
+        raise ValueError(f"RunOptions.pixels must be auto or processor; got {run.pixels!r}.")
+    pixel_plan = plan_from_processor(backbone.processor) if run.pixels == "auto" else None
+    summary.pixel_path = UINT8_PATH if pixel_plan is not None else PROCESSOR_PATH
     loader = torch.utils.data.DataLoader(
-        ImageRows(items, backbone.processor, decode_options), batch_size=run.batch_size,
+        ImageRows(items, backbone.processor, decode_options, pixel_plan), batch_size=run.batch_size,
         shuffle=False, num_workers=workers, collate_fn=collate_rows,
         pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None)
@@ -445,6 +476,7 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
     keep_tokens = cfg.tokens == "full"
     native = plan.mode == "native"
     background = BackgroundWriter()
+    normalized: torch.Tensor | None = None  # CPU: one float32 batch buffer reused (the forward is synchronous)
     bar = tqdm(total=len(items), unit="img", desc="extract", disable=not run.progress, smoothing=0.1)
     start = time.perf_counter()
     try:
@@ -458,13 +490,17 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
                 summary.rows_failed += len(failed)
                 background.submit(_error_job(writer, split_names, failed))
             if batch["pixels"] is not None:
-                pixels = batch["pixels"].to(device, non_blocking=True)
+                pixels = batch["pixels"].to(device, non_blocking=True)  # pinned by the loader on cuda
+                if pixel_plan is not None:
+                    pixels = normalize_batch(pixels, pixel_plan, normalized)
+                    normalized = pixels if device.type == "cpu" else None
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = forward(pixels, native=native, blocks=cfg.blocks)
                     tokens = apply_token_mode(out[2], plan) if keep_tokens else None
-                np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
                 arrays = dict(zip(FEATURE_DATASETS, (out[0], out[1], tokens, *out[3:])))
-                result = {k: t.float().cpu().numpy().astype(np_dtype) for k, t in arrays.items() if t is not None}
+                # float32 to the writer thread, which casts to the storage dtype and refuses values
+                # that overflow it (float16 above 65504) before any row is marked done
+                result = {k: t.float().cpu().numpy() for k, t in arrays.items() if t is not None}
                 background.submit(_write_job(writer, split_names, batch["split"], batch["row"], result))
                 summary.rows_computed += len(batch["row"])
             bar.update(len(batch["row"]) + len(batch["failed"]))
