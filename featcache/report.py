@@ -168,6 +168,32 @@ def _tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
+def per_class_rows(block: dict[str, Any]) -> list[list[str]]:
+    """class, precision, recall, F1, support rows of a split's per_class metrics (or per-label ones)."""
+    rows = []
+    for rec in block.get("per_class") or []:
+        rows.append([str(rec.get("class")), format_cell(rec.get("precision")), format_cell(rec.get("recall")),
+                     format_cell(rec.get("f1")), format_cell(rec.get("support"))])
+    return rows
+
+
+def repeats_rows(run: Run) -> tuple[str, list[str], list[list[str]]] | None:
+    """The median ± std over seeds table of a `train --repeats` run, or None."""
+    rep = run.metrics.get("repeats")
+    if not isinstance(rep, dict):
+        return None
+    split = "test" if isinstance(rep.get("test"), dict) else "val"
+    block = rep.get(split) or {}
+    shown = [m for m in KEY_METRICS if isinstance(block.get(m), dict)]
+    if not shown:
+        return None
+    seeds = rep.get("seeds") or []
+    rows = [[m, f"{format_cell(block[m].get('median'))} ± {format_cell(block[m].get('std'))}",
+             ", ".join(format_cell(v) for v in block[m].get("values", []))] for m in shown]
+    title = f"{split} over {len(seeds)} seeds ({', '.join(map(str, seeds))}): median ± std"
+    return title, ["metric", "median ± std", "per seed"], rows
+
+
 def format_cell(value: Any) -> str:
     """The one number format of tables on screen and in reports: integers as integers (n 360),
     fractions to 4 places (0.9123), very small or large values in scientific form (C 1e-05),
@@ -241,14 +267,15 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:4px 8px;
 text-align:left;font-size:0.9em}th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}
 figure{display:inline-block;margin:0.5em;vertical-align:top}figure img{max-width:560px;border:1px solid #eee}
-figcaption{font-size:0.85em;color:#555}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"""
+figcaption{font-size:0.85em;color:#555}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}
+.scroll{overflow-x:auto;max-width:100%}.scroll td{white-space:nowrap}"""
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -296,9 +323,20 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
             block = run.metrics.get(split)
             if isinstance(block, dict):
                 vals = _scalar_metrics(block)
+                where = split_label(run, split)
                 if vals:
-                    md += [f"### Metrics ({split})", "", _md_table(["metric", "value"], vals), ""]
-                    hs += [f"<h3>Metrics ({split})</h3>", _html_table(["metric", "value"], vals)]
+                    md += [f"### Metrics ({md_escape(where)})", "", _md_table(["metric", "value"], vals), ""]
+                    hs += [f"<h3>Metrics ({html.escape(where)})</h3>", _html_table(["metric", "value"], vals)]
+                per_class = per_class_rows(block)
+                if per_class:
+                    cols = ["class", "precision", "recall", "F1", "support"]
+                    md += [f"### Per class ({md_escape(where)})", "", _md_table(cols, per_class), ""]
+                    hs += [f"<h3>Per class ({html.escape(where)})</h3>", _html_table(cols, per_class)]
+        repeats = repeats_rows(run)
+        if repeats:
+            title, cols, rows_ = repeats
+            md += [f"### {md_escape(title)}", "", _md_table(cols, rows_), ""]
+            hs += [f"<h3>{html.escape(title)}</h3>", _html_table(cols, rows_)]
         for name, cols, trows in _tables(run):
             md += [f"### {md_escape(name)}", "", _md_table(cols, trows), ""]
             hs += [f"<h3>{html.escape(name)}</h3>", _html_table(cols, trows)]

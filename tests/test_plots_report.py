@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,22 @@ def test_cli_probe_binary_run_dir_has_roc_pr_figure(tmp_path, digits_arrays):
         _assert_figure([run / "figures" / f"{fig}.png", run / "figures" / f"{fig}.svg"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["kind"] == "probe" and metrics["test"]["auroc"] > 0.9
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(digits_feature_file, tmp_path):
+    """Look at the report as a person would: headless Chromium renders report.html to a PNG that
+    is not blank (the comparison table and a figure were drawn)."""
+    run = tmp_path / "probe"
+    res = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", CS, "--out", str(run), "--quiet"])
+    assert res.exit_code == 0, res.output
+    write_report([run], tmp_path / "report")
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600",
+                    f"--screenshot={shot}", (tmp_path / "report" / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (1600, 1200)
+    assert pixels.std() > 10  # text, table borders and the figure: far from a blank page
