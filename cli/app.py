@@ -1,9 +1,11 @@
 """The click group every command module registers on, and the output helpers they share."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import click
 
@@ -172,6 +174,25 @@ def write_json(path: str | Path | None, obj: Any) -> None:
     _write_json(path, obj)
     if str(path) != "-":
         click.echo(f"wrote {path}", err=True)
+
+
+@contextlib.contextmanager
+def warnings_as_notes(console: Console) -> Iterator[None]:
+    """Library warnings (e.g. a single-class validation split) printed as one 'warning:' line each,
+    never as Python's file:line: UserWarning form."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = str(w.message)
+                if text not in seen:
+                    seen.add(text)
+                    console.warn(text)
 
 
 def echo_notes(console: Console, notes: Sequence[str]) -> None:

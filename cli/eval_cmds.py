@@ -5,7 +5,7 @@ import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               positive_option, quiet_option, write_json)
+                               positive_option, quiet_option, warnings_as_notes, write_json)
 
 # the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
 
@@ -139,10 +139,11 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
                          f"choosing C by {cv}-fold cross-validation on {train_split!r}.")
         if test and test not in store.splits:
             console.note(f"no test split {test!r} in {store.path.name}: reporting validation numbers only.")
-        res = run_probe(store, train_split=train_split, val_split=val, test_split=test, features=kind, Cs=cs,
-                        metric=metric, class_weight=None if class_weight == "none" else class_weight, cv=cv,
-                        refit=not no_refit, bootstrap=bootstrap, max_iter=max_iter, positive_class=positive_class,
-                        threshold=threshold, progress=not quiet)
+        with warnings_as_notes(console):
+            res = run_probe(store, train_split=train_split, val_split=val, test_split=test, features=kind, Cs=cs,
+                            metric=metric, class_weight=None if class_weight == "none" else class_weight, cv=cv,
+                            refit=not no_refit, bootstrap=bootstrap, max_iter=max_iter,
+                            positive_class=positive_class, threshold=threshold, progress=not quiet)
     echo_notes(console, res.warnings)
     est = res.probe
     where = "val" if est.selection_ == "val" else f"{est.cv_folds_}-fold CV"

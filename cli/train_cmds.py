@@ -8,7 +8,7 @@ import click
 
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               positive_option, quiet_option, write_json)
+                               positive_option, quiet_option, warnings_as_notes, write_json)
 
 # the library (torch) is imported inside each command, so `featcache --help` stays instant
 
@@ -94,7 +94,8 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
                                  f"mlp heads only.", param_hint="--features")
     options = dict(features=features or "cls", lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                    progress=not kw["quiet"], **_recipe(kw))
-    trainers, summary = train_repeats(features_file, repeats, head=head, threshold=threshold, **options)
+    with warnings_as_notes(console):
+        trainers, summary = train_repeats(features_file, repeats, head=head, threshold=threshold, **options)
     t = trainers[0]
     if bootstrap:
         t.add_bootstrap_ci(bootstrap)
@@ -137,8 +138,9 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
     from featcache.sweeping import sweep as run_sweep
 
     console = Console(kw["quiet"], kw["json_path"])
-    result = run_sweep(features_file, head=head, lrs=lrs, weight_decays=wds, features=feature_list,
-                       progress=not kw["quiet"], out=kw["out_dir"], threshold=threshold, **_recipe(kw))
+    with warnings_as_notes(console):
+        result = run_sweep(features_file, head=head, lrs=lrs, weight_decays=wds, features=feature_list,
+                           progress=not kw["quiet"], out=kw["out_dir"], threshold=threshold, **_recipe(kw))
     metric = f"val_{kw['metric']}"
     t = result.trainer
     echo_notes(console, result.notes + t.notes_)
