@@ -411,3 +411,268 @@ def test_bootstrap_counts_resamples_where_auroc_is_defined(tmp_path):
     assert 200 - both > 0.05 * 200            # (39/40)^40: about a third of resamples lack the positive
     assert any("auroc was undefined" in w for w in boot["warnings"])
     assert "warning: bootstrap: auroc was undefined" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. groups (patients) travel from the manifest into the file, and leakage is reported
+# ------------------------------------------------------------------------------------------------
+
+EXTRACT = ("--workers", "0", "--batch-size", "16", "--dtype", "float32", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def patient_manifest(digits_dir, tmp_path_factory) -> Path:
+    """The 60 digit images as path,label,patient_id (3 images per patient), absolute paths."""
+    files = sorted(digits_dir.glob("*/*/*.png"))
+    out = tmp_path_factory.mktemp("manifest") / "manifest.csv"
+    with out.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "patient_id"])
+        for i, f in enumerate(files):
+            w.writerow([str(f), f"digit{f.parent.name}", f"p{i // 3:02d}"])
+    return out
+
+
+def stored_groups(path: Path) -> dict[str, tuple[str, str]]:
+    """{image path: (split, group)} as the feature file holds them."""
+    with fc.open(path) as store:
+        return {p: (name, g) for name in store.splits for p, g in zip(store[name].paths, store[name].groups)}
+
+
+def test_group_column_is_stored_and_split_manifest_keeps_groups_and_splits(tiny_vit, patient_manifest, tmp_path):
+    rows = read_csv(patient_manifest)
+    run("extract", "--model", tiny_vit, "--data", patient_manifest, "--group-column", "patient_id",
+        "--out", tmp_path / "a.h5", *EXTRACT)
+    assert stored_groups(tmp_path / "a.h5") == {r["path"]: ("all", r["patient_id"]) for r in rows}
+
+    run("split", patient_manifest, "--group", "patient_id", "--label", "label", "--out", tmp_path / "s.csv")
+    split_rows = read_csv(tmp_path / "s.csv")
+    run("extract", "--model", tiny_vit, "--data", tmp_path / "s.csv", "--out", tmp_path / "b.h5", *EXTRACT)
+    # no --group-column: the split manifest's copy of the group column is picked up
+    assert stored_groups(tmp_path / "b.h5") == {r["path"]: (r["split"], r["patient_id"]) for r in split_rows}
+    assert "leakage" not in run("info", tmp_path / "b.h5").output
+
+
+@pytest.fixture(scope="module")
+def leaky_file(tmp_path_factory) -> Path:
+    """Binary file whose patients p000 and p001 have images in both train and test (2 leaked groups)."""
+    sizes = {"train": (30, 90), "val": (25, 50), "test": (30, 60)}
+    groups = {name: [f"{name}-{i // 2}" for i in range(a + b)] for name, (a, b) in sizes.items()}
+    groups["train"][:2] = ["p000", "p001"]
+    groups["test"][:2] = ["p000", "p001"]
+    return write_binary(tmp_path_factory.mktemp("leaky") / "leaky.h5", sizes, groups=groups)
+
+
+@pytest.mark.parametrize("command", [["info"], ["knn", "--k", "5"], ["probe", "--Cs", "0.1"],
+                                     ["train", "--epochs", "1"]])
+def test_a_group_in_two_splits_is_reported_as_leakage(command, leaky_file):
+    result = run(command[0], leaky_file, *command[1:])
+    line = next((ln for ln in result.output.splitlines() if "leakage" in ln), None)
+    assert line is not None and line.startswith("warning"), result.output
+    assert "2 group(s)" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. 8-bit RGB DICOM is read as stored
+# ------------------------------------------------------------------------------------------------
+
+def test_8bit_rgb_dicom_loads_as_the_same_png(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from featcache.data import load_image
+
+    pixels = np.random.default_rng(0).integers(100, 151, (24, 20, 3), dtype=np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 24, 20, 3
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
+    Image.fromarray(pixels, "RGB").save(tmp_path / "rgb.png")
+
+    dicom = np.asarray(load_image(tmp_path / "rgb.dcm"))
+    np.testing.assert_array_equal(dicom, np.asarray(load_image(tmp_path / "rgb.png")))
+    np.testing.assert_array_equal(dicom, pixels)      # 100..150 as stored, not stretched to 0..255
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. import keeps the paths of an .npz
+# ------------------------------------------------------------------------------------------------
+
+def test_import_npz_with_paths_stores_them(tmp_path, digits_arrays):
+    x, y = digits_arrays["train"]
+    paths = np.array([f"scans/{i:04d}.png" for i in range(len(y))])
+    np.savez(tmp_path / "x.npz", cls=x, labels=y, paths=paths)
+    run("import", "--out", tmp_path / "f.h5", "--split", f"train={tmp_path / 'x.npz'}")
+    with fc.open(tmp_path / "f.h5") as store:
+        assert list(store["train"].paths) == paths.tolist()
+        np.testing.assert_array_equal(store["train"].labels[:], y)
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. one command-line behaviour for every command
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["knn", "--k", "5"], ["probe", "--Cs", "0.1"], ["train", "--epochs", "1"],
+                                     ["info"]])
+def test_json_dash_is_valid_json_on_stdout_and_tables_on_stderr(command, binary_file):
+    result = run(command[0], binary_file, *command[1:], "--json", "-")
+    data = json.loads(result.stdout)                   # nothing but the JSON on standard output
+    assert isinstance(data, dict) and data
+    if command[0] != "info":
+        assert "positive class abnormal" in result.stderr
+
+
+def test_a_non_hdf5_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a feature file\n")
+    result = run("knn", tmp_path / "notes.txt", ok=False)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert sum(line.startswith("Error:") for line in result.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, option", [(["knn", "--k", "1,x"], "--k"),
+                                          (["knn", "--bootstrap", "-5"], "--bootstrap"),
+                                          (["probe", "--threshold", "foo"], "--threshold"),
+                                          (["train", "--threshold", "foo"], "--threshold"),
+                                          (["train", "--head", "mixer", "--features", "pooled"], "--features")])
+def test_bad_options_are_usage_errors_naming_the_option(args, option, binary_file):
+    result = run(args[0], binary_file, *args[1:], ok=False)
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+
+
+def test_threshold_rule_on_a_multiclass_file_is_a_clear_error(digits_feature_file):
+    result = run("train", digits_feature_file, "--threshold", "youden", "--epochs", "1", "--quiet", ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "binary and multi-label" in result.output and "10 classes" in result.output
+
+
+def test_knn_on_its_own_training_split_warns(binary_file):
+    result = run("knn", binary_file, "--k", "5", "--train-split", "train", "--eval-split", "train")
+    assert "warning: the neighbours and the evaluated rows are the same split" in result.output
+
+
+def test_help_shows_percent_signs_once():
+    text = run("train", "--help").output
+    assert "95%" in text and "95%%" not in text
+
+
+def test_extracting_again_has_nothing_left_and_no_nan(tiny_vit, digits_dir, tmp_path):
+    run("extract", "--model", tiny_vit, "--data", digits_dir, "--out", tmp_path / "f.h5", *EXTRACT)
+    again = run("extract", "--model", tiny_vit, "--data", digits_dir, "--out", tmp_path / "f.h5", *EXTRACT)
+    assert "nothing left to compute" in again.output and "nan" not in again.output.lower()
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. convergence notes
+# ------------------------------------------------------------------------------------------------
+
+def test_sweep_warns_when_the_best_lr_is_the_largest_tried(digits_feature_file, tmp_path):
+    # lr 1e-5 vs 1e-6 for 3 epochs: the larger one always learns more
+    result = run("sweep", digits_feature_file, "--lr", "1e-6,1e-5", "--wd", "0", "--epochs", "3",
+                 "--metric", "loss", "--quiet")
+    warning = [ln for ln in result.output.splitlines() if ln.startswith("warning") and "largest in the grid" in ln]
+    assert warning and "--lr" in warning[0], result.output
+
+
+def test_train_warns_when_the_best_epoch_is_the_last(digits_feature_file):
+    # the validation loss of a small-lr linear head falls every epoch: epoch 1 of 2 is the best
+    result = run("train", digits_feature_file, "--epochs", "2", "--lr", "1e-3", "--metric", "loss", "--quiet")
+    assert "warning: the best epoch is the last one (1)" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# 14. loading a run directory never runs code
+# ------------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this calls os.system: what a booby-trapped checkpoint does."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_predict_refuses_a_pickled_checkpoint_that_would_run_code(binary_file, tmp_path):
+    import torch
+
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"format": "featcache-head-1", "state_dict": _Payload(str(marker))}, run_dir / "best.pt")
+    result = run("predict", run_dir, binary_file, "--out", tmp_path / "x.csv", ok=False)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "refused to load" in result.output
+    assert not marker.exists() and not (tmp_path / "x.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 15. a full disk or a file-size limit is a one-line error, never a crash or a broken file
+# ------------------------------------------------------------------------------------------------
+
+def test_too_little_free_space_is_refused_before_writing(tiny_vit, digits_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100_000, 100_000))
+    out = tmp_path / "f.h5"
+    result = run("extract", "--model", tiny_vit, "--data", digits_dir, "--out", out, *EXTRACT, ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    error = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(error) == 1
+    assert re.search(r"needs [\d.]+ MiB", error[0]) and "0.1 MiB free" in error[0], error[0]
+    assert list(tmp_path.iterdir()) == []             # no file, no half-created .creating file
+
+
+def _featcache(*args: str, **kw) -> subprocess.CompletedProcess:
+    """`python -m featcache ARGS` in a child process (HDF5 file locking on)."""
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return subprocess.run([sys.executable, "-m", "featcache", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+def test_file_size_limit_is_a_clear_error_not_a_signal(tiny_vit, digits_dir, tmp_path):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / "f.h5"
+    proc = _featcache("extract", "--model", tiny_vit, "--data", digits_dir, "--out", out, "--tokens", "full",
+                      *EXTRACT, preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr      # not killed by SIGXFSZ (-25) or a crash (139)
+    assert "file-size limit" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 16. two writers
+# ------------------------------------------------------------------------------------------------
+
+def test_a_second_writer_is_refused_while_the_file_is_open_for_writing(tiny_vit, digits_dir, tmp_path):
+    out = tmp_path / "f.h5"
+    run("extract", "--model", tiny_vit, "--data", digits_dir, "--out", out, *EXTRACT)
+    before = out.read_bytes()
+    with h5py.File(out, "r+", locking=True):          # this process now holds HDF5's write lock
+        for extra in ([], ["--overwrite"]):
+            proc = _featcache("extract", "--model", tiny_vit, "--data", digits_dir, "--out", out, *EXTRACT, *extra)
+            assert proc.returncode == 1, proc.stderr
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and "another process is writing" in lines[0], proc.stderr
+        info = _featcache("info", out)
+        assert info.returncode == 0, info.stderr
+        assert "being written by another process" in info.stdout
+    assert out.read_bytes() == before                 # neither attempt changed the file
