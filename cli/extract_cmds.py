@@ -7,7 +7,7 @@ import click
 
 from featcache.names import DTYPES, TOKEN_MODES
 from featcache.store import FeatureStoreError
-from featcache_cli.app import cli, json_option, library_errors, print_table, quiet_option, write_json
+from featcache_cli.app import cli, json_option, print_table, quiet_option, write_json
 
 
 def _window(value: str | None) -> tuple[float, float] | None:

@@ -22,7 +22,6 @@ from click.testing import CliRunner
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (accuracy_score, average_precision_score, recall_score, roc_auc_score,
                              top_k_accuracy_score)
-from sklearn.preprocessing import StandardScaler
 
 import featcache as fc
 from featcache.metrics import classification_metrics, resample_indices
@@ -186,16 +185,6 @@ def test_saved_threshold_is_what_predict_applies(binary_file, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 5. the probe is deployable and is scikit-learn's logistic regression
 # ------------------------------------------------------------------------------------------------
-
-def sklearn_probe(train, val, test, C: float) -> np.ndarray:
-    """The probe's recipe in scikit-learn: scaler fitted on train, LogisticRegression(C) refitted on
-    train + val, converged tightly (float64, tol 1e-10) so it is the model at that C."""
-    scaler = StandardScaler().fit(train[0])
-    x = scaler.transform(np.concatenate([train[0], val[0]]))
-    y = np.concatenate([train[1], val[1]])
-    model = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x, y)
-    return model.predict_proba(scaler.transform(test[0]))
-
 
 def _arrays(path: Path, split: str):
     with fc.open(path) as store:
@@ -465,7 +454,7 @@ def test_a_group_in_two_splits_is_reported_as_leakage(command, leaky_file):
 # ------------------------------------------------------------------------------------------------
 
 def test_8bit_rgb_dicom_loads_as_the_same_png(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from PIL import Image
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
