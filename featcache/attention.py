@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.backbones import Backbone, load_backbone
+from featcache.backbones import Backbone, load_backbone, use_eager_attention
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ def load_attention_backbone(model: str, image_size: int | None = None) -> Backbo
                          f"maps need a ViT, DeiT, DINO or DINOv2 model.")
     use_eager_attention(backbone.model)
     return backbone
-
-
-def use_eager_attention(model: torch.nn.Module) -> None:
-    """Switch a transformers model to eager attention (SDPA returns no attention weights)."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    else:  # older transformers
-        model.config._attn_implementation = "eager"
 
 
 @dataclass

@@ -136,6 +136,17 @@ class Backbone:
         return hidden[:, 0], hidden[:, self.n_prefix:].mean(dim=1), hidden
 
 
+def use_eager_attention(model: torch.nn.Module, implementation: str = "eager") -> str:
+    """Switch a transformers model's attention implementation (eager: its forward returns attention
+    weights, and every matmul is visible to torch's FLOP counter); returns the previous one."""
+    previous = getattr(model.config, "_attn_implementation", None) or "eager"
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # older transformers
+        model.config._attn_implementation = implementation
+    return previous
+
+
 def processor_output_size(processor: Any) -> tuple[int, int]:
     """(height, width) an image processor produces: its crop size when it crops, else its size."""
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):

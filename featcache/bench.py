@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from featcache.backbones import Backbone, load_backbone
+from featcache.backbones import Backbone, load_backbone, use_eager_attention
 
 
 @dataclass
@@ -37,12 +37,21 @@ class BenchResult:
 
 
 def count_gflops(backbone: Backbone, pixels: torch.Tensor) -> float:
-    """FLOPs of one forward on `pixels` (batch 1) per image, in GFLOPs."""
+    """FLOPs of one forward on `pixels` per image, in GFLOPs (2 per multiply-add).
+
+    Counted with attention switched to eager: torch's FLOP counter does not see inside the fused
+    CPU scaled-dot-product kernel, which would drop the attention matmuls (QK^T and AV) from the
+    count; eager runs them as plain matmuls. The model's own implementation is restored after."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        backbone.model(pixel_values=pixels)
+    previous = None if backbone.family.cnn else use_eager_attention(backbone.model)
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            backbone.model(pixel_values=pixels)
+    finally:
+        if previous is not None:
+            use_eager_attention(backbone.model, previous)
     return counter.get_total_flops() / pixels.shape[0] / 1e9
 
 

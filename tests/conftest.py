@@ -53,6 +53,9 @@ def _build_tiny(kind: str, path: Path) -> Path:
     vit_proc = ViTImageProcessor(size={"height": 32, "width": 32})
     if kind == "vit":
         model, proc = ViTModel(ViTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), vit_proc
+    elif kind == "vit_wide":  # non-square input: an 8 x 12 patch grid
+        model = ViTModel(ViTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY))
+        proc = ViTImageProcessor(size={"height": 32, "width": 48})
     elif kind == "deit":  # distilled DeiT: CLS + distillation token
         model, proc = DeiTModel(DeiTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), vit_proc
     elif kind == "dinov2":  # resize shortest edge then centre-crop, as DINOv2's own processor
@@ -77,14 +80,26 @@ def _build_tiny(kind: str, path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """Directories of tiny randomly initialised ViT, DeiT (distilled), DINOv2 (+registers), ResNet."""
+    """Directories of tiny randomly initialised ViT (square and 32x48 input), DeiT (distilled), DINOv2
+    (+4 registers) and ResNet: the one set every test file uses."""
     root = tmp_path_factory.mktemp("models")
-    return {k: _build_tiny(k, root / k) for k in ("vit", "deit", "dinov2", "dinov2_reg", "resnet")}
+    return {k: _build_tiny(k, root / k) for k in ("vit", "vit_wide", "deit", "dinov2", "dinov2_reg", "resnet")}
 
 
 @pytest.fixture(scope="session")
 def tiny_vit(tiny_models) -> Path:
     return tiny_models["vit"]
+
+
+def assert_png(path: Path, min_side: int = 100) -> None:
+    """A real, non-blank picture: a PNG that opens, of a sensible size, with more than one colour."""
+    from PIL import Image
+
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    with Image.open(path) as img:
+        assert min(img.size) >= min_side, f"{path} is only {img.size}"
+        pixels = np.asarray(img.convert("L"), dtype=np.float64)
+    assert pixels.std() > 5, f"{path} is blank"
 
 
 def render_digits(root: Path, per_class: int = 10, classes: tuple[int, ...] = (0, 1, 2),

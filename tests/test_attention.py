@@ -12,46 +12,13 @@ from PIL import Image
 from featcache.attention import (cls_attention, display_image, load_attention_backbone,
                                  top_mass_mask)
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-
-# family -> number of prefix tokens before the patches, counted by hand
-N_PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_reg": 1 + 3, "vit_wide": 1}
-
-
-def _build(kind: str, path: Path) -> Path:
-    from transformers import (BitImageProcessor, DeiTConfig, DeiTModel, Dinov2Config, Dinov2Model,
-                              Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig,
-                              ViTImageProcessor, ViTModel)
-
-    torch.manual_seed(0)
-    square = ViTImageProcessor(size={"height": 32, "width": 32})
-    if kind == "vit":
-        model, proc = ViTModel(ViTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), square
-    elif kind == "vit_wide":   # non-square input: a 8 x 12 patch grid
-        model = ViTModel(ViTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY))
-        proc = ViTImageProcessor(size={"height": 32, "width": 48})
-    elif kind == "deit":       # distilled DeiT: CLS + distillation token
-        model, proc = DeiTModel(DeiTConfig(image_size=32, patch_size=4, intermediate_size=37, **TINY)), square
-    elif kind == "dinov2":     # resize shortest edge then centre-crop
-        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=4, mlp_ratio=2, **TINY))
-        proc = BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
-                                 do_center_crop=True)
-    elif kind == "dinov2_reg":
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
-            image_size=32, patch_size=4, mlp_ratio=2, num_register_tokens=3, **TINY))
-        proc = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                 do_center_crop=True)
-    else:
-        raise ValueError(kind)
-    model.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
+# family -> number of prefix tokens before the patches, counted by hand (conftest's tiny models)
+N_PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_reg": 1 + 4, "vit_wide": 1}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("attn_models")
-    return {k: _build(k, root / k) for k in N_PREFIX}
+def models(tiny_models) -> dict[str, Path]:
+    return {k: tiny_models[k] for k in N_PREFIX}
 
 
 @pytest.fixture(scope="module")
@@ -171,12 +138,9 @@ def test_cli_max_images_and_bad_inputs(models, images, tmp_path):
     assert res.exit_code != 0 and "out of range" in res.output and "Traceback" not in res.output
 
 
-def test_cnn_backbone_is_refused_with_a_reason(tmp_path, images):
+def test_cnn_backbone_is_refused_with_a_reason(tmp_path, images, tiny_models):
     import featcache_cli.main as main
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
 
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(tmp_path / "r")
-    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(tmp_path / "r")
-    res = CliRunner().invoke(main.cli, ["attention", "--model", str(tmp_path / "r"), "--data", str(images),
+    res = CliRunner().invoke(main.cli, ["attention", "--model", str(tiny_models["resnet"]), "--data", str(images),
                                         "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code != 0 and "has no attention" in res.output and "Traceback" not in res.output

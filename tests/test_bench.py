@@ -25,18 +25,24 @@ def test_bench_two_models_side_by_side(tiny_models, tmp_path):
         assert row["latency_ms_p90"] >= row["latency_ms_p50"] > 0
 
 
-def test_flop_count_of_a_known_layer(tiny_vit):
-    """The patch embedding alone: a 4x4 conv of 3->32 channels over an 8x8 grid = 2*MACs FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def test_gflops_equal_a_count_by_hand(tiny_vit):
+    """count_gflops on the tiny ViT (32 px, 4 px patches, D 32, 2 layers, 4 heads, MLP 37) against
+    its matmuls counted by hand, 2 FLOPs per multiply-add: the attention products included."""
     from featcache.backbones import load_backbone
+    from featcache.bench import count_gflops
 
+    t, d, heads, mlp, layers = 65, 32, 4, 37, 2
+    patch_embed = 2 * 64 * d * (3 * 4 * 4)
+    per_layer = (2 * t * d * d * 3            # q, k, v projections
+                 + 2 * heads * t * t * (d // heads) * 2   # QK^T and attention x V
+                 + 2 * t * d * d              # output projection
+                 + 2 * t * d * mlp * 2)       # MLP up and down
+    pooler = 2 * d * d                        # ViTModel's pooler on the CLS token
+    expected = patch_embed + layers * per_layer + pooler
     backbone = load_backbone(str(tiny_vit))
-    conv = backbone.model.embeddings.patch_embeddings.projection
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        conv(torch.zeros(1, 3, 32, 32))
-    assert counter.get_total_flops() == 2 * (8 * 8) * 32 * (3 * 4 * 4)
+    before = backbone.model.config._attn_implementation
+    assert count_gflops(backbone, torch.zeros(2, 3, 32, 32)) * 1e9 == expected
+    assert backbone.model.config._attn_implementation == before   # the model's own attention is restored
 
 
 def test_bench_unknown_model_is_a_clear_error(tmp_path):

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 import featcache as fc
 from featcache_cli.main import cli
+from tests.conftest import assert_png
 
 
 def numpy_dino_knn(train_x, train_y, test_x, test_y, k, t, c):
@@ -131,6 +132,6 @@ def test_cli_knn_table_json_and_run_dir(digits_feature_file, digits_arrays, tmp_
     assert f"{row['top1']:.4f}" in result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["kind"] == "knn" and metrics["test"]["top1"] == pytest.approx(row["top1"])  # headline = first k, never the best on test
-    assert (tmp_path / "run" / "figures" / "knn_curve.png").stat().st_size > 0
+    assert_png(tmp_path / "run" / "figures" / "knn_curve.png")
     bad = runner.invoke(cli, ["knn", str(digits_feature_file), "--eval-split", "holdout"])
     assert bad.exit_code != 0 and "it has: test, train, val" in bad.output

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import featcache_cli.main  # noqa: F401 - registers every command on the group
 from featcache import plots
 from featcache.report import write_report
+from tests.conftest import assert_png
 from featcache_cli.app import cli
 
 CS = "1e-3,1e-2,1e-1,1"
@@ -22,7 +23,7 @@ CS = "1e-3,1e-2,1e-1,1"
 def _assert_figure(paths: list[Path]) -> None:
     png, svg = paths
     assert png.suffix == ".png" and svg.suffix == ".svg"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert_png(png)
     assert "<svg" in svg.read_text()[:2000]
 
 
@@ -101,8 +102,8 @@ def test_report_puts_runs_side_by_side(digits_feature_file, tmp_path):
     assert (probe_dir / "config.json").is_file()
     assert json.loads((probe_dir / "config.json").read_text())["model"] == "digits-pixels"
     for fig in ("confusion_matrix", "calibration"):
-        assert (probe_dir / "figures" / f"{fig}.png").stat().st_size > 0
-        assert (probe_dir / "figures" / f"{fig}.svg").stat().st_size > 0
+        assert_png(probe_dir / "figures" / f"{fig}.png")
+        assert "<svg" in (probe_dir / "figures" / f"{fig}.svg").read_text()[:2000]
     probe_top1 = json.loads((probe_dir / "metrics.json").read_text())["test"]["top1"]
 
     out = tmp_path / "report"

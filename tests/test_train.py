@@ -11,6 +11,7 @@ from click.testing import CliRunner
 import featcache as fc
 from featcache.store import write_arrays
 from featcache_cli.main import cli
+from tests.conftest import assert_png
 
 
 def test_linear_head_reaches_logistic_regression(digits_feature_file, digits_arrays):
@@ -106,10 +107,14 @@ def test_token_heads_learn_and_streaming_equals_in_memory(token_file, head):
     kw = dict(head=head, lr=3e-3, epochs=8, patience=8, batch_size=32, dropout=0.0)
     in_memory = fc.train_head(token_file, **kw)
     streamed = fc.train_head(token_file, max_memory_gb=1e-9, **kw)
+    again = fc.train_head(token_file, max_memory_gb=1e-9, **kw)
     assert streamed.streamed_ and not in_memory.streamed_
-    assert in_memory.test_metrics_["top1"] > 0.6
-    # streamed batches come in another (block-shuffled) order: same quality, not the same numbers
-    assert abs(streamed.best_score_ - in_memory.best_score_) <= 0.15
+    # streamed batches come in another (block-shuffled) order, so not the same numbers as in
+    # memory; but both learn the planted signal, and streaming is deterministic for a seed
+    assert in_memory.test_metrics_["top1"] > 0.6 and streamed.test_metrics_["top1"] > 0.5   # chance: 1/3
+    np.testing.assert_array_equal(streamed.test_proba_, again.test_proba_)
+    # both standardise with the same train statistics (streamed: accumulated block by block)
+    np.testing.assert_allclose(streamed.feature_mean_.numpy(), in_memory.feature_mean_.numpy(), atol=1e-5)
 
 
 def test_balanced_sampler_and_weights_on_imbalanced_data(tmp_path):
@@ -122,7 +127,7 @@ def test_balanced_sampler_and_weights_on_imbalanced_data(tmp_path):
     plain = fc.train_head(path, lr=1e-2, epochs=30, balance="none", metric="balanced_accuracy")
     for balance in ("weights", "sampler"):
         t = fc.train_head(path, lr=1e-2, epochs=30, balance=balance, metric="balanced_accuracy")
-        assert t.val_metrics_["sensitivity"] >= plain.val_metrics_["sensitivity"]
+        assert t.val_metrics_["sensitivity"] > plain.val_metrics_["sensitivity"]  # balancing finds more positives
 
 
 def test_cli_train_sweep_predict_and_refusal(digits_feature_file, tmp_path, digits_arrays):
@@ -168,7 +173,7 @@ def test_binary_predictions_csv(tmp_path):
                  ["normal", "pneumonia"], {"model": "b"})
     fc.train_head(path, epochs=10, out=tmp_path / "run", positive_class="pneumonia")
     for fig in ("confusion_matrix", "roc_pr", "calibration"):
-        assert (tmp_path / "run" / "figures" / f"{fig}.png").stat().st_size > 0
+        assert_png(tmp_path / "run" / "figures" / f"{fig}.png")
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
