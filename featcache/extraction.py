@@ -29,7 +29,7 @@ import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
 from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
 from featcache.devices import resolve_device
-from featcache.store import FeatureLayout, FeatureStore, SplitSpec, StoreWriter, merge_shards
+from featcache.store import FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter, merge_shards
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
