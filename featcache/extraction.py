@@ -365,9 +365,9 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     cls, pooled, hidden = forward(pixels, native=native)
                     tokens = apply_token_mode(hidden, plan) if keep_tokens else None
-                np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-                result = [t.float().cpu().numpy().astype(np_dtype) if t is not None else None
-                          for t in (cls, pooled, tokens)]
+                # float32 to the writer, which casts to the storage dtype itself: it must see the
+                # values before a float16 cast turns those above 65504 into inf (StoreWriter.write)
+                result = [t.float().cpu().numpy() if t is not None else None for t in (cls, pooled, tokens)]
                 background.submit(_write_job(writer, split_names, batch["split"], batch["row"], *result))
                 summary.rows_computed += len(batch["row"])
             bar.update(len(batch["row"]) + len(batch["failed"]))
