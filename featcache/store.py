@@ -715,6 +715,9 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything `featcache info` shows about a file, as plain JSON-able values."""
+    # asked before opening: HDF5 refuses a locking open of a file this process already holds open
+    # without locking ("locking flag values don't match"), which reads as someone else's lock
+    being_written = is_being_written(path) if Path(path).exists() else False
     with FeatureStore(path) as store:
         cfg = store.config
         d: dict[str, Any] = {
@@ -729,7 +732,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "config": cfg,
             "classes": store.classes,
             "multilabel": store.multilabel,
-            "being_written": is_being_written(path),
+            "being_written": being_written,
             "leaked_groups": store.leaked_groups(),
             "splits": [],
         }
