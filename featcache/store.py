@@ -37,8 +37,13 @@ _STR = h5py.string_dtype("utf-8")
 
 
 def fingerprint_of(config: dict[str, Any]) -> str:
-    """sha256 of the identity part of a config (model, revision, preprocessing, token mode, dtype)."""
+    """sha256 of the identity part of a config (model, revision, preprocessing, token mode, dtype).
+
+    A local model folder is identified by the content hash of its weights ("weights"), not by its
+    path: the same folder copied elsewhere resumes, new weights saved into it do not."""
     identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    if identity.get("weights"):
+        identity.pop("model", None)
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
