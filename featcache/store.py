@@ -601,7 +601,8 @@ class StoreWriter:
             if arr is None or name not in g:
                 continue
             ds = g[name]
-            stored = np.ascontiguousarray(arr, dtype=ds.dtype)
+            with np.errstate(over="ignore"):  # an overflow is refused just below, in one line
+                stored = np.ascontiguousarray(arr, dtype=ds.dtype)
             if not np.isfinite(stored).all():
                 _refuse_non_finite(np.asarray(arr), stored, name, split)
             arr = stored
