@@ -704,14 +704,20 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [str(g) for g in groups])
     if path.exists():
         path.unlink()
-    with StoreWriter(path, config, classes, specs, layout, overwrite=True) as w:
-        for name, s in splits.items():
-            rows = np.arange(len(specs[name].paths))
-            for start in range(0, rows.size, 4096):
-                sl = slice(start, start + 4096)
-                w.write(name, rows[sl], np.asarray(s["cls"])[sl],
-                        None if s.get("pooled") is None else np.asarray(s["pooled"])[sl],
-                        None if s.get("tokens") is None else np.asarray(s["tokens"])[sl])
+    try:
+        with StoreWriter(path, config, classes, specs, layout, overwrite=True) as w:
+            for name, s in splits.items():
+                rows = np.arange(len(specs[name].paths))
+                for start in range(0, rows.size, 4096):
+                    sl = slice(start, start + 4096)
+                    w.write(name, rows[sl], np.asarray(s["cls"])[sl],
+                            None if s.get("pooled") is None else np.asarray(s["pooled"])[sl],
+                            None if s.get("tokens") is None else np.asarray(s["tokens"])[sl])
+    except BaseException:
+        # all or nothing (an import has no resume): a refused write (float16 overflow) must not
+        # leave a file of undone rows that blocks the re-run its message asks for
+        path.unlink(missing_ok=True)
+        raise
     return FeatureStore(path)
 
 
