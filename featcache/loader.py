@@ -29,7 +29,7 @@ class _BlockReader(torch.utils.data.Dataset):
         import h5py
 
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", locking=False)
             self._pid = os.getpid()
         return self._file[self.split][self.key]
 
@@ -59,7 +59,7 @@ class TokenBlockLoader:
         import h5py
 
         self.path, self.split, self.key = Path(path), split, key
-        with h5py.File(self.path, "r") as f:
+        with h5py.File(self.path, "r", locking=False) as f:
             if key not in f[split]:
                 raise ValueError(f"{self.path.name} split {split!r} has no {key!r} dataset; "
                                  f"it has {', '.join(f[split].keys())}.")
