@@ -42,8 +42,13 @@ _STR = h5py.string_dtype("utf-8")
 
 
 def fingerprint_of(config: dict[str, Any]) -> str:
-    """sha256 of the identity part of a config (model, revision, preprocessing, token mode, dtype)."""
+    """sha256 of the identity part of a config (model, revision, preprocessing, token mode, dtype).
+
+    A local model folder is identified by the content hash of its weights ("weights"), not by its
+    path: the same folder copied elsewhere resumes, new weights saved into it do not."""
     identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    if identity.get("weights"):
+        identity.pop("model", None)
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -729,7 +734,8 @@ class StoreWriter:
             if arr is None or name not in g:
                 continue
             ds = g[name]
-            stored = np.ascontiguousarray(arr, dtype=ds.dtype)
+            with np.errstate(over="ignore"):  # an overflow is refused just below, in one line
+                stored = np.ascontiguousarray(arr, dtype=ds.dtype)
             if not np.isfinite(stored).all():
                 _refuse_non_finite(np.asarray(arr), stored, name, split)
             arr = stored
@@ -831,14 +837,20 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [str(g) for g in groups])
     if path.exists():
         path.unlink()
-    with StoreWriter(path, config, classes, specs, layout, overwrite=True) as w:
-        for name, s in splits.items():
-            rows = np.arange(len(specs[name].paths))
-            for start in range(0, rows.size, 4096):
-                sl = slice(start, start + 4096)
-                w.write(name, rows[sl], np.asarray(s["cls"])[sl],
-                        None if s.get("pooled") is None else np.asarray(s["pooled"])[sl],
-                        None if s.get("tokens") is None else np.asarray(s["tokens"])[sl])
+    try:
+        with StoreWriter(path, config, classes, specs, layout, overwrite=True) as w:
+            for name, s in splits.items():
+                rows = np.arange(len(specs[name].paths))
+                for start in range(0, rows.size, 4096):
+                    sl = slice(start, start + 4096)
+                    w.write(name, rows[sl], np.asarray(s["cls"])[sl],
+                            None if s.get("pooled") is None else np.asarray(s["pooled"])[sl],
+                            None if s.get("tokens") is None else np.asarray(s["tokens"])[sl])
+    except BaseException:
+        # all or nothing (an import has no resume): a refused write (float16 overflow) must not
+        # leave a file of undone rows that blocks the re-run its message asks for
+        path.unlink(missing_ok=True)
+        raise
     return FeatureStore(path)
 
 
@@ -848,6 +860,9 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything `featcache info` shows about a file, as plain JSON-able values."""
+    # asked before opening: HDF5 refuses a locking open of a file this process already holds open
+    # without locking ("locking flag values don't match"), which reads as someone else's lock
+    being_written = is_being_written(path) if Path(path).exists() else False
     with FeatureStore(path) as store:
         cfg = store.config
         d: dict[str, Any] = {
@@ -862,7 +877,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "config": cfg,
             "classes": store.classes,
             "multilabel": store.multilabel,
-            "being_written": is_being_written(path),
+            "being_written": being_written,
             "leaked_groups": store.leaked_groups(),
             "splits": [],
         }
