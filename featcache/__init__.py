@@ -24,6 +24,7 @@ _LAZY = {
     "predict": ("featcache.prediction", "predict"),
     "run_knn": ("featcache.evaluation", "run_knn"),
     "run_probe": ("featcache.evaluation", "run_probe"),
+    "few_shot": ("featcache.evaluation", "few_shot"),
     "load_run": ("featcache.runs", "load_run"),
 }
 
