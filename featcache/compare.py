@@ -90,12 +90,12 @@ class CompareResult:
 
         def figures(fig_dir: Path) -> None:
             compare_plot(self.rows, fig_dir / f"compare_{self.primary}", metric=self.primary, order=self.ranking,
-                         title=f"{self.primary} on {self.config['test_split']} per backbone (paired bootstrap 95% CI)")
+                         title=f"{self.primary} on {self.config['test_split']} (95% CI)")
             for method in ("knn", "probe"):
                 curves = {f: per[method].summary for f, per in self.few_shot.items() if method in per}
                 if curves:
                     few_shot_plot(curves, fig_dir / f"few_shot_{method}",
-                                  title=f"few-shot {method}: top-1 on {self.config['test_split']}, mean ± std")
+                                  title=f"few-shot {method}: top-1 on {self.config['test_split']}")
 
         return write_run(out, {"kind": "compare", **self.config}, metrics, figures=figures)
 
