@@ -24,6 +24,24 @@ def _ci_rows(block: dict) -> list[dict]:
     return rows
 
 
+def shots_options(fn):
+    """--shots and --tries: few-shot curves (DINOv2's n_per_class / n_tries)."""
+    fn = click.option("--tries", type=click.IntRange(min=1), default=5, show_default=True,
+                      help="With --shots: draws per shot count (each seeded by seed, shots and try).")(fn)
+    return click.option("--shots", type=CommaList(int, minimum=1), default=None, metavar="N,N,...",
+                        help="Few-shot curve: train on N rows per class (whole groups when the file has "
+                             "them), evaluate on the full eval split, mean ± std over --tries; e.g. 1,2,5,10.")(fn)
+
+
+def _few_shot_table(console: Console, fs) -> None:
+    """Print a few-shot summary: shots, tries, training rows, mean and std of top-1 and balanced accuracy."""
+    echo_notes(console, fs.notes)
+    console.table(fs.summary, ["shots", "tries", "n_train", "top1_mean", "top1_std", "balanced_accuracy_mean",
+                               "balanced_accuracy_std"],
+                  title=f"\nfew-shot {fs.method}: {fs.config['tries']} tries per shot count, evaluated on all "
+                        f"{fs.config['n_eval']} {fs.config['eval_split']} rows")
+
+
 def _positive_title(block: dict) -> str:
     pos = block.get("positive_class")
     return f", positive class {pos}" + (f" at threshold {block['threshold']:.4g}" if block.get("threshold") is not None else "") \
@@ -47,28 +65,37 @@ def _positive_title(block: dict) -> str:
 @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
               help="Bootstrap resamples for 95% CIs of the headline k (grouped by patient when the file has groups).")
 @positive_option
+@shots_options
 @json_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory for `featcache report` (config.json, metrics.json, figures/).")
 @quiet_option
 @library_errors
 def knn(features_file, train_split, eval_split, ks, temperature, weighting, features, backend, bootstrap,
-        positive_class, json_path, out_dir, quiet):
+        positive_class, shots, tries, json_path, out_dir, quiet):
     """k-NN accuracy of cached features (DINO's weighted vote), every k and T from one search.
 
     Example: featcache knn feats.h5 --train-split train --eval-split test --k 10,20,100,200
+
+    Few-shot (first k and T): featcache knn feats.h5 --shots 1,2,5,10 --tries 5
     """
-    from featcache.evaluation import run_knn
+    from featcache.evaluation import few_shot, run_knn
     from featcache.store import FeatureStore
 
     console = Console(quiet, json_path)
     if min(temperature) <= 0:
         raise click.BadParameter(f"the temperature must be positive (DINO uses 0.07); got {min(temperature):g}",
                                  param_hint="--temperature")
+    arrays: dict = {}  # each split read once, shared by the evaluation and the few-shot draws
     with FeatureStore(features_file) as store:
         res = run_knn(store, train_split=train_split, eval_split=eval_split, ks=ks, temperatures=temperature,
                       weighting=weighting, features=features, backend=backend, bootstrap=bootstrap,
-                      positive_class=positive_class)
+                      positive_class=positive_class, arrays=arrays)
+        if shots:
+            res.few_shot = few_shot(store, method="knn", shots=shots, tries=tries, train_split=train_split,
+                                    eval_split=eval_split, features=features, k=ks[0], temperature=temperature[0],
+                                    weighting=weighting, backend=backend, positive_class=positive_class,
+                                    arrays=arrays)
     echo_notes(console, res.warnings)
     columns = ["k", "temperature"] + [c for c in ("top1", "top5", "balanced_accuracy", "auroc", "micro_auroc", "auprc")
                                        if any(c in r for r in res.rows)] + ["k_used"]
@@ -78,6 +105,8 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
         head = res.config["headline"]
         console.table(_ci_rows(res.headline), title=f"\nk = {head['k']}, T = {head['temperature']:g}: {bootstrap} "
                                                     f"bootstrap resamples" + (" by group" if res.eval.groups else ""))
+    if res.few_shot:
+        _few_shot_table(console, res.few_shot)
     write_json(json_path, {**res.config, **res.metrics()})
     if out_dir:
         res.save(out_dir)
@@ -114,6 +143,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 @click.option("--max-iter", default=1000, show_default=True, type=click.IntRange(1, None),
               help="lbfgs iterations per C.")
 @positive_option
+@shots_options
 @json_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory: config.json, metrics.json, figures/, and the fitted probe (head.safetensors + "
@@ -121,18 +151,23 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 @quiet_option
 @library_errors
 def probe(features_file, train_split, val_split, test_split, kind, cs, metric, class_weight, cv, no_refit,
-          bootstrap, threshold, max_iter, positive_class, json_path, out_dir, quiet):
+          bootstrap, threshold, max_iter, positive_class, shots, tries, json_path, out_dir, quiet):
     """Logistic-regression probe of cached features: standardise, sweep C (warm-started), pick C on
     validation, refit on train + val, evaluate on test; --out saves a probe predict can apply.
 
     Example: featcache probe feats.h5 --features cls --bootstrap 1000 --out runs/probe-cls
+
+    Few-shot (C chosen on the full val split, no refit): featcache probe feats.h5 --shots 1,2,5,10 --tries 5
     """
-    from featcache.evaluation import run_probe
+    from featcache.evaluation import few_shot, run_probe
     from featcache.store import FeatureStore
 
     console = Console(quiet, json_path)
     val = None if val_split.lower() == "none" else val_split
     test = None if test_split.lower() == "none" else test_split
+    if shots and not test:
+        raise click.UsageError("--shots evaluates the few-shot probes on the test split; give --test-split NAME.")
+    arrays: dict = {}  # each split read once, shared by the probe and the few-shot draws
     with FeatureStore(features_file) as store:
         if val and val not in store.splits:
             console.note(f"no validation split {val!r} in {store.path.name} (splits: {', '.join(store.splits)}): "
@@ -143,7 +178,11 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
             res = run_probe(store, train_split=train_split, val_split=val, test_split=test, features=kind, Cs=cs,
                             metric=metric, class_weight=None if class_weight == "none" else class_weight, cv=cv,
                             refit=not no_refit, bootstrap=bootstrap, max_iter=max_iter,
-                            positive_class=positive_class, threshold=threshold, progress=not quiet)
+                            positive_class=positive_class, threshold=threshold, progress=not quiet, arrays=arrays)
+            if shots:
+                res.few_shot = few_shot(store, method="probe", shots=shots, tries=tries, train_split=train_split,
+                                        val_split=val, eval_split=test, features=kind, Cs=cs, metric=metric,
+                                        max_iter=max_iter, positive_class=positive_class, arrays=arrays)
     echo_notes(console, res.warnings)
     est = res.probe
     where = "val" if est.selection_ == "val" else f"{est.cv_folds_}-fold CV"
@@ -155,7 +194,79 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     if res.test is not None:
         console.table(_ci_rows(res.test), title=f"\ntest metrics ({res.test['n']} {test} rows, C = {est.best_C_:g}"
                                                 f"{_positive_title(res.test)})")
+    if res.few_shot:
+        _few_shot_table(console, res.few_shot)
     write_json(json_path, {**res.config, **res.metrics()})
     if out_dir:
         res.save(out_dir)
         console.note(f"wrote run directory {out_dir}")
+
+
+@cli.command()
+@click.argument("features_files", metavar="A.h5 B.h5 [C.h5 ...]", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--features", type=FeatureKind(), default="cls", show_default=True,
+              help="Which cached features of every file to compare: cls, pooled, cls+pooled, cls@N, cls@N+pooled.")
+@click.option("--k", "ks", type=CommaList(int, minimum=1), default="20", show_default=True,
+              help="k-NN neighbour count (several, comma-separated, give one k-NN row per k).")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="k-NN vote temperature T > 0.")
+@click.option("--heads", type=CommaList(str, choices=("linear",)), default=None,
+              help="Also compare the best linear head of a small sweep (lr 1e-3,1e-2 x wd 0,1e-4, chosen on val).")
+@click.option("--train-split", default="train", show_default=True, help="Split k-NN neighbours and the probe are fitted on.")
+@click.option("--val-split", default="val", show_default=True, help="Split the probe's C is chosen on.")
+@click.option("--test-split", default="test", show_default=True, help="Split every method is scored on.")
+@shots_options
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Paired bootstrap resamples of the test rows (whole groups when the file has groups).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe, the draws and the bootstrap.")
+@positive_option
+@json_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (kind compare) for `featcache report`: metrics.json and figures/.")
+@quiet_option
+@library_errors
+def compare(features_files, features, ks, temperature, heads, train_split, val_split, test_split, shots, tries,
+            bootstrap, seed, positive_class, json_path, out_dir, quiet):
+    """Rank backbones on the same images: k-NN and the logistic probe (optionally a linear head) on
+    every file, with a paired bootstrap of the same test rows for each file's metric and every
+    difference between two files (a difference CI that excludes 0 is a real gap).
+
+    Example: featcache compare dino.h5 dinov2.h5 resnet.h5 --bootstrap 1000 --json cmp.json --out runs/cmp
+    """
+    from featcache.comparing import MAX_FILES, MIN_FILES
+    from featcache.comparing import compare as run_compare
+
+    if not MIN_FILES <= len(features_files) <= MAX_FILES:
+        raise click.UsageError(f"compare takes {MIN_FILES} to {MAX_FILES} feature files; got {len(features_files)}.")
+    if temperature <= 0:
+        raise click.BadParameter(f"the temperature must be positive (DINO uses 0.07); got {temperature:g}",
+                                 param_hint="--temperature")
+    console = Console(quiet, json_path)
+    res = run_compare(features_files, features=features, ks=ks, temperature=temperature, heads=heads or (),
+                      shots=shots, tries=tries, bootstrap=bootstrap, positive_class=positive_class, seed=seed,
+                      train_split=train_split, val_split=val_split, test_split=test_split)
+    echo_notes(console, res.notes)
+    rank = {f: i + 1 for i, f in enumerate(res.ranking)}
+    pos = f", positive class {res.positive_class} at threshold 0.5" if res.positive_class else ""
+    table = [{"rank": rank[r["file"]], "file": r["file"], "model": r["model"], "method": r["method"],
+              "metric": r["metric"], "value": r["value"], "95% CI": _ci_text(r["ci"])} for r in res.rows]
+    console.table(table, title=f"backbones ranked by probe {res.primary} on {res.config['n_test']} {test_split} rows"
+                               f"{pos} ({bootstrap} paired bootstrap resamples"
+                               f"{' by group' if res.config['grouped'] else ''})")
+    pairs = [{"a": p["a"], "b": p["b"], "method": p["method"], "metric": p["metric"], "a - b": p["diff"],
+              "95% CI": _ci_text(p["ci"]),
+              "excludes 0": "yes" if p["ci"] and (p["ci"][0] > 0 or p["ci"][1] < 0) else "no"}
+             for p in res.pairs if p["metric"] == res.primary]
+    console.table(pairs, title=f"\npaired differences of {res.primary} (same resampled test rows for both files; "
+                               f"--json has every metric)")
+    if res.few_shot:
+        console.table(res.shots_rows(), ["file", "method", "shots", "tries", "top1_mean", "top1_std"],
+                      title="\nfew-shot curves (mean ± std over tries)")
+    write_json(json_path, res.to_json())
+    if out_dir:
+        res.save(out_dir)
+        console.note(f"wrote run directory {out_dir}")
+
+
+def _ci_text(ci) -> str:
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "n/a"

@@ -4,7 +4,11 @@
 2. Pick a backbone: facebook/dino-vits16 when the model hub can be reached (or is cached);
    otherwise, saying so, a small ViT built and saved locally (random weights, the same
    loading code path as a hub model).
-3. featcache extract -> info -> knn -> probe -> sweep -> train -> report, each printing its table.
+3. featcache extract -> info -> knn -> probe -> sweep -> train, each printing its table.
+4. A second backbone (a small local ViT with 8 px patches, always built locally so this step works
+   offline) extracted from the same images, then `featcache compare` of the two files: a ranked
+   table with paired-bootstrap CIs and few-shot curves per backbone.
+5. featcache report over every run directory, the comparison included.
 """
 from __future__ import annotations
 
@@ -56,13 +60,13 @@ def hub_cached(model: str) -> bool:
     return isinstance(try_to_load_from_cache(model, "config.json"), str)
 
 
-def local_vit(path: Path) -> Path:
-    """A small ViT (32 px input, 4 px patches, 65 tokens) with random weights, saved like a hub model."""
+def local_vit(path: Path, patch_size: int = 4, seed: int = 0) -> Path:
+    """A small ViT (32 px input, 4 px patches: 65 tokens) with random weights, saved like a hub model."""
     import torch
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=4, hidden_size=96, num_hidden_layers=4,
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(image_size=32, patch_size=patch_size, hidden_size=96, num_hidden_layers=4,
                        num_attention_heads=4, intermediate_size=192)).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
@@ -108,8 +112,16 @@ def main() -> None:
               "--features", "cls,pooled,cls+pooled", "--epochs", "100", "--out", str(out / "runs" / "sweep"),
               "--quiet")
     featcache("train", feats, "--head", "mixer", "--epochs", "15", "--out", str(out / "runs" / "mixer"), "--quiet")
-    featcache("report", str(out / "runs" / "knn"), str(out / "runs" / "probe"), str(out / "runs" / "sweep"),
-              str(out / "runs" / "mixer"), "--out", str(out / "report"))
+
+    # a second backbone on the same images, then both side by side with paired confidence intervals
+    second = str(local_vit(out / "small-vit-p8", patch_size=8, seed=1))
+    print(f"\nsecond backbone for the comparison: a small random ViT with 8 px patches, built locally in {second}")
+    feats_b = str(out / "digits_vit_p8.h5")
+    featcache("extract", "--model", second, "--data", str(data), "--out", feats_b)
+    featcache("compare", feats, feats_b, "--k", "20", "--bootstrap", "1000", "--shots", "1,5,10", "--tries", "3",
+              "--json", str(out / "compare.json"), "--out", str(out / "runs" / "compare"))
+    featcache("report", str(out / "runs" / "compare"), str(out / "runs" / "knn"), str(out / "runs" / "probe"),
+              str(out / "runs" / "sweep"), str(out / "runs" / "mixer"), "--out", str(out / "report"))
     print(f"\nDone. Features in {feats}; report in {out / 'report' / 'report.html'}")
 
 

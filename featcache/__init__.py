@@ -24,6 +24,8 @@ _LAZY = {
     "predict": ("featcache.prediction", "predict"),
     "run_knn": ("featcache.evaluation", "run_knn"),
     "run_probe": ("featcache.evaluation", "run_probe"),
+    "few_shot": ("featcache.evaluation", "few_shot"),
+    "compare": ("featcache.comparing", "compare"),
     "load_run": ("featcache.runs", "load_run"),
 }
 

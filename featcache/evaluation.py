@@ -10,15 +10,15 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, MutableMapping, Sequence
 
 import numpy as np
 
 from featcache.knn import knn_eval
-from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, classification_metrics, decide,
-                               resample_indices, resolve_positive)
+from featcache.metrics import (balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
+                               classification_metrics, decide, resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
-from featcache.plots import evaluation_figures, knn_curve_plot
+from featcache.plots import evaluation_figures, few_shot_plot, knn_curve_plot
 from featcache.prediction import array_proba, probe_head_payload
 from featcache.probe import LogisticProbe, expand_proba, resolve_cs
 from featcache.runs import write_run
@@ -49,6 +49,17 @@ def load_split_arrays(store: FeatureStore, split: str, features: str, purpose: s
     return SplitArrays(split, x, y, rows, view.row_groups(rows))
 
 
+def cached_split_arrays(store: FeatureStore, split: str, features: str, purpose: str,
+                        arrays: MutableMapping[str, SplitArrays] | None) -> SplitArrays:
+    """load_split_arrays through a cache keyed by split name, so a caller that runs several
+    protocols on one file (featcache compare: k-NN, probe, few-shot) reads each split once."""
+    if arrays is None:
+        return load_split_arrays(store, split, features, purpose)
+    if split not in arrays:
+        arrays[split] = load_split_arrays(store, split, features, purpose)
+    return arrays[split]
+
+
 def _base_config(store: FeatureStore, kind: str, features: str) -> dict[str, Any]:
     return {"kind": kind, "features_file": str(store.path.resolve()), "fingerprint": store.fingerprint,
             "model": store.config.get("model"), "features": features}
@@ -71,13 +82,15 @@ class KnnResult:
     classes: list[str]
     positive: int | None
     warnings: list[str] = field(default_factory=list)
+    few_shot: FewShotResult | None = None   # set by `featcache knn --shots`
 
     def metrics(self) -> dict[str, Any]:
         """metrics.json: the headline under "test" (or "val" when the eval split is val)."""
         key = "val" if self.eval.name == "val" else "test"
-        return {"positive_class": None if self.positive is None else self.classes[self.positive],
-                "eval_split": self.eval.name, key: self.headline, "results": self.rows,
-                "headline": self.config["headline"], "notes": self.warnings}
+        out = {"positive_class": None if self.positive is None else self.classes[self.positive],
+               "eval_split": self.eval.name, key: self.headline, "results": self.rows,
+               "headline": self.config["headline"], "notes": self.warnings}
+        return {**out, **(self.few_shot.metrics() if self.few_shot else {})}
 
     def save(self, out: str | Path) -> Path:
         curve = self.curve if len(self.curve) > 1 else next(iter(self.curve.values()))
@@ -85,17 +98,24 @@ class KnnResult:
         shown = ("top1", "top5") if "top1" in first else ("auroc",)
         title = (f"k-NN on {self.eval.name} ({self.config['train_split']} as neighbours), "
                  f"T = {', '.join(f'{t:g}' for t in self.config['temperatures'])}")
-        return write_run(out, self.config, self.metrics(),
-                         figures=lambda d: knn_curve_plot(curve, d / "knn_curve", metrics=shown, title=title))
+
+        def figures(fig_dir: Path) -> None:
+            knn_curve_plot(curve, fig_dir / "knn_curve", metrics=shown, title=title)
+            if self.few_shot:
+                self.few_shot.figure(fig_dir / "few_shot")
+
+        return write_run(out, self.config, self.metrics(), figures=figures)
 
 
 def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str = "test",
             ks: Sequence[int] = (10, 20, 100, 200), temperatures: Sequence[float] = (0.07,),
             weighting: str = "distance", features: str = "cls", backend: str = "auto", bootstrap: int = 0,
-            positive_class: str | None = None, seed: int = 0) -> KnnResult:
-    """DINO's weighted k-NN of one split's rows against another's, every k and T from one search."""
-    train = load_split_arrays(store, train_split, features, "neighbours")
-    ev = load_split_arrays(store, eval_split, features, "evaluation")
+            positive_class: str | None = None, seed: int = 0,
+            arrays: MutableMapping[str, SplitArrays] | None = None) -> KnnResult:
+    """DINO's weighted k-NN of one split's rows against another's, every k and T from one search.
+    `arrays` (split name -> SplitArrays of `features`) reuses splits already read."""
+    train = cached_split_arrays(store, train_split, features, "neighbours", arrays)
+    ev = cached_split_arrays(store, eval_split, features, "evaluation", arrays)
     classes = list(store.classes)
     notes = []
     if train_split == eval_split:
@@ -165,6 +185,7 @@ class ProbeResult:
     test_proba: np.ndarray | None
     head: tuple[dict, dict]                 # the deployable linear head (prediction.save_head)
     warnings: list[str] = field(default_factory=list)
+    few_shot: FewShotResult | None = None   # set by `featcache probe --shots`
 
     def metrics(self) -> dict[str, Any]:
         p = self.probe
@@ -178,7 +199,7 @@ class ProbeResult:
                "notes": self.warnings}
         if self.threshold is not None:
             out["threshold"] = {"rule": self.threshold_rule, "value": self.threshold, "chosen_on": "val"}
-        return out
+        return {**out, **(self.few_shot.metrics() if self.few_shot else {})}
 
     def save(self, out: str | Path) -> Path:
         def figures(fig_dir: Path) -> None:
@@ -186,6 +207,8 @@ class ProbeResult:
                 evaluation_figures(fig_dir, self.test, self.test_split.y, self.test_proba, self.classes,
                                    split=self.test_split.name, threshold=self.threshold, positive=self.positive,
                                    groups=self.test_split.groups)
+            if self.few_shot:
+                self.few_shot.figure(fig_dir / "few_shot")
 
         return write_run(out, self.config, self.metrics(), head=self.head, figures=figures)
 
@@ -194,15 +217,17 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
               test_split: str | None = "test", features: str = "cls", Cs: Any = None, metric: str = "accuracy",
               class_weight: str | None = None, cv: int = 5, refit: bool = True, bootstrap: int = 0,
               max_iter: int = 1000, positive_class: str | None = None, threshold: str | None = None,
-              progress: bool = False, seed: int = 0) -> ProbeResult:
+              progress: bool = False, seed: int = 0,
+              arrays: MutableMapping[str, SplitArrays] | None = None) -> ProbeResult:
     """Standardise, sweep C (val split, or grouped CV on train when there is none), refit on train +
-    val at the best C, and evaluate the deployable head once on the test split."""
+    val at the best C, and evaluate the deployable head once on the test split. `arrays` (split
+    name -> SplitArrays of `features`) reuses splits already read."""
     notes: list[str] = []
-    train = load_split_arrays(store, train_split, features, "training the probe")
+    train = cached_split_arrays(store, train_split, features, "training the probe", arrays)
     use_val = bool(val_split) and val_split in store.splits
     use_test = bool(test_split) and test_split in store.splits
-    val = load_split_arrays(store, val_split, features, "choosing C") if use_val else None
-    test = load_split_arrays(store, test_split, features, "testing") if use_test else None
+    val = cached_split_arrays(store, val_split, features, "choosing C", arrays) if use_val else None
+    test = cached_split_arrays(store, test_split, features, "testing", arrays) if use_test else None
     leak = store.leakage_note([train_split, val_split if use_val else None, test_split if use_test else None])
     if leak:
         notes.append(leak)
@@ -257,3 +282,176 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# few-shot curves (DINOv2's n_per_class / n_tries)
+# ----------------------------------------------------------------------------------------------
+
+FEW_SHOT_METHODS = ("knn", "probe")
+DEFAULT_SHOTS = (1, 2, 5, 10)
+
+
+@dataclass
+class FewShotResult:
+    """Accuracy of one method trained on n rows per class, mean ± std over tries, per n.
+
+    summary: one row per shot count (shots, tries, n_train, top1_mean, top1_std,
+    balanced_accuracy_mean, balanced_accuracy_std); per_try: one row per (shots, try). The std is
+    numpy's population std over the tries (ddof 0), as summarize_repeats computes it."""
+
+    method: str
+    config: dict[str, Any]
+    summary: list[dict[str, Any]]
+    per_try: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        """What goes into metrics.json and --json: the summary as a table, every try, the recipe."""
+        return {"few_shot": self.summary, "few_shot_per_try": self.per_try, "few_shot_config": self.config}
+
+    def figure(self, path_stem: str | Path) -> list[Path]:
+        """Accuracy against shots with a ±std band (figures/few_shot.png in a run directory)."""
+        return few_shot_plot({self.method: self.summary}, path_stem,
+                             title=f"few-shot {self.method} on {self.config['eval_split']} "
+                                   f"({self.config['tries']} tries per shot count)")
+
+
+def few_shot_rows(y: np.ndarray, groups: Sequence[str] | None, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices into y of one few-shot training set: n rows of every class, drawn without
+    replacement (all of a class's rows when it has fewer than n).
+
+    With groups (patients), whole groups are drawn instead, so no patient is split between the
+    drawn and the undrawn rows: groups are visited in a random order and a group is taken when it
+    holds a row of a class that still has fewer than n rows; the walk stops once every class has at
+    least n (or all it has). A class can therefore get more than n rows."""
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    need = {int(c): min(n, int(k)) for c, k in zip(classes, counts)}
+    if groups is None:
+        picks = [rng.choice(np.flatnonzero(y == c), size=need[int(c)], replace=False) for c in classes]
+        return np.sort(np.concatenate(picks))
+    _, gid = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    members = [np.flatnonzero(gid == g) for g in range(int(gid.max()) + 1)]
+    have = dict.fromkeys(need, 0)
+    taken = []
+    for g in rng.permutation(len(members)):
+        if all(have[c] >= need[c] for c in need):
+            break
+        labels = y[members[g]]
+        if any(have[int(c)] < need[int(c)] for c in np.unique(labels)):
+            taken.append(members[g])
+            for c in labels:
+                have[int(c)] += 1
+    return np.sort(np.concatenate(taken))
+
+
+def few_shot_rng(seed: int, shots: int, attempt: int) -> np.random.Generator:
+    """The generator of one draw: seeded by (seed, shots, try), so a try's rows do not depend on
+    which other shot counts or how many tries were asked for."""
+    return np.random.default_rng([int(seed), int(shots), int(attempt)])
+
+
+def few_shot(store: FeatureStore, *, method: str = "knn", shots: Sequence[int] = DEFAULT_SHOTS, tries: int = 5,
+             seed: int = 0, train_split: str = "train", val_split: str | None = "val", eval_split: str = "test",
+             features: str = "cls", k: int = 20, temperature: float = 0.07, weighting: str = "distance",
+             backend: str = "auto", Cs: Any = None, metric: str = "accuracy", max_iter: int = 1000,
+             positive_class: str | None = None,
+             arrays: MutableMapping[str, SplitArrays] | None = None) -> FewShotResult:
+    """Train k-NN or the probe on `shots` rows per class of the train split (few_shot_rows, drawn
+    anew per try with few_shot_rng), evaluate each on the full eval split, and summarise top-1 and
+    balanced accuracy as mean ± std over the tries.
+
+    The probe chooses C on the full validation split and is not refitted on train + val (that would
+    no longer be few-shot), so a file without a validation split is refused for it."""
+    if method not in FEW_SHOT_METHODS:
+        raise ValueError(f"few-shot method must be one of {', '.join(FEW_SHOT_METHODS)}; got {method!r}.")
+    shots = sorted({int(n) for n in shots})
+    if not shots or shots[0] < 1:
+        raise ValueError(f"--shots must be positive numbers of rows per class, e.g. 1,2,5,10; got {shots}.")
+    if tries < 1:
+        raise ValueError(f"--tries must be at least 1; got {tries}.")
+    train = cached_split_arrays(store, train_split, features, "few-shot training rows", arrays)
+    ev = cached_split_arrays(store, eval_split, features, "few-shot evaluation", arrays)
+    if train.y.ndim == 2:
+        raise ValueError("few-shot draws n rows per class, which needs single-label data; this file is multi-label.")
+    val = None
+    if method == "probe":
+        if not val_split or val_split not in store.splits:
+            raise ValueError(f"the few-shot probe chooses C on a validation split, and {store.path.name} has no "
+                             f"split {val_split!r} (it has {', '.join(store.splits)}); pass --val-split NAME.")
+        val = cached_split_arrays(store, val_split, features, "choosing C", arrays)
+    classes = list(store.classes)
+    positive = resolve_positive(classes, train.y, positive_class)
+    notes = _few_shot_notes(classes, train, shots)
+    per_try: list[dict[str, Any]] = []
+    caught_all: list[str] = []
+    for n in shots:
+        for attempt in range(tries):
+            idx = few_shot_rows(train.y, train.groups, n, few_shot_rng(seed, n, attempt))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                proba = _few_shot_proba(method, train.x[idx], train.y[idx], ev.x, val, len(classes), positive,
+                                        k=k, temperature=temperature, weighting=weighting, backend=backend, Cs=Cs,
+                                        metric=metric, max_iter=max_iter, seed=seed)
+            caught_all += [str(w.message) for w in caught]
+            pred = decide(proba, positive=positive)
+            per_try.append({"shots": n, "try": attempt, "n_train": int(len(idx)),
+                            "top1": float(np.mean(pred == ev.y)),
+                            "balanced_accuracy": balanced_accuracy(ev.y, pred)})
+    notes += list(dict.fromkeys(_short_warning(w) for w in caught_all))
+    config = {"method": method, "shots": shots, "tries": int(tries), "seed": int(seed), "train_split": train_split,
+              "val_split": val_split if method == "probe" else None, "eval_split": eval_split, "features": features,
+              "n_eval": int(len(ev.y)), "grouped": train.groups is not None,
+              **({"k": int(k), "temperature": float(temperature), "weighting": weighting} if method == "knn"
+                 else {"Cs": [float(c) for c in resolve_cs(Cs)], "metric": metric, "refit": False})}
+    return FewShotResult(method, config, summarize_few_shot(per_try), per_try, notes)
+
+
+def summarize_few_shot(per_try: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per shot count: tries, mean training rows, and mean / std (ddof 0) of top-1 and
+    balanced accuracy over the tries."""
+    out = []
+    for n in sorted({r["shots"] for r in per_try}):
+        rows = [r for r in per_try if r["shots"] == n]
+        row: dict[str, Any] = {"shots": n, "tries": len(rows), "n_train": float(np.mean([r["n_train"] for r in rows]))}
+        for m in ("top1", "balanced_accuracy"):
+            values = np.array([r[m] for r in rows], dtype=np.float64)
+            row[f"{m}_mean"], row[f"{m}_std"] = float(values.mean()), float(values.std())
+        out.append(row)
+    return out
+
+
+def _few_shot_proba(method: str, tx: np.ndarray, ty: np.ndarray, ex: np.ndarray, val: SplitArrays | None,
+                    n_classes: int, positive: int | None, *, k: int, temperature: float, weighting: str,
+                    backend: str, Cs: Any, metric: str, max_iter: int, seed: int) -> np.ndarray:
+    """Class scores of the eval rows from one few-shot training set."""
+    if method == "knn":
+        dummy = np.zeros(len(ex), dtype=np.int64)  # knn_eval scores labels too; only the scores are used here
+        res = knn_eval(tx, ty, ex, dummy, ks=(k,), temperature=temperature, weighting=weighting,
+                       num_classes=n_classes, backend=backend, return_proba=True, positive=positive)
+        return res[k]["proba"]
+    probe = LogisticProbe(Cs=resolve_cs(Cs), metric=metric, refit=False, max_iter=max_iter, random_state=seed)
+    probe.fit(tx, ty, val.x, val.y)
+    return _expanded(probe, ex, n_classes)
+
+
+def _few_shot_notes(classes: list[str], train: SplitArrays, shots: Sequence[int]) -> list[str]:
+    """Say which classes have fewer train rows than the largest shot count (all their rows are used)."""
+    counts = np.bincount(train.y, minlength=len(classes))
+    short = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < max(shots)]
+    notes = []
+    if short:
+        notes.append(f"classes with fewer {train.name} rows than {max(shots)} shots: {', '.join(short)}; at those "
+                     f"shot counts every row of theirs is used.")
+    if train.groups is not None:
+        notes.append(f"{train.name} has groups: whole groups are drawn until each class has the shot count, so "
+                     f"some classes get more rows (n_train says how many).")
+    return notes
+
+
+def _short_warning(text: str) -> str:
+    """A k-NN cap warning without the per-draw row count, so repeats collapse to one note."""
+    if "exceeds the" in text and "capped" in text:
+        return "k exceeds the few-shot training rows at small shot counts; it is capped at the rows drawn."
+    return text

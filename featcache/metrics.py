@@ -398,6 +398,44 @@ _SCALARS: dict[str, Callable[[np.ndarray, np.ndarray, int | None], float | None]
 }
 
 
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean recall over the classes present in y (the balanced_accuracy of classification_metrics)."""
+    return _balanced_accuracy(np.asarray(y), np.asarray(pred))
+
+
+def scalar_metrics(names: Sequence[str], y: np.ndarray, proba: np.ndarray, *, positive: int | None = None,
+                   threshold: float | None = None) -> dict[str, float | None]:
+    """A few single-label metrics of (y, proba) from one decision (decide, same rule as
+    classification_metrics), cheap enough to run per bootstrap resample: top1, balanced_accuracy,
+    macro_f1, auroc, sensitivity, specificity (the last two binary only). None where undefined
+    (e.g. AUROC with one class drawn)."""
+    y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
+    c = proba.shape[1]
+    pos = (1 if positive is None else int(positive)) if c == 2 else None
+    pred = decide(proba, threshold=threshold, positive=pos)
+    out: dict[str, float | None] = {}
+    for name in names:
+        if name == "top1":
+            out[name] = float(np.mean(pred == y))
+        elif name == "balanced_accuracy":
+            out[name] = _balanced_accuracy(y, pred)
+        elif name == "macro_f1":
+            cm = _confusion(y, pred, c)
+            support, tp = cm.sum(axis=1), np.diag(cm)
+            denom = support + cm.sum(axis=0)
+            f1 = np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0)
+            out[name] = float(f1[support > 0].mean()) if (support > 0).any() else None
+        elif name == "auroc":
+            out[name] = _auroc(y, proba, pos)[0]
+        elif name in ("sensitivity", "specificity") and pos is not None:
+            want = pos if name == "sensitivity" else 1 - pos
+            rows = y == want
+            out[name] = float(np.mean(pred[rows] == want)) if rows.any() else None
+        else:
+            out[name] = None
+    return out
+
+
 @dataclass
 class Bootstrap:
     """Percentile intervals of resampled metrics, with how many resamples each could use."""

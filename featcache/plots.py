@@ -379,3 +379,64 @@ def sweep_heatmap_plot(rows: Sequence[Mapping[str, Any]], x: str, y: str, value:
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="crimson", lw=2.5))
     ax.set(xlabel=x, ylabel=y, title=title or f"sweep: {value}")
     return _save(fig, path_stem)
+
+
+def few_shot_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path_stem: PathLike, metric: str = "top1",
+                  title: str | None = None) -> list[Path]:
+    """Accuracy against shots per class (log axis, ticks at the shot counts), one line per curve
+    (a method, or a backbone in `featcache compare --shots`) with a ±std band over the tries.
+    Each curve is the summary of evaluation.few_shot: rows with shots, METRIC_mean, METRIC_std."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    shots_all: set[int] = set()
+    for label, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r["shots"])
+        x = np.array([r["shots"] for r in rows], dtype=float)
+        mean = np.array([r[f"{metric}_mean"] for r in rows], dtype=float)
+        std = np.array([r[f"{metric}_std"] for r in rows], dtype=float)
+        line, = ax.plot(x, mean, marker="o", lw=1.5, label=label)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        shots_all.update(int(v) for v in x)
+    if not shots_all:
+        raise ValueError("no few-shot rows to plot; expected rows with shots, top1_mean, top1_std.")
+    ax.set_xscale("log")
+    ticks = sorted(shots_all)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set(xlabel="training rows per class (shots)", ylabel=f"{metric.replace('_', ' ')} (mean ± std)",
+           title=title or "few-shot accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path_stem)
+
+
+def compare_plot(rows: Sequence[Mapping[str, Any]], path_stem: PathLike, metric: str = "top1",
+                 order: Sequence[str] | None = None, title: str | None = None) -> list[Path]:
+    """One metric per backbone with its bootstrap CI as error bars, one marker series per method
+    (k-NN, probe, linear head). rows are `featcache compare`'s: file, method, metric, value, ci."""
+    plt = _pyplot()
+    chosen = [r for r in rows if r["metric"] == metric and r.get("value") is not None]
+    if not chosen:
+        raise ValueError(f"no {metric} values to plot.")
+    files = list(order) if order else list(dict.fromkeys(r["file"] for r in chosen))
+    methods = list(dict.fromkeys(r["method"] for r in chosen))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(files) + 2), 4))
+    width = 0.8 / max(len(methods), 1)
+    for j, method in enumerate(methods):
+        xs, ys, lo, hi = [], [], [], []
+        for i, f in enumerate(files):
+            r = next((r for r in chosen if r["file"] == f and r["method"] == method), None)
+            if r is None:
+                continue
+            ci = r.get("ci") or [r["value"], r["value"]]
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(r["value"])
+            lo.append(r["value"] - ci[0])
+            hi.append(ci[1] - r["value"])
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, label=method)
+    ax.set_xticks(range(len(files)), files, rotation=20 if len(files) > 4 else 0, ha="right" if len(files) > 4 else "center")
+    ax.set(ylabel=f"{metric.replace('_', ' ')} (95% CI)")
+    ax.set_title(title or f"{metric} per backbone", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path_stem)

@@ -157,7 +157,13 @@ def _tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
                 if _num(c) is not None]
         tables.append((f"selection score per C ({run.metrics.get('selection', 'val')})",
                        ["C", run.metrics.get("metric", "accuracy"), "lbfgs iterations"], rows))
+    skip: set[str] = set()
+    if run.kind == "compare":  # ranked backbones and paired differences, each value with its CI
+        tables += compare_tables(run.metrics)
+        skip = {"rows", "pairs"}
     for key, value in run.metrics.items():
+        if key in skip:
+            continue
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             cols: list[str] = []
             for rec in value:
@@ -192,6 +198,32 @@ def repeats_rows(run: Run) -> tuple[str, list[str], list[list[str]]] | None:
              ", ".join(format_cell(v) for v in block[m].get("values", []))] for m in shown]
     title = f"{split} over {len(seeds)} seeds ({', '.join(map(str, seeds))}): median ± std"
     return title, ["metric", "median ± std", "per seed"], rows
+def compare_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The two tables of a `featcache compare` run: files best first (rank, file, model, method,
+    metric value [CI]) and every pairwise difference a - b with its paired-bootstrap CI."""
+    ranking = list(metrics.get("ranking") or [])
+    rows = [r for r in metrics.get("rows") or [] if isinstance(r, dict)]
+    primary = metrics.get("primary_metric")
+    # pairs grow as files squared: the report shows the ranking metric's (metrics.json has all)
+    pairs = [p for p in metrics.get("pairs") or [] if isinstance(p, dict) and p.get("metric") in (primary, None)]
+
+    def ci(rec: dict[str, Any]) -> tuple[float, float] | None:
+        pair = rec.get("ci")
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_num(p) is not None for p in pair)
+        return (float(pair[0]), float(pair[1])) if ok else None
+
+    ranked = [[str(ranking.index(r["file"]) + 1) if r.get("file") in ranking else "n/a", str(r.get("file")),
+               str(r.get("model")), str(r.get("method")), str(r.get("metric")), fmt(_num(r.get("value")), ci(r))]
+              for r in rows]
+    diffs = [[str(p.get("a")), str(p.get("b")), str(p.get("method")), str(p.get("metric")),
+              fmt(_num(p.get("diff")), ci(p)),
+              "yes" if ci(p) and (ci(p)[0] > 0 or ci(p)[1] < 0) else "no"] for p in pairs]
+    cap = 4 * MAX_TABLE_ROWS
+    return [("backbones ranked best first (value [95% CI])" + (f", first {cap} of {len(ranked)}" if len(ranked) > cap else ""),
+             ["rank", "file", "model", "method", "metric", "value"], ranked[:cap]),
+            (f"paired differences a - b of {primary} (95% CI from the same resamples)"
+             + (f", first {cap} of {len(diffs)}" if len(diffs) > cap else ""),
+             ["a", "b", "method", "metric", "a - b", "CI excludes 0"], diffs[:cap])]
 
 
 def format_cell(value: Any) -> str:

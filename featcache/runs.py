@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-RUN_KINDS = ("train", "sweep", "probe", "knn")
+RUN_KINDS = ("train", "sweep", "probe", "knn", "compare")
 
 
 # ----------------------------------------------------------------------------------------------

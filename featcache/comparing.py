@@ -1,0 +1,322 @@
+"""Backbones side by side on the same images: `featcache compare A.h5 B.h5 [C.h5 ...]`.
+
+Each feature file is one backbone (or token setting, or dtype) applied to the same images in the
+same splits. For every file the same protocols run on the same rows with the same seed: k-NN
+(evaluation.run_knn), the logistic probe (evaluation.run_probe) and, optionally, the best linear
+head of a sweep (sweeping.sweep). Each file's splits are read once and shared by the protocols;
+the linear sweep is the exception: it reads the file itself, through cached_splits.
+
+The intervals are a *paired* bootstrap: one set of resampled test rows (whole groups when the
+test split has groups) is applied to every file's test probabilities at once, so each file's
+metric gets a percentile interval and every difference between two files gets one too, computed
+from the per-resample differences. Because both files are scored on the very same resample, the
+variation that comes from which images happen to be in the test set cancels out of the
+difference: a difference interval that excludes 0 says the ranking of those two backbones is not
+an accident of the test sample.
+
+Ranking rule: files are ranked by the probe's primary metric on the test split (top-1 accuracy;
+AUROC of the positive class for binary tasks), best first; ties are broken by k-NN's primary
+metric, then by the order given.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_arrays, few_shot, run_knn,
+                                  run_probe)
+from featcache.metrics import resample_indices, resolve_positive, scalar_metrics
+from featcache.plots import compare_plot, few_shot_plot
+from featcache.runs import write_run
+from featcache.store import FeatureStore
+
+MIN_FILES, MAX_FILES = 2, 20
+COMPARE_HEADS = ("linear",)
+MULTICLASS_METRICS = ("top1", "balanced_accuracy")
+BINARY_METRICS = ("auroc", "top1", "balanced_accuracy", "sensitivity", "specificity")
+ALPHA = 0.05
+# the linear head sweep of --heads linear: a small grid ranked on validation
+LINEAR_LRS = (1e-3, 1e-2)
+LINEAR_WDS = (0.0, 1e-4)
+
+
+@dataclass
+class CompareResult:
+    """Every file's metrics with paired-bootstrap CIs, every pairwise difference, and the ranking."""
+
+    files: list[str]                        # display names, in the order given
+    paths: list[Path]
+    models: list[str | None]                # config["model"] of each file
+    ranking: list[str]                      # display names, best first
+    rows: list[dict[str, Any]]              # file, model, method, metric, value, ci ([lo, hi] or None)
+    pairs: list[dict[str, Any]]             # a, b, method, metric, diff, ci (a ranked above b)
+    config: dict[str, Any]
+    primary: str                            # the metric the ranking uses
+    positive_class: str | None
+    test_y: np.ndarray                      # the shared test labels
+    proba: dict[tuple[str, str], np.ndarray]  # (file, method) -> test probabilities
+    n_valid: dict[str, int]                 # "file/method/metric" -> resamples where it was defined
+    few_shot: dict[str, dict[str, FewShotResult]] = field(default_factory=dict)  # file -> method -> result
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r["method"] for r in self.rows))
+
+    def shots_rows(self) -> list[dict[str, Any]]:
+        """The few-shot summaries as one table: file, method, shots, tries, n_train, means and stds."""
+        return [{"file": f, "method": m, **row} for f, per in self.few_shot.items() for m, res in per.items()
+                for row in res.summary]
+
+    def to_json(self) -> dict[str, Any]:
+        """The --json layout: ranking, rows, pairs (+ config, positive_class, shots when asked for)."""
+        out: dict[str, Any] = {"ranking": self.ranking, "rows": self.rows, "pairs": self.pairs,
+                               "primary_metric": self.primary, "positive_class": self.positive_class,
+                               "config": self.config, "notes": self.notes}
+        if self.few_shot:
+            out["shots"] = self.shots_rows()
+        return out
+
+    def save(self, out: str | Path) -> Path:
+        """A run directory of kind "compare": metrics.json holds the --json layout; figures/ the metric
+        per backbone with CI bars (compare_<metric>) and, with shots, one curve per backbone per method."""
+        metrics = {k: v for k, v in self.to_json().items() if k != "config"}
+        metrics["n_valid"] = self.n_valid
+
+        def figures(fig_dir: Path) -> None:
+            compare_plot(self.rows, fig_dir / f"compare_{self.primary}", metric=self.primary, order=self.ranking,
+                         title=f"{self.primary} on {self.config['test_split']} (95% CI)")
+            for method in ("knn", "probe"):
+                curves = {f: per[method].summary for f, per in self.few_shot.items() if method in per}
+                if curves:
+                    few_shot_plot(curves, fig_dir / f"few_shot_{method}",
+                                  title=f"few-shot {method}: top-1 on {self.config['test_split']}")
+
+        return write_run(out, {"kind": "compare", **self.config}, metrics, figures=figures)
+
+
+def display_names(paths: Sequence[Path]) -> list[str]:
+    """File names when they are unique, else the paths as given (a/feats.h5, b/feats.h5)."""
+    names = [p.name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def check_same_rows(first: tuple[str, FeatureStore, dict[str, SplitArrays]],
+                    other: tuple[str, FeatureStore, dict[str, SplitArrays]], splits: Sequence[str]) -> None:
+    """Refuse two files whose classes, or usable rows (paths and labels) of any used split, differ,
+    with one line naming the file, the split and the first differing row."""
+    name0, store0, arrays0 = first
+    name, store, arrays = other
+    fix = "compare needs the same images in the same splits: extract every backbone from the same data."
+    if list(store.classes) != list(store0.classes):
+        raise ValueError(f"{name} has classes {', '.join(store.classes)} but {name0} has "
+                         f"{', '.join(store0.classes)}; {fix}")
+    for split in splits:
+        a, b = arrays0[split], arrays[split]
+        paths_a = store0[split].paths
+        paths_b = store[split].paths
+        pa, pb = [paths_a[i] for i in a.rows], [paths_b[i] for i in b.rows]
+        for i, (x, y) in enumerate(zip(pa, pb)):
+            if x != y:
+                raise ValueError(f"{name} split {split!r} row {i} is {y!r} but {name0} has {x!r} there; {fix}")
+        if len(pa) != len(pb):
+            i = min(len(pa), len(pb))
+            extra = (f"{name0} has {pa[i]!r} there" if len(pa) > i else f"{name} has {pb[i]!r} there")
+            raise ValueError(f"{name} split {split!r} has {len(pb)} usable rows but {name0} has {len(pa)} (first "
+                             f"difference at row {i}: {extra}); {fix}")
+        diff = np.flatnonzero(np.asarray(a.y) != np.asarray(b.y)) if a.y.shape == b.y.shape else [0]
+        if len(diff):
+            i = int(diff[0])
+            raise ValueError(f"{name} split {split!r} row {i} ({pa[i]!r}) has label {b.y[i].tolist()} but {name0} "
+                             f"has {a.y[i].tolist()}; {fix}")
+
+
+def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[int] = (20,),
+            temperature: float = 0.07, heads: Sequence[str] = (), shots: Sequence[int] | None = None,
+            tries: int = 5, bootstrap: int = 1000, positive_class: str | None = None, seed: int = 0,
+            train_split: str = "train", val_split: str = "val", test_split: str = "test",
+            backend: str = "auto") -> CompareResult:
+    """Evaluate every file with the same protocols on the same rows, then a paired bootstrap.
+
+    Raises ValueError (one line) for fewer than 2 or more than 20 files, unknown heads, or files
+    whose images, splits or labels differ."""
+    paths = [Path(p) for p in paths]
+    if not MIN_FILES <= len(paths) <= MAX_FILES:
+        raise ValueError(f"compare takes {MIN_FILES} to {MAX_FILES} feature files; got {len(paths)}.")
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise ValueError("the same feature file is given twice; pass each backbone's file once.")
+    bad = [h for h in heads if h not in COMPARE_HEADS]
+    if bad:
+        raise ValueError(f"--heads {', '.join(bad)} is not supported by compare; choose from {', '.join(COMPARE_HEADS)}.")
+    if bootstrap < 1:
+        raise ValueError(f"--bootstrap must be a positive number of resamples; got {bootstrap}.")
+    ks = [int(k) for k in ks]
+    names = display_names(paths)
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        stores = [stack.enter_context(FeatureStore(p)) for p in paths]
+        use_val = val_split in stores[0].splits
+        splits = [train_split] + ([val_split] if use_val else []) + [test_split]
+        cached: list[dict[str, SplitArrays]] = []
+        for name, store in zip(names, stores):
+            arrays: dict[str, SplitArrays] = {}
+            for split in splits:
+                if split not in store.splits:
+                    raise ValueError(f"{name} has no split {split!r} (it has {', '.join(store.splits)}), but "
+                                     f"{names[0]} has; compare needs the same images in the same splits.")
+                cached_split_arrays(store, split, features, "compare", arrays)
+            if arrays[train_split].y.ndim == 2:
+                raise ValueError(f"{name} is multi-label; compare ranks single-label tasks (top-1, or AUROC of "
+                                 f"a binary task's positive class).")
+            cached.append(arrays)
+        for i in range(1, len(stores)):
+            check_same_rows((names[0], stores[0], cached[0]), (names[i], stores[i], cached[i]), splits)
+        classes = list(stores[0].classes)
+        positive = resolve_positive(classes, cached[0][train_split].y, positive_class)
+        test = cached[0][test_split]
+        proba: dict[tuple[str, str], np.ndarray] = {}
+        fs: dict[str, dict[str, FewShotResult]] = {}
+        for name, store, arrays in zip(names, stores, cached):
+            for k in ks:
+                knn = run_knn(store, train_split=train_split, eval_split=test_split, ks=(k,),
+                              temperatures=(temperature,), features=features, backend=backend,
+                              positive_class=positive_class, seed=seed, arrays=arrays)
+                proba[(name, "knn" if len(ks) == 1 else f"knn k={k}")] = knn.proba
+                notes += [f"{name} k-NN: {w}" for w in knn.warnings]
+            probe = run_probe(store, train_split=train_split, val_split=val_split if use_val else None,
+                              test_split=test_split, features=features, positive_class=positive_class, seed=seed,
+                              arrays=arrays)
+            proba[(name, "probe")] = probe.test_proba
+            notes += [f"{name} probe: {w}" for w in probe.warnings]
+            if shots:
+                fs[name] = {m: few_shot(store, method=m, shots=shots, tries=tries, seed=seed, train_split=train_split,
+                                        val_split=val_split, eval_split=test_split, features=features, k=ks[0],
+                                        temperature=temperature, backend=backend, positive_class=positive_class,
+                                        arrays=arrays)
+                            for m in (("knn", "probe") if use_val else ("knn",))}
+                if not use_val:
+                    notes.append(f"{name}: no {val_split!r} split, so the few-shot curve is k-NN only (the few-shot "
+                                 f"probe chooses C on validation).")
+        models = [s.config.get("model") for s in stores]
+        fingerprints = [s.fingerprint for s in stores]
+    if "linear" in heads:
+        for name, path in zip(names, paths):
+            proba[(name, "linear")] = _linear_head_proba(path, test.y, features=features, seed=seed,
+                                                         positive_class=positive_class, train_split=train_split,
+                                                         val_split=val_split if use_val else None,
+                                                         test_split=test_split)
+    for per in fs.values():
+        for res in per.values():
+            notes += [n for n in res.notes if n not in notes]
+    metric_names = BINARY_METRICS if positive is not None else MULTICLASS_METRICS
+    primary = metric_names[0]
+    idx = resample_indices(len(test.y), bootstrap, test.groups, seed)
+    point, boot = paired_bootstrap(test.y, proba, metric_names, idx, positive)
+    ranking = rank(names, point, primary)
+    rows, pairs, n_valid = _tables(ranking, dict(zip(names, models)), point, boot, metric_names, list(proba))
+    dropped = [k for k, n in n_valid.items() if n < (1 - 0.05) * bootstrap]
+    if dropped:
+        notes.append(f"bootstrap: some metrics were undefined in more than 5% of the {bootstrap} resamples "
+                     f"({', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}); their intervals use the valid ones.")
+    config = {"model": ", ".join(str(m) for m in models), "files": [str(p.resolve()) for p in paths], "names": names,
+              "models": models, "fingerprints": fingerprints, "features": features, "ks": ks,
+              "temperature": float(temperature), "heads": list(heads), "bootstrap": int(bootstrap),
+              "grouped": test.groups is not None, "seed": int(seed), "train_split": train_split,
+              "val_split": val_split if use_val else None, "test_split": test_split, "n_test": int(len(test.y)),
+              "threshold": 0.5 if positive is not None else None, "primary_metric": primary,
+              "ranking_rule": f"probe {primary} on {test_split}, best first; ties: k-NN {primary}, then the order given",
+              **({"shots": sorted({int(n) for n in shots}), "tries": int(tries)} if shots else {})}
+    return CompareResult(names, paths, models, ranking, rows, pairs, config, primary,
+                         None if positive is None else classes[positive], test.y, proba, n_valid, fs,
+                         list(dict.fromkeys(notes)))
+
+
+def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], metric_names: Sequence[str],
+                     indices: Sequence[np.ndarray], positive: int | None
+                     ) -> tuple[dict[tuple[str, str, str], float | None], dict[tuple[str, str, str], np.ndarray]]:
+    """Point estimates and per-resample values of every (file, method, metric): the same resampled
+    rows (`indices`, one array per resample) for every entry, so differences are paired. Undefined
+    values (e.g. AUROC with one class drawn) are NaN."""
+    y = np.asarray(y)
+    point: dict[tuple[str, str, str], float | None] = {}
+    boot: dict[tuple[str, str, str], np.ndarray] = {}
+    for (name, method), p in proba.items():
+        for m, v in scalar_metrics(metric_names, y, p, positive=positive).items():
+            point[(name, method, m)] = v
+            boot[(name, method, m)] = np.full(len(indices), np.nan)
+    for b, ix in enumerate(indices):
+        yb = y[ix]
+        for (name, method), p in proba.items():
+            for m, v in scalar_metrics(metric_names, yb, p[ix], positive=positive).items():
+                if v is not None:
+                    boot[(name, method, m)][b] = v
+    return point, boot
+
+
+def rank(names: Sequence[str], point: dict[tuple[str, str, str], float | None], primary: str) -> list[str]:
+    """Files best first by the probe's primary metric; ties by k-NN's, then by the order given."""
+    def key(i: int) -> tuple[float, float, int]:
+        probe = point.get((names[i], "probe", primary))
+        knn = next((v for (f, m, metric), v in point.items() if f == names[i] and m.startswith("knn")
+                    and metric == primary), None)
+        return (-(probe if probe is not None else -np.inf), -(knn if knn is not None else -np.inf), i)
+
+    return [names[i] for i in sorted(range(len(names)), key=key)]
+
+
+def percentile_ci(values: np.ndarray, alpha: float = ALPHA) -> list[float] | None:
+    """[low, high] percentile interval of the finite values, or None when there are none."""
+    v = values[np.isfinite(values)]
+    if not v.size:
+        return None
+    return [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))]
+
+
+def _tables(ranking: list[str], models: dict[str, str | None], point: dict, boot: dict, metric_names: Sequence[str],
+            entries: list[tuple[str, str]]) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """rows (files in ranked order, then method, then metric), pairs (a ranked above b) and valid counts."""
+    methods = list(dict.fromkeys(m for _, m in entries))
+    rows, pairs, n_valid = [], [], {}
+    for f in ranking:
+        for method in methods:
+            for m in metric_names:
+                if (f, method, m) not in point:
+                    continue
+                values = boot[(f, method, m)]
+                n_valid[f"{f}/{method}/{m}"] = int(np.isfinite(values).sum())
+                rows.append({"file": f, "model": models[f], "method": method, "metric": m,
+                             "value": point[(f, method, m)], "ci": percentile_ci(values)})
+    for method in methods:
+        for m in metric_names:
+            for i, a in enumerate(ranking):
+                for b in ranking[i + 1:]:
+                    if (a, method, m) not in point or (b, method, m) not in point:
+                        continue
+                    va, vb = point[(a, method, m)], point[(b, method, m)]
+                    diff = None if va is None or vb is None else va - vb
+                    pairs.append({"a": a, "b": b, "method": method, "metric": m, "diff": diff,
+                                  "ci": percentile_ci(boot[(a, method, m)] - boot[(b, method, m)])})
+    return rows, pairs, n_valid
+
+
+def _linear_head_proba(path: Path, test_y: np.ndarray, *, features: str, seed: int, positive_class: str | None,
+                       train_split: str, val_split: str | None, test_split: str) -> np.ndarray:
+    """Test probabilities of the best linear head of a small sweep (ranked on validation). The sweep
+    reads the file itself (cached_splits), so this is the one place a file is read twice."""
+    from featcache.sweeping import sweep  # torch training: only with --heads linear
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sweep(path, head="linear", lrs=LINEAR_LRS, weight_decays=LINEAR_WDS, features=(features,), seed=seed,
+                    positive_class=positive_class, train_split=train_split, val_split=val_split,
+                    test_split=test_split)
+    t = res.trainer
+    if t.test_proba_ is None or not np.array_equal(np.asarray(t.test_y_), np.asarray(test_y)):
+        raise ValueError(f"the linear head of {path.name} was tested on other rows than k-NN and the probe; "
+                         f"check that split {test_split!r} is the same for both.")
+    return t.test_proba_

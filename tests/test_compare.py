@@ -1,0 +1,174 @@
+"""featcache compare (paired bootstrap over backbones) and few-shot curves, end to end on real digits."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featcache.comparing import compare
+from featcache.evaluation import few_shot, few_shot_rng, few_shot_rows
+from featcache.knn import knn_eval
+from featcache.metrics import resample_indices
+from featcache.store import FeatureStore, write_arrays
+from featcache_cli.main import cli
+
+BOOT = 200
+
+
+def _write(path: Path, arrays: dict, noise: float = 0.0, *, groups: bool = True, moved_row: int | None = None,
+           binary: bool = False) -> Path:
+    """One backbone's file over the digits rows: the digits vectors, optionally heavily noised."""
+    rng = np.random.default_rng(1)
+    splits = {}
+    for name, (x, y) in arrays.items():
+        feats = x + rng.normal(0, noise, x.shape).astype(np.float32) if noise else x
+        paths = [f"{name}/{y[i]}/{i:05d}.png" for i in range(len(y))]
+        if moved_row is not None and name == "test":
+            paths[moved_row] = "test/elsewhere.png"
+        labels = (y == 3).astype(np.int64) if binary else y
+        split = {"cls": feats, "labels": labels, "paths": paths}
+        if groups:
+            split["groups"] = [f"{name}-p{i // 3}" for i in range(len(y))]  # three images per patient
+        splits[name] = split
+    classes = ["other", "three"] if binary else [str(c) for c in range(10)]
+    write_arrays(path, splits, classes, {"model": path.stem, "tokens": "none", "dtype": "float32"}).close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, digits_arrays) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    return {"good": _write(root / "good.h5", digits_arrays), "noisy": _write(root / "noisy.h5", digits_arrays, 1.5),
+            "moved": _write(root / "moved.h5", digits_arrays, moved_row=7)}
+
+
+@pytest.fixture(scope="module")
+def result(files):
+    return compare([files["noisy"], files["good"]], bootstrap=BOOT, seed=0)
+
+
+def test_better_backbone_ranks_first_with_paired_ci_excluding_zero(result):
+    assert result.ranking == ["good.h5", "noisy.h5"]
+    for method in ("knn", "probe"):
+        pair = next(p for p in result.pairs if p["method"] == method and p["metric"] == "top1")
+        assert (pair["a"], pair["b"]) == ("good.h5", "noisy.h5")
+        assert pair["diff"] > 0.3 and pair["ci"][0] > 0, pair
+    assert result.config["grouped"] is True
+
+
+def test_paired_bootstrap_equals_plain_numpy(result):
+    """Same resampled rows (whole patients) for both files: CIs recomputed with numpy alone."""
+    y = result.test_y
+    groups = [f"test-p{i // 3}" for i in range(len(y))]
+    idx = resample_indices(len(y), BOOT, groups, 0)
+    top1 = {}
+    for f in ("good.h5", "noisy.h5"):
+        pred = result.proba[(f, "probe")].argmax(axis=1)
+        top1[f] = np.array([np.mean(pred[ix] == y[ix]) for ix in idx])
+        row = next(r for r in result.rows if r["file"] == f and r["method"] == "probe" and r["metric"] == "top1")
+        assert row["value"] == pytest.approx(np.mean(pred == y))
+        assert row["ci"] == pytest.approx([np.quantile(top1[f], 0.025), np.quantile(top1[f], 0.975)])
+    diff = top1["good.h5"] - top1["noisy.h5"]
+    pair = next(p for p in result.pairs if p["method"] == "probe" and p["metric"] == "top1")
+    assert pair["ci"] == pytest.approx([np.quantile(diff, 0.025), np.quantile(diff, 0.975)])
+
+
+def test_mismatched_files_refused_in_one_line(files):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["compare", str(files["good"]), str(files["moved"]), "--bootstrap", "10"])
+    assert res.exit_code == 1
+    message = res.output.strip()
+    assert len(message.splitlines()) == 1
+    assert "moved.h5" in message and "'test'" in message and "row 7" in message and "elsewhere.png" in message
+    one = runner.invoke(cli, ["compare", str(files["good"])])
+    assert one.exit_code == 2 and "2 to 20" in one.output
+
+
+def test_cli_json_layout_and_run_dir(files, tmp_path):
+    out, js = tmp_path / "run", tmp_path / "cmp.json"
+    res = CliRunner().invoke(cli, ["compare", str(files["noisy"]), str(files["good"]), "--bootstrap", "50",
+                                   "--json", str(js), "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "good.h5" in res.output and "excludes 0" in res.output
+    data = json.loads(js.read_text())
+    assert data["ranking"] == ["good.h5", "noisy.h5"]
+    assert set(data["rows"][0]) >= {"file", "method", "metric", "value", "ci"}
+    assert {(r["method"], r["metric"]) for r in data["rows"]} == {(m, k) for m in ("knn", "probe")
+                                                                  for k in ("top1", "balanced_accuracy")}
+    pair = data["pairs"][0]
+    assert set(pair) == {"a", "b", "method", "metric", "diff", "ci"} and len(pair["ci"]) == 2
+    assert data["config"]["bootstrap"] == 50 and data["positive_class"] is None
+    assert (out / "metrics.json").is_file() and (out / "figures" / "compare_top1.png").is_file()
+    from featcache.report import write_report
+
+    report = write_report([out], tmp_path / "report")
+    assert "paired differences" in report["md"].read_text()
+
+
+def test_binary_task_reports_auroc_and_sensitivity_of_named_positive(tmp_path, digits_arrays):
+    a = _write(tmp_path / "a.h5", digits_arrays, binary=True, groups=False)
+    b = _write(tmp_path / "b.h5", digits_arrays, 1.5, binary=True, groups=False)
+    res = compare([a, b], bootstrap=50, positive_class="three")
+    assert res.positive_class == "three" and res.primary == "auroc"
+    metrics = {r["metric"] for r in res.rows}
+    assert {"auroc", "sensitivity", "specificity", "top1"} <= metrics
+    row = next(r for r in res.rows if r["file"] == "a.h5" and r["method"] == "probe" and r["metric"] == "sensitivity")
+    p, y = res.proba[("a.h5", "probe")], res.test_y
+    assert row["value"] == pytest.approx(np.mean(p[y == 1, 1] >= 0.5))
+    assert res.ranking[0] == "a.h5"
+
+
+def test_few_shot_knn_matches_plain_recomputation(digits_feature_file):
+    with FeatureStore(digits_feature_file) as store:
+        res = few_shot(store, method="knn", shots=(1, 2, 5), tries=3, k=20, seed=0)
+        train_x, train_y, _ = store["train"].arrays("cls")
+        test_x, test_y, _ = store["test"].arrays("cls")
+    assert [r["n_train"] for r in res.per_try] == [n * 10 for n in (1, 2, 5) for _ in range(3)]
+    for summary in res.summary:
+        n = summary["shots"]
+        accs = []
+        for t in range(3):
+            idx = few_shot_rows(train_y, None, n, few_shot_rng(0, n, t))
+            assert np.all(np.bincount(train_y[idx], minlength=10) == n)
+            with pytest.warns(UserWarning) if n * 10 < 20 else contextlib.nullcontext():
+                accs.append(knn_eval(train_x[idx], train_y[idx], test_x, test_y, ks=(20,), num_classes=10)[20]["top1"])
+        assert summary["top1_mean"] == pytest.approx(np.mean(accs))
+        assert summary["top1_std"] == pytest.approx(np.std(accs))
+    means = [s["top1_mean"] for s in res.summary]
+    assert means[0] < means[1] < means[2]
+
+
+def test_few_shot_grouped_draws_whole_groups():
+    y = np.repeat(np.arange(3), 12)
+    groups = [f"g{i // 4}" for i in range(len(y))]  # 9 groups of 4 rows, one class each
+    idx = few_shot_rows(y, groups, 5, np.random.default_rng(0))
+    drawn = {groups[i] for i in idx}
+    assert all(sum(g == d for g in groups) == sum(groups[i] == d for i in idx) for d in drawn)  # whole groups
+    assert np.all(np.bincount(y[idx], minlength=3) >= 5)
+
+
+def test_knn_and_probe_shots_cli(digits_feature_file, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["knn", str(digits_feature_file), "--k", "10", "--shots", "1,5", "--tries", "2",
+                              "--json", "-", "-q", "--out", str(tmp_path / "knn")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [r["shots"] for r in data["few_shot"]] == [1, 5] and data["few_shot"][0]["tries"] == 2
+    assert (tmp_path / "knn" / "figures" / "few_shot.png").is_file()
+    res = runner.invoke(cli, ["probe", str(digits_feature_file), "--shots", "2", "--tries", "1", "--Cs", "0.1,1",
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    assert "few-shot probe" in res.output
+
+
+def test_compare_shots_draws_one_curve_per_backbone(files, tmp_path):
+    res = compare([files["noisy"], files["good"]], bootstrap=20, shots=(1, 2), tries=2)
+    assert set(res.few_shot) == {"noisy.h5", "good.h5"}
+    assert {r["file"] for r in res.to_json()["shots"]} == {"noisy.h5", "good.h5"}
+    res.save(tmp_path / "run")
+    for name in ("few_shot_knn.png", "few_shot_probe.png", "compare_top1.png"):
+        assert (tmp_path / "run" / "figures" / name).is_file()
