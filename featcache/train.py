@@ -466,14 +466,15 @@ class SweepResult:
     best: dict[str, Any]                  # the best row
     trainer: HeadTrainer                  # the best head, as if trained alone
     seconds: float
-    fused: bool                           # trained as one batched model
+    fused: bool                           # trained as one batched model (every head kind)
+    bytes_read: int | None = None         # bytes streamed from disk by the sweep (None: inputs in memory)
 
     def save(self, out: str | Path, heat: tuple[str, str] = ("lr", "weight_decay")) -> Path:
         out = Path(out)
         self.trainer.save(out)
         metrics = json.loads((out / "metrics.json").read_text())
         metrics.update({"kind": "sweep", "leaderboard": self.leaderboard, "best": self.best,
-                        "fused": self.fused, "sweep_seconds": self.seconds})
+                        "fused": self.fused, "sweep_seconds": self.seconds, "bytes_read": self.bytes_read})
         _write_json(out / "metrics.json", metrics)
         config = json.loads((out / "config.json").read_text())
         config.update({"kind": "sweep", "grid_size": len(self.leaderboard)})
@@ -495,9 +496,9 @@ def sweep(features_file: str | Path, head: str = "linear", lrs: Sequence[float] 
           out: str | Path | None = None, progress: bool = False, **options: Any) -> SweepResult:
     """Train every (lr, weight decay, features) configuration and rank them on validation.
 
-    Linear heads train as one batched model (each batch read once for all); other heads train one
-    after another. The best configuration is chosen by validation only; test metrics are computed
-    for it alone.
+    Every head kind trains as one batched model per feature choice, each batch read once for all
+    configurations (linear with AdamW: `_fused_linear_sweep`; the rest: featcache.fused). The best
+    configuration is chosen by validation only; test metrics are computed for it alone.
     """
     grid = [dict(lr=float(lr), weight_decay=float(wd), features=f) for f, lr, wd in itertools.product(features, lrs, weight_decays)]
     if not grid:
@@ -506,25 +507,24 @@ def sweep(features_file: str | Path, head: str = "linear", lrs: Sequence[float] 
     for g in grid:
         replace(base, **g).check()
     start = time.perf_counter()
+    bytes_read = None
     if head == "linear" and base.optimizer == "adamw":
         rows, states, loaded = _fused_linear_sweep(features_file, base, grid, progress)
-        fused = True
     else:
-        rows, states, fused = [], [], False
-        for i, g in enumerate(grid):
-            t = HeadTrainer(replace(base, **g)).fit(features_file)
-            rows.append({**g, "config": i, "best_epoch": t.best_epoch_, f"val_{base.metric}": t.best_score_})
-            states.append(t)
+        from featcache.fused import fused_sweep
+
+        run = fused_sweep(features_file, base, grid, progress)
+        rows, bytes_read = run.rows, run.bytes_read
     metric = f"val_{base.metric}"
     order = sorted(range(len(rows)), key=lambda i: (-_finite(rows[i][metric]), i))
     leaderboard = [dict(rows[i], rank=r + 1) for r, i in enumerate(order)]
     best = leaderboard[0]
     best_cfg = replace(base, **{k: best[k] for k in ("lr", "weight_decay", "features")})
-    if fused:
+    if head == "linear" and base.optimizer == "adamw":
         trainer = _trainer_from_state(loaded[best_cfg.features], best_cfg, states[best["config"]], best)
     else:
-        trainer = states[best["config"]]
-    result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, fused)
+        trainer = run.trainer(best["config"], best_cfg)
+    result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True, bytes_read)
     if out is not None:
         result.save(out)
     return result
