@@ -109,7 +109,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
 
 @cli.command()
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
-@click.option("--head", type=click.Choice(["linear", "mlp", "mixer", "attn"]), default="linear", show_default=True, help="Head to sweep; linear heads train all together as one batched model.")
+@click.option("--head", type=click.Choice(["linear", "mlp", "mixer", "attn"]), default="linear", show_default=True, help="Head to sweep; every configuration trains together as one batched model.")
 @click.option("--lr", "lrs", default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="Learning rates, comma-separated.")
 @click.option("--wd", "wds", default="0,1e-4,1e-2", show_default=True, help="Weight decays, comma-separated.")
 @click.option("--features", "feature_list", default="cls", show_default=True, help="Feature choices, comma-separated: cls, pooled, cls+pooled.")
@@ -130,12 +130,15 @@ def sweep(features_file, head, lrs, wds, feature_list, **kw):
     print_table(result.leaderboard, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
                 title=f"{len(result.leaderboard)} {head} heads in {result.seconds:.1f}s "
                       f"({'one batched model' if result.fused else 'one after another'}), ranked by {metric}")
+    if result.bytes_read is not None:
+        click.echo(f"streamed {result.bytes_read / 2**20:.1f} MiB of tokens from disk: each epoch read once for all heads")
     t = result.trainer
     click.echo(f"\nbest: features {result.best['features']}, lr {result.best['lr']:g}, wd {result.best['weight_decay']:g} "
                f"(chosen on validation; test shown for it alone)")
     print_table(_metric_rows(t.val_metrics_, t.test_metrics_), ["metric", "val", "test"])
     write_json(kw["json_path"], {"leaderboard": result.leaderboard, "best": result.best, "val": t.val_metrics_,
-                                 "test": t.test_metrics_, "seconds": result.seconds, "fused": result.fused})
+                                 "test": t.test_metrics_, "seconds": result.seconds, "fused": result.fused,
+                                 "bytes_read": result.bytes_read})
     if kw["out_dir"]:
         click.echo(f"wrote run directory {kw['out_dir']}")
 

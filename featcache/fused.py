@@ -56,7 +56,7 @@ class HeadStack:
     lr: torch.Tensor                      # (K,)
     wd: torch.Tensor                      # (K,)
     members: list[int]
-    step: int = 0
+    steps: torch.Tensor | None = None     # optimizer steps taken (float32 scalar, as torch.optim keeps it)
 
     def keep(self, positions: list[int]) -> None:
         """Drop every head not at `positions` (heads that stopped early): later steps skip them."""
@@ -104,26 +104,23 @@ def stacked_logits(stack: HeadStack, x: torch.Tensor, train: bool) -> torch.Tens
 
 
 def adam_step(stack: HeadStack, decoupled: bool) -> None:
-    """torch.optim.AdamW (decoupled=True) or Adam (L2 weight decay) on every head at once, with each
-    head's own lr and weight decay; the formula of torch's fused kernel."""
-    stack.step += 1
-    beta1, beta2 = BETAS
-    bc1, bc2_sqrt = 1 - beta1 ** stack.step, math.sqrt(1 - beta2 ** stack.step)
-    with torch.no_grad():
-        for name, p in stack.params.items():
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            lr, wd = stack.lr.view(shape), stack.wd.view(shape)
-            grad = p.grad
-            if decoupled:
-                p.mul_(1 - lr * wd)
-            else:
-                grad = grad + wd * p
-            m, v = stack.exp_avg[name], stack.exp_avg_sq[name]
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / bc2_sqrt).add_(EPS)
-            p.sub_(lr / bc1 * m / denom)
-            p.grad = None
+    """torch.optim.AdamW (decoupled=True) or Adam (L2 weight decay) on every head, each with its own
+    lr and weight decay: the kernel that `AdamW(fused=True)` runs for a head alone
+    (torch._fused_adamw_ / _fused_adam_), called per head on its slices of the stacked tensors, so
+    the update is bit for bit the one-by-one update and reads each tensor once."""
+    names = list(stack.params)
+    params = [stack.params[n].detach() for n in names]
+    grads = [stack.params[n].grad for n in names]
+    if stack.steps is None:
+        stack.steps = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    stack.steps += 1
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    for k, (lr, wd) in enumerate(zip(stack.lr.tolist(), stack.wd.tolist())):
+        kernel([p[k] for p in params], [g[k] for g in grads], [stack.exp_avg[n][k] for n in names],
+               [stack.exp_avg_sq[n][k] for n in names], [], [stack.steps] * len(names), amsgrad=False, lr=lr,
+               beta1=BETAS[0], beta2=BETAS[1], weight_decay=wd, eps=EPS, maximize=False)
+    for n in names:
+        stack.params[n].grad = None
 
 
 def train_step(stack: HeadStack, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, decoupled: bool) -> torch.Tensor:
