@@ -5,15 +5,18 @@ seed, so they share the initial weights, the batch order and (for heads with dro
 masks. Per feature choice the K_f heads' parameters are stacked on a leading axis
 (`torch.func.stack_module_state`) and run with `functional_call` under `vmap`: each batch is
 gathered (or, for a streamed token cache, read from disk) once and serves every head. The update
-is torch.optim.AdamW/Adam's, written on the stacked tensors with per-head lr and weight decay, and
-every head keeps its own early stopping exactly as `HeadTrainer.fit` does. Heads that have stopped
+is the kernel torch.optim.AdamW/Adam(fused=True) runs, applied to each head's slice of the stacked
+tensors with that head's lr and weight decay, and every head keeps its own early stopping exactly as `HeadTrainer.fit` does. Heads that have stopped
 are dropped from the stack, so late epochs cost only what is still training.
 
 Per configuration the result is that of training it alone: same init (`torch.manual_seed(seed)`
 then `build_head`), same batches (`train._batches` with a generator seeded the same way), same
 dropout masks (`vmap(randomness="same")` draws one mask of the unbatched shape from the global
-RNG, as the head alone does; see `heads.Dropout`) and the same update formula. Only the order of
+RNG, as the head alone does; see `heads.Dropout`) and the same update kernel. Only the order of
 float sums inside batched matmuls can differ, so weights agree to float32 rounding.
+
+Memory: activations are K times those of one head (a 12-head mixer over 256 x 64 x 65 tokens holds
+about 200 MiB per activation tensor); heads are not chunked.
 """
 from __future__ import annotations
 
