@@ -124,7 +124,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
 
 @cli.command()
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
-@click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="Head to sweep; linear heads train all together as one batched model.")
+@click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="Head to sweep; every configuration trains together as one batched model.")
 @click.option("--lr", "lrs", type=CommaList(float, minimum=1e-12), default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="Learning rates, comma-separated.")
 @click.option("--wd", "wds", type=CommaList(float, minimum=0), default="0,1e-4,1e-2", show_default=True, help="Weight decays, comma-separated.")
 @click.option("--features", "feature_list", type=CommaList(FeatureKind()), default="cls", show_default=True, help="Feature choices, comma-separated: cls, pooled, cls+pooled, cls@N, cls@N+pooled (e.g. DINOv2's grid: cls,cls+pooled,cls@4,cls@4+pooled).")
@@ -147,11 +147,15 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
     console.table(result.leaderboard, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
                   title=f"{len(result.leaderboard)} {head} heads in {result.seconds:.1f}s "
                         f"({'one batched model' if result.fused else 'one after another'}), ranked by {metric}")
+    if result.bytes_read is not None:
+        console.echo(f"streamed {result.bytes_read / 2**20:.1f} MiB of tokens from disk: each epoch read once for "
+                     f"all heads")
     console.echo(f"\nbest: features {result.best['features']}, lr {result.best['lr']:g}, wd "
                  f"{result.best['weight_decay']:g} (chosen on validation; test shown for it alone){_decision_line(t)}")
     console.table(_metric_rows(t.val_metrics_, t.test_metrics_))
     write_json(kw["json_path"], {"leaderboard": result.leaderboard, "best": result.best, "val": t.val_metrics_,
                                  "test": t.test_metrics_, "seconds": result.seconds, "fused": result.fused,
+                                 "bytes_read": result.bytes_read,
                                  "notes": result.notes + t.notes_})
     if kw["out_dir"]:
         console.note(f"wrote run directory {kw['out_dir']}")

@@ -17,6 +17,14 @@ import torch
 
 from featcache.store import READ_LOCKING, read_rows
 
+_BYTES_READ = 0  # bytes of blocks delivered by every TokenBlockLoader in this process
+
+
+def bytes_read() -> int:
+    """Bytes of stored rows that TokenBlockLoaders in this process have read so far (all instances,
+    with or without workers: counted where blocks arrive). Take differences to measure one run."""
+    return _BYTES_READ
+
 
 class _BlockReader(torch.utils.data.Dataset):
     """Item i = the rows of block i, read in one go; the file is opened on first use per process."""
@@ -76,6 +84,13 @@ class TokenBlockLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _block_stream(self, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Blocks in `order`, each counted in bytes_read() as it arrives."""
+        global _BYTES_READ
+        for x, r in self._read_blocks(order):
+            _BYTES_READ += x.nbytes
+            yield x, r
+
+    def _read_blocks(self, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         reader = _BlockReader(self.path, self.split, self.key, [self.blocks[i] for i in order])
         if self.num_workers == 0:
             for i in range(len(reader)):

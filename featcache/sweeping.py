@@ -1,10 +1,11 @@
 """Sweeps: train a grid of heads, rank them on validation, keep the best as a fitted HeadTrainer.
 
-Linear heads with AdamW train as one batched model: per feature kind one stacked (K, C, D)
-weight tensor, one gather of each epoch's shuffled rows shared by all K heads, analytic
-gradients of the loss (no autograd graph over K heads) and a stacked AdamW step with per-config
-lr and weight decay. Per configuration the result equals training it alone (same init, batch
-order, updates and early stopping). Other heads train one configuration after another.
+Every head kind trains its configurations as one batched model. Linear heads with AdamW take the
+specialised path here: per feature kind one stacked (K, C, D) weight tensor, one gather of each
+epoch's shuffled rows shared by all K heads, analytic gradients of the loss (no autograd graph
+over K heads) and a stacked AdamW step with per-config lr and weight decay. Other heads (and
+Adam) go through featcache.fused (stacked modules under vmap). Per configuration the result
+equals training it alone (same init, batch order, updates and early stopping).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from featcache.cached_splits import CachedSplits
 from featcache.devices import resolve_device
+from featcache.fused import fused_sweep
 from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
@@ -40,14 +42,16 @@ class SweepResult:
     best: dict[str, Any]                  # the best row
     trainer: HeadTrainer                  # the best head, as if trained alone
     seconds: float
-    fused: bool                           # trained as one batched model
+    fused: bool                           # trained as one batched model (every head kind)
     notes: list[str] = field(default_factory=list)  # e.g. the best lr sits at the edge of the grid
+    bytes_read: int | None = None         # bytes streamed from disk by the sweep (None: inputs in memory)
 
     def save(self, out: str | Path, heat: tuple[str, str] = ("lr", "weight_decay")) -> Path:
         """The best head's run directory, plus the leaderboard and one heat-map per feature kind."""
         metric = f"val_{self.trainer.config.metric}"
         extra = {"leaderboard": self.leaderboard, "best": self.best, "fused": self.fused,
-                 "sweep_seconds": self.seconds, "notes": self.trainer.notes_ + self.notes}
+                 "sweep_seconds": self.seconds, "bytes_read": self.bytes_read,
+                 "notes": self.trainer.notes_ + self.notes}
         return self.trainer.save(out, kind="sweep", config={"grid_size": len(self.leaderboard)}, metrics=extra,
                                  extra_figures=lambda d: sweep_figures(d, self.leaderboard, heat, metric, self.best))
 
@@ -85,16 +89,17 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
     start = time.perf_counter()
     device = resolve_device(base.device)
     with open_features(features_file) as store:
+        bytes_read = None
         if head == "linear" and base.optimizer == "adamw":
+            # the specialised path: analytic gradients of K linear heads, measured faster than vmap
             rows, trainer_of = _fused_linear_sweep(store, base, grid, device, progress)
-            fused = True
         else:
-            rows, trainers = [], []
-            for i, g in enumerate(grid):
-                t = HeadTrainer(replace(base, **g)).fit(store)
-                rows.append({**g, "config": i, "best_epoch": t.best_epoch_, f"val_{base.metric}": t.best_score_})
-                trainers.append(t)
-            trainer_of, fused = (lambda row: trainers[row["config"]]), False
+            run = fused_sweep(store, base, grid, progress)
+            rows, bytes_read = run.rows, run.bytes_read
+
+            def trainer_of(row: dict[str, Any]) -> HeadTrainer:
+                cfg = replace(base, **{k: row[k] for k in ("lr", "weight_decay", "features")})
+                return run.trainer(row["config"], cfg)
         metric = f"val_{base.metric}"
         order = sorted(range(len(rows)), key=lambda i: (-_finite(rows[i][metric]), i))
         leaderboard = [dict(rows[i], rank=r + 1) for r, i in enumerate(order)]
@@ -102,8 +107,8 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
         trainer = trainer_of(best)
         if threshold is not None:
             trainer.apply_threshold(threshold)
-    result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, fused,
-                         grid_edge_notes(best, lrs, weight_decays))
+    result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True,
+                         grid_edge_notes(best, lrs, weight_decays), bytes_read)
     if out is not None:
         result.save(out)
     return result
