@@ -125,7 +125,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
 @click.option("--model", default="imported", show_default=True, help="Name of the model the features came from (recorded and fingerprinted).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Storage dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def import_(out, splits, label_files, path_files, classes, model, dtype, overwrite):
+@json_option
+def import_(out, splits, label_files, path_files, classes, model, dtype, overwrite, json_path):
     """Bring features made elsewhere (.npy, .npz, .pt, thingsvision .h5) into a featcache file.
 
     Every later command (info, knn, probe, train, sweep) then works on them.
@@ -141,8 +142,9 @@ def import_(out, splits, label_files, path_files, classes, model, dtype, overwri
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from exc
     rows = [{"split": s, "rows": store[s].n, "dim": store[s].cls.shape[1]} for s in store.splits]
-    print_table(rows, title=f"{out}: imported {len(store.classes)} classes")
+    print_table(rows, title=f"{out}: imported {len(store.classes)} classes", err=json_path == "-")
     store.close()
+    write_json(json_path, {"out": str(out), "classes": store.classes, "splits": rows})
 
 
 def _pairs(values, option: str) -> dict[str, str]:

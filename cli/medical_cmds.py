@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from featcache_cli.app import cli, print_table, write_json
+from featcache_cli.app import cli, json_option, print_table, quiet_option, write_json
 
 
 @cli.command("split")
@@ -28,8 +28,7 @@ from featcache_cli.app import cli, print_table, write_json
                    "whole 0/1 combination.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Random seed; the same manifest and seed give the same split.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Also write the per-split counts as JSON.")
+@json_option
 def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed, json_path):
     """Assign train/val/test splits to a CSV manifest, keeping every group in one split.
 
@@ -52,17 +51,18 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
     many = len(summary.classes) > 12
     table = [{"split": r["split"], "rows": r["rows"], "fraction": r["fraction"], "groups": r["groups"],
               **({} if many else r["counts"])} for r in summary.rows]
-    print_table(table, title=f"{manifest} -> {out}" + (f" (groups: {group})" if group else ""))
+    err = json_path == "-"  # --json - takes stdout: the tables go to stderr
+    print_table(table, title=f"{manifest} -> {out}" + (f" (groups: {group})" if group else ""), err=err)
     if many:
         per_class = [{"class": c, **{r["split"]: r["counts"][c] for r in summary.rows}}
                      for c in summary.classes]
-        print_table(per_class, title="class counts per split")
+        print_table(per_class, title="class counts per split", err=err)
     for split, lacking in summary.missing.items():
         shown = ", ".join(lacking[:10]) + (" ..." if len(lacking) > 10 else "")
         click.echo(f"warning: split {split!r} has no rows of {len(lacking)} class(es): {shown}. "
                    f"Metrics on it will be undefined for those classes; try another --seed or "
                    f"a larger fraction.", err=True)
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {out}", err=err)
     write_json(json_path, {"manifest": manifest, "out": out, "group": group, "seed": seed,
                            "val": val, "test": test, "stratify": stratify,
                            "splits": summary.rows, "missing": summary.missing})
@@ -88,7 +88,7 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True,
               help="torch device: auto (cuda when available), cpu, cuda, cuda:1, mps.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def attention_cmd(model, data, out, layer, per_head, max_images, grid_cols, split, image_size,
                   batch_size, device, quiet):
     """Draw CLS-to-patch attention maps of a ViT-family model over images.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from featcache_cli.app import cli, print_table, write_json
+from featcache_cli.app import cli, json_option, print_table, write_json
 
 
 @cli.command()
@@ -13,7 +13,7 @@ from featcache_cli.app import cli, print_table, write_json
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size of the throughput measurement.")
 @click.option("--amp", is_flag=True, help="bf16 autocast.")
 @click.option("--image-size", type=int, default=None, help="Override the processor's input size (px, square).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the same numbers as JSON.")
+@json_option
 def bench(models, device, runs, batch_size, amp, image_size, json_path):
     """Parameters, GFLOPs per image, latency (batch 1) and throughput of backbones.
 
@@ -32,5 +32,6 @@ def bench(models, device, runs, batch_size, amp, image_size, json_path):
     rows = [{"model": r.model, "input": f"{r.input_size[0]}x{r.input_size[1]}", "params_M": r.params_m,
              "GFLOPs": r.gflops, "lat_p50_ms": r.latency_ms_p50, "lat_p90_ms": r.latency_ms_p90,
              f"img/s@{batch_size}": r.images_per_s, "peak_MB": r.peak_mem_mb} for r in results]
-    print_table(rows, title=f"device {dev}, amp {'on' if amp else 'off'}, peak memory = {results[0].peak_mem_kind}")
+    print_table(rows, title=f"device {dev}, amp {'on' if amp else 'off'}, peak memory = {results[0].peak_mem_kind}",
+                err=json_path == "-")
     write_json(json_path, [r.as_dict() for r in results])

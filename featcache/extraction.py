@@ -35,8 +35,8 @@ from featcache.devices import resolve_device
 from featcache.names import DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
                               to_uint8)
-from featcache.store import (FEATURE_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, FileBusyError, SplitSpec,
-                             StoreWriter, describe_config, fingerprint_of, merge_shards, read_rows)
+from featcache.store import (FEATURE_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,
+                             describe_config, fingerprint_of, merge_shards, read_rows, same_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
@@ -346,16 +346,12 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
                   config: dict[str, Any], layout: FeatureLayout, classes: Sequence[str], backbone: Backbone,
                   plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
     """Create or resume one feature file and compute its missing rows (--update: rebuild it)."""
-    try:
-        writer = StoreWriter(out, config, classes, specs, layout, overwrite=run.overwrite,
-                             retry_errors=run.retry_errors)
-    except FileBusyError:
-        raise
-    except FeatureStoreError:
-        if not (run.update and Path(out).exists()):
-            raise
-        # the data changed since OUT was made (an unchanged data set resumes above, as without --update)
+    if run.update and not run.overwrite and Path(out).exists() and not same_rows(out, classes, specs):
+        # the data changed since OUT was made; decided read-only, so OUT is never opened for writing
+        # (an unchanged data set resumes below, exactly as without --update)
         return _update_file(split_rows, specs, Path(out), config, layout, classes, backbone, plan, cfg, run, device)
+    writer = StoreWriter(out, config, classes, specs, layout, overwrite=run.overwrite,
+                         retry_errors=run.retry_errors)
     return _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device)
 
 

@@ -536,6 +536,15 @@ def write_split_rows(f: h5py.File, name: str, spec: SplitSpec) -> h5py.Group:
     return g
 
 
+def same_rows(path: str | os.PathLike, classes: Sequence[str], splits: dict[str, SplitSpec]) -> bool:
+    """True when a feature file holds exactly these classes, splits and rows (manifest hashes),
+    read without opening it for writing."""
+    with FeatureStore(path) as store:
+        if store.classes != list(classes) or set(store.splits) != set(splits):
+            return False
+        return all(store[name].manifest_sha256 == spec.manifest_sha256 for name, spec in splits.items())
+
+
 class FileBusyError(FeatureStoreError):
     """Another process holds the file's write lock."""
 

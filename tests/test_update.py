@@ -108,9 +108,9 @@ def test_update_survives_sigkill(tiny_vit, tmp_path):
 
     rng = np.random.default_rng(0)
     data = tmp_path / "jpegs"
-    for c in ("cat", "dog"):
+    for c, n in (("cat", 100), ("dog", 400)):
         (data / c).mkdir(parents=True)
-        for i in range(150):
+        for i in range(n):
             Image.fromarray(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)).save(data / c / f"{i:03d}.jpg")
     keep = tmp_path / "kept"
     shutil.move(str(data / "dog"), str(keep))             # first extraction: cats only
@@ -124,7 +124,7 @@ def test_update_survives_sigkill(tiny_vit, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if tmp.exists() and tmp.stat().st_size > 0:
-            time.sleep(0.3)
+            time.sleep(0.05)  # into the copy of the cats' rows or the first dog batches
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the update finished before it could be killed: " + proc.stderr.read().decode()
