@@ -89,7 +89,7 @@ def profile_items(prepared, files: list[Path], mode: str) -> None:
     import cProfile
     import pstats
 
-    from featcache.data import DecodeOptions
+    from featcache.sources import DecodeOptions
     from featcache.extraction import ImageRows
     from featcache.pixels import plan_from_processor
 

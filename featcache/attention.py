@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from featcache.backbones import Backbone, load_backbone, use_eager_attention
+from featcache.sources import IMAGE_EXTENSIONS, DecodeOptions, discover, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = set(IMAGE_EXTENSIONS)  # the extensions extract reads (sources.py), one list
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def display_image(pixel_values: torch.Tensor, processor: Any) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 def list_images(data: str | Path, split: str | None = None) -> list[Path]:
-    """Image files of a data source: featcache.data's discover (folders, CSV manifests) when it
+    """Image files of a data source: featcache.sources's discover (folders, CSV manifests) when it
     can read it, else every image file under a folder (sorted), or a single image file."""
     data = Path(data)
     if not data.exists():
@@ -136,22 +137,17 @@ def list_images(data: str | Path, split: str | None = None) -> list[Path]:
     if data.is_file() and data.suffix.lower() in IMAGE_SUFFIXES:
         return [data]
     try:
-        from featcache.data import discover
-    except ImportError:
-        discover = None
-    if discover is not None:
-        try:
-            source = discover(data)
-        except (ValueError, FileNotFoundError):
-            if not data.is_dir():
-                raise
-        else:
-            names = list(source.splits)
-            if split is not None:
-                if split not in source.splits:
-                    raise ValueError(f"split {split!r} is not in {data}; it has {', '.join(names)}.")
-                names = [split]
-            return [Path(f) for name in names for f in source.splits[name].files]
+        source = discover(data)
+    except (ValueError, FileNotFoundError):
+        if not data.is_dir():
+            raise
+    else:
+        names = list(source.splits)
+        if split is not None:
+            if split not in source.splits:
+                raise ValueError(f"split {split!r} is not in {data}; it has {', '.join(names)}.")
+            names = [split]
+        return [Path(f) for name in names for f in source.splits[name].files]
     if not data.is_dir():
         raise ValueError(f"--data {data} is neither a folder nor an image file ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     root = data / split if split is not None and (data / split).is_dir() else data
@@ -159,17 +155,9 @@ def list_images(data: str | Path, split: str | None = None) -> list[Path]:
 
 
 def decode_image(path: Path) -> Any:
-    """One RGB PIL image, via featcache.data's loader when present (DICOM, windowing), else PIL."""
-    try:
-        from featcache import data
-    except ImportError:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    if hasattr(data, "DecodeOptions"):  # default windowing / frame choice, as extract uses
-        return data.load_image(Path(path), data.DecodeOptions())
-    return data.load_image(Path(path))
+    """One RGB PIL image decoded exactly as extract decodes it (sources.load_image: EXIF, 16-bit,
+    DICOM windowing, decompression-bomb limit)."""
+    return load_image(Path(path), DecodeOptions())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -138,45 +138,45 @@ def load_cached_splits(store: FeatureStore, *, features: str, tokens: bool, choi
         groups = view.groups
         return SplitData(name, rows, y.to(device), x, None if groups is None else [groups[i] for i in rows])
 
-    data = CachedSplits(store, make(train_name, train_rows), make(val_name, val_rows),
+    cached = CachedSplits(store, make(train_name, train_rows), make(val_name, val_rows),
                         make(test_name, test_rows) if test_name else None, store.classes,
                         store.multilabel, in_dim, num_tokens, streamed, val_source,
                         "tokens" if tokens else features)
-    warn_single_class(data)
+    warn_single_class(cached)
     if standardize:
-        data.mean, data.std = feature_stats(data, device)
-        for split in (data.train, data.val, data.test):
+        cached.mean, cached.std = feature_stats(cached, device)
+        for split in (cached.train, cached.val, cached.test):
             if split is not None and split.x is not None:
-                split.x = (split.x - data.mean) / data.std
-    return data
+                split.x = (split.x - cached.mean) / cached.std
+    return cached
 
 
-def warn_single_class(data: CachedSplits) -> None:
+def warn_single_class(cached: CachedSplits) -> None:
     """A split with one class trains or scores trivially (accuracy 0 or 1): refuse for train, warn
     for val (epochs cannot be ranked by anything but loss)."""
-    if data.multilabel:
+    if cached.multilabel:
         return
-    names = data.classes
-    train_classes = np.unique(data.train.y.cpu().numpy())
+    names = cached.classes
+    train_classes = np.unique(cached.train.y.cpu().numpy())
     if train_classes.size < 2:
-        raise ValueError(f"split {data.train.name!r} has a single class ({names[int(train_classes[0])]}); a head "
+        raise ValueError(f"split {cached.train.name!r} has a single class ({names[int(train_classes[0])]}); a head "
                          f"needs at least two classes to learn anything.")
-    val_classes = np.unique(data.val.y.cpu().numpy())
+    val_classes = np.unique(cached.val.y.cpu().numpy())
     if val_classes.size < 2:
-        warnings.warn(f"the validation rows ({data.val_source}) hold a single class "
+        warnings.warn(f"the validation rows ({cached.val_source}) hold a single class "
                       f"({names[int(val_classes[0])]}): accuracy on them is 0 or 1 whatever the head, so "
                       f"early stopping is close to arbitrary. Use --metric loss or a larger val split.",
                       stacklevel=3)
 
 
-def feature_stats(data: CachedSplits, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_stats(cached: CachedSplits, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std of the training inputs (over rows, and tokens for token heads)."""
-    if data.train.x is not None:
-        x = data.train.x.reshape(-1, data.train.x.shape[-1])
+    if cached.train.x is not None:
+        x = cached.train.x.reshape(-1, cached.train.x.shape[-1])
         return x.mean(0), x.std(0).clamp(min=1e-6)
     total = sq = None
     count = 0
-    for x, _ in TokenBlockLoader(data.store.path, data.train.name, "tokens", rows=data.train.rows,
+    for x, _ in TokenBlockLoader(cached.store.path, cached.train.name, "tokens", rows=cached.train.rows,
                                  batch_size=1024, shuffle=False):
         x = x.reshape(-1, x.shape[-1]).double()
         total = x.sum(0) if total is None else total + x.sum(0)
@@ -187,7 +187,7 @@ def feature_stats(data: CachedSplits, device: torch.device) -> tuple[torch.Tenso
     return mean.float().to(device), std.float().clamp(min=1e-6).to(device)
 
 
-def epoch_batches(data: CachedSplits, split: SplitData, batch_size: int, gen: torch.Generator, epoch: int,
+def epoch_batches(cached: CachedSplits, split: SplitData, batch_size: int, gen: torch.Generator, epoch: int,
                   shuffle: bool, sample_weights: torch.Tensor | None, seed: int = 0
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) batches of one epoch: index gathers in memory, or contiguous blocks from disk."""
@@ -204,13 +204,13 @@ def epoch_batches(data: CachedSplits, split: SplitData, batch_size: int, gen: to
         for i in range(0, n, batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
         return
-    loader = TokenBlockLoader(data.store.path, split.name, "tokens", rows=split.rows, batch_size=batch_size,
+    loader = TokenBlockLoader(cached.store.path, split.name, "tokens", rows=split.rows, batch_size=batch_size,
                               shuffle=shuffle, seed=seed)
     loader.set_epoch(epoch)
     position = {int(r): i for i, r in enumerate(split.rows)}
     device = split.y.device
     for x, rows in loader:
-        check_finite(x.numpy(), f"{data.store.path.name} split {split.name!r} tokens")
+        check_finite(x.numpy(), f"{cached.store.path.name} split {split.name!r} tokens")
         idx = torch.as_tensor([position[int(r)] for r in rows], device=device)
         x = x.to(device)
-        yield (x if data.mean is None else (x - data.mean) / data.std), split.y[idx]
+        yield (x if cached.mean is None else (x - cached.mean) / cached.std), split.y[idx]

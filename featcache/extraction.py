@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
-from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
+from featcache.sources import DecodeOptions, ImageDecodeError, discover, load_image
 from featcache.devices import resolve_device
 from featcache.names import DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
@@ -310,7 +310,7 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
                             cfg, run, device)
     dist.barrier()
     if rank == 0:
-        merge_shards(shards, out, config, source.classes, specs, layout, ranges, mode=run.merge,
+        merge_shards(shards, out, config, source.classes, specs, layout, ranges, method=run.merge,
                      overwrite=True)
     dist.barrier()
     summary.out = Path(out)

@@ -140,17 +140,17 @@ def train_step(stack: HeadStack, loss_fn: nn.Module, x: torch.Tensor, y: torch.T
     return losses.detach()
 
 
-def stacked_proba(stack: HeadStack, data: CachedSplits, split: SplitData, cfg: TrainConfig) -> np.ndarray:
+def stacked_proba(stack: HeadStack, cached: CachedSplits, split: SplitData, cfg: TrainConfig) -> np.ndarray:
     """(K, N, C) probabilities of a split for every head, in row order: `train.epoch_proba`'s
     batches and casts, read once for all K."""
     out = []
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for x, _ in epoch_batches(data, split, max(cfg.batch_size, 1024), gen, 0, False, None):
+        for x, _ in epoch_batches(cached, split, max(cfg.batch_size, 1024), gen, 0, False, None):
             logits = stacked_logits(stack, x, train=False)
-            out.append((logits.sigmoid() if data.multilabel else logits.softmax(dim=2)).float().cpu())
+            out.append((logits.sigmoid() if cached.multilabel else logits.softmax(dim=2)).float().cpu())
     if not out:
-        return np.zeros((len(stack.members), 0, len(data.classes)))
+        return np.zeros((len(stack.members), 0, len(cached.classes)))
     return torch.cat(out, dim=1).numpy()
 
 
@@ -180,23 +180,23 @@ class HeadRecord:
         return self.waited < patience
 
 
-def _epoch(stack: HeadStack, data: CachedSplits, cfg: TrainConfig, loss_fn: nn.Module, gen: torch.Generator,
+def _epoch(stack: HeadStack, cached: CachedSplits, cfg: TrainConfig, loss_fn: nn.Module, gen: torch.Generator,
            epoch: int, weights: torch.Tensor | None) -> list[float]:
     """One epoch of every head still training over the shared batches; their mean train losses."""
     total = torch.zeros(len(stack.members), dtype=torch.float64)
     seen = 0
-    for x, y in epoch_batches(data, data.train, cfg.batch_size, gen, epoch, True, weights, cfg.seed):
+    for x, y in epoch_batches(cached, cached.train, cfg.batch_size, gen, epoch, True, weights, cfg.seed):
         losses = train_step(stack, loss_fn, x, y, cfg.optimizer == "adamw")
         total += losses.double().cpu() * len(y)
         seen += len(y)
     return (total / max(seen, 1)).tolist()
 
 
-def _validate(stack: HeadStack, data: CachedSplits, cfg: TrainConfig, records: dict[int, HeadRecord], epoch: int,
+def _validate(stack: HeadStack, cached: CachedSplits, cfg: TrainConfig, records: dict[int, HeadRecord], epoch: int,
               losses: list[float]) -> list[int]:
     """Score every head on validation, update its record; the stack positions still training."""
-    proba = stacked_proba(stack, data, data.val, cfg)
-    yv = data.val.y.cpu().numpy()
+    proba = stacked_proba(stack, cached, cached.val, cfg)
+    yv = cached.val.y.cpu().numpy()
     keep = []
     for pos, k in enumerate(stack.members):
         score = selection_score(yv, proba[pos], cfg.metric)
@@ -211,23 +211,23 @@ def _validate(stack: HeadStack, data: CachedSplits, cfg: TrainConfig, records: d
 
 @dataclass
 class GroupRun:
-    """What one feature choice's fused run learned: per grid index its record, and the data."""
+    """What one feature choice's fused run learned: per grid index its record, and the cached."""
 
-    data: CachedSplits
+    cached: CachedSplits
     spec: HeadSpec
     records: dict[int, HeadRecord]
     bytes_per_epoch: list[int]            # bytes streamed from disk per epoch (train + val), [] in memory
     seconds: float
 
 
-def train_group(data: CachedSplits, base: TrainConfig, grid: list[dict[str, Any]], members: list[int],
+def train_group(cached: CachedSplits, base: TrainConfig, grid: list[dict[str, Any]], members: list[int],
                 progress: bool = False) -> GroupRun:
     """Train the configurations `members` (one feature choice) as one stacked model."""
     start = time.perf_counter()
-    device = data.train.y.device
-    spec = HeadSpec(base.head, data.in_dim, len(data.classes), data.num_tokens, base.hidden, dropout=base.dropout)
-    loss_fn = loss_for(data, base.balance).to(device)
-    weights = sample_weights(data, base.balance)
+    device = cached.train.y.device
+    spec = HeadSpec(base.head, cached.in_dim, len(cached.classes), cached.num_tokens, base.hidden, dropout=base.dropout)
+    loss_fn = loss_for(cached, base.balance).to(device)
+    weights = sample_weights(cached, base.balance)
     stack = build_stack(spec, base.seed, grid, members, device)
     gen = torch.Generator().manual_seed(base.seed)
     records = {k: HeadRecord() for k in members}
@@ -235,16 +235,16 @@ def train_group(data: CachedSplits, base: TrainConfig, grid: list[dict[str, Any]
     bar = tqdm(range(base.epochs), desc=f"sweep {len(members)} {base.head} heads", disable=not progress, unit="epoch")
     for epoch in bar:
         before = loader.bytes_read()
-        losses = _epoch(stack, data, base, loss_fn, gen, epoch, weights)
-        keep = _validate(stack, data, base, records, epoch, losses)
-        if data.streamed:
+        losses = _epoch(stack, cached, base, loss_fn, gen, epoch, weights)
+        keep = _validate(stack, cached, base, records, epoch, losses)
+        if cached.streamed:
             per_epoch.append(loader.bytes_read() - before)
         bar.set_postfix(active=len(keep), best=f"{max(r.best for r in records.values()):.4f}")
         if not keep:
             break
         if len(keep) < len(stack.members):
             stack.keep(keep)
-    return GroupRun(data, spec, records, per_epoch, time.perf_counter() - start)
+    return GroupRun(cached, spec, records, per_epoch, time.perf_counter() - start)
 
 
 @dataclass
@@ -263,8 +263,8 @@ class FusedSweep:
         record = run.records[index]
         model = build_head(run.spec)
         model.load_state_dict(record.state)
-        model.to(run.data.train.y.device)
-        return HeadTrainer(cfg)._finish(model, run.spec, run.data, record.history, record.best_epoch, record.best,
+        model.to(run.cached.train.y.device)
+        return HeadTrainer(cfg)._finish(model, run.spec, run.cached, record.history, record.best_epoch, record.best,
                                         run.seconds)
 
 
@@ -297,5 +297,5 @@ def fused_sweep(features_file: str | Path | FeatureStore, base: TrainConfig, gri
     epochs = max(len(r.bytes_per_epoch) for r in groups.values())
     per_epoch = [sum(r.bytes_per_epoch[e] for r in groups.values() if e < len(r.bytes_per_epoch))
                  for e in range(epochs)]
-    streamed = any(r.data.streamed for r in groups.values())
+    streamed = any(r.cached.streamed for r in groups.values())
     return FusedSweep(rows, groups, group_of, loader.bytes_read() - start_bytes if streamed else None, per_epoch)

@@ -23,10 +23,11 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
+from featcache.sources import (SINGLE_SPLIT, DataSource, DecodeOptions, ImageDecodeError, SplitRows, decode_image_bytes,
+                               load_image)
+
 if TYPE_CHECKING:
     from PIL import Image
-
-    from featcache.data import DataSource, DecodeOptions
 
 REF_PREFIX = "hf:"
 _SEP = "::"
@@ -65,8 +66,6 @@ def import_datasets() -> Any:
 
 def load_splits(root: Path) -> dict[str, Any]:
     """split name -> datasets.Dataset, in the directory's own order; a plain Dataset is `all`."""
-    from featcache.data import SINGLE_SPLIT
-
     datasets = import_datasets()
     try:
         loaded = datasets.load_from_disk(str(root))
@@ -160,8 +159,6 @@ def _label_kind(feature: Any) -> str | None:
 def from_hf_dir(root: Path, image_column: str | None = None, label_column: str | None = None,
                 group_column: str | None = "group") -> "DataSource":
     """Read a save_to_disk directory into a DataSource (rows in dataset order)."""
-    from featcache.data import DataSource, SplitRows
-
     root = Path(root).resolve()
     forget_open(root)  # the directory may have been rewritten since this process last read it
     dsets = load_splits(root)
@@ -302,8 +299,6 @@ def forget_open(root: Path) -> None:
 
 def load_ref_image(ref: HFRowRef, options: "DecodeOptions") -> "Image.Image":
     """Decode one row's image exactly as an image file would be (featcache's decoder)."""
-    from featcache.data import ImageDecodeError, decode_image_bytes, load_image
-
     try:
         value = _open_split(ref)[ref.index][ref.column]
     except MissingDatasetsError as exc:

@@ -204,7 +204,7 @@ def to_uint8(image: "Image.Image", plan: PixelPlan) -> np.ndarray:
     if image.mode != "RGB":
         if not plan.convert_rgb:
             raise ValueError(f"{plan.processor} expects an RGB image; got mode {image.mode} "
-                             f"(featcache.data.load_image converts every input to RGB).")
+                             f"(featcache.sources.load_image converts every input to RGB).")
         image = _convert_rgb(image)
     h, w = plan.resized_size(image.height, image.width)
     if (h, w) != (image.height, image.width):

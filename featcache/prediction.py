@@ -48,10 +48,10 @@ def batch_proba(model: nn.Module, batches: Iterable[torch.Tensor], multilabel: b
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, num_classes))
 
 
-def split_proba(model: nn.Module, data: Any, split: Any) -> np.ndarray:
+def split_proba(model: nn.Module, cached: Any, split: Any) -> np.ndarray:
     """Probabilities of one of a CachedSplits' splits, in row order, batched as predict batches."""
-    batches = (x for x, _ in epoch_batches(data, split, PREDICT_BATCH, torch.Generator(), 0, False, None))
-    return batch_proba(model, batches, data.multilabel, len(data.classes))
+    batches = (x for x, _ in epoch_batches(cached, split, PREDICT_BATCH, torch.Generator(), 0, False, None))
+    return batch_proba(model, batches, cached.multilabel, len(cached.classes))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from featcache.data import DEFAULT_GROUP_COLUMN, is_binary_column, read_manifest
+from featcache.sources import DEFAULT_GROUP_COLUMN, is_binary_column, read_manifest
 
 SPLIT_NAMES = ("train", "val", "test")
 NO_LABEL = "(none)"   # key of a multi-label row with no positive label

@@ -947,7 +947,7 @@ SHARDED = FEATURE_DATASETS + ("done", "errors")
 
 def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, config: dict[str, Any],
                  classes: Sequence[str], splits: dict[str, SplitSpec], layout: FeatureLayout,
-                 ranges: Sequence[dict[str, tuple[int, int]]], mode: str = "copy",
+                 ranges: Sequence[dict[str, tuple[int, int]]], method: str = "copy",
                  overwrite: bool = False) -> Path:
     """Join per-rank shard files into one featcache file.
 
@@ -956,7 +956,7 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, co
     point at the shards, which must then stay beside it.
     """
     out = Path(out)
-    if mode == "copy":
+    if method == "copy":
         with StoreWriter(out, config, classes, splits, layout, overwrite=overwrite) as w:
             for shard, rng in zip(shards, ranges):
                 with h5py.File(shard, "r", locking=READ_LOCKING) as src:
@@ -974,8 +974,8 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, co
                             w.write(name, rows + lo, **{k: read_rows(g[k], rows) if k in g else None
                                                         for k in FEATURE_DATASETS})
         return out
-    if mode != "virtual":
-        raise ValueError(f"merge mode must be copy or virtual; got {mode!r}.")
+    if method != "virtual":
+        raise ValueError(f"--merge must be copy or virtual; got {method!r}.")
     tmp = out.with_name(out.name + ".creating")
     with h5py.File(tmp, "w") as f:
         write_header(f, config, classes)

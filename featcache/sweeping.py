@@ -9,6 +9,7 @@ equals training it alone (same init, batch order, updates and early stopping).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcache.cached_splits import CachedSplits
+from featcache.cached_splits import CachedSplits, SplitData
 from featcache.devices import resolve_device
 from featcache.fused import fused_sweep
 from featcache.heads import HeadSpec, build_head
@@ -210,13 +211,13 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
                         progress: bool) -> tuple[list[dict[str, Any]], Any]:
     """K linear heads trained at once; returns the leaderboard rows and a row -> HeadTrainer function."""
     kinds = list(dict.fromkeys(g["features"] for g in grid))
-    data = {k: load_for(store, base, device, features=k) for k in kinds}
-    first = data[kinds[0]]
+    cached = _load_kinds(store, base, device, kinds)
+    first = cached[kinds[0]]
     c = len(first.classes)
     loss_fn = loss_for(first, base.balance)
     weights = sample_weights(first, base.balance)
     groups = [_stack_linear(kind, [i for i, g in enumerate(grid) if g["features"] == kind], grid,
-                            data[kind].in_dim, c, base.seed, device) for kind in kinds]
+                            cached[kind].in_dim, c, base.seed, device) for kind in kinds]
     stop = _EarlyStopping(len(grid), base.patience)
     gen = torch.Generator().manual_seed(base.seed)
     n = len(first.train.rows)
@@ -225,7 +226,7 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
     for epoch in bar:
         order = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights is not None
                  else torch.randperm(n, generator=gen)).to(device)
-        xs = _epoch_views(data, kinds, order)                      # one gather per epoch, shared by all K
+        xs = _epoch_views(cached, kinds, order)                      # one gather per epoch, shared by all K
         ys = first.train.y[order]
         for i in range(0, n, base.batch_size):
             y = ys[i:i + base.batch_size]
@@ -233,7 +234,7 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
             for g in groups:
                 _stacked_backward(g, xs[g.kind][i:i + base.batch_size], y, loss_fn, first.multilabel)
                 _adamw_step(g, step)
-        _validate(groups, data, first, base.metric, epoch, stop)
+        _validate(groups, cached, first, base.metric, epoch, stop)
         bar.set_postfix(active=sum(stop.active), best=f"{max(stop.best):.4f}")
         if not any(stop.active):
             break
@@ -242,22 +243,52 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
 
     def trainer_of(row: dict[str, Any]) -> HeadTrainer:
         cfg = replace(base, **{k: row[k] for k in ("lr", "weight_decay", "features")})
-        return _trainer_from_state(data[cfg.features], cfg, stop.state[row["config"]], row, device)
+        return _trainer_from_state(cached[cfg.features], cfg, stop.state[row["config"]], row, device)
 
     return rows, trainer_of
+
+
+def _load_kinds(store: FeatureStore, base: TrainConfig, device: torch.device,
+                kinds: list[str]) -> dict[str, CachedSplits]:
+    """Each feature kind's cached splits, reading the file once per composite kind: a kind that is a
+    part of another kind in the grid (cls and pooled of cls+pooled) is a column slice of it, with the
+    matching columns of its per-feature standardisation (z-scores are per column)."""
+    out: dict[str, CachedSplits] = {}
+    for kind in sorted(kinds, key=lambda k: -len(parse_feature_kind(k))):
+        if kind in out:
+            continue
+        out[kind] = load_for(store, base, device, features=kind)
+        parts = parse_feature_kind(kind)
+        widths = [store.feature_dim(p.kind) for p in parts]
+        offsets = np.concatenate([[0], np.cumsum(widths)])
+        for j, p in enumerate(parts):
+            if p.kind in kinds and p.kind not in out and len(parts) > 1:
+                out[p.kind] = _column_slice(out[kind], slice(int(offsets[j]), int(offsets[j + 1])), p.kind)
+    return out
+
+
+def _column_slice(cached: CachedSplits, cols: slice, kind: str) -> CachedSplits:
+    """The same rows with only the columns `cols` of every input (and of mean / std)."""
+    def cut(split: SplitData | None) -> SplitData | None:
+        return None if split is None else dataclasses.replace(split, x=split.x[:, cols].contiguous())
+
+    return dataclasses.replace(cached, train=cut(cached.train), val=cut(cached.val), test=cut(cached.test),
+                               in_dim=cols.stop - cols.start, features=kind,
+                               mean=None if cached.mean is None else cached.mean[cols].contiguous(),
+                               std=None if cached.std is None else cached.std[cols].contiguous())
 
 
 def _stacked_backward(g: _StackedLinear, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
                       multilabel: bool) -> None:
     """Set .grad of the stacked parameters: the gradient each head's own loss would give it."""
     w, b = g.params
-    dlogits = _stacked_loss_grad(_stacked_logits(x, w, b), y, loss_fn, multilabel)  # (K, B, C)
-    g_flat = dlogits.transpose(0, 1).reshape(len(y), -1)                          # (B, K*C)
+    dlogits = _stacked_loss_grad(_batch_major_logits(x, w, b), y, loss_fn, multilabel)  # (B, K, C)
+    g_flat = dlogits.view(len(y), -1)                                                  # (B, K*C), no copy
     w.grad = (g_flat.T @ x).view_as(w)
     b.grad = g_flat.sum(0).view_as(b)
 
 
-def _validate(groups: list[_StackedLinear], data: dict[str, CachedSplits], first: CachedSplits, metric: str,
+def _validate(groups: list[_StackedLinear], cached: dict[str, CachedSplits], first: CachedSplits, metric: str,
               epoch: int, stop: _EarlyStopping) -> None:
     """Score every head on validation and update its early-stopping state."""
     multilabel = first.multilabel
@@ -265,7 +296,7 @@ def _validate(groups: list[_StackedLinear], data: dict[str, CachedSplits], first
     with torch.no_grad():
         for g in groups:
             w, b = g.params
-            logits = _stacked_logits(data[g.kind].val.x, w, b)
+            logits = _stacked_logits(cached[g.kind].val.x, w, b)
             if metric == "accuracy" and not multilabel and logits.shape[2] > 2:  # all K at once
                 scores = (logits.argmax(dim=2) == first.val.y).double().mean(dim=1).tolist()
             else:
@@ -275,7 +306,7 @@ def _validate(groups: list[_StackedLinear], data: dict[str, CachedSplits], first
                 stop.update(k, epoch, scores[j], w[j], b[j])
 
 
-def _epoch_views(data: dict[str, CachedSplits], kinds: list[str], order: torch.Tensor) -> dict[str, torch.Tensor]:
+def _epoch_views(cached: dict[str, CachedSplits], kinds: list[str], order: torch.Tensor) -> dict[str, torch.Tensor]:
     """This epoch's shuffled inputs per feature kind. A kind whose parts are a prefix or suffix of
     another kind in the grid (cls and pooled of cls+pooled) is a column view of that kind's one
     gathered matrix (BLAS reads strided rows without a copy)."""
@@ -283,10 +314,10 @@ def _epoch_views(data: dict[str, CachedSplits], kinds: list[str], order: torch.T
     for kind in sorted(kinds, key=lambda k: -len(parse_feature_kind(k))):
         if kind in views:
             continue
-        x = data[kind].train.x[order]
+        x = cached[kind].train.x[order]
         views[kind] = x
         parts = parse_feature_kind(kind)
-        widths = [data[kind].store.feature_dim(p.kind) for p in parts]
+        widths = [cached[kind].store.feature_dim(p.kind) for p in parts]
         offsets = np.concatenate([[0], np.cumsum(widths)])
         for j, p in enumerate(parts):
             if p.kind in kinds and p.kind not in views:
@@ -294,37 +325,45 @@ def _epoch_views(data: dict[str, CachedSplits], kinds: list[str], order: torch.T
     return {kind: views[kind] for kind in kinds}
 
 
-def _stacked_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, D) inputs through K linear heads (K, C, D) -> (K, B, C), as one matrix product."""
+def _batch_major_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, D) inputs through K linear heads (K, C, D) -> (B, K, C), as one matrix product; kept
+    batch-major (contiguous) so the loss gradient and the weight gradient need no transposed copy."""
     k, c, d = w.shape
-    return (x @ w.reshape(k * c, d).T + b.reshape(-1)).view(len(x), k, c).transpose(0, 1)
+    return (x @ w.reshape(k * c, d).T + b.reshape(-1)).view(len(x), k, c)
+
+
+def _stacked_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, D) inputs through K linear heads (K, C, D) -> (K, B, C)."""
+    return _batch_major_logits(x, w, b).transpose(0, 1)
 
 
 def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, multilabel: bool) -> torch.Tensor:
-    """d(loss_k)/d(logits_k) for K heads at once, each exactly the gradient loss_fn would give one
-    head (weighted cross-entropy mean, or BCE-with-logits mean): no autograd graph over K heads."""
-    k, bsz, c = logits.shape
+    """d(loss_k)/d(logits_k) of batch-major logits (B, K, C) for K heads at once, each exactly the
+    gradient loss_fn would give one head (weighted cross-entropy mean, or BCE-with-logits mean): no
+    autograd graph over K heads."""
+    bsz, k, c = logits.shape
     if multilabel:
         p = logits.sigmoid()
+        yk = y[:, None, :]
         pw = loss_fn.pos_weight
         if pw is None:
-            grad = p - y
+            grad = p - yk
         else:  # d/dz of -(pw*y*log(s) + (1-y)*log(1-s)) = (pw*y + 1 - y) * s - pw*y
-            grad = (pw * y + 1 - y) * p - pw * y
+            grad = (pw * yk + 1 - yk) * p - pw * yk
         return grad / (bsz * c)
     grad = logits.softmax(dim=2)
-    grad[:, torch.arange(bsz), y] -= 1
+    grad[torch.arange(bsz), :, y] -= 1
     if loss_fn.weight is None:
         return grad / bsz
     wy = loss_fn.weight[y]
-    return grad * (wy / wy.sum())[None, :, None]
+    return grad * (wy / wy.sum())[:, None, None]
 
 
-def _trainer_from_state(data: CachedSplits, cfg: TrainConfig, state: dict[str, torch.Tensor],
+def _trainer_from_state(cached: CachedSplits, cfg: TrainConfig, state: dict[str, torch.Tensor],
                         row: dict[str, Any], device: torch.device) -> HeadTrainer:
     """A fitted HeadTrainer around weights that the fused sweep learned (for metrics, save, predict)."""
-    spec = HeadSpec("linear", data.in_dim, len(data.classes))
+    spec = HeadSpec("linear", cached.in_dim, len(cached.classes))
     model = build_head(spec)
     model.load_state_dict(state)
     model.to(device)
-    return HeadTrainer(cfg)._finish(model, spec, data, [], row["best_epoch"], row[f"val_{cfg.metric}"], 0.0)
+    return HeadTrainer(cfg)._finish(model, spec, cached, [], row["best_epoch"], row[f"val_{cfg.metric}"], 0.0)

@@ -97,16 +97,16 @@ def load_for(store: FeatureStore, cfg: TrainConfig, device: torch.device, featur
 # losses and sampling
 # ------------------------------------------------------------------------------------------------
 
-def loss_for(data: CachedSplits, balance: str) -> nn.Module:
+def loss_for(cached: CachedSplits, balance: str) -> nn.Module:
     """Cross-entropy (single-label) or BCE-with-logits (multi-label), class-weighted when asked."""
-    y = data.train.y
-    if data.multilabel:
+    y = cached.train.y
+    if cached.multilabel:
         if balance == "weights":
             pos = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
             return nn.BCEWithLogitsLoss(pos_weight=(1 - pos) / pos)
         return nn.BCEWithLogitsLoss()
     if balance == "weights":
-        return nn.CrossEntropyLoss(weight=class_weights(y, len(data.classes)))
+        return nn.CrossEntropyLoss(weight=class_weights(y, len(cached.classes)))
     return nn.CrossEntropyLoss()
 
 
@@ -116,24 +116,24 @@ def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros_like(counts))
 
 
-def sample_weights(data: CachedSplits, balance: str) -> torch.Tensor | None:
+def sample_weights(cached: CachedSplits, balance: str) -> torch.Tensor | None:
     """Per-row sampling weights for class-balanced batches ("sampler"), else None."""
-    if balance != "sampler" or data.multilabel:
+    if balance != "sampler" or cached.multilabel:
         return None
-    y = data.train.y.cpu()
-    per_class = 1.0 / torch.bincount(y, minlength=len(data.classes)).float().clamp(min=1)
+    y = cached.train.y.cpu()
+    per_class = 1.0 / torch.bincount(y, minlength=len(cached.classes)).float().clamp(min=1)
     return per_class[y]
 
 
-def epoch_proba(model: nn.Module, data: CachedSplits, split: SplitData, batch_size: int) -> np.ndarray:
+def epoch_proba(model: nn.Module, cached: CachedSplits, split: SplitData, batch_size: int) -> np.ndarray:
     """Probabilities of a split during training (float32), to rank epochs."""
     model.eval()
     out = []
     with torch.inference_mode():
-        for x, _ in epoch_batches(data, split, max(batch_size, 1024), torch.Generator(), 0, False, None):
+        for x, _ in epoch_batches(cached, split, max(batch_size, 1024), torch.Generator(), 0, False, None):
             logits = model(x)
-            out.append((logits.sigmoid() if data.multilabel else logits.softmax(dim=1)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(data.classes)))
+            out.append((logits.sigmoid() if cached.multilabel else logits.softmax(dim=1)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(cached.classes)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,24 +159,24 @@ class HeadTrainer:
         with open_features(features_file) as store:
             return self._fit(load_for(store, cfg, device), device)
 
-    def _fit(self, data: CachedSplits, device: torch.device) -> "HeadTrainer":
+    def _fit(self, cached: CachedSplits, device: torch.device) -> "HeadTrainer":
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        spec = HeadSpec(cfg.head, data.in_dim, len(data.classes), data.num_tokens, cfg.hidden, dropout=cfg.dropout)
+        spec = HeadSpec(cfg.head, cached.in_dim, len(cached.classes), cached.num_tokens, cfg.hidden, dropout=cfg.dropout)
         model = build_head(spec).to(device)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         opt = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        loss_fn = loss_for(data, cfg.balance).to(device)
-        weights = sample_weights(data, cfg.balance)
+        loss_fn = loss_for(cached, cfg.balance).to(device)
+        weights = sample_weights(cached, cfg.balance)
         gen = torch.Generator().manual_seed(cfg.seed)
         history, best, best_state, best_epoch, waited = [], -math.inf, None, -1, 0
         start = time.perf_counter()
-        val_y = data.val.y.cpu().numpy()
+        val_y = cached.val.y.cpu().numpy()
         bar = tqdm(range(cfg.epochs), desc=f"train {cfg.head}", disable=not self.progress, unit="epoch")
         for epoch in bar:
             model.train()
             total, seen = 0.0, 0
-            for x, y in epoch_batches(data, data.train, cfg.batch_size, gen, epoch, True, weights, cfg.seed):
+            for x, y in epoch_batches(cached, cached.train, cfg.batch_size, gen, epoch, True, weights, cfg.seed):
                 loss = loss_fn(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -187,7 +187,7 @@ class HeadTrainer:
             if not math.isfinite(train_loss):
                 raise ValueError(f"the training loss became {train_loss} at epoch {epoch} (lr {cfg.lr:g}): the "
                                  f"head diverged. Lower --lr, or keep --standardize on.")
-            score = selection_score(val_y, epoch_proba(model, data, data.val, cfg.batch_size), cfg.metric)
+            score = selection_score(val_y, epoch_proba(model, cached, cached.val, cfg.batch_size), cfg.metric)
             history.append({"epoch": epoch, "train_loss": train_loss, f"val_{cfg.metric}": score})
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{score:.4f}")
             if score > best or best_state is None:  # strictly better: ties keep the earlier, simpler epoch
@@ -198,39 +198,39 @@ class HeadTrainer:
                 if waited >= cfg.patience:
                     break
         model.load_state_dict(best_state)
-        self._finish(model, spec, data, history, best_epoch, best, time.perf_counter() - start)
+        self._finish(model, spec, cached, history, best_epoch, best, time.perf_counter() - start)
         if best_epoch == cfg.epochs - 1 and cfg.epochs > 1:
             self.notes_.append(f"the best epoch is the last one ({best_epoch}): validation was still improving "
                                f"when training stopped; raise --epochs (or --lr) and train again.")
         return self
 
-    def _finish(self, model: nn.Module, spec: HeadSpec, data: CachedSplits, history: list[dict[str, Any]],
+    def _finish(self, model: nn.Module, spec: HeadSpec, cached: CachedSplits, history: list[dict[str, Any]],
                 best_epoch: int, best_score: float, seconds: float) -> "HeadTrainer":
         """Set the fitted attributes and the val/test metrics of the chosen weights."""
-        cfg, store = self.config, data.store
+        cfg, store = self.config, cached.store
         self.model_, self.spec_, self.history_ = model.eval(), spec, history
         self.best_epoch_, self.best_score_, self.seconds_ = best_epoch, best_score, seconds
-        self.classes_, self.fingerprint_, self.model_name_ = data.classes, store.fingerprint, store.config.get("model")
-        self.multilabel_ = data.multilabel
-        self.num_params_, self.val_source_, self.streamed_ = num_params(model), data.val_source, data.streamed
-        self.feature_mean_, self.feature_std_ = data.mean, data.std
+        self.classes_, self.fingerprint_, self.model_name_ = cached.classes, store.fingerprint, store.config.get("model")
+        self.multilabel_ = cached.multilabel
+        self.num_params_, self.val_source_, self.streamed_ = num_params(model), cached.val_source, cached.streamed
+        self.feature_mean_, self.feature_std_ = cached.mean, cached.std
         self.features_file_ = str(store.path)
-        self.input_kind_ = data.features
-        self.split_names_ = {"train": data.train.name, "val": data.val.name,
-                             "test": data.test.name if data.test is not None else None}
-        train_y = data.train.y.cpu().numpy()
-        self.positive_ = None if data.multilabel else resolve_positive(data.classes, train_y, cfg.positive_class)
+        self.input_kind_ = cached.features
+        self.split_names_ = {"train": cached.train.name, "val": cached.val.name,
+                             "test": cached.test.name if cached.test is not None else None}
+        train_y = cached.train.y.cpu().numpy()
+        self.positive_ = None if cached.multilabel else resolve_positive(cached.classes, train_y, cfg.positive_class)
         self.threshold_: float | list[float] | None = None
         self.threshold_rule_: str | None = None
-        leak = store.leakage_note([data.train.name, data.val.name, data.test.name if data.test else None])
+        leak = store.leakage_note([cached.train.name, cached.val.name, cached.test.name if cached.test else None])
         self.notes_: list[str] = [leak] if leak else []
-        self.val_y_ = data.val.y.cpu().numpy()
-        self.val_proba_ = split_proba(model, data, data.val)
+        self.val_y_ = cached.val.y.cpu().numpy()
+        self.val_proba_ = split_proba(model, cached, cached.val)
         self.test_y_ = self.test_proba_ = self.test_groups_ = None
-        if data.test is not None:
-            self.test_y_ = data.test.y.cpu().numpy()
-            self.test_proba_ = split_proba(model, data, data.test)
-            self.test_groups_ = data.test.groups
+        if cached.test is not None:
+            self.test_y_ = cached.test.y.cpu().numpy()
+            self.test_proba_ = split_proba(model, cached, cached.test)
+            self.test_groups_ = cached.test.groups
         self.extra_metrics_: dict[str, Any] = {}
         self._score()
         return self

@@ -374,7 +374,7 @@ def test_decompression_bomb_limit_is_featcache_s(tmp_path, monkeypatch):
     PIL's own MAX_IMAGE_PIXELS never applies, DecodeOptions.max_pixels does, and README says it."""
     from PIL import Image
 
-    from featcache.data import DecodeOptions, ImageDecodeError, load_image
+    from featcache.sources import DecodeOptions, ImageDecodeError, load_image
 
     path = tmp_path / "img.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(path)

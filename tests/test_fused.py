@@ -97,7 +97,7 @@ def test_streamed_cache_read_once_per_epoch_for_all_heads(tmp_path):
     grid = [dict(lr=lr, weight_decay=wd, features="cls") for lr in (1e-3, 3e-3, 1e-2) for wd in (0.0, 1e-2)]
     run = fused_sweep(path, cfg, grid)
     train_bytes, val_bytes = 200 * t * d * 4, 50 * t * d * 4
-    assert run.groups["tokens"].data.streamed
+    assert run.groups["tokens"].cached.streamed
     assert run.bytes_per_epoch == [train_bytes + val_bytes] * 3       # not 6x that
     assert run.bytes_read == train_bytes + 3 * (train_bytes + val_bytes)  # + one pass for the train mean/std
 

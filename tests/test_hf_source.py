@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image as PILImage
 
 import featcache as fc
-from featcache.data import discover, load_image
+from featcache.sources import discover, load_image
 from featcache_cli.main import cli
 
 datasets = pytest.importorskip("datasets")

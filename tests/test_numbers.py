@@ -459,7 +459,7 @@ def test_8bit_rgb_dicom_loads_as_the_same_png(tmp_path):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    from featcache.data import load_image
+    from featcache.sources import load_image
 
     pixels = np.random.default_rng(0).integers(100, 151, (24, 20, 3), dtype=np.uint8)
     meta = FileMetaDataset()

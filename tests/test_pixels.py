@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featcache as fc
-from featcache.data import to_rgb
+from featcache.sources import to_rgb
 from featcache.extraction import ExtractConfig, RunOptions, prepare_backbone, run_extraction
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, normalize_batch, normalize_tensor,
                               plan_from_processor, to_uint8)

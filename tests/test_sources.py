@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.data import DecodeOptions, ImageDecodeError, discover, load_image
+from featcache.sources import DecodeOptions, ImageDecodeError, discover, load_image
 
 
 def _png(path: Path, value: int = 100, mode: str = "L", size=(8, 6)) -> Path:

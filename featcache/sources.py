@@ -86,7 +86,7 @@ def discover(data: str | Path, *, split: str | None = None, label_columns: Seque
         raise FileNotFoundError(f"{data} does not exist: expected an image folder, a CSV manifest or a "
                                 f"datasets save_to_disk directory.")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in (extensions or IMAGE_EXTENSIONS))
-    from featcache import hf_source
+    from featcache import hf_source  # imports this module: loaded here, when a source is listed
 
     if image_column is not None and not hf_source.is_hf_dataset_dir(data):
         raise ValueError(f"--image-column applies to a Hugging Face datasets directory (save_to_disk), "
@@ -228,7 +228,7 @@ def load_image(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
     """Decode one file (or a datasets row reference from hf_source) into an 8-bit RGB image, or
     raise ImageDecodeError with the reason."""
     if str(path).startswith("hf:"):
-        from featcache.hf_source import load_ref_image, parse_ref
+        from featcache.hf_source import load_ref_image, parse_ref  # (hf_source imports this module)
 
         ref = parse_ref(path)
         if ref is not None:
