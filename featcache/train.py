@@ -214,7 +214,7 @@ class HeadTrainer:
         self.multilabel_ = cached.multilabel
         self.num_params_, self.val_source_, self.streamed_ = num_params(model), cached.val_source, cached.streamed
         self.feature_mean_, self.feature_std_ = cached.mean, cached.std
-        self.features_file_ = str(store.path)
+        self.features_file_ = str(store.path.resolve())  # absolute, as every run kind records it
         self.input_kind_ = cached.features
         self.split_names_ = {"train": cached.train.name, "val": cached.val.name,
                              "test": cached.test.name if cached.test is not None else None}
