@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image as PILImage
 
 import featcache as fc
-from featcache.sources import discover, load_image
+from featcache.sources import ImageDecodeError, discover, load_image
 from featcache_cli.main import cli
 
 datasets = pytest.importorskip("datasets")
@@ -142,7 +142,7 @@ def test_decoding_rows_matches_decoding_files(tmp_path):
     for ref, f in zip(rows.files[:4], files):
         np.testing.assert_array_equal(np.asarray(load_image(Path(ref))), np.asarray(load_image(f)))
     assert np.asarray(load_image(rows.files[3])).shape == (8, 4, 3)  # EXIF applied
-    with pytest.raises(fc.data.ImageDecodeError, match="not an image"):
+    with pytest.raises(ImageDecodeError, match="not an image"):
         load_image(rows.files[4])
 
 
