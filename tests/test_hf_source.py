@@ -230,3 +230,27 @@ def test_multilabel_column_and_split_without_labels(digits_dir, tmp_path):
     assert source.splits["train"].labels.tolist() == [[1, 0], [1, 1], [0, 0], [0, 1]]
     assert source.splits["test"].labels.tolist() == [[0, 0], [0, 0]]
     assert source.splits["test"].paths == ["test/00000000", "test/00000001"]
+
+
+def test_update_of_a_grown_dataset_reuses_stored_rows(tiny_vit, digits_dir, tmp_path):
+    """Rows keep their ids (kept file names), so `extract --update` on a dataset saved again with
+    more rows reuses the stored ones and computes only the new, equal to a fresh extraction."""
+    rows = _folder_rows(digits_dir, "train")
+    datasets.DatasetDict({"train": _image_dataset(rows[:20])}).save_to_disk(str(tmp_path / "v1"))
+    out = tmp_path / "grown.h5"
+    assert _extract(tiny_vit, tmp_path / "v1", out).exit_code == 0
+    # next month the dataset has 10 more images (saved anew; the data root is provenance, not identity)
+    datasets.DatasetDict({"train": _image_dataset(rows)}).save_to_disk(str(tmp_path / "data"))
+    res = CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"), "--out",
+                                   str(out), "--dtype", "float32", "--workers", "0", "--update",
+                                   "--json", str(tmp_path / "u.json")])
+    assert res.exit_code == 0, res.output
+    import json
+
+    summary = json.loads((tmp_path / "u.json").read_text())
+    assert summary["rows_reused"] == 20 and summary["rows_computed"] == 10 and summary["rows_dropped"] == 0
+    fresh = tmp_path / "fresh.h5"
+    assert _extract(tiny_vit, tmp_path / "data", fresh).exit_code == 0
+    with fc.open(out) as a, fc.open(fresh) as b:
+        assert a["train"].paths == b["train"].paths
+        np.testing.assert_allclose(a["train"].cls[()], b["train"].cls[()], atol=1e-6)
