@@ -13,7 +13,6 @@ layout featcache.runs writes, ``metrics[split]["ci"][name] = [low, high]``.
 from __future__ import annotations
 
 import html
-import json
 import math
 import numbers
 import os
@@ -22,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from featcache.runs import Run, load_run
+from featcache.runs import Run, attribute_json, load_run
 
 # metrics shown in the comparison table, in this order, when any run has them
 KEY_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "sensitivity",
@@ -249,7 +248,7 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     for key in keys:
         value = config[key]
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        text = value if isinstance(value, str) else attribute_json(value)
         if len(text) > 120:
             text = text[:117] + "..."
         rows.append((key, text))

@@ -1,4 +1,4 @@
-"""Run directories: the one place that writes and reads them.
+"""Run directories, and the one JSON encoder of featcache: the one place that writes and reads them.
 
 Every evaluator (train, sweep, probe, knn) writes its results through ``write_run``; `featcache
 report` and `featcache predict` read them with ``load_run`` and ``prediction.load_head``. The
@@ -55,6 +55,16 @@ def to_jsonable(obj: Any) -> Any:
 def dumps(obj: Any) -> str:
     """The JSON text featcache writes: indented, NaN as null, numpy converted."""
     return json.dumps(to_jsonable(obj), indent=2) + "\n"
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact JSON with sorted keys: the text a fingerprint hashes (stable across runs)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def attribute_json(obj: Any) -> str:
+    """JSON with sorted keys for an HDF5 attribute (a feature file's config) or a table cell."""
+    return json.dumps(obj, sort_keys=True, default=str)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from featcache.names import FEATURE_KINDS
+from featcache.runs import attribute_json, canonical_json
 
 if TYPE_CHECKING:  # tokens.py imports torch; the store stays importable without it
     from featcache.tokens import TokenLayout
@@ -49,7 +50,7 @@ def fingerprint_of(config: dict[str, Any]) -> str:
     identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
     if identity.get("weights"):
         identity.pop("model", None)
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    blob = canonical_json(identity)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -517,7 +518,7 @@ def write_header(f: h5py.File, config: dict[str, Any], classes: Sequence[str]) -
     """Root attributes that make the file self-describing, and the class names."""
     f.attrs["encoding-type"] = ENCODING_TYPE
     f.attrs["encoding-version"] = ENCODING_VERSION
-    f.attrs["config"] = json.dumps(config, sort_keys=True, default=str)
+    f.attrs["config"] = attribute_json(config)
     f.attrs["fingerprint"] = fingerprint_of(config)
     f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
 
