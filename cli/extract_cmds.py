@@ -187,7 +187,9 @@ def info(features, json_path, show_errors):
     echo(f"tokens    {d['token_layout']}")
     echo(f"classes   {len(d['classes'])}: {', '.join(d['classes'][:20])}{' ...' if len(d['classes']) > 20 else ''}")
     echo("")
-    print_table_([{k: s[k] for k in ("split", "done", "total", "errors", "cls", "pooled", "tokens")}
+    shown = ("split", "done", "total", "errors", "cls", "pooled", "tokens") + (
+        ("blocks",) if any(s["blocks"] != "-" for s in d["splits"]) else ())
+    print_table_([{k: s[k] for k in shown}
                  for s in d["splits"]])
     for s in d["splits"]:
         counts = ", ".join(f"{c}={n}" for c, n in s["class_counts"].items())

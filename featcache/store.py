@@ -900,6 +900,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "split": name, "done": int(done.sum()), "total": s.n, "errors": int((reasons != "").sum()),
                 "cls": _shape(s.cls), "pooled": _shape(s.pooled), "tokens": _shape(s.tokens),
+                "blocks": _shape(s._g.get("blocks_cls")),
                 "error_list": s.errors, "warnings": [],
             }
             if labels.ndim == 2:
