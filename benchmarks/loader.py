@@ -77,7 +77,7 @@ def free_forward(backbone) -> None:
         cls, _, tokens = backbone.features(torch.zeros(1, 3, 224, 224))
     t, d = tokens.shape[1], tokens.shape[2]
 
-    def features(pixel_values: torch.Tensor, native: bool = False):
+    def features(pixel_values: torch.Tensor, native: bool = False, blocks: int | None = None):
         b = pixel_values.shape[0]
         return torch.zeros(b, d), torch.zeros(b, d), torch.zeros(b, t, d)
 
