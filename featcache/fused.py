@@ -106,6 +106,9 @@ def stacked_logits(stack: HeadStack, x: torch.Tensor, train: bool) -> torch.Tens
     def one(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(stack.template, (params, buffers), (inputs,))
 
+    if len(stack.members) == 1:  # a stack of one (a large head): plain kernels, no batched ones
+        first = {k: v[0] for k, v in stack.params.items()}, {k: v[0] for k, v in stack.buffers.items()}
+        return one(*first, x).unsqueeze(0)
     return vmap(one, in_dims=(0, 0, None), randomness="same")(stack.params, stack.buffers, x)
 
 
@@ -140,18 +143,50 @@ def train_step(stack: HeadStack, loss_fn: nn.Module, x: torch.Tensor, y: torch.T
     return losses.detach()
 
 
-def stacked_proba(stack: HeadStack, cached: CachedSplits, split: SplitData, cfg: TrainConfig) -> np.ndarray:
-    """(K, N, C) probabilities of a split for every head, in row order: `train.epoch_proba`'s
-    batches and casts, read once for all K."""
-    out = []
+def stacked_proba(stacks: list[HeadStack], cached: CachedSplits, split: SplitData, cfg: TrainConfig
+                  ) -> list[np.ndarray]:
+    """Per stack (K, N, C) probabilities of a split for every head, in row order: `train.epoch_proba`'s
+    batches and casts, each batch read once for all stacks."""
+    out: list[list[torch.Tensor]] = [[] for _ in stacks]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for x, _ in epoch_batches(cached, split, max(cfg.batch_size, 1024), gen, 0, False, None):
-            logits = stacked_logits(stack, x, train=False)
-            out.append((logits.sigmoid() if cached.multilabel else logits.softmax(dim=2)).float().cpu())
-    if not out:
-        return np.zeros((len(stack.members), 0, len(cached.classes)))
-    return torch.cat(out, dim=1).numpy()
+            for i, stack in enumerate(stacks):
+                logits = stacked_logits(stack, x, train=False)
+                out[i].append((logits.sigmoid() if cached.multilabel else logits.softmax(dim=2)).float().cpu())
+    return [torch.cat(o, dim=1).numpy() if o else np.zeros((len(s.members), 0, len(cached.classes)))
+            for o, s in zip(out, stacks)]
+
+
+# Activations a stack of heads may hold per step: a 12-head mixer over (256, 64, 256) activations
+# needs ~200 MiB per tensor and ran 2x slower fused than one by one (cache and memory traffic);
+# stacks of a few heads each keep the fused path faster. Each batch still serves every stack.
+STACK_ACTIVATION_BYTES = 32 * 2**20
+
+
+def heads_per_stack(spec: HeadSpec, batch_size: int) -> int:
+    """How many heads one stack holds: the largest per-head activation of a step, times a few for
+    the backward pass, within STACK_ACTIVATION_BYTES."""
+    if spec.kind == "mixer":
+        widest = spec.in_dim * spec.mix_dim
+    elif spec.kind == "attn":
+        widest = (spec.num_tokens or 1) * spec.in_dim
+    elif spec.kind == "mlp":
+        widest = spec.hidden
+    else:
+        widest = spec.num_classes
+    per_head = 4 * 4 * batch_size * widest  # float32, forward + saved + gradients
+    return max(1, STACK_ACTIVATION_BYTES // per_head)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,29 +215,39 @@ class HeadRecord:
         return self.waited < patience
 
 
-def _epoch(stack: HeadStack, cached: CachedSplits, cfg: TrainConfig, loss_fn: nn.Module, gen: torch.Generator,
-           epoch: int, weights: torch.Tensor | None) -> list[float]:
-    """One epoch of every head still training over the shared batches; their mean train losses."""
-    total = torch.zeros(len(stack.members), dtype=torch.float64)
+def _epoch(stacks: list[HeadStack], cached: CachedSplits, cfg: TrainConfig, loss_fn: nn.Module,
+           gen: torch.Generator, epoch: int, weights: torch.Tensor | None) -> list[list[float]]:
+    """One epoch of every head still training over the shared batches (each batch read once for all
+    stacks); per stack, its heads' mean train losses. Every stack starts a batch from the same RNG
+    state, so each draws the dropout mask a head alone draws."""
+    device = cached.train.y.device
+    totals = [torch.zeros(len(s.members), dtype=torch.float64) for s in stacks]
     seen = 0
     for x, y in epoch_batches(cached, cached.train, cfg.batch_size, gen, epoch, True, weights, cfg.seed):
-        losses = train_step(stack, loss_fn, x, y, cfg.optimizer == "adamw")
-        total += losses.double().cpu() * len(y)
+        state = _rng_state(device) if len(stacks) > 1 else None
+        for stack, total in zip(stacks, totals):
+            if state is not None:
+                _set_rng_state(state, device)
+            total += train_step(stack, loss_fn, x, y, cfg.optimizer == "adamw").double().cpu() * len(y)
         seen += len(y)
-    return (total / max(seen, 1)).tolist()
+    return [(t / max(seen, 1)).tolist() for t in totals]
 
 
-def _validate(stack: HeadStack, cached: CachedSplits, cfg: TrainConfig, records: dict[int, HeadRecord], epoch: int,
-              losses: list[float]) -> list[int]:
-    """Score every head on validation, update its record; the stack positions still training."""
-    proba = stacked_proba(stack, cached, cached.val, cfg)
+def _validate(stacks: list[HeadStack], cached: CachedSplits, cfg: TrainConfig, records: dict[int, HeadRecord],
+              epoch: int, losses: list[list[float]]) -> list[list[int]]:
+    """Score every head on validation, update its record; per stack the positions still training."""
+    probas = stacked_proba(stacks, cached, cached.val, cfg)
     yv = cached.val.y.cpu().numpy()
-    keep = []
-    for pos, k in enumerate(stack.members):
-        score = selection_score(yv, proba[pos], cfg.metric)
-        if records[k].update(epoch, losses[pos], score, cfg.metric, cfg.patience, lambda: stack.state_of(pos)):
-            keep.append(pos)
-    return keep
+    keeps = []
+    for stack, proba, loss in zip(stacks, probas, losses):
+        keep = []
+        for pos, k in enumerate(stack.members):
+            score = selection_score(yv, proba[pos], cfg.metric)
+            if records[k].update(epoch, loss[pos], score, cfg.metric, cfg.patience,
+                                 lambda stack=stack, pos=pos: stack.state_of(pos)):
+                keep.append(pos)
+        keeps.append(keep)
+    return keeps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,22 +273,26 @@ def train_group(cached: CachedSplits, base: TrainConfig, grid: list[dict[str, An
     spec = HeadSpec(base.head, cached.in_dim, len(cached.classes), cached.num_tokens, base.hidden, dropout=base.dropout)
     loss_fn = loss_for(cached, base.balance).to(device)
     weights = sample_weights(cached, base.balance)
-    stack = build_stack(spec, base.seed, grid, members, device)
+    per_stack = heads_per_stack(spec, base.batch_size)
+    stacks = [build_stack(spec, base.seed, grid, members[i:i + per_stack], device)
+              for i in range(0, len(members), per_stack)]
     gen = torch.Generator().manual_seed(base.seed)
     records = {k: HeadRecord() for k in members}
     per_epoch: list[int] = []
     bar = tqdm(range(base.epochs), desc=f"sweep {len(members)} {base.head} heads", disable=not progress, unit="epoch")
     for epoch in bar:
         before = loader.bytes_read()
-        losses = _epoch(stack, cached, base, loss_fn, gen, epoch, weights)
-        keep = _validate(stack, cached, base, records, epoch, losses)
+        losses = _epoch(stacks, cached, base, loss_fn, gen, epoch, weights)
+        keeps = _validate(stacks, cached, base, records, epoch, losses)
         if cached.streamed:
             per_epoch.append(loader.bytes_read() - before)
-        bar.set_postfix(active=len(keep), best=f"{max(r.best for r in records.values()):.4f}")
-        if not keep:
+        bar.set_postfix(active=sum(map(len, keeps)), best=f"{max(r.best for r in records.values()):.4f}")
+        for stack, keep in zip(stacks, keeps):
+            if 0 < len(keep) < len(stack.members):
+                stack.keep(keep)
+        stacks = [s for s, keep in zip(stacks, keeps) if keep]
+        if not stacks:
             break
-        if len(keep) < len(stack.members):
-            stack.keep(keep)
     return GroupRun(cached, spec, records, per_epoch, time.perf_counter() - start)
 
 

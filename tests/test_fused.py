@@ -63,6 +63,20 @@ def test_fused_mlp_sweep_equals_each_config_alone(digits_feature_file, dropout, 
     _assert_matches_alone(digits_feature_file, result, **kw)
 
 
+@pytest.mark.parametrize("budget", [1, 16 * 2**20])
+def test_heads_split_over_several_stacks_still_equal_each_config_alone(digits_feature_file, monkeypatch, budget):
+    """Large heads are spread over several stacks (bounded activations); every batch still serves all
+    of them and each stack replays the same dropout draw, so configs still equal themselves alone."""
+    from featcache import fused
+    from featcache.heads import HeadSpec
+
+    monkeypatch.setattr(fused, "STACK_ACTIVATION_BYTES", budget)
+    assert fused.heads_per_stack(HeadSpec("mlp", 64, 10, hidden=32), 256) == max(1, budget // (16 * 256 * 32))
+    kw = dict(head="mlp", hidden=32, epochs=8, patience=3, dropout=0.3)
+    result = fc.sweep(digits_feature_file, lrs=(1e-3, 1e-2), weight_decays=(0.0,), features=("cls",), **kw)
+    _assert_matches_alone(digits_feature_file, result, **kw)
+
+
 def test_fused_linear_adam_sweep_equals_each_config_alone(digits_feature_file):
     kw = dict(head="linear", epochs=10, patience=3, optimizer="adam")
     result = fc.sweep(digits_feature_file, lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-2), **kw)
