@@ -1,6 +1,8 @@
 """`featcache knn` and `featcache probe`: representation quality of cached features."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
@@ -40,6 +42,16 @@ def _few_shot_table(console: Console, fs) -> None:
                                "balanced_accuracy_std"],
                   title=f"\nfew-shot {fs.method}: {fs.config['tries']} tries per shot count, evaluated on all "
                         f"{fs.config['n_eval']} {fs.config['eval_split']} rows")
+
+
+def _finish(console: Console, res: Any, json_path: str | None, out_dir: str | None) -> None:
+    """What knn and probe do last: the few-shot table, --json, the run directory."""
+    if res.few_shot:
+        _few_shot_table(console, res.few_shot)
+    write_json(json_path, {**res.config, **res.metrics()})
+    if out_dir:
+        res.save(out_dir)
+        console.note(f"wrote run directory {out_dir}")
 
 
 def _positive_title(block: dict) -> str:
@@ -105,12 +117,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
         head = res.config["headline"]
         console.table(_ci_rows(res.headline), title=f"\nk = {head['k']}, T = {head['temperature']:g}: {bootstrap} "
                                                     f"bootstrap resamples" + (" by group" if res.eval.groups else ""))
-    if res.few_shot:
-        _few_shot_table(console, res.few_shot)
-    write_json(json_path, {**res.config, **res.metrics()})
-    if out_dir:
-        res.save(out_dir)
-        console.note(f"wrote run directory {out_dir}")
+    _finish(console, res, json_path, out_dir)
 
 
 @cli.command()
@@ -194,12 +201,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     if res.test is not None:
         console.table(_ci_rows(res.test), title=f"\ntest metrics ({res.test['n']} {test} rows, C = {est.best_C_:g}"
                                                 f"{_positive_title(res.test)})")
-    if res.few_shot:
-        _few_shot_table(console, res.few_shot)
-    write_json(json_path, {**res.config, **res.metrics()})
-    if out_dir:
-        res.save(out_dir)
-        console.note(f"wrote run directory {out_dir}")
+    _finish(console, res, json_path, out_dir)
 
 
 @cli.command()

@@ -175,12 +175,12 @@ def predict(run_dir, features_file, split, out_csv, threshold, positive_class, q
 
     Example: featcache predict runs/linear feats.h5 --split test --out preds.csv
     """
-    from featcache.prediction import describe_head, predict as run_predict, write_predictions_csv
+    from featcache.prediction import predict as run_predict, write_predictions_csv
 
     pred = run_predict(run_dir, features_file, split, threshold=threshold, positive_class=positive_class)
     write_predictions_csv(pred, out_csv)
     console = Console(quiet)
-    console.note(describe_head(run_dir))
+    console.note(pred.head)
     rule = ""
     if pred.positive is not None:
         rule = f" (positive class {pred.classes[pred.positive]}, threshold {pred.threshold:.4g}: {pred.threshold_source})"

@@ -38,6 +38,7 @@ from featcache.cached_splits import CachedSplits, SplitData, epoch_batches
 from featcache.devices import resolve_device
 from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import selection_score
+from featcache.prediction import PREDICT_BATCH
 from featcache.store import FeatureStore
 from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights
 
@@ -145,12 +146,12 @@ def train_step(stack: HeadStack, loss_fn: nn.Module, x: torch.Tensor, y: torch.T
 
 def stacked_proba(stacks: list[HeadStack], cached: CachedSplits, split: SplitData, cfg: TrainConfig
                   ) -> list[np.ndarray]:
-    """Per stack (K, N, C) probabilities of a split for every head, in row order: `train.epoch_proba`'s
+    """Per stack (K, N, C) probabilities of a split for every head, in row order: `prediction.split_proba`'s
     batches and casts, each batch read once for all stacks."""
     out: list[list[torch.Tensor]] = [[] for _ in stacks]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for x, _ in epoch_batches(cached, split, max(cfg.batch_size, 1024), gen, 0, False, None):
+        for x, _ in epoch_batches(cached, split, max(cfg.batch_size, PREDICT_BATCH), gen, 0, False, None):
             for i, stack in enumerate(stacks):
                 logits = stacked_logits(stack, x, train=False)
                 out[i].append((logits.sigmoid() if cached.multilabel else logits.softmax(dim=2)).float().cpu())

@@ -48,9 +48,10 @@ def batch_proba(model: nn.Module, batches: Iterable[torch.Tensor], multilabel: b
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, num_classes))
 
 
-def split_proba(model: nn.Module, cached: Any, split: Any) -> np.ndarray:
-    """Probabilities of one of a CachedSplits' splits, in row order, batched as predict batches."""
-    batches = (x for x, _ in epoch_batches(cached, split, PREDICT_BATCH, torch.Generator(), 0, False, None))
+def split_proba(model: nn.Module, cached: Any, split: Any, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Probabilities of one of a CachedSplits' splits, in row order, batched as predict batches
+    (training ranks its epochs with the same function, in batches of at least PREDICT_BATCH)."""
+    batches = (x for x, _ in epoch_batches(cached, split, batch_size, torch.Generator(), 0, False, None))
     return batch_proba(model, batches, cached.multilabel, len(cached.classes))
 
 
@@ -181,6 +182,7 @@ class Predictions:
     positive: int | None                # binary: index of the positive class
     threshold: float | list[float] | None
     threshold_source: str               # "saved (youden, chosen on val)", "--threshold", "default 0.5"
+    head: str = ""                      # one line naming the head that predicted (describe_head)
 
     def decisions(self) -> np.ndarray:
         """Predicted class index per row (multi-label: (N, C) 0/1), by the documented tie rule."""
@@ -218,7 +220,8 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
         paths = view.paths
         labels = view.labels[rows]
     positive, t, source = _decision_rule(head, multilabel, threshold, positive_class)
-    return Predictions([paths[i] for i in rows], labels, proba, head.classes, multilabel, positive, t, source)
+    return Predictions([paths[i] for i in rows], labels, proba, head.classes, multilabel, positive, t, source,
+                       describe_head(head))
 
 
 def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
@@ -309,9 +312,8 @@ def array_proba(head_tensors: tuple[dict[str, torch.Tensor], dict[str, Any]], x:
     return batch_proba(model, batches(), bool(meta["multilabel"]), spec.num_classes)
 
 
-def describe_head(run_dir: str | os.PathLike) -> str:
+def describe_head(head: SavedHead) -> str:
     """One line naming a saved head, for the predict summary."""
-    head = load_head(run_dir)
     m = head.meta
     return (f"{m.get('source', 'train')} {head.spec.kind} head on {m.get('features')} of {m.get('model')} "
             f"({len(head.classes)} classes" + (f", positive class {m['positive_class']}" if m.get("positive_class") else "")

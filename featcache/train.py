@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from featcache.cached_splits import CachedSplits, SplitChoice, SplitData, epoch_batches, load_cached_splits
+from featcache.cached_splits import CachedSplits, SplitChoice, epoch_batches, load_cached_splits
 from featcache.devices import resolve_device
 from featcache.heads import HeadSpec, build_head, num_params, uses_tokens
 from featcache.metrics import (bootstrap_metrics, choose_threshold_rule,
@@ -28,7 +27,7 @@ from featcache.metrics import (bootstrap_metrics, choose_threshold_rule,
                                summarize_repeats)
 from featcache.plots import evaluation_figures, learning_curve_plot
 from featcache.names import BALANCE, CI_METRICS, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS
-from featcache.prediction import head_payload, split_proba
+from featcache.prediction import PREDICT_BATCH, head_payload, split_proba
 from featcache.runs import write_run
 from featcache.store import FeatureStore, open_features, parse_feature_kind
 
@@ -125,17 +124,6 @@ def sample_weights(cached: CachedSplits, balance: str) -> torch.Tensor | None:
     return per_class[y]
 
 
-def epoch_proba(model: nn.Module, cached: CachedSplits, split: SplitData, batch_size: int) -> np.ndarray:
-    """Probabilities of a split during training (float32), to rank epochs."""
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for x, _ in epoch_batches(cached, split, max(batch_size, 1024), torch.Generator(), 0, False, None):
-            logits = model(x)
-            out.append((logits.sigmoid() if cached.multilabel else logits.softmax(dim=1)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(cached.classes)))
-
-
 # ------------------------------------------------------------------------------------------------
 # one head
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +175,8 @@ class HeadTrainer:
             if not math.isfinite(train_loss):
                 raise ValueError(f"the training loss became {train_loss} at epoch {epoch} (lr {cfg.lr:g}): the "
                                  f"head diverged. Lower --lr, or keep --standardize on.")
-            score = selection_score(val_y, epoch_proba(model, cached, cached.val, cfg.batch_size), cfg.metric)
+            proba = split_proba(model, cached, cached.val, max(cfg.batch_size, PREDICT_BATCH))
+            score = selection_score(val_y, proba, cfg.metric)
             history.append({"epoch": epoch, "train_loss": train_loss, f"val_{cfg.metric}": score})
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{score:.4f}")
             if score > best or best_state is None:  # strictly better: ties keep the earlier, simpler epoch

@@ -21,6 +21,24 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.fixture(scope="session")
+def token_file(tmp_path_factory) -> Path:
+    """240 rows of 9 random tokens x 8 dims in 3 classes (train/val/test 160/40/40); the class
+    shows in one feature dimension of every token, so token heads can learn it."""
+    from featcache.store import write_arrays
+
+    rng = np.random.default_rng(0)
+    n, t, d = 240, 9, 8
+    y = rng.integers(0, 3, n)
+    tokens = rng.normal(size=(n, t, d)).astype(np.float32)
+    tokens[np.arange(n), :, y] += 1.0
+    path = tmp_path_factory.mktemp("tokens") / "tok.h5"
+    cut = {"train": slice(0, 160), "val": slice(160, 200), "test": slice(200, 240)}
+    write_arrays(path, {k: {"cls": tokens[s, 0], "pooled": tokens[s].mean(1), "tokens": tokens[s], "labels": y[s]}
+                        for k, s in cut.items()}, ["a", "b", "c"], {"model": "tok"})
+    return path
+
+
+@pytest.fixture(scope="session")
 def digits_feature_file(tmp_path_factory, digits_arrays) -> Path:
     """A complete featcache file whose cls/pooled are the digits vectors (no backbone needed)."""
     from featcache.store import write_arrays

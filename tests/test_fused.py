@@ -19,20 +19,6 @@ from featcache.train import TrainConfig
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    n, t, d = 240, 9, 8
-    y = rng.integers(0, 3, n)
-    tokens = rng.normal(size=(n, t, d)).astype(np.float32)
-    tokens[np.arange(n), :, y] += 1.0  # the class shows in one feature dimension of every token
-    path = tmp_path_factory.mktemp("fused") / "tok.h5"
-    cut = {"train": slice(0, 160), "val": slice(160, 200), "test": slice(200, 240)}
-    write_arrays(path, {k: {"cls": tokens[s, 0], "pooled": tokens[s].mean(1), "tokens": tokens[s], "labels": y[s]}
-                        for k, s in cut.items()}, ["a", "b", "c"], {"model": "tok"})
-    return path
-
-
 def _assert_same_weights(alone, fused, skip: tuple[str, ...] = ()) -> None:
     for (name, a), b in zip(alone.model_.state_dict().items(), fused.model_.state_dict().values()):
         if name not in skip:

@@ -88,20 +88,6 @@ def test_no_val_split_holds_out_from_train(digits_arrays, tmp_path):
     assert t.val_metrics_["n"] == pytest.approx(0.1 * len(y), abs=6)
 
 
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    n, t, d = 240, 9, 8
-    y = rng.integers(0, 3, n)
-    tokens = rng.normal(size=(n, t, d)).astype(np.float32)
-    tokens[np.arange(n), :, y] += 1.0  # the class shows in one feature dimension of every token
-    path = tmp_path_factory.mktemp("tokens") / "tok.h5"
-    cut = {"train": slice(0, 160), "val": slice(160, 200), "test": slice(200, 240)}
-    write_arrays(path, {k: {"cls": tokens[s, 0], "pooled": tokens[s].mean(1), "tokens": tokens[s], "labels": y[s]}
-                        for k, s in cut.items()}, ["a", "b", "c"], {"model": "tok"})
-    return path
-
-
 @pytest.mark.parametrize("head", ["mixer", "attn"])
 def test_token_heads_learn_and_streaming_equals_in_memory(token_file, head):
     kw = dict(head=head, lr=3e-3, epochs=8, patience=8, batch_size=32, dropout=0.0)
