@@ -22,6 +22,7 @@ Also prints a cold 12-fit sweep (what a naive loop costs) for reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import warnings
 
@@ -61,11 +62,12 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="5,000 x 128 instead of 50,000 x 768")
     ap.add_argument("--data", choices=["features", "gaussian"], default="features",
                     help="synthetic data kind (see the module docstring)")
-    ap.add_argument("--path-tol", type=float, default=None,
-                    help="probe's lbfgs tol during the sweep (default: 10 x --tol)")
-    ap.add_argument("--path-rtol", type=float, default=None,
-                    help="probe's sweep rule: residual gradient <= this fraction of W / (C n) "
-                         "(default: featcache.probe.DEFAULT_PATH_RTOL)")
+    ap.add_argument("--rtol", type=float, default=None,
+                    help="probe's convergence rule: residual gradient <= this fraction of W / (C n) "
+                         "(default: featcache.logistic.DEFAULT_RTOL)")
+    ap.add_argument("--step-tol", type=float, default=None,
+                    help="... or a last step that moved no logit more than this "
+                         "(default: featcache.logistic.DEFAULT_STEP_TOL)")
     ap.add_argument("--no-naive", action="store_true", help="skip the cold 12-fit reference sweep")
     ap.add_argument("--patience", type=int, default=None, help="LogisticProbe(patience=...): stop the path this "
                     "many C values past the best (default: the probe's default)")
@@ -92,12 +94,13 @@ def main() -> None:
           f"{len(cs)} C values, max_iter {args.max_iter}, tol {args.tol}")
 
     t0 = time.perf_counter()
-    from featcache.probe import DEFAULT_PATH_RTOL
+    from featcache.logistic import DEFAULT_RTOL, DEFAULT_STEP_TOL
 
-    rtol = DEFAULT_PATH_RTOL if args.path_rtol is None else args.path_rtol
+    rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
+    step_tol = DEFAULT_STEP_TOL if args.step_tol is None else args.step_tol
     extra = {} if args.patience is None else {"patience": args.patience}
-    probe = LogisticProbe(Cs=cs, max_iter=args.max_iter, tol=args.tol, path_tol=args.path_tol,
-                          path_rtol=rtol, **extra).fit(tx, ty, vx, vy)
+    probe = LogisticProbe(Cs=cs, max_iter=args.max_iter, tol=args.tol, rtol=rtol, step_tol=step_tol,
+                          **extra).fit(tx, ty, vx, vy)
     t_probe = time.perf_counter() - t0
     print(f"probe (sweep + refit): {t_probe:8.2f} s  best C {probe.best_C_:g}  val acc "
           f"{probe.best_score_:.4f}  test acc {probe.score(sx, sy):.4f}")
@@ -112,6 +115,24 @@ def main() -> None:
     print(f"cold sklearn fit at best C: {t_cold:8.2f} s  ({int(cold.n_iter_[0])} iterations, "
           f"val acc {cold.score(b, vy):.4f})")
     print(f"ratio probe / cold fit: {t_probe / t_cold:.2f}   (target <= 3)")
+
+    # the same cold fit by featcache's own solver (featcache.logistic, preconditioned lbfgs) under
+    # scikit-learn's rule alone (rtol=None, step_tol=None) and under the probe's rule: how much of
+    # the ratio is the solver, and what the path itself costs over one fit of that solver
+    from threadpoolctl import threadpool_limits
+
+    from featcache.logistic import fit_logistic
+
+    classes, index = np.unique(ty, return_inverse=True)
+    for name, rule in [("scikit-learn's rule", dict(rtol=None, step_tol=None)),
+                       ("the probe's rule", dict(rtol=rtol, step_tol=step_tol))]:
+        t0 = time.perf_counter()
+        with threadpool_limits(1, user_api="blas") if a.size < 2_000_000 else contextlib.nullcontext():
+            own = fit_logistic(a, index, classes.size, probe.best_C_, tol=args.tol,
+                               max_iter=args.max_iter, **rule)
+        t_own = time.perf_counter() - t0
+        print(f"featcache.logistic cold fit at best C, {name}: {t_own:8.2f} s  ({own.n_iter} steps, "
+              f"{own.matmuls} passes over X, stop: {own.stop}); probe / this: {t_probe / t_own:.2f}")
 
     if not args.no_naive:
         t0 = time.perf_counter()

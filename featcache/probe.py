@@ -18,17 +18,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from featcache.logistic import (DEFAULT_RTOL, DEFAULT_STEP_TOL, GramPreconditioner, LogisticFit,
+                                fit_logistic)
 from featcache.metrics import SELECTION_METRICS, classification_metrics, selection_score
 
 DEFAULT_CS = np.logspace(-6, 5, 12)
 # DINOv2's logistic-regression evaluation grid (dinov2/eval/log_regression.py): 45 values, 1e-6 ... 1e5
 DINOV2_CS = np.logspace(-6, 5, 45)
 NAMED_CS = {"default": DEFAULT_CS, "dinov2": DINOV2_CS}
-# During the sweep each C's fit stops only when its residual gradient is this fraction of the
-# regularisation gradient W / (C n) (see _path_tol for why an absolute tolerance cannot do)
-DEFAULT_PATH_RTOL = 0.001
-# ... but never tighter than the final fit's own tol (see _path_tol)
-PATH_FLOOR = 1.0
 
 
 def resolve_cs(Cs: Any) -> np.ndarray:
@@ -89,73 +86,68 @@ def _blas_threads(x: np.ndarray) -> Any:
 
 
 class _PathModel:
-    """One warm-started classifier per label (multi-label) or one multinomial classifier.
+    """One classifier per label (multi-label) or one multinomial classifier, fitted C after C.
 
-    Holds sklearn LogisticRegression objects whose coef_ carries over from one C to the next."""
+    Holds scikit-learn LogisticRegression objects (so prediction is scikit-learn's own code)
+    whose coefficients featcache.logistic fits; each C starts from the previous C's fit."""
 
     def __init__(self, multilabel: bool, max_iter: int, tol: float, class_weight: Any,
-                 random_state: int, rtol: float | None = None, floor: float = 0.0):
+                 random_state: int, rtol: float | None, step_tol: float | None):
         self.multilabel = multilabel
+        self.max_iter = max_iter
         self.tol = tol
-        self.rtol = rtol   # None: plain absolute tol (final fit); else the sweep's rule (_path_tol)
-        self.floor = floor
+        self.rtol = rtol              # convergence rule of every fit (logistic.fit_logistic)
+        self.step_tol = step_tol
         self.class_weight = class_weight
         self.params = dict(solver="lbfgs", max_iter=max_iter, tol=tol, class_weight=class_weight,
-                           random_state=random_state, warm_start=True)
+                           random_state=random_state)
         self.models: list[Any] = []
         self.constants: list[float | None] = []   # multi-label: a label constant in train
-        self.n_iter = 0
-        self.prev_C: float | None = None
-
-    def _tol_at(self, model: Any, x: np.ndarray, target: np.ndarray, C: float) -> float:
-        """lbfgs gradient tolerance that makes this fit converged *at this C* (see _path_tol)."""
-        if self.rtol is None:
-            return self.tol
-        weight = _sample_weight(target, self.class_weight)
-        sw_sum = float(len(target)) if weight is None else float(weight.sum())
-        if hasattr(model, "coef_"):
-            # warm start: W grows with C, so the previous C's W under-estimates this C's (safe side)
-            scale = float(np.abs(model.coef_).max()) / (C * sw_sum)
-        else:
-            # cold start: at the optimum lambda W = -grad(loss), of the order of the gradient at 0;
-            # fit() re-checks with the fitted W and continues when this guess was too loose
-            scale = _gradient_at_zero(x, target, weight, sw_sum)
-        return _path_tol(self.tol, self.rtol, scale, self.floor)
+        self.fits: list[LogisticFit | None] = []  # the last fit per model (its logits seed the next C)
+        self.n_iter = 0                           # lbfgs steps at the last C (max over labels)
+        self.stops: list[str] = []                # why each fit of the last C stopped (LogisticFit.stop)
+        self._x: np.ndarray | None = None         # the design matrix the fits and preconditioner belong to
+        self._gram: GramPreconditioner | None = None
 
     def fit(self, x: np.ndarray, y: np.ndarray, C: float) -> "_PathModel":
-        """Fit (or continue from the previous C) at this C."""
-        from sklearn.exceptions import ConvergenceWarning
+        """Fit at this C, from the previous C's fit when there is one."""
         from sklearn.linear_model import LogisticRegression
 
         columns = [y[:, j] for j in range(y.shape[1])] if self.multilabel else [y]
         if not self.models:
             self.models = [LogisticRegression(C=C, **self.params) for _ in columns]
             self.constants = [None] * len(columns)
-        self.n_iter = 0
-        from sklearn import config_context
-
-        # inputs were checked for NaN/inf once in _check_xy; skip sklearn's re-check on every C
-        with _blas_threads(x), config_context(assume_finite=True), warnings.catch_warnings():
-            # non-convergence at extreme C is expected and reported via n_iter; not a user error
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        if len(self.fits) != len(columns):
+            self.fits = [None] * len(columns)
+        if self._x is not x:   # one preconditioner per design matrix, shared by every C and label
+            self._x, self._gram = x, GramPreconditioner(x)
+            self.fits = [None] * len(columns)
+        self.n_iter, self.stops = 0, []
+        with _blas_threads(x):
             for j, (model, target) in enumerate(zip(self.models, columns)):
                 if self.multilabel and np.unique(target).size < 2:
                     self.constants[j] = float(target[0] > 0)
                     continue
-                tol = self._tol_at(model, x, target, C)
-                model.set_params(C=C, tol=tol)
-                model.fit(x, target)
-                n_iter = int(np.max(model.n_iter_))
-                # check the rule with the fitted W; if it asks for a tighter tol (a cold start whose
-                # guess was loose, or W that grew a lot at this C), continue from here once
-                needed = self._tol_at(model, x, target, C)
-                if needed < 0.5 * tol:
-                    model.set_params(tol=needed)
-                    model.fit(x, target)
-                    n_iter += int(np.max(model.n_iter_))
-                self.n_iter = max(self.n_iter, n_iter)
-        self.prev_C = C
+                classes, index = np.unique(target, return_inverse=True)
+                same = hasattr(model, "coef_") and np.array_equal(model.classes_, classes)
+                init = self.fits[j] if same and self.fits[j] is not None else (
+                    (model.coef_, model.intercept_) if same else None)
+                fit = fit_logistic(x, index, classes.size, C, tol=self.tol, max_iter=self.max_iter,
+                                   sample_weight=_sample_weight(target, self.class_weight), init=init,
+                                   preconditioner=self._gram, rtol=self.rtol, step_tol=self.step_tol)
+                # the fitted attributes of a scikit-learn model: prediction is scikit-learn's code
+                model.set_params(C=C)
+                model.classes_, model.coef_, model.intercept_ = classes, fit.coef, fit.intercept
+                model.n_features_in_, model.n_iter_ = x.shape[1], np.array([fit.n_iter])
+                self.fits[j] = fit
+                self.n_iter = max(self.n_iter, fit.n_iter)
+                self.stops.append(fit.stop)
         return self
+
+    @property
+    def converged(self) -> bool:
+        """Every fit of the last C met the convergence rule (LogisticFit.converged)."""
+        return all(stop in ("gradient", "settled", "ftol") for stop in self.stops)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(N, C) class probabilities, or (N, L) per-label positive probabilities."""
@@ -187,33 +179,8 @@ class _PathModel:
         self.constants = [None] * len(columns)
         for model, target, saved in zip(self.models, columns, snap):
             if saved is not None and np.array_equal(saved[0], np.unique(target)):
-                model.coef_, model.intercept_ = saved[1].copy(), saved[2].copy()
+                model.classes_, model.coef_, model.intercept_ = saved[0].copy(), saved[1].copy(), saved[2].copy()
         return self
-
-
-def _path_tol(tol: float, rtol: float, reg_scale: float, floor: float) -> float:
-    """The sweep's lbfgs tolerance at one C: min(tol, max(rtol * max|W| / (C n), floor)).
-
-    Why not an absolute tol alone: sklearn stops lbfgs when max|projected gradient| of the
-    sample-averaged objective  mean loss + ||W||^2 / (2 C n)  is <= tol, checked before the first
-    step. At the optimum the two gradients balance, grad(loss) = -W / (C n), and the term
-    W / (C n) shrinks like 1 / C: warm-started from the previous C's optimum, the gradient at the
-    new C is (1/C_prev - 1/C) W / n, far below any fixed tol at large C (lbfgs ran 0 iterations
-    and C = 100 ... 1e5 were scored with a smaller C's model), and a fixed tol is also too loose
-    at tiny C, where a 2 % error in the small W flips near-tied predictions. Requiring the
-    residual gradient to be a small fraction rtol of the regularisation gradient W / (C n) means
-    the optimality condition of *this* C holds to relative precision rtol, whatever the scale of
-    C, n or the features, and whatever the grid spacing (10x steps or DINOv2's 1.8x). lbfgs' own
-    ftol stop still ends a flat tail cheaply, as it does for a converged cold fit.
-
-    The floor (the final fit's own tol) keeps the rule from chasing digits that no prediction
-    depends on: at large C on non-separable data W / (C n) is ~1e-9, and the rule alone ran lbfgs
-    ~900 iterations at C = 1e4 to move W by nothing (a 36x slower sweep). With the floor every C's
-    model is converged at least as tightly as the model the probe finally returns; a warm start
-    that already meets that at the new C is reported with its honest 0 iterations (measured on
-    digits pixels and ReLU features: every C within 0.6 points of a converged float64 sklearn fit).
-    """
-    return tol if reg_scale <= 0 else min(tol, max(rtol * reg_scale, floor))
 
 
 def _sample_weight(target: np.ndarray, class_weight: Any) -> np.ndarray | None:
@@ -223,22 +190,6 @@ def _sample_weight(target: np.ndarray, class_weight: Any) -> np.ndarray | None:
     from sklearn.utils.class_weight import compute_sample_weight
 
     return compute_sample_weight(class_weight, target)
-
-
-def _gradient_at_zero(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None,
-                      sw_sum: float) -> float:
-    """max|gradient| of sklearn's averaged logistic loss at W = 0, b = 0 (its cold start).
-
-    There every class has probability 1/K, so the gradient is X^T (1/K - onehot) / n (and the
-    column mean for the intercept); for two classes 1/2 - y gives the same magnitude."""
-    classes, index = np.unique(target, return_inverse=True)
-    resid = np.full((len(target), classes.size), 1.0 / classes.size)
-    resid[np.arange(len(target)), index] -= 1.0
-    if weight is not None:
-        resid *= weight[:, None]
-    grad_w = x.T.astype(np.float64) @ resid / sw_sum
-    grad_b = resid.sum(axis=0) / sw_sum
-    return float(max(np.abs(grad_w).max(), np.abs(grad_b).max()))
 
 
 def _score(y: np.ndarray, proba: np.ndarray, classes: np.ndarray | None, metric: str) -> float:
@@ -268,20 +219,18 @@ class LogisticProbe:
 
     def __init__(self, Cs: Sequence[float] | np.ndarray | None = None, *, metric: str = "accuracy",
                  cv: int = 5, refit: bool = True, max_iter: int = 1000, tol: float = 1e-4,
-                 path_tol: float | None = None, path_rtol: float = DEFAULT_PATH_RTOL,
+                 rtol: float | None = DEFAULT_RTOL, step_tol: float | None = DEFAULT_STEP_TOL,
                  class_weight: str | dict | None = None,
                  patience: int | None = None, progress: bool = False, random_state: int = 0):
         self.Cs = DEFAULT_CS if Cs is None else Cs  # grid of inverse regularisation strengths
         self.metric = metric                # selection metric: accuracy | balanced_accuracy | auroc | loss
         self.cv = cv                        # folds when there is no validation split
         self.refit = refit                  # refit on train + val at the best C (val given)
-        self.max_iter = max_iter            # lbfgs iterations per C (warm start needs few)
-        self.tol = tol                      # lbfgs gradient tolerance of the final fit
-        self.path_tol = path_tol            # looser tolerance while sweeping (only the ranking of C
-                                            # matters there); None = 10 * tol
-        self.path_rtol = path_rtol          # ... and at most this fraction of the regularisation
-                                            # gradient W / (C n), so every C's score is that C's
-                                            # converged model (see _path_tol)
+        self.max_iter = max_iter            # lbfgs iterations per fit (a warm start needs few)
+        self.tol = tol                      # max |gradient| every fit must reach (scikit-learn's tol) ...
+        self.rtol = rtol                    # ... and this fraction of the penalty gradient W / (C n),
+        self.step_tol = step_tol            # or a last step that moved no logit more than this: every
+                                            # C's model is converged at that C (logistic.fit_logistic)
         self.class_weight = class_weight    # None or "balanced" (imbalanced medical data)
         self.patience = patience            # stop the sweep after this many C's worse than the best; None = full grid
         self.progress = progress            # tqdm bar over the C grid (stderr)
@@ -310,20 +259,21 @@ class LogisticProbe:
                 raise ValueError(f"val features/labels do not match train: train_x has {x.shape[1]} "
                                  f"features and labels of ndim {y.ndim}, val_x {vx.shape[1]} and {vy.ndim}.")
             scaler = StandardScaler().fit(x)
-            scores, n_iter, model = self._path(scaler.transform(x), y, scaler.transform(vx), vy, cs)
+            scores, n_iter, converged = self._path(scaler.transform(x), y, scaler.transform(vx), vy, cs)
             self.selection_ = "val"
             self.cv_folds_ = 0
         else:
-            scores, n_iter = self._cv_path(x, y, groups, cs)
+            scores, n_iter, converged = self._cv_path(x, y, groups, cs)
             self.selection_ = "cv"
             vx = vy = None
         self.scores_ = {float(c): float(s) for c, s in zip(cs, scores) if not np.isnan(s)}
         self.n_iter_ = {float(c): int(n) for c, n in zip(cs, n_iter) if n >= 0}
+        self.converged_ = {float(c): bool(ok) for c, ok, n in zip(cs, converged, n_iter) if n >= 0}
         best = int(np.nanargmax(scores))  # first maximum: the strongest regularisation among ties
         self.best_C_ = float(cs[best])
         self.best_score_ = float(scores[best])
 
-        final = _PathModel(self.multilabel_, self.max_iter, self.tol, self.class_weight, self.random_state)
+        final = self._path_model()
         if vx is not None:
             # keep the train scaler, so the sweep's coefficients at best C are a warm start for the
             # refit on train + val (a few iterations instead of a cold fit)
@@ -338,19 +288,24 @@ class LogisticProbe:
             fit_x, fit_y = x, y
         self.model_ = final.fit(self.scaler_.transform(fit_x), fit_y, self.best_C_)
         self.n_iter_refit_ = final.n_iter
+        self.converged_refit_ = final.converged
+        if not (final.converged and self.converged_.get(self.best_C_, True)):
+            warnings.warn(f"the probe's fit at the chosen C = {self.best_C_:g} did not converge "
+                          f"(lbfgs stopped: {', '.join(final.stops)}); raise max_iter "
+                          f"(now {self.max_iter}) or check the features for near-duplicate columns.",
+                          RuntimeWarning, stacklevel=2)
         self._snapshots = {}
         self.classes_ = self.model_.classes
         self.n_features_in_ = x.shape[1]
         return self
 
     def _path(self, x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray,
-              cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, _PathModel]:
-        """Warm-started sweep over ascending C: validation score and lbfgs iterations per C."""
-        tol = self.path_tol if self.path_tol is not None else 10 * self.tol
-        model = _PathModel(y.ndim == 2, self.max_iter, tol, self.class_weight, self.random_state,
-                           rtol=self.path_rtol, floor=self.tol * PATH_FLOOR)
+              cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Warm-started sweep over ascending C: validation score, lbfgs steps and convergence per C."""
+        model = self._path_model()
         scores = np.full(cs.size, np.nan)
         n_iter = np.full(cs.size, -1)
+        converged = np.ones(cs.size, dtype=bool)
         best, since_best = -np.inf, 0
         self._snapshots: dict[float, Any] = {}
         from tqdm.auto import tqdm
@@ -361,16 +316,21 @@ class LogisticProbe:
             self._snapshots[float(c)] = model.snapshot()
             scores[i] = _score(vy, model.predict_proba(vx), model.classes, self.metric)
             n_iter[i] = model.n_iter
+            converged[i] = model.converged
             if scores[i] > best:
                 best, since_best = scores[i], 0
             else:
                 since_best += 1
                 if self.patience is not None and since_best >= self.patience:
                     break  # past the peak: larger C only overfits more, and costs the most
-        return scores, n_iter, model
+        return scores, n_iter, converged
+
+    def _path_model(self) -> _PathModel:
+        return _PathModel(self.multilabel_, self.max_iter, self.tol, self.class_weight,
+                          self.random_state, self.rtol, self.step_tol)
 
     def _cv_path(self, x: np.ndarray, y: np.ndarray, groups: Sequence[Any] | None,
-                 cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Mean fold score per C (StratifiedGroupKFold with groups, StratifiedKFold without)."""
         from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
         from sklearn.preprocessing import StandardScaler
@@ -397,18 +357,20 @@ class LogisticProbe:
             splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=self.random_state)
         else:
             splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
-        fold_scores, fold_iters = [], []
+        fold_scores, fold_iters, fold_ok = [], [], []
         split_y = y if not self.multilabel_ else np.zeros(len(y))
         for tr, va in splitter.split(x, split_y, groups):
             scaler = StandardScaler().fit(x[tr])
-            s, n, _ = self._path(scaler.transform(x[tr]), y[tr], scaler.transform(x[va]), y[va], cs)
+            s, n, ok = self._path(scaler.transform(x[tr]), y[tr], scaler.transform(x[va]), y[va], cs)
             fold_scores.append(s)
             fold_iters.append(n)
+            fold_ok.append(ok)
         self.cv_folds_ = folds
         # a C skipped by patience in some fold counts as missing, not as zero
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(np.array(fold_scores), axis=0), np.max(np.array(fold_iters), axis=0)
+            return (np.nanmean(np.array(fold_scores), axis=0), np.max(np.array(fold_iters), axis=0),
+                    np.all(np.array(fold_ok), axis=0))
 
     # -- prediction -------------------------------------------------------------------------
     def _check_fitted(self, x: Any) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""featcache.logistic against scikit-learn and a plain-numpy objective on real data (digits)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_sample_weight
+from threadpoolctl import threadpool_limits
+
+from featcache.logistic import _Objective, fit_logistic
+from featcache.probe import LogisticProbe
+
+SKLEARN_RULE = dict(rtol=None, step_tol=None)   # max |gradient| <= tol alone, as scikit-learn
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    return StandardScaler().fit_transform(x), y
+
+
+def _numpy_objective(x, y, coef, intercept, C, weight=None):
+    """scikit-learn's documented L2 objective, written out: (1/S) sum s_i loss_i + ||W||^2/(2 C S)."""
+    weight = np.ones(len(y)) if weight is None else weight
+    classes = np.unique(y)
+    z = x @ coef.T + intercept
+    if classes.size == 2:
+        t = (y == classes[1]).astype(float)
+        loss = np.log1p(np.exp(z[:, 0])) - t * z[:, 0]
+    else:
+        z = z - z.max(axis=1, keepdims=True)
+        loss = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), np.searchsorted(classes, y)]
+    return (weight @ loss + 0.5 * (coef ** 2).sum() / C) / weight.sum()
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "balanced"])
+def test_minimum_is_scikit_learns(digits, task):
+    x, y = digits
+    weight = None
+    if task != "multiclass":
+        y = (y == 3).astype(int)   # 10 % positives
+    if task == "balanced":
+        weight = compute_sample_weight("balanced", y)
+    classes, index = np.unique(y, return_inverse=True)
+    C = 0.5
+    ref = LogisticRegression(C=C, tol=1e-10, max_iter=20000,
+                             class_weight="balanced" if task == "balanced" else None).fit(x, y)
+    fit = fit_logistic(x, index, classes.size, C, tol=1e-9, max_iter=5000, sample_weight=weight,
+                       **SKLEARN_RULE)
+    assert fit.converged and fit.coef.shape == ref.coef_.shape
+    np.testing.assert_allclose(fit.coef, ref.coef_, atol=2e-4)
+    np.testing.assert_allclose(fit.intercept, ref.intercept_, atol=2e-4)
+    # the objective it minimised is the documented one (independent numpy formula), at both points
+    obj = _Objective(x, index, classes.size, weight, C)
+    for coef, intercept in [(fit.coef, fit.intercept), (ref.coef_, ref.intercept_)]:
+        v = np.concatenate([coef.ravel(), intercept])
+        assert obj.value(v, obj.logits(v))[0] == pytest.approx(
+            _numpy_objective(x, y, coef, intercept, C, weight), rel=1e-12)
+
+
+def test_gradient_matches_finite_differences(digits):
+    x, y = digits
+    obj = _Objective(x, y, 10, None, 0.3)
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=obj.n_coef + obj.outputs) * 0.1
+    f, proba = obj.value(v, obj.logits(v))
+    g = obj.data_gradient(proba) + obj.penalty_gradient(v)
+    for _ in range(3):
+        e = rng.normal(size=v.size)
+        h = 1e-6
+        fd = (obj.value(v + h * e, obj.logits(v + h * e))[0] - obj.value(v - h * e, obj.logits(v - h * e))[0]) / (2 * h)
+        assert g @ e == pytest.approx(fd, rel=1e-6)
+
+
+def test_float32_features_reach_the_float64_minimum(digits):
+    """Logits kept in float64 let lbfgs resolve decreases that float32 logits would hide: a float32
+    fit reaches max |gradient| 1e-8 and the float64 minimum (scikit-learn on float32 stops far
+    earlier, which is why the probe's references are float64)."""
+    x, y = digits
+    ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=20000).fit(x, y)
+    fit = fit_logistic(x.astype(np.float32), y, 10, 1.0, tol=1e-8, max_iter=5000, **SKLEARN_RULE)
+    assert fit.stop == "gradient" and fit.max_gradient <= 1e-8
+    np.testing.assert_allclose(fit.coef, ref.coef_, atol=1e-3)
+
+
+def test_a_warm_start_from_a_fit_reuses_its_logits_and_lands_where_coefficients_do(digits):
+    x, y = digits
+    first = fit_logistic(x, y, 10, 0.01, tol=1e-6, max_iter=1000)
+    from_fit = fit_logistic(x, y, 10, 0.1, tol=1e-6, max_iter=1000, init=first)
+    from_coef = fit_logistic(x, y, 10, 0.1, tol=1e-6, max_iter=1000, init=(first.coef, first.intercept))
+    assert from_fit.n_iter == from_coef.n_iter > 0
+    assert from_fit.matmuls == from_coef.matmuls - 2   # no pass over X before the first step
+    np.testing.assert_allclose(from_fit.coef, from_coef.coef, atol=1e-8)
+
+
+def test_at_large_C_a_start_point_that_meets_tol_is_not_taken_as_converged(digits):
+    """scikit-learn's rule alone accepts the C = 100 optimum at C = 1e4 without a step (its
+    gradient there is below 1e-4); the probe's rule moves on to the C = 1e4 model."""
+    x, y = digits
+    at_100 = fit_logistic(x, y, 10, 100.0, tol=1e-8, max_iter=5000, **SKLEARN_RULE)
+    lazy = fit_logistic(x, y, 10, 1e4, tol=1e-4, max_iter=5000, init=at_100, **SKLEARN_RULE)
+    assert lazy.n_iter == 0
+    honest = fit_logistic(x, y, 10, 1e4, tol=1e-4, max_iter=5000, init=at_100)
+    assert honest.n_iter > 0 and honest.converged
+    ref = LogisticRegression(C=1e4, tol=1e-8, max_iter=50000).fit(x, y)
+    obj = _Objective(x, y, 10, None, 1e4)
+    value = lambda f: obj.value(np.r_[f.coef.ravel(), f.intercept], obj.logits(np.r_[f.coef.ravel(), f.intercept]))[0]  # noqa: E731
+    v_ref = obj.value(np.r_[ref.coef_.ravel(), ref.intercept_], obj.logits(np.r_[ref.coef_.ravel(), ref.intercept_]))[0]
+    assert value(honest) - v_ref < 0.1 * (value(lazy) - v_ref)
+
+
+def test_errors_and_unconverged_fits_are_reported(digits):
+    x, y = digits
+    with pytest.raises(ValueError, match="at least two classes"):
+        fit_logistic(x, np.zeros(len(x), dtype=int), 1, 1.0)
+    with pytest.raises(ValueError, match="parameters"):
+        fit_logistic(x, y, 10, 1.0, init=(np.zeros((2, 3)), np.zeros(2)))
+    short = fit_logistic(x, y, 10, 1.0, tol=1e-8, max_iter=3)
+    assert short.stop == "max_iter" and not short.converged and short.n_iter == 3
+    # the probe says when the model it returns is not converged, and which C's were not
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = LogisticProbe(Cs=[1.0, 100.0], max_iter=2).fit(x[:1000], y[:1000], x[1000:], y[1000:])
+    assert not all(probe.converged_.values()) and not probe.converged_refit_
+    assert any("did not converge" in str(w.message) and "max_iter" in str(w.message) for w in caught)
