@@ -194,7 +194,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     est = res.probe
     where = "val" if est.selection_ == "val" else f"{est.cv_folds_}-fold CV"
     score_name = f"{where} {metric}"
-    console.table([{"C": f"{c:g}", score_name: s, "lbfgs_iter": est.n_iter_.get(c)} for c, s in est.scores_.items()],
+    console.table([{"C": f"{c:g}", score_name: s, "lbfgs_iter": est.n_iter_.get(c),
+                    "converged": "yes" if est.converged_.get(c, True) else "NO"} for c, s in est.scores_.items()],
                   title=f"C sweep on {res.config['n_train']} {train_split} rows x {len(res.probe.scaler_.mean_)} "
                         f"features ({kind}), selection on {where}")
     console.echo(f"best C: {est.best_C_:g}  ({score_name} {est.best_score_:.4f})")

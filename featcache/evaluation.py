@@ -194,7 +194,10 @@ class ProbeResult:
             val["top1"] = p.best_score_
         out = {"best_C": p.best_C_, "selection": p.selection_, "cv_folds": p.cv_folds_, "metric": p.metric,
                "features": self.config["features"], "scores": {f"{c:g}": s for c, s in p.scores_.items()},
-               "n_iter": {f"{c:g}": n for c, n in p.n_iter_.items()}, "val": val, "test": self.test,
+               "n_iter": {f"{c:g}": n for c, n in p.n_iter_.items()},
+               "converged": {f"{c:g}": ok for c, ok in p.converged_.items()},
+               "n_iter_refit": p.n_iter_refit_, "converged_refit": p.converged_refit_,
+               "val": val, "test": self.test,
                "positive_class": None if self.positive is None else self.classes[self.positive],
                "notes": self.warnings}
         if self.threshold is not None:
@@ -241,8 +244,16 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     cs = resolve_cs(Cs)
     probe = LogisticProbe(Cs=cs, metric=metric, cv=cv, refit=refit, max_iter=max_iter,
                           class_weight=class_weight, progress=progress, random_state=seed)
-    probe.fit(train.x, train.y, val.x if val else None, val.y if val else None,
-              groups=None if use_val else train.groups)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        probe.fit(train.x, train.y, val.x if val else None, val.y if val else None,
+                  groups=None if use_val else train.groups)
+    notes += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    unconverged = [f"{c:g}" for c, ok in probe.converged_.items() if not ok]
+    if unconverged:
+        notes.append(f"the probe did not converge at C = {', '.join(unconverged)} (lbfgs reached max_iter = {max_iter} "
+                     f"or its line search found no decrease): "
+                     f"those scores are of unconverged models; raise --max-iter to fit them.")
     t_value = None
     if rule is not None:
         if val is None:

@@ -1,15 +1,17 @@
 """Logistic-regression probe: the standard linear read-out of frozen features, C chosen honestly.
 
 Features are standardised (a StandardScaler fitted on the training rows, so large-norm backbones
-and small-norm ones share one C grid), then an L2 logistic regression (lbfgs, multinomial for
-several classes) is fitted for every C of a log grid. C is chosen on the validation split, or by
-cross-validation when there is none (StratifiedGroupKFold when groups — patients — are known, so
-one patient never sits on both sides; StratifiedKFold otherwise). The model is then refitted on
-train + val at the chosen C and evaluated once on the test split.
+and small-norm ones share one C grid), then an L2 logistic regression (scikit-learn's objective,
+multinomial for several classes, one-vs-rest per label for multi-label) is fitted for every C of a
+log grid. C is chosen on the validation split, or by cross-validation when there is none
+(StratifiedGroupKFold when groups — patients — are known, so one patient never sits on both sides;
+StratifiedKFold otherwise). The model is then refitted on train + val at the chosen C and
+evaluated once on the test split.
 
-Why warm start: the C grid is walked in ascending order and each fit starts from the previous
-coefficients. Small C converges in a handful of iterations, and each next C starts near its
-optimum, so the whole sweep costs little more than one cold fit at the chosen C.
+The fits are featcache.logistic's preconditioned L-BFGS, walked along ascending C with each fit
+started from the previous one (its coefficients and logits), and each stopped only when it is
+converged at its own C (logistic.fit_logistic says when that is); the fitted coefficients are
+stored in scikit-learn LogisticRegression objects, whose predict_proba serves prediction.
 """
 from __future__ import annotations
 

@@ -152,10 +152,12 @@ def _tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
     scores = run.metrics.get("scores")
     if isinstance(scores, dict) and scores:
         iters = run.metrics.get("n_iter") or {}
-        rows = [[f"{float(c):g}", fmt(_num(s)), str(iters.get(c, "n/a"))] for c, s in scores.items()
+        converged = run.metrics.get("converged") or {}
+        rows = [[f"{float(c):g}", fmt(_num(s)), str(iters.get(c, "n/a")),
+                 {True: "yes", False: "NO"}.get(converged.get(c), "n/a")] for c, s in scores.items()
                 if _num(c) is not None]
         tables.append((f"selection score per C ({run.metrics.get('selection', 'val')})",
-                       ["C", run.metrics.get("metric", "accuracy"), "lbfgs iterations"], rows))
+                       ["C", run.metrics.get("metric", "accuracy"), "lbfgs iterations", "converged"], rows))
     skip: set[str] = set()
     if run.kind == "compare":  # ranked backbones and paired differences, each value with its CI
         tables += compare_tables(run.metrics)

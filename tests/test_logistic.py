@@ -133,3 +133,24 @@ def test_errors_and_unconverged_fits_are_reported(digits):
         probe = LogisticProbe(Cs=[1.0, 100.0], max_iter=2).fit(x[:1000], y[:1000], x[1000:], y[1000:])
     assert not all(probe.converged_.values()) and not probe.converged_refit_
     assert any("did not converge" in str(w.message) and "max_iter" in str(w.message) for w in caught)
+
+
+def test_probe_command_marks_unconverged_C_in_its_table_json_and_report(digits_feature_file, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from featcache_cli.main import cli
+
+    run = tmp_path / "probe-run"
+    result = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", "0.01,100", "--max-iter", "3",
+                                      "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "converged" in result.output and "NO" in result.output
+    assert "did not converge at C = " in result.output and "--max-iter" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["converged"]["100"] is False and metrics["n_iter"]["100"] == 3
+    ok = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", "0.01,1", "--json", "-", "--quiet"])
+    assert ok.exit_code == 0, ok.output
+    assert "did not converge" not in ok.output
+    assert all(json.loads(ok.output[ok.output.index("{"):])["converged"].values())
