@@ -348,6 +348,10 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         hs += [f"<h2 id='{anchor}'>{anchor}</h2>",
                f"<p><code>{html.escape(str(run.path))}</code> — kind {html.escape(run.kind)}, model "
                f"{html.escape(run.model)}, features {html.escape(run.features)}</p>"]
+        notes = [str(n) for n in run.metrics.get("notes") or []]
+        if notes:   # what the run warned about (leakage, unconverged fits, dropped resamples) travels with it
+            md += ["### Notes", ""] + [f"- {md_escape(n)}" for n in notes] + [""]
+            hs += ["<h3>Notes</h3>", "<ul class='notes'>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
         cfg = _config_rows(run.config)
         if cfg:
             md += ["### Configuration", "", _md_table(["key", "value"], cfg), ""]

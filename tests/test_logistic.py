@@ -150,6 +150,12 @@ def test_probe_command_marks_unconverged_C_in_its_table_json_and_report(digits_f
     assert "did not converge at C = " in result.output and "--max-iter" in result.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["converged"]["100"] is False and metrics["n_iter"]["100"] == 3
+    # the report shows the per-C column and the run's note
+    report = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| converged |" in md and "| NO |" in md and "### Notes" in md and "did not converge" in md
+    assert "did not converge" in (tmp_path / "report" / "report.html").read_text()
     ok = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", "0.01,1", "--json", "-", "--quiet"])
     assert ok.exit_code == 0, ok.output
     assert "did not converge" not in ok.output
