@@ -175,6 +175,16 @@ def _direction(g: np.ndarray, pairs: deque, precondition: Callable[[np.ndarray],
     return -r
 
 
+def _logits_belong_to(fit: LogisticFit, x: np.ndarray) -> bool:
+    """Whether `fit`'s stored logits are those of these rows (checked on a few of them), so a
+    LogisticFit of other data is used for its coefficients only."""
+    if fit.logits.shape != (len(x), fit.intercept.size):
+        return False
+    rows = slice(0, min(len(x), 8))
+    z = np.asarray(x[rows], dtype=np.float64) @ fit.coef.T + fit.intercept
+    return bool(np.allclose(z, fit.logits[rows], rtol=1e-4, atol=1e-4 * (1.0 + np.abs(z).max())))
+
+
 def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, tol: float = 1e-4,
                  max_iter: int = 1000, sample_weight: np.ndarray | None = None,
                  init: LogisticFit | tuple[np.ndarray, np.ndarray] | None = None,
@@ -208,7 +218,7 @@ def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, 
         raise ValueError(f"a logistic fit needs at least two classes; got {n_classes}.")
     objective = _Objective(x, index, n_classes, sample_weight, C)
     size = objective.n_coef + objective.outputs
-    reuse = isinstance(init, LogisticFit) and init.logits.shape == (len(x), objective.outputs)
+    reuse = isinstance(init, LogisticFit) and _logits_belong_to(init, x)
     if init is None:
         v = np.zeros(size)
     else:

@@ -146,6 +146,12 @@ class _PathModel:
                 self.stops.append(fit.stop)
         return self
 
+    def release(self) -> "_PathModel":
+        """Drop what only the next C needs (the design matrix, its preconditioner, the fits' n x K
+        logits), so a fitted probe holds its coefficients and nothing of the size of the data."""
+        self._x, self._gram, self.fits = None, None, []
+        return self
+
     @property
     def converged(self) -> bool:
         """Every fit of the last C met the convergence rule (LogisticFit.converged)."""
@@ -288,7 +294,7 @@ class LogisticProbe:
         else:
             self.scaler_ = StandardScaler().fit(x)
             fit_x, fit_y = x, y
-        self.model_ = final.fit(self.scaler_.transform(fit_x), fit_y, self.best_C_)
+        self.model_ = final.fit(self.scaler_.transform(fit_x), fit_y, self.best_C_).release()
         self.n_iter_refit_ = final.n_iter
         self.converged_refit_ = final.converged
         if not (final.converged and self.converged_.get(self.best_C_, True)):
@@ -325,6 +331,7 @@ class LogisticProbe:
                 since_best += 1
                 if self.patience is not None and since_best >= self.patience:
                     break  # past the peak: larger C only overfits more, and costs the most
+        model.release()
         return scores, n_iter, converged
 
     def _path_model(self) -> _PathModel:

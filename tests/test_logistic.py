@@ -160,3 +160,20 @@ def test_probe_command_marks_unconverged_C_in_its_table_json_and_report(digits_f
     assert ok.exit_code == 0, ok.output
     assert "did not converge" not in ok.output
     assert all(json.loads(ok.output[ok.output.index("{"):])["converged"].values())
+
+
+def test_a_fit_of_other_rows_is_a_start_point_not_a_source_of_logits(digits):
+    x, y = digits
+    first = fit_logistic(x[:800], y[:800], 10, 0.1, tol=1e-6)
+    other = x[800:1600]   # same shape, other rows: the stored logits are not theirs
+    got = fit_logistic(other, y[800:1600], 10, 0.1, tol=1e-6, init=first)
+    ref = fit_logistic(other, y[800:1600], 10, 0.1, tol=1e-6, init=(first.coef, first.intercept))
+    assert got.matmuls == ref.matmuls
+    np.testing.assert_allclose(got.coef, ref.coef, atol=1e-10)
+
+
+def test_a_fitted_probe_keeps_no_copy_of_the_data(digits):
+    x, y = digits
+    probe = LogisticProbe(Cs=[0.1, 1.0]).fit(x[:1000], y[:1000], x[1000:], y[1000:])
+    assert probe.model_._x is None and probe.model_.fits == [] and probe.model_._gram is None
+    assert probe.predict_proba(x[:5]).shape == (5, 10)
