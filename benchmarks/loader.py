@@ -17,6 +17,7 @@ Target (issue 9): uint8 path >= 0.7 of bare decoding on one core.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import statistics
 import tempfile
 import time
@@ -115,6 +116,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also cProfile the worker's per-item work")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="also time the uint8 path with --fast-decode (JPEG draft mode; changes pixels)")
     args = p.parse_args()
 
     from featcache.extraction import ExtractConfig, RunOptions, prepare_backbone, run_extraction
@@ -128,18 +131,19 @@ def main() -> None:
 
     def extract(mode: str, i: int) -> tuple[float, str]:
         run = RunOptions(batch_size=args.batch_size, workers=args.workers, device="cpu", progress=False,
-                         pixels="auto" if mode == "uint8" else "processor")
+                         pixels="processor" if mode == "processor" else "auto")
         out = tmp / f"{mode}{i}.h5"
-        summary = run_extraction(cfg, tmp / "data", out, run, backbone=prepared)
+        summary = run_extraction(replace(cfg, fast_decode=mode == "fast"), tmp / "data", out, run, backbone=prepared)
         out.unlink()
         return summary.images_per_second, summary.pixel_path
 
     bare_decode(files)  # warm the page cache
-    rates: dict[str, list[float]] = {"bare": [], "uint8": [], "processor": []}
+    modes = ("uint8", "processor") + (("fast",) if args.fast_decode else ())
+    rates: dict[str, list[float]] = {"bare": [], **{m: [] for m in modes}}
     paths = {}
     for i in range(args.repeats):  # interleaved so machine noise hits all three alike
         rates["bare"].append(bare_decode(files))
-        for mode in ("uint8", "processor"):
+        for mode in modes:
             r, paths[mode] = extract(mode, i)
             rates[mode].append(r)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -151,6 +155,9 @@ def main() -> None:
     print(f"extract, {paths['processor']:<24}: {med['processor']:8.1f} images/s  (runs: {runs('processor')})")
     print(f"ratio uint8 path / bare decode    : {med['uint8'] / med['bare']:.3f}   (target >= 0.7)")
     print(f"ratio old path / bare decode      : {med['processor'] / med['bare']:.3f}")
+    if args.fast_decode:
+        print(f"extract, uint8 + --fast-decode    : {med['fast']:8.1f} images/s  (runs: {runs('fast')}); "
+              f"ratio to bare (exact) decode {med['fast'] / med['bare']:.3f} (pixels differ: README '--fast-decode')")
     if args.profile:
         for mode in ("uint8", "processor"):
             profile_items(prepared, files[:128], mode)

@@ -43,6 +43,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--label-column", default=None, help="Column holding the label: in a CSV manifest (default: label), or in a datasets directory (default: its ClassLabel column, else label/labels/target).")
 @click.option("--window", default=None, help="DICOM window CENTRE,WIDTH overriding the files' own VOI LUT, e.g. 40,400.")
 @click.option("--frame", type=int, default=None, help="DICOM frame to use from multi-frame files (otherwise refused).")
+@click.option("--fast-decode", is_flag=True, help="Decode JPEGs in libjpeg's draft mode (DCT-domain downscaling by 1/2, 1/4 or 1/8) down to the processor's resize target before resizing: several times faster on large photos, slightly different pixels (recorded in the file's fingerprint; README '--fast-decode').")
 @click.option("--merge", type=click.Choice(["copy", "virtual"]), default="copy", show_default=True, help="Under torchrun: join the per-rank shard files by copying, or as HDF5 virtual datasets pointing at the shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with another model or settings.")
 @click.option("--retry-errors", is_flag=True, help="Try again the inputs that failed in an earlier run.")
@@ -51,8 +52,8 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @json_option
 @quiet_option
 def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, image_size, batch_size, workers,
-            device, dtype, amp, compile_, label_columns, image_column, label_column, window, frame, merge, overwrite,
-            retry_errors, update, group_column, json_path, quiet):
+            device, dtype, amp, compile_, label_columns, image_column, label_column, window, frame, fast_decode, merge,
+            overwrite, retry_errors, update, group_column, json_path, quiet):
     """Run a frozen backbone over a dataset once and cache its features in an HDF5 file.
 
     Stores cls and pooled features for every image (and with --tokens full the whole token
@@ -73,7 +74,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
         raise click.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
     cfg = ExtractConfig(model=model, revision=revision, tokens=tokens, num_tokens=num_tokens,
                         token_mode=token_mode, dtype=dtype, image_size=image_size,
-                        window=_window(window), frame=frame, blocks=blocks)
+                        window=_window(window), frame=frame, blocks=blocks, fast_decode=fast_decode)
     rank, world = distributed_rank()
     run = RunOptions(batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
                      retry_errors=retry_errors, progress=not quiet and rank == 0, compile=compile_, merge=merge,
@@ -102,7 +103,9 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                + (f"{summary.rows_failed_before} unreadable before (not retried; --retry-errors), "
                   if summary.rows_failed_before else "")
                + f"{summary.rows_total} in all{speed}"
-               + (f"; pixels: {summary.pixel_path}" if summary.pixel_path else "") + ".", err=json_path == "-")
+               + (f"; pixels: {summary.pixel_path}" if summary.pixel_path else "")
+               + (f"; JPEG draft decoding to >= {summary.draft_px} px (--fast-decode)" if summary.draft_px else "")
+               + ".", err=json_path == "-")
     for split, path, reason in summary.errors[:20]:
         click.echo(f"  skipped {split}/{path}: {reason}", err=json_path == "-")
     if len(summary.errors) > 20:
@@ -113,6 +116,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                            "images_per_second": summary.images_per_second if summary.rows_computed else None,
                            "updated": summary.updated, "rows_reused": summary.rows_reused,
                            "rows_dropped": summary.rows_dropped, "pixel_path": summary.pixel_path,
+                           "draft_px": summary.draft_px,
                            "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 import platform
 import queue
@@ -56,6 +57,8 @@ class ExtractConfig:
     window: tuple[float, float] | None = None  # DICOM window centre, width override
     frame: int | None = None                # DICOM frame of multi-frame files
     blocks: int | None = None               # also store CLS / mean patch token of the last N blocks (DINOv2 eval)
+    fast_decode: bool = False               # JPEG draft-mode decoding down to the processor's resize target
+                                            # (changes pixels slightly; README "--fast-decode")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class ExtractSummary:
     rows_failed_before: int = 0             # known unreadable inputs not retried (see --retry-errors)
     seconds: float = 0.0
     pixel_path: str = ""                    # uint8+device-normalize | processor-in-workers ("" if nothing ran)
+    draft_px: int | None = None             # --fast-decode: JPEGs decoded in draft mode down to this side
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (split, path, reason)
     updated: bool = False                   # --update rebuilt the file around the current data
     rows_reused: int = 0                    # --update: rows copied from the old file, never recomputed
@@ -253,6 +257,26 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
     return backbone, plan
 
 
+def draft_side(processor: Any) -> int:
+    """The side (px) a --fast-decode JPEG must keep in both dimensions so that the processor's
+    resize still only shrinks it: the fixed size's larger side, or the shortest edge (divided by
+    crop_pct for processors that resize by it, as ConvNeXt's does below 384 px)."""
+    size = getattr(processor, "size", None) or {}
+    if isinstance(size, int):
+        side = size
+    elif "height" in size and "width" in size:
+        side = max(int(size["height"]), int(size["width"]))
+    elif "shortest_edge" in size:
+        side = int(size["shortest_edge"])
+        crop_pct = getattr(processor, "crop_pct", None)
+        if crop_pct and side < 384:
+            side = int(math.ceil(side / crop_pct))
+    else:
+        raise ValueError(f"--fast-decode needs to know the size the image processor resizes to; "
+                         f"{type(processor).__name__} has size={size!r}. Run without --fast-decode.")
+    return side
+
+
 def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_root: Path) -> dict[str, Any]:
     """The config recorded in (and, minus provenance, hashed into) the feature file."""
     processor = {k: v for k, v in backbone.processor.to_dict().items() if not k.startswith("_")}
@@ -273,9 +297,11 @@ def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_
     })
     if not cfg.num_tokens:
         config["token_mode"] = "none"
-    for key in ("blocks", "weights"):  # keys added in 0.2: absent when unused, so older files keep their fingerprint
-        if config.get(key) is None:
+    for key in ("blocks", "weights", "fast_decode"):  # keys added in 0.2: absent when unused, so older files
+        if not config.get(key):                        # keep their fingerprint
             config.pop(key, None)
+    if cfg.fast_decode:
+        config["draft_px"] = draft_side(backbone.processor)
     return config
 
 
@@ -372,8 +398,9 @@ def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, Spli
     try:
         if items:
             paths = [split_rows[name].paths for name in split_names]
+            draft = draft_side(backbone.processor) if cfg.fast_decode else None
             _extract_items(items, split_names, paths, backbone, plan, cfg, run, device, writer, summary,
-                           DecodeOptions(window=cfg.window, frame=cfg.frame))
+                           DecodeOptions(window=cfg.window, frame=cfg.frame, draft=draft))
     finally:
         writer.close()
     return summary
@@ -457,6 +484,7 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
         raise ValueError(f"RunOptions.pixels must be auto or processor; got {run.pixels!r}.")
     pixel_plan = plan_from_processor(backbone.processor) if run.pixels == "auto" else None
     summary.pixel_path = UINT8_PATH if pixel_plan is not None else PROCESSOR_PATH
+    summary.draft_px = decode_options.draft
     loader = torch.utils.data.DataLoader(
         ImageRows(items, backbone.processor, decode_options, pixel_plan), batch_size=run.batch_size,
         shuffle=False, num_workers=workers, collate_fn=collate_rows,

@@ -61,6 +61,8 @@ class DecodeOptions:
     window: tuple[float, float] | None = None   # DICOM window centre, width override (--window C,W)
     frame: int | None = None                    # DICOM frame for multi-frame files (--frame N)
     max_pixels: int = 178_956_970               # decompression-bomb limit (PIL's error threshold); the only one applied
+    draft: int | None = None                    # JPEG only: decode at the smallest 1/2, 1/4 or 1/8 scale that keeps
+                                                # both sides >= this many px (PIL's draft mode; --fast-decode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +272,10 @@ def _decode_pil(source: "Path | object", options: DecodeOptions) -> "Image.Image
                 if w * h > options.max_pixels:
                     raise ImageDecodeError(f"decompression bomb: {w}x{h} px exceeds the limit of "
                                            f"{options.max_pixels} px")
+                if options.draft and img.format == "JPEG":
+                    # DCT-domain downscaling inside libjpeg: both sides stay >= options.draft, so the
+                    # processor's resize still only shrinks (square request: EXIF rotation cannot matter)
+                    img.draft(img.mode, (options.draft, options.draft))
                 img.load()
                 return to_rgb(img)
     except ImageDecodeError:
