@@ -57,7 +57,14 @@ def _check_xy(x: Any, y: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     if y.ndim == 1 and (y < 0).any():
         raise ValueError(f"{name}_y has {int((y < 0).sum())} unlabelled rows (label -1); "
                          f"select labelled rows first (SplitView.arrays does).")
-    return x.astype(np.float32, copy=False), y
+    # float64 stays float64 until standardised (_standardized): a large common offset would
+    # otherwise be rounded away in float32 before centring
+    return x if x.dtype == np.float64 else x.astype(np.float32, copy=False), y
+
+
+def _standardized(scaler: Any, x: np.ndarray) -> np.ndarray:
+    """scaler.transform in the input's precision, then float32 (the solver's passes over X)."""
+    return scaler.transform(x).astype(np.float32, copy=False)
 
 
 def _check_cs(Cs: Any) -> np.ndarray:
@@ -267,7 +274,7 @@ class LogisticProbe:
                 raise ValueError(f"val features/labels do not match train: train_x has {x.shape[1]} "
                                  f"features and labels of ndim {y.ndim}, val_x {vx.shape[1]} and {vy.ndim}.")
             scaler = StandardScaler().fit(x)
-            scores, n_iter, converged = self._path(scaler.transform(x), y, scaler.transform(vx), vy, cs)
+            scores, n_iter, converged = self._path(_standardized(scaler, x), y, _standardized(scaler, vx), vy, cs)
             self.selection_ = "val"
             self.cv_folds_ = 0
         else:
@@ -275,26 +282,29 @@ class LogisticProbe:
             self.selection_ = "cv"
             vx = vy = None
         self.scores_ = {float(c): float(s) for c, s in zip(cs, scores) if not np.isnan(s)}
-        self.n_iter_ = {float(c): int(n) for c, n in zip(cs, n_iter) if n >= 0}
-        self.converged_ = {float(c): bool(ok) for c, ok, n in zip(cs, converged, n_iter) if n >= 0}
+        scored = [n >= 0 and not np.isnan(sc) for sc, n in zip(scores, n_iter)]
+        self.n_iter_ = {float(c): int(n) for c, n, ok in zip(cs, n_iter, scored) if ok}
+        self.converged_ = {float(c): bool(v) for c, v, ok in zip(cs, converged, scored) if ok}
         best = int(np.nanargmax(scores))  # first maximum: the strongest regularisation among ties
         self.best_C_ = float(cs[best])
         self.best_score_ = float(scores[best])
 
         final = self._path_model()
         if vx is not None:
-            # keep the train scaler, so the sweep's coefficients at best C are a warm start for the
-            # refit on train + val (a few iterations instead of a cold fit)
-            self.scaler_ = scaler
+            self.scaler_ = scaler   # the train scaler: val rows are standardised as at selection
             if self.refit:
+                # train + val is other data: the sweep's model at best C is not near its optimum in
+                # the flat directions of a large C, where a warm start from it stopped "settled"
+                # 2 % above the minimum (digits, C = 1e5); a cold fit climbs there along
+                # logistic.cold_ladder instead, as every cold fit does
                 fit_x, fit_y = np.concatenate([x, vx]), np.concatenate([y, vy])
             else:
                 fit_x, fit_y = x, y
-            final.warm_from(self._snapshots[self.best_C_], self.best_C_, fit_y)
+                final.warm_from(self._snapshots[self.best_C_], self.best_C_, fit_y)
         else:
             self.scaler_ = StandardScaler().fit(x)
             fit_x, fit_y = x, y
-        self.model_ = final.fit(self.scaler_.transform(fit_x), fit_y, self.best_C_).release()
+        self.model_ = final.fit(_standardized(self.scaler_, fit_x), fit_y, self.best_C_).release()
         self.n_iter_refit_ = final.n_iter
         self.converged_refit_ = final.converged
         if not (final.converged and self.converged_.get(self.best_C_, True)):
@@ -327,7 +337,7 @@ class LogisticProbe:
             converged[i] = model.converged
             if scores[i] > best:
                 best, since_best = scores[i], 0
-            else:
+            elif scores[i] < best:   # a tie is not worse: it neither resets nor spends patience
                 since_best += 1
                 if self.patience is not None and since_best >= self.patience:
                     break  # past the peak: larger C only overfits more, and costs the most
@@ -370,22 +380,23 @@ class LogisticProbe:
         split_y = y if not self.multilabel_ else np.zeros(len(y))
         for tr, va in splitter.split(x, split_y, groups):
             scaler = StandardScaler().fit(x[tr])
-            s, n, ok = self._path(scaler.transform(x[tr]), y[tr], scaler.transform(x[va]), y[va], cs)
+            s, n, ok = self._path(_standardized(scaler, x[tr]), y[tr], _standardized(scaler, x[va]), y[va], cs)
             fold_scores.append(s)
             fold_iters.append(n)
             fold_ok.append(ok)
         self.cv_folds_ = folds
-        # a C skipped by patience in some fold counts as missing, not as zero
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return (np.nanmean(np.array(fold_scores), axis=0), np.max(np.array(fold_iters), axis=0),
-                    np.all(np.array(fold_ok), axis=0))
+        # a CV score is the mean over *every* fold: a C that patience skipped in some fold is not
+        # scored at all (a mean over the folds that reached it would compare unlike numbers)
+        scores = np.array(fold_scores)
+        return (np.where(np.isnan(scores).any(axis=0), np.nan, scores.mean(axis=0)),
+                np.max(np.array(fold_iters), axis=0), np.all(np.array(fold_ok), axis=0))
 
     # -- prediction -------------------------------------------------------------------------
     def _check_fitted(self, x: Any) -> np.ndarray:
         if not hasattr(self, "model_"):
             raise ValueError("this LogisticProbe is not fitted yet; call fit(train_x, train_y, val_x, val_y) first.")
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x)
+        x = x if x.dtype == np.float64 else x.astype(np.float32, copy=False)
         if x.ndim != 2 or x.shape[1] != self.n_features_in_:
             raise ValueError(f"expected features of shape (N, {self.n_features_in_}) like the training "
                              f"data; got {x.shape}.")
@@ -394,7 +405,7 @@ class LogisticProbe:
     def predict_proba(self, x: Any) -> np.ndarray:
         """(N, n_classes) probabilities in the order of classes_ (multi-label: (N, L) per label)."""
         x = self._check_fitted(x)
-        return self.model_.predict_proba(self.scaler_.transform(x))
+        return self.model_.predict_proba(_standardized(self.scaler_, x))
 
     def linear_weights(self, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
         """(weight (C, D), bias (C)) float32 of one linear layer whose softmax (single-label) or

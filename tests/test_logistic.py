@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 
-from featcache.logistic import _Objective, fit_logistic
+from featcache.logistic import _Objective, cold_ladder, fit_logistic
 from featcache.probe import LogisticProbe
 
 SKLEARN_RULE = dict(rtol=None, step_tol=None)   # max |gradient| <= tol alone, as scikit-learn
@@ -126,7 +126,10 @@ def test_errors_and_unconverged_fits_are_reported(digits):
     with pytest.raises(ValueError, match="parameters"):
         fit_logistic(x, y, 10, 1.0, init=(np.zeros((2, 3)), np.zeros(2)))
     short = fit_logistic(x, y, 10, 1.0, tol=1e-8, max_iter=3)
-    assert short.stop == "max_iter" and not short.converged and short.n_iter == 3
+    # max_iter holds per fit; a cold fit at C = 1 climbs through the rungs 1e-2 and 0.1 first, and
+    # reports the steps of all three
+    assert cold_ladder(1.0) == pytest.approx([1e-2, 0.1])
+    assert short.stop == "max_iter" and not short.converged and short.n_iter == 3 * 3
     # the probe says when the model it returns is not converged, and which C's were not
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -177,3 +180,76 @@ def test_a_fitted_probe_keeps_no_copy_of_the_data(digits):
     probe = LogisticProbe(Cs=[0.1, 1.0]).fit(x[:1000], y[:1000], x[1000:], y[1000:])
     assert probe.model_._x is None and probe.model_.fits == [] and probe.model_._gram is None
     assert probe.predict_proba(x[:5]).shape == (5, 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# regressions found in review: cold fits at large C, refits on other data, CV with patience, float64
+# ------------------------------------------------------------------------------------------------
+
+def _objective_of(x, y, coef, intercept, C):
+    return _numpy_objective(x, y, coef, intercept, C)
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order] / 16.0, y[order]
+    return (x[:1078], y[:1078]), (x[1078:1437], y[1078:1437]), (x[1437:], y[1437:])
+
+
+def test_a_cold_fit_at_large_C_climbs_there_and_is_converged(digits):
+    """From W = 0 at C = 1e4 lbfgs takes small steps in the flat directions long before the
+    minimum (the objective was 25 % above it when the 'settled' test stopped it): a cold fit now
+    climbs from logistic.COLD_START_C, and lands at scikit-learn's converged minimum."""
+    x, y = digits
+    C = 1e4
+    ref = LogisticRegression(C=C, tol=1e-8, max_iter=50000).fit(x, y)
+    fit = fit_logistic(x.astype(np.float32), y, 10, C)
+    f_ref = _objective_of(x, y, ref.coef_, ref.intercept_, C)
+    assert fit.converged
+    assert _objective_of(x, y, fit.coef, fit.intercept, C) - f_ref < 1e-3 * f_ref
+
+
+def test_cv_final_model_and_refit_on_train_val_are_converged_at_large_C(digits_split):
+    (x, y), (vx, vy), _ = digits_split
+    sc = StandardScaler().fit(x)
+    C = 1e4
+    # CV selection: the final model is fitted on all of train (a cold fit)
+    probe = LogisticProbe(Cs=[C], cv=3).fit(x, y)
+    ref = LogisticRegression(C=C, tol=1e-8, max_iter=50000).fit(sc.transform(x), y)
+    f_ref = _objective_of(sc.transform(x), y, ref.coef_, ref.intercept_, C)
+    m = probe.model_.models[0]
+    assert probe.converged_refit_
+    assert _objective_of(sc.transform(x), y, m.coef_, m.intercept_, C) - f_ref < 1e-3 * f_ref
+    # val selection, refit on train + val (other data than the sweep's: not warm-started from it)
+    probe = LogisticProbe(Cs=[C]).fit(x, y, vx, vy)
+    xa, ya = sc.transform(np.concatenate([x, vx])), np.concatenate([y, vy])
+    ref = LogisticRegression(C=C, tol=1e-8, max_iter=50000).fit(xa, ya)
+    f_ref = _objective_of(xa, ya, ref.coef_, ref.intercept_, C)
+    m = probe.model_.models[0]
+    assert _objective_of(xa, ya, m.coef_, m.intercept_, C) - f_ref < 1e-3 * f_ref
+
+
+def test_cv_scores_are_means_over_every_fold_even_with_patience(digits_split):
+    (x, y), _, _ = digits_split
+    cs = np.logspace(-3, 3, 13)
+    full = LogisticProbe(Cs=cs, cv=5).fit(x[:600], y[:600])
+    short = LogisticProbe(Cs=cs, cv=5, patience=1).fit(x[:600], y[:600])
+    # every C that patience scored is the all-fold mean the full grid gives for it; C's some fold
+    # skipped are not scored (a mean over fewer folds would compare unlike numbers)
+    assert 0 < len(short.scores_) < len(full.scores_)
+    for c, s in short.scores_.items():
+        assert s == pytest.approx(full.scores_[c], abs=1e-12)
+    assert short.best_score_ == pytest.approx(max(short.scores_.values()))
+
+
+def test_float64_features_are_centred_before_the_float32_cast(digits_split):
+    """1e4 + 1e-3 * digits: in float32 the offset swamps the signal before centring (test accuracy
+    fell from 0.975 to 0.908); standardising in float64 first keeps the probe's answer."""
+    (x, y), (vx, vy), (sx, sy) = digits_split
+    plain = LogisticProbe(Cs=[0.1, 1.0]).fit(x, y, vx, vy)
+    shift = lambda a: 1e4 + 1e-3 * a  # noqa: E731
+    shifted = LogisticProbe(Cs=[0.1, 1.0]).fit(shift(x), y, shift(vx), vy)
+    assert shifted.best_C_ == plain.best_C_
+    assert shifted.score(shift(sx), sy) == pytest.approx(plain.score(sx, sy), abs=0.005)
