@@ -42,6 +42,7 @@ ARMIJO = 1e-4             # sufficient-decrease constant
 FTOL = 64 * np.finfo(float).eps   # scikit-learn's relative-decrease stop
 DEFAULT_RTOL = 1e-3       # residual gradient <= this fraction of the penalty gradient lambda W
 DEFAULT_STEP_TOL = 1e-2   # ... or the last step moved no logit by more than this
+CONVERGED_STOPS = ("gradient", "settled", "ftol")   # LogisticFit.stop values that mean converged
 
 # A fit from W = 0 is only trusted up to this C; a cold fit at a larger C first fits COLD_START_C,
 # 10 COLD_START_C, ... and starts from the last of them. Why: the "settled" test (a step that moved no
@@ -69,7 +70,6 @@ class LogisticFit:
 
     coef: np.ndarray        # (K, d) float64 for K >= 3 classes, (1, d) for two (the second class's logit)
     intercept: np.ndarray   # (K,) or (1,)
-    C: float                # the inverse penalty it was fitted at
     n_iter: int             # accepted lbfgs steps (0: the start point already met the rule)
     matmuls: int            # passes over X
     stop: str               # "gradient" | "settled" | "ftol" | "line search" | "max_iter" (fit_logistic)
@@ -80,7 +80,7 @@ class LogisticFit:
     @property
     def converged(self) -> bool:
         """The rule was met (or lbfgs could decrease the objective no further at float64 precision)."""
-        return self.stop in ("gradient", "settled", "ftol")
+        return self.stop in CONVERGED_STOPS
 
 
 class GramPreconditioner:
@@ -241,6 +241,7 @@ def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, 
         # a cold fit at large C climbs there from COLD_START_C (see its comment); the steps and
         # passes of the rungs are counted in the returned fit
         steps = matmuls = 0
+        preconditioner = GramPreconditioner(x) if preconditioner is None else preconditioner
         for rung in cold_ladder(C):
             init = fit_logistic(x, index, n_classes, rung, tol=tol, max_iter=max_iter,
                                 sample_weight=sample_weight, init=init, preconditioner=preconditioner,
@@ -314,5 +315,5 @@ def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, 
         elif decrease <= ftol:
             stop = "ftol"
     coef, intercept = objective.split(v)
-    return LogisticFit(coef.copy(), intercept.copy(), float(C), n_iter, objective.matmuls, stop,
+    return LogisticFit(coef.copy(), intercept.copy(), n_iter, objective.matmuls, stop,
                        float(np.abs(g).max()), z, g_data)

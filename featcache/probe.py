@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache.logistic import (DEFAULT_RTOL, DEFAULT_STEP_TOL, GramPreconditioner, LogisticFit,
-                                fit_logistic)
+from featcache.logistic import (CONVERGED_STOPS, DEFAULT_RTOL, DEFAULT_STEP_TOL, GramPreconditioner,
+                                LogisticFit, fit_logistic)
 from featcache.metrics import SELECTION_METRICS, classification_metrics, selection_score
 
 DEFAULT_CS = np.logspace(-6, 5, 12)
@@ -126,11 +126,9 @@ class _PathModel:
         if not self.models:
             self.models = [LogisticRegression(C=C, **self.params) for _ in columns]
             self.constants = [None] * len(columns)
-        if len(self.fits) != len(columns):
-            self.fits = [None] * len(columns)
         if self._x is not x:   # one preconditioner per design matrix, shared by every C and label
             self._x, self._gram = x, GramPreconditioner(x)
-            self.fits = [None] * len(columns)
+            self.fits = [None] * len(columns)   # their logits are of other rows
         self.n_iter, self.stops = 0, []
         with _blas_threads(x):
             for j, (model, target) in enumerate(zip(self.models, columns)):
@@ -162,7 +160,7 @@ class _PathModel:
     @property
     def converged(self) -> bool:
         """Every fit of the last C met the convergence rule (LogisticFit.converged)."""
-        return all(stop in ("gradient", "settled", "ftol") for stop in self.stops)
+        return all(stop in CONVERGED_STOPS for stop in self.stops)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(N, C) class probabilities, or (N, L) per-label positive probabilities."""

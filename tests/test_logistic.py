@@ -186,16 +186,10 @@ def test_a_fitted_probe_keeps_no_copy_of_the_data(digits):
 # regressions found in review: cold fits at large C, refits on other data, CV with patience, float64
 # ------------------------------------------------------------------------------------------------
 
-def _objective_of(x, y, coef, intercept, C):
-    return _numpy_objective(x, y, coef, intercept, C)
-
-
 @pytest.fixture(scope="module")
-def digits_split():
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(y))
-    x, y = x[order] / 16.0, y[order]
-    return (x[:1078], y[:1078]), (x[1078:1437], y[1078:1437]), (x[1437:], y[1437:])
+def digits_split(digits_arrays):
+    """conftest's 60/20/20 digits split in float64 (the float64 test needs it)."""
+    return tuple((x.astype(np.float64), y) for x, y in (digits_arrays[k] for k in ("train", "val", "test")))
 
 
 def test_a_cold_fit_at_large_C_climbs_there_and_is_converged(digits):
@@ -206,9 +200,9 @@ def test_a_cold_fit_at_large_C_climbs_there_and_is_converged(digits):
     C = 1e4
     ref = LogisticRegression(C=C, tol=1e-8, max_iter=50000).fit(x, y)
     fit = fit_logistic(x.astype(np.float32), y, 10, C)
-    f_ref = _objective_of(x, y, ref.coef_, ref.intercept_, C)
+    f_ref = _numpy_objective(x, y, ref.coef_, ref.intercept_, C)
     assert fit.converged
-    assert _objective_of(x, y, fit.coef, fit.intercept, C) - f_ref < 1e-3 * f_ref
+    assert _numpy_objective(x, y, fit.coef, fit.intercept, C) - f_ref < 1e-3 * f_ref
 
 
 def test_cv_final_model_and_refit_on_train_val_are_converged_at_large_C(digits_split):
@@ -218,17 +212,17 @@ def test_cv_final_model_and_refit_on_train_val_are_converged_at_large_C(digits_s
     # CV selection: the final model is fitted on all of train (a cold fit)
     probe = LogisticProbe(Cs=[C], cv=3).fit(x, y)
     ref = LogisticRegression(C=C, tol=1e-8, max_iter=50000).fit(sc.transform(x), y)
-    f_ref = _objective_of(sc.transform(x), y, ref.coef_, ref.intercept_, C)
+    f_ref = _numpy_objective(sc.transform(x), y, ref.coef_, ref.intercept_, C)
     m = probe.model_.models[0]
     assert probe.converged_refit_
-    assert _objective_of(sc.transform(x), y, m.coef_, m.intercept_, C) - f_ref < 1e-3 * f_ref
+    assert _numpy_objective(sc.transform(x), y, m.coef_, m.intercept_, C) - f_ref < 1e-3 * f_ref
     # val selection, refit on train + val (other data than the sweep's: not warm-started from it)
     probe = LogisticProbe(Cs=[C]).fit(x, y, vx, vy)
     xa, ya = sc.transform(np.concatenate([x, vx])), np.concatenate([y, vy])
     ref = LogisticRegression(C=C, tol=1e-8, max_iter=50000).fit(xa, ya)
-    f_ref = _objective_of(xa, ya, ref.coef_, ref.intercept_, C)
+    f_ref = _numpy_objective(xa, ya, ref.coef_, ref.intercept_, C)
     m = probe.model_.models[0]
-    assert _objective_of(xa, ya, m.coef_, m.intercept_, C) - f_ref < 1e-3 * f_ref
+    assert _numpy_objective(xa, ya, m.coef_, m.intercept_, C) - f_ref < 1e-3 * f_ref
 
 
 def test_cv_scores_are_means_over_every_fold_even_with_patience(digits_split):
