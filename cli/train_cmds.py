@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import click
 
+from featcache.metrics import tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                positive_option, quiet_option, warnings_as_notes, write_json)
@@ -66,7 +67,7 @@ def _decision_line(t: Any) -> str:
         return ""
     thr = t.threshold_ if t.threshold_ is not None else 0.5
     return f"; positive class {t.classes_[t.positive_]}, threshold {thr:.4g}" + (
-        f" ({t.threshold_rule_}, chosen on validation)" if t.threshold_rule_ and t.threshold_ is not None else "")
+        f" ({t.threshold_rule_}, chosen on validation)" if tuned_on_validation(t.threshold_rule_) else "")
 
 
 @cli.command()
@@ -103,7 +104,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
         t.extra_metrics_["repeats"] = summary
     notes = t.notes_ + (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", [])
     echo_notes(console, notes)
-    if t.threshold_rule_ and t.threshold_ is not None:
+    if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
         value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
         console.echo(f"threshold {t.threshold_rule_} chosen on validation: {value}")
     console.echo(f"{head} head, {t.num_params_:,} parameters; best epoch {t.best_epoch_} "
@@ -181,6 +182,7 @@ def predict(run_dir, features_file, split, out_csv, threshold, positive_class, q
     write_predictions_csv(pred, out_csv)
     console = Console(quiet)
     console.note(pred.head)
+    echo_notes(console, pred.notes)
     rule = ""
     if pred.positive is not None:
         rule = f" (positive class {pred.classes[pred.positive]}, threshold {pred.threshold:.4g}: {pred.threshold_source})"

@@ -30,7 +30,7 @@ import numpy as np
 
 from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_arrays, few_shot, run_knn,
                                   run_probe)
-from featcache.metrics import resample_indices, resolve_positive, scalar_metrics
+from featcache.metrics import CLASS_AVERAGED, class_checker, resample_indices, resolve_positive, scalar_metrics
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
 from featcache.store import FeatureStore
@@ -241,8 +241,10 @@ def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], me
                      ) -> tuple[dict[tuple[str, str, str], float | None], dict[tuple[str, str, str], np.ndarray]]:
     """Point estimates and per-resample values of every (file, method, metric): the same resampled
     rows (`indices`, one array per resample) for every entry, so differences are paired. Undefined
-    values (e.g. AUROC with one class drawn) are NaN."""
+    values (e.g. AUROC with one class drawn, or any class-averaged metric in a resample that lacks
+    a class of the full split) are NaN."""
     y = np.asarray(y)
+    complete = class_checker(y)
     point: dict[tuple[str, str, str], float | None] = {}
     boot: dict[tuple[str, str, str], np.ndarray] = {}
     for (name, method), p in proba.items():
@@ -251,9 +253,10 @@ def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], me
             boot[(name, method, m)] = np.full(len(indices), np.nan)
     for b, ix in enumerate(indices):
         yb = y[ix]
+        every_class = complete(yb)
         for (name, method), p in proba.items():
             for m, v in scalar_metrics(metric_names, yb, p[ix], positive=positive).items():
-                if v is not None:
+                if v is not None and (every_class or m not in CLASS_AVERAGED):
                     boot[(name, method, m)][b] = v
     return point, boot
 

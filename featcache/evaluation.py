@@ -15,7 +15,7 @@ from typing import Any, MutableMapping, Sequence
 import numpy as np
 
 from featcache.knn import knn_eval
-from featcache.metrics import (balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
+from featcache.metrics import (balanced_accuracy, bootstrap_metrics, choose_threshold_rule, threshold_record,
                                classification_metrics, decide, resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
 from featcache.plots import evaluation_figures, few_shot_plot, knn_curve_plot
@@ -201,7 +201,7 @@ class ProbeResult:
                "positive_class": None if self.positive is None else self.classes[self.positive],
                "notes": self.warnings}
         if self.threshold is not None:
-            out["threshold"] = {"rule": self.threshold_rule, "value": self.threshold, "chosen_on": "val"}
+            out["threshold"] = threshold_record(self.threshold_rule, self.threshold)
         return {**out, **(self.few_shot.metrics() if self.few_shot else {})}
 
     def save(self, out: str | Path) -> Path:
@@ -259,7 +259,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
         if val is None:
             raise ValueError("--threshold youden|sensitivity:T is chosen on a validation split; this file has none.")
         val_proba = _expanded(probe, val.x, len(classes))
-        t_value = choose_threshold_rule(rule, val.y, val_proba, positive)
+        t_value = choose_threshold_rule(rule, val.y, val_proba, positive, notes, classes)
     config = {**_base_config(store, "probe", features), "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split if use_test else None,
               "Cs": [float(c) for c in cs], "metric": metric, "class_weight": class_weight, "cv": cv,
@@ -450,8 +450,12 @@ def _few_shot_proba(method: str, tx: np.ndarray, ty: np.ndarray, ex: np.ndarray,
 def _few_shot_notes(classes: list[str], train: SplitArrays, shots: Sequence[int]) -> list[str]:
     """Say which classes have fewer train rows than the largest shot count (all their rows are used)."""
     counts = np.bincount(train.y, minlength=len(classes))
-    short = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if counts[c] < max(shots)]
+    short = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if 0 < counts[c] < max(shots)]
+    missing = [classes[c] for c in range(len(classes)) if counts[c] == 0]
     notes = []
+    if missing:
+        notes.append(f"classes with no {train.name} rows: {', '.join(missing)}; they can never be predicted, at any "
+                     f"shot count.")
     if short:
         notes.append(f"classes with fewer {train.name} rows than {max(shots)} shots: {', '.join(short)}; at those "
                      f"shot counts every row of theirs is used.")

@@ -19,11 +19,34 @@ from featcache.store import check_finite
 
 DEFAULT_KS = (10, 20, 100, 200)
 BACKENDS = KNN_BACKENDS
+TIE_MARGIN = 16  # extra neighbours searched so that ties at the k-th similarity are settled by row index
 
 
 def nearest_neighbours(train_x: np.ndarray, test_x: np.ndarray, k: int, backend: str = "auto",
                        chunk_size: int = 1024, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarities and indices (N_test, k) of the k nearest training rows, best first."""
+    """Cosine similarities and indices (N_test, k) of the k nearest training rows, best first;
+    equal similarities in training-row order.
+
+    Why the tie rule: torch.topk and faiss order tied rows differently, and differently for
+    different k, so exact duplicates (the same image twice, with different labels) would make the
+    k = 1 result depend on the backend and on which other k were asked for. A few more rows than
+    k are searched, sorted by (-similarity, row), and cut at k; when a tie reaches the end of
+    that window the search widens until it does not."""
+    n_train = len(train_x)
+    margin = TIE_MARGIN
+    while True:
+        want = min(n_train, k + margin)
+        sims, idx = _search(train_x, test_x, want, backend, chunk_size, device)
+        order = np.lexsort((idx, -sims.astype(np.float64)), axis=1)
+        sims, idx = np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+        if want == n_train or not np.any(sims[:, k - 1] == sims[:, want - 1]):
+            return np.ascontiguousarray(sims[:, :k]), np.ascontiguousarray(idx[:, :k])
+        margin *= 4
+
+
+def _search(train_x: np.ndarray, test_x: np.ndarray, k: int, backend: str, chunk_size: int,
+            device: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The backend's exact top-k by cosine similarity (its own order among ties)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -36,7 +59,8 @@ def nearest_neighbours(train_x: np.ndarray, test_x: np.ndarray, k: int, backend:
 
         index = faiss.IndexFlatIP(train.shape[1])
         index.add(train.numpy())
-        return index.search(test.numpy(), k)
+        sims, idx = index.search(test.numpy(), k)
+        return sims, idx.astype(np.int64)
     train = train.to(dev)
     sims, idx = [], []
     for start in range(0, test.shape[0], chunk_size):  # bounded memory: chunk x N_train similarities
@@ -87,7 +111,10 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     gets AUROC; multi-label data (train_y of shape (N, C)) gets macro/micro AUROC and AUPRC.
     With return_proba, each k's metrics carry the class scores under "proba". Decisions follow
     metrics.decide (binary: P(positive) >= 0.5, `positive` defaulting to class 1; multiclass:
-    argmax, lowest index on ties); top-5 orders ties as scikit-learn's top_k_accuracy_score.
+    argmax, lowest index on ties); top-5 counts a row when its class got a (nonzero) vote and ranks
+    among the five highest-voted classes (ties ordered as scikit-learn's top_k_accuracy_score), so
+    at k = 1 top-5 is top-1, as in DINO's top-min(5, k). Neighbours with equal similarity are taken
+    in training-row order (nearest_neighbours).
     """
 
     if weighting not in ("distance", "uniform"):

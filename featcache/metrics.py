@@ -18,6 +18,22 @@ from featcache.names import SELECTION_METRICS
 ECE_BINS = 15          # one bin count for metrics.json's ECE and the reliability diagram
 DEFAULT_THRESHOLD = 0.5
 BOOTSTRAP_WARN_DROPPED = 0.05  # warn when more than this share of resamples leave a metric undefined
+# metrics that average over classes (or labels): a bootstrap resample lacking a class of the full
+# split would average over fewer classes -- another quantity -- so there they are undefined
+CLASS_AVERAGED = frozenset({"balanced_accuracy", "macro_f1", "auroc", "auprc", "macro_auroc", "macro_auprc"})
+
+
+def check_scores(proba: np.ndarray, what: str = "probabilities") -> np.ndarray:
+    """proba as float64, refusing NaN or inf: a metric of non-finite scores would be NaN beside
+    plausible numbers (top-1 decides NaN rows somehow), and its bootstrap would hide the NaN."""
+    proba = np.asarray(proba, dtype=np.float64)
+    bad = ~np.isfinite(proba)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(len(proba), -1).any(axis=1)) if proba.ndim else np.array([0])
+        raise ValueError(f"the {what} contain NaN or inf in {rows.size} row(s) (first: row {int(rows[0])}); metrics "
+                         f"of such scores are meaningless. A head whose training diverged gives them: lower the "
+                         f"learning rate, or check the features for NaN.")
+    return proba
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +85,11 @@ def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accura
     proba = np.asarray(proba, dtype=np.float64)
     if metric not in SELECTION_METRICS:
         raise ValueError(f"selection metric must be one of {', '.join(SELECTION_METRICS)}; got {metric!r}.")
+    if not np.isfinite(proba).all():
+        return float("nan")  # a diverged head: never better than any epoch or config (NaN > x is False)
     if y_true.ndim == 2:  # multi-label: per-label decisions at 0.5, macro AUROC, mean BCE
+        if metric == "balanced_accuracy":
+            return _multilabel_balanced_accuracy(y_true, decide(proba, multilabel=True))
         if metric == "loss":
             p = proba.clip(1e-7, 1 - 1e-7)
             return float(np.mean(y_true * np.log(p) + (1 - y_true) * np.log(1 - p)))
@@ -104,7 +124,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     AUPRC are about it. For multi-label, one threshold per label.
     """
     y_true = np.asarray(y_true)
-    proba = np.asarray(proba, dtype=np.float64)
+    proba = check_scores(proba)
     if proba.ndim != 2 or len(proba) != len(y_true):
         raise ValueError(f"expected proba of shape (N, C) with N = {len(y_true)} rows; got {proba.shape}.")
     if y_true.ndim == 2:
@@ -134,15 +154,19 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     support = np.array([p["support"] for p in per_class])
     f1s = np.array([p["f1"] for p in per_class])
     present = support > 0
+    predicted = cm.sum(axis=0) > 0
     absent = [names[i] for i in np.flatnonzero(~present)]
     if absent:
-        notes.append(f"classes absent from this split: {', '.join(absent)} (left out of macro averages)")
+        falsely = [names[i] for i in np.flatnonzero(~present & predicted)]
+        notes.append(f"classes absent from this split: {', '.join(absent)} (left out of balanced accuracy and "
+                     f"AUROC; in macro F1 only when never predicted"
+                     + (f": {', '.join(falsely)} predicted, F1 0" if falsely else "") + ")")
     out: dict[str, Any] = {
         "n": int(n), "num_classes": int(c),
         "top1": float(np.mean(pred == y_true)),
         "top5": _topk_accuracy(y_true, proba, 5) if c > 5 else None,
         "balanced_accuracy": _balanced_accuracy(y_true, pred),
-        "macro_f1": float(f1s[present].mean()) if present.any() else None,
+        "macro_f1": float(f1s[present | predicted].mean()),  # scikit-learn's labels: in y or predicted
         "weighted_f1": float((f1s * support).sum() / support.sum()),
     }
     if c <= 5:
@@ -219,12 +243,27 @@ def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean([np.mean(pred[y == k] == k) for k in classes])) if classes.size else float("nan")
 
 
+def _multilabel_balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean over labels of (sensitivity + specificity) / 2, the labels with both classes present
+    (scikit-learn's balanced_accuracy_score per label, averaged); NaN when no label has both."""
+    y, pred = np.asarray(y) > 0, np.asarray(pred) > 0
+    values = [(np.mean(pred[y[:, j], j]) + np.mean(~pred[~y[:, j], j])) / 2
+              for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _topk_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
-    """Share of rows whose class is among the k highest scores, with ties ordered exactly as
-    scikit-learn's top_k_accuracy_score orders them (a stable ascending sort, reversed: among equal
-    scores the higher class index ranks first), so the figure is deterministic and comparable."""
-    top = np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :k]
-    return float(np.mean((top == y[:, None]).any(axis=1)))
+    """Share of rows whose class has a positive score and is among the k highest, with ties ordered
+    exactly as scikit-learn's top_k_accuracy_score orders them (a stable ascending sort, reversed:
+    among equal scores the higher class index ranks first), so the figure is deterministic.
+
+    Why positive: a class scored exactly 0 (no k-NN neighbour voted for it, a class the probe never
+    saw) is not a guess; with fewer than k classes scored, tie order would otherwise credit rows
+    with no vote for their class (by class index). So at k-NN k = 1, top-5 is top-1. Softmax
+    scores are positive, and there this is scikit-learn's figure."""
+    scored = proba > 0
+    top = np.argsort(np.where(scored, proba, -1.0), axis=1, kind="mergesort")[:, ::-1][:, :k]
+    return float(np.mean(scored[np.arange(len(y)), y] & (top == y[:, None]).any(axis=1)))
 
 
 def _binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
@@ -287,11 +326,13 @@ def _mcc(cm: np.ndarray) -> float:
     return float((c * s - t @ p) / denom) if denom else 0.0
 
 
-def _kappa(cm: np.ndarray) -> float:
+def _kappa(cm: np.ndarray) -> float | None:
+    """Cohen's kappa; None (undefined, scikit-learn's NaN) when chance agreement is 1, i.e. truth and
+    predictions are one and the same class throughout."""
     s = cm.sum()
     po = np.trace(cm) / s
     pe = (cm.sum(axis=0) @ cm.sum(axis=1)) / (s * s)
-    return float((po - pe) / (1 - pe)) if pe != 1 else 0.0
+    return float((po - pe) / (1 - pe)) if pe != 1 else None
 
 
 def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS
@@ -327,7 +368,7 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
     sensitivity reaches `target` (e.g. 0.95 for a screening test).
     """
     y = np.asarray(y_true).astype(int)
-    s = np.asarray(scores, dtype=np.float64)
+    s = check_scores(scores, "validation scores")
     if y.min() == y.max():
         raise ValueError("choosing a threshold needs both classes in the validation data; found only "
                          f"class {y[0]}.")
@@ -346,9 +387,14 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
 
 
 def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.ndarray,
-                          positive: int | None) -> float | list[float] | None:
+                          positive: int | None, notes: list[str] | None = None,
+                          names: Sequence[str] | None = None) -> float | list[float] | None:
     """The threshold a rule gives on validation: "youden", "sensitivity:0.95" or a number in (0, 1);
-    None for the default rule on a multiclass task (argmax), which refuses any other rule."""
+    None for the default rule on a multiclass task (argmax), which refuses any other rule.
+
+    Where validation has one class only (the positive class, or a label, never or always present)
+    there is nothing to tune on: the threshold stays at 0.5 and a line saying so is appended to
+    `notes` (label names from `names`), so no one reads it as chosen on validation."""
     val_y = np.asarray(val_y)
     multilabel = val_y.ndim == 2
     binary = not multilabel and val_proba.shape[1] == 2
@@ -367,28 +413,53 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
             raise ValueError(f"--threshold {rule} applies to binary and multi-label tasks; this one has "
                              f"{val_proba.shape[1]} classes and decides by argmax.")
         return None
+    goal = None
     if method == "sensitivity":
         try:
             goal = float(target)
         except ValueError:
             raise ValueError(f"--threshold sensitivity:TARGET needs a number, e.g. sensitivity:0.95; got {rule!r}.") from None
-    else:
-        goal = None
+        if not 0 < goal <= 1:
+            raise ValueError(f"--threshold sensitivity:TARGET needs a target sensitivity in (0, 1], e.g. "
+                             f"sensitivity:0.95; got {rule!r}.")
+    elif method == "youden" and target:
+        raise ValueError(f"--threshold youden takes no target (it maximises sensitivity + specificity - 1); got "
+                         f"{rule!r}. For a sensitivity goal use sensitivity:TARGET.")
+    untuned: list[str] = []
 
-    def pick(y: np.ndarray, scores: np.ndarray) -> float:
+    def pick(y: np.ndarray, scores: np.ndarray, name: str) -> float:
         if method not in ("youden", "sensitivity"):
             return float(rule)
-        if y.min() == y.max():
-            return DEFAULT_THRESHOLD  # one class only in validation: nothing to tune on
+        if y.min() == y.max():  # one class only in validation: nothing to tune on
+            untuned.append(f"{name} ({'no positives' if y.max() == 0 else 'no negatives'})")
+            return DEFAULT_THRESHOLD
         return choose_threshold(y, scores, method, goal)
 
     if binary:
         pos = 1 if positive is None else int(positive)
-        return pick((val_y == pos).astype(int), val_proba[:, pos])
-    return [pick(val_y[:, j], val_proba[:, j]) for j in range(val_y.shape[1])]
+        value: float | list[float] = pick((val_y == pos).astype(int), val_proba[:, pos],
+                                          f"positive class {names[pos] if names else pos}")
+    else:
+        value = [pick(val_y[:, j], val_proba[:, j], f"label {names[j] if names else j}")
+                 for j in range(val_y.shape[1])]
+    if untuned and notes is not None:
+        notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
+                     f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
+    return value
 
 
 DEFAULT_THRESHOLD_RULE = "0.5"
+
+
+def tuned_on_validation(rule: str | None) -> bool:
+    """True for rules that pick the threshold from validation data (youden, sensitivity:T); a
+    number (0.5, the default, or e.g. 0.3) is used as given."""
+    return rule is not None and str(rule).strip().partition(":")[0] in ("youden", "sensitivity")
+
+
+def threshold_record(rule: str, value: float | list[float]) -> dict[str, Any]:
+    """metrics.json's account of a decision threshold: the rule, its value, and where it came from."""
+    return {"rule": rule, "value": value, "chosen_on": "val" if tuned_on_validation(rule) else "given"}
 
 _SCALARS: dict[str, Callable[[np.ndarray, np.ndarray, int | None], float | None]] = {
     "top1": lambda y, p, pos: float(np.mean(decide(p, positive=pos) == y)),
@@ -424,7 +495,7 @@ def scalar_metrics(names: Sequence[str], y: np.ndarray, proba: np.ndarray, *, po
             support, tp = cm.sum(axis=1), np.diag(cm)
             denom = support + cm.sum(axis=0)
             f1 = np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0)
-            out[name] = float(f1[support > 0].mean()) if (support > 0).any() else None
+            out[name] = float(f1[denom > 0].mean()) if (denom > 0).any() else None  # in y or predicted
         elif name == "auroc":
             out[name] = _auroc(y, proba, pos)[0]
         elif name in ("sensitivity", "specificity") and pos is not None:
@@ -453,8 +524,9 @@ class Bootstrap:
         for m, n in self.n_valid.items():
             dropped = self.n_boot - n
             if dropped > BOOTSTRAP_WARN_DROPPED * self.n_boot:
-                out.append(f"bootstrap: {m} was undefined in {dropped} of {self.n_boot} resamples (e.g. no positive "
-                           f"row drawn); its interval uses the {n} valid ones and may be too narrow.")
+                out.append(f"bootstrap: {m} was undefined in {dropped} of {self.n_boot} resamples (a class of the "
+                           f"split not drawn, e.g. no positive row); its interval uses the {n} valid ones and may "
+                           f"be too narrow.")
         return out
 
     def attach(self, block: dict[str, Any]) -> dict[str, Any]:
@@ -474,13 +546,17 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
     use the same rule (threshold, positive class) as the point estimate."""
     if n_boot < 1:
         raise ValueError(f"--bootstrap must be a positive number of resamples; got {n_boot}.")
-    y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=np.float64)
+    y_true, proba = np.asarray(y_true), check_scores(proba)
     idx_all = resample_indices(len(y_true), n_boot, groups, seed)
     values: dict[str, list[float]] = {m: [] for m in metrics}
+    complete = class_checker(y_true)
     for idx in idx_all:
         yb, pb = y_true[idx], proba[idx]
         full = None
+        every_class = complete(yb)
         for m in metrics:
+            if m in CLASS_AVERAGED and not every_class:
+                continue  # a mean over fewer classes than the point estimate's: undefined here
             if m in _SCALARS and y_true.ndim == 1 and threshold is None:
                 v = _SCALARS[m](yb, pb, positive)
             else:
@@ -492,6 +568,25 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
                 values[m].append(float(v))
     ci = {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for m, v in values.items() if v}
     return Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None, alpha)
+
+
+def class_checker(y_full: np.ndarray) -> Callable[[np.ndarray], bool]:
+    """A test of a resample's labels: does it hold every class of the full split (single-label),
+    or both classes of every label that has both there (multi-label)? Where it does not, the
+    class-averaged metrics (CLASS_AVERAGED) would average over fewer classes than the point
+    estimate -- a resample with no row of a rare diagnosis would report the mean recall of the
+    others -- so they are undefined in that resample."""
+    y_full = np.asarray(y_full)
+    if y_full.ndim == 2:
+        counts = (y_full > 0).sum(axis=0)
+        cols = np.flatnonzero((counts > 0) & (counts < len(y_full)))
+
+        def ok(yb: np.ndarray) -> bool:
+            drawn = (yb[:, cols] > 0).sum(axis=0)
+            return bool(((drawn > 0) & (drawn < len(yb))).all())
+        return ok
+    n_classes = np.unique(y_full).size
+    return lambda yb: np.unique(yb).size == n_classes
 
 
 def resample_indices(n: int, n_boot: int, groups: Sequence[Any] | None, seed: int) -> list[np.ndarray]:

@@ -281,7 +281,8 @@ def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
                      title: str | None = None) -> list[Path]:
     """Reliability diagram of the top-1 confidence, with the bin counts below: the same bins
     (metrics.ECE_BINS) and the same ECE as metrics.json. Multi-label: every (row, label)
-    probability against the fraction positive."""
+    probability against the fraction positive; the ECE drawn is over those decisions (multi-label
+    metrics.json has no ECE)."""
     plt = _pyplot()
     y_true = np.asarray(y_true)
     proba = _as_proba(proba)

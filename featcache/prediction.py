@@ -15,9 +15,9 @@ import csv
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
-from featcache.metrics import decide
+from featcache.metrics import decide, tuned_on_validation
 from featcache.runs import read_json, write_json
 from featcache.store import FeatureStore, read_rows
 
@@ -48,6 +48,21 @@ def batch_proba(model: nn.Module, batches: Iterable[torch.Tensor], multilabel: b
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, num_classes))
 
 
+def standardize(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """(x - mean) / std as the head's float32 input, computed in the input's precision.
+
+    Why: this is what the probe's scaler does (scikit-learn's StandardScaler.transform keeps
+    float32 input in float32 and float64 in float64), so an exported probe gives the probe's own
+    numbers; a float64 input with a large common offset (+1000 on a spread of 0.01) centred in
+    float32 would move its probabilities by up to 5e-2. A probe's statistics are therefore saved
+    in float64; a trained head's are float32, and so are feature files."""
+    if mean is None:
+        return x
+    if x.dtype == torch.float64:
+        return ((x - mean.double()) / std.double()).float()
+    return (x - mean.float()) / std.float()
+
+
 def split_proba(model: nn.Module, cached: Any, split: Any, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Probabilities of one of a CachedSplits' splits, in row order, batched as predict batches
     (training ranks its epochs with the same function, in batches of at least PREDICT_BATCH)."""
@@ -65,9 +80,10 @@ def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], finger
                  multilabel: bool, source: str, recipe: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) that save_head writes and load_head reads back."""
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if mean is not None:
-        tensors["standardize.mean"] = mean.detach().float().cpu().contiguous()
-        tensors["standardize.std"] = std.detach().float().cpu().contiguous()
+    if mean is not None:  # float64 statistics (a probe's scaler) stay float64: see standardize
+        cast = (lambda t: t.double()) if mean.dtype == torch.float64 else (lambda t: t.float())
+        tensors["standardize.mean"] = cast(mean.detach()).cpu().contiguous()
+        tensors["standardize.std"] = cast(std.detach()).cpu().contiguous()
     meta = {"format": HEAD_FORMAT, "spec": spec.as_dict(), "classes": list(classes), "fingerprint": fingerprint,
             "model": model_name, "features": features, "multilabel": multilabel, "source": source,
             "positive_class": None if positive is None else classes[positive],
@@ -183,6 +199,7 @@ class Predictions:
     threshold: float | list[float] | None
     threshold_source: str               # "saved (youden, chosen on val)", "--threshold", "default 0.5"
     head: str = ""                      # one line naming the head that predicted (describe_head)
+    notes: list[str] = field(default_factory=list)  # e.g. the file's classes matched to the head's by name
 
     def decisions(self) -> np.ndarray:
         """Predicted class index per row (multi-label: (N, C) 0/1), by the documented tie rule."""
@@ -214,14 +231,47 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
                     x = torch.from_numpy(read_rows(view.tokens, r).astype(np.float32))
                 else:
                     x = torch.from_numpy(view.features(meta["features"], r))
-                yield x if head.mean is None else (x - head.mean) / head.std
+                yield standardize(x, head.mean, head.std)
 
+        labels, notes = labels_for_head(view.labels[rows], store.classes, head.classes, multilabel,
+                                        Path(features_file).name)
         proba = batch_proba(head.model, batches(), multilabel, head.spec.num_classes)
         paths = view.paths
-        labels = view.labels[rows]
     positive, t, source = _decision_rule(head, multilabel, threshold, positive_class)
     return Predictions([paths[i] for i in rows], labels, proba, head.classes, multilabel, positive, t, source,
-                       describe_head(head))
+                       describe_head(head), notes)
+
+
+def labels_for_head(labels: np.ndarray, file_classes: Sequence[str], head_classes: Sequence[str],
+                    multilabel: bool, file_name: str) -> tuple[np.ndarray, list[str]]:
+    """A file's labels as indices into the head's classes, matched by name, and notes on what could
+    not be matched.
+
+    Why: the fingerprint pins the backbone and preprocessing, not the class list, and an external
+    test set of the same backbone often lists its classes in another order or lacks some: its
+    label 0 need not be the head's class 0. Single-label rows of a class the head does not know are
+    written unlabelled (-1). Multi-label files must have the head's labels (in any order)."""
+    file_classes, head_classes = list(file_classes), list(head_classes)
+    if file_classes == head_classes:
+        return labels, []
+    if multilabel:
+        missing = [c for c in head_classes if c not in file_classes]
+        if missing:
+            raise ValueError(f"{file_name} lacks the labels {', '.join(missing)} of this head (its labels: "
+                             f"{', '.join(file_classes)}); predict needs every label the head scores.")
+        extra = [c for c in file_classes if c not in head_classes]
+        notes = [f"{file_name}'s labels are matched to the head's by name"
+                 + (f"; its labels {', '.join(extra)} are not scored by the head and are left out" if extra else "")
+                 + "."]
+        return labels[:, [file_classes.index(c) for c in head_classes]], notes
+    to_head = np.array([head_classes.index(c) if c in head_classes else -1 for c in file_classes] + [-1])
+    mapped = np.where(labels >= 0, to_head[labels], -1)  # -1 (unlabelled) indexes the trailing -1
+    unknown = [c for i, c in enumerate(file_classes) if to_head[i] < 0 and np.any(labels == i)]
+    notes = [f"{file_name} lists its classes as {', '.join(file_classes)}, the head as {', '.join(head_classes)}: "
+             f"labels are matched by name"
+             + (f"; rows of {', '.join(unknown)} (not a class of the head) are written without a label" if unknown
+                else "") + "."]
+    return mapped, notes
 
 
 def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
@@ -246,8 +296,9 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
         return positive, float(threshold), "--threshold"
     saved = head.meta.get("threshold")
     if saved is not None and positive == saved_pos:
-        rule = head.meta.get("threshold_rule") or "a number"
-        return positive, float(saved), f"saved ({rule}, chosen on validation)"
+        rule = head.meta.get("threshold_rule")
+        how = "chosen on validation" if tuned_on_validation(rule) else "as given at training"
+        return positive, float(saved), f"saved ({rule or 'a number'}, {how})"
     return positive, 0.5, "default 0.5"
 
 
@@ -289,8 +340,8 @@ def probe_head_payload(probe: Any, *, classes: list[str], fingerprint: str, mode
     with torch.no_grad():
         model.weight.copy_(torch.from_numpy(weight))
         model.bias.copy_(torch.from_numpy(bias))
-    mean = torch.from_numpy(np.asarray(probe.scaler_.mean_, dtype=np.float32))
-    std = torch.from_numpy(np.asarray(probe.scaler_.scale_, dtype=np.float32))
+    mean = torch.from_numpy(np.asarray(probe.scaler_.mean_, dtype=np.float64))
+    std = torch.from_numpy(np.asarray(probe.scaler_.scale_, dtype=np.float64))
     return head_payload(model, spec, classes=classes, fingerprint=fingerprint, model_name=model_name,
                         features=features, mean=mean, std=std, threshold=threshold, threshold_rule=threshold_rule,
                         positive=positive, multilabel=probe.multilabel_, source="probe", recipe=recipe)
@@ -304,10 +355,11 @@ def array_proba(head_tensors: tuple[dict[str, torch.Tensor], dict[str, Any]], x:
     model.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
     mean, std = tensors.get("standardize.mean"), tensors.get("standardize.std")
 
+    dtype = np.float64 if np.asarray(x).dtype == np.float64 else np.float32
+
     def batches() -> Iterable[torch.Tensor]:
         for i in range(0, len(x), PREDICT_BATCH):
-            b = torch.from_numpy(np.ascontiguousarray(x[i:i + PREDICT_BATCH], dtype=np.float32))
-            yield b if mean is None else (b - mean) / std
+            yield standardize(torch.from_numpy(np.ascontiguousarray(x[i:i + PREDICT_BATCH], dtype=dtype)), mean, std)
 
     return batch_proba(model, batches(), bool(meta["multilabel"]), spec.num_classes)
 

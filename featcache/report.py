@@ -119,12 +119,26 @@ def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# counts of a metrics block, shown in its heading ("test: 120 rows, 3 classes"), not as metrics
+SPLIT_COUNTS = ("n", "num_classes")
+
+
+def _counts(block: dict[str, Any]) -> str:
+    """': 120 rows, 3 classes' for a block that records its counts, else ''."""
+    parts = []
+    if isinstance(block.get("n"), numbers.Integral):
+        parts.append(f"{block['n']} rows")
+    if isinstance(block.get("num_classes"), numbers.Integral):
+        parts.append(f"{block['num_classes']} classes")
+    return ": " + ", ".join(parts) if parts else ""
+
+
 def _scalar_metrics(block: dict[str, Any]) -> list[tuple[str, str]]:
     """(name, formatted value with CI) for every number or word in one split's metrics."""
     out = []
     ci = block.get("ci") if isinstance(block.get("ci"), dict) else {}
     for key, value in block.items():
-        if key in ("ci", "bootstrap"):
+        if key in ("ci", "bootstrap") or key in SPLIT_COUNTS:
             continue
         if isinstance(value, str):
             out.append((key, value))
@@ -245,12 +259,24 @@ def format_cell(value: Any) -> str:
     return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"
 
 
+def _readable(value: Any) -> Any:
+    """A config value for display: floats at 12 significant digits, so a C grid made by
+    np.logspace shows as 1e-05 rather than 9.999999999999999e-06 (config.json keeps the exact value)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.12g}")
+    if isinstance(value, (list, tuple)):
+        return [_readable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _readable(v) for k, v in value.items()}
+    return value
+
+
 def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     keys = [k for k in CONFIG_FIRST if k in config] + sorted(k for k in config if k not in CONFIG_FIRST)
     rows = []
     for key in keys:
         value = config[key]
-        text = value if isinstance(value, str) else attribute_json(value)
+        text = value if isinstance(value, str) else attribute_json(_readable(value))
         if len(text) > 120:
             text = text[:117] + "..."
         rows.append((key, text))
@@ -360,7 +386,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
             block = run.metrics.get(split)
             if isinstance(block, dict):
                 vals = _scalar_metrics(block)
-                where = split_label(run, split)
+                where = split_label(run, split) + _counts(block)
                 if vals:
                     md += [f"### Metrics ({md_escape(where)})", "", _md_table(["metric", "value"], vals), ""]
                     hs += [f"<h3>Metrics ({html.escape(where)})</h3>", _html_table(["metric", "value"], vals)]

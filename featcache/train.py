@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from featcache.cached_splits import CachedSplits, SplitChoice, epoch_batches, load_cached_splits
 from featcache.devices import resolve_device
 from featcache.heads import HeadSpec, build_head, num_params, uses_tokens
-from featcache.metrics import (bootstrap_metrics, choose_threshold_rule,
+from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, threshold_record,
                                classification_metrics, resolve_positive, selection_score,
                                summarize_repeats)
 from featcache.plots import evaluation_figures, learning_curve_plot
@@ -116,9 +116,14 @@ def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def sample_weights(cached: CachedSplits, balance: str) -> torch.Tensor | None:
-    """Per-row sampling weights for class-balanced batches ("sampler"), else None."""
-    if balance != "sampler" or cached.multilabel:
+    """Per-row sampling weights for class-balanced batches ("sampler"), else None. Multi-label
+    files are refused: a row holds several labels, so there is no one class to balance a batch by."""
+    if balance != "sampler":
         return None
+    if cached.multilabel:
+        raise ValueError("--balance sampler draws class-balanced batches, which a multi-label file (rows with "
+                         "several labels) has no one class for; use --balance weights (BCE pos_weight per label) "
+                         "or --balance none.")
     y = cached.train.y.cpu()
     per_class = 1.0 / torch.bincount(y, minlength=len(cached.classes)).float().clamp(min=1)
     return per_class[y]
@@ -236,11 +241,12 @@ class HeadTrainer:
         "sensitivity:0.95" or a number), then recompute val and test metrics at it. Multi-label
         labels each get their own threshold. Multiclass tasks decide by argmax: any rule but the
         default 0.5 is refused there."""
-        self.threshold_ = choose_threshold_rule(rule, self.val_y_, self.val_proba_, self.positive_)
+        self.threshold_ = choose_threshold_rule(rule, self.val_y_, self.val_proba_, self.positive_, self.notes_,
+                                                self.classes_)
         self.threshold_rule_ = rule if self.threshold_ is not None else None
         self._score()
         if self.threshold_ is not None:
-            self.extra_metrics_["threshold"] = {"rule": rule, "value": self.threshold_, "chosen_on": "val"}
+            self.extra_metrics_["threshold"] = threshold_record(rule, self.threshold_)
         return self.threshold_
 
     def add_bootstrap_ci(self, n_boot: int, seed: int = 0) -> dict[str, Any]:

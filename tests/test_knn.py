@@ -25,11 +25,12 @@ def numpy_dino_knn(train_x, train_y, test_x, test_y, k, t, c):
         votes = np.zeros(c)
         for j in nn:
             votes[train_y[j]] += np.exp(sim[i, j] / t)
-        # top-1: argmax (lowest class among ties); top-5: ties ordered as scikit-learn's
-        # top_k_accuracy_score orders them (stable ascending sort, reversed)
+        # top-1: argmax (lowest class among ties); top-5: a class some neighbour voted for, among the
+        # five highest, ties ordered as scikit-learn's top_k_accuracy_score orders them (stable
+        # ascending sort, reversed); a class without a vote is never a hit (at k = 1, top-5 = top-1)
         order = np.argsort(votes, kind="mergesort")[::-1]
         top1 += np.argmax(votes) == test_y[i]
-        top5 += test_y[i] in order[:5]
+        top5 += votes[test_y[i]] > 0 and test_y[i] in order[:5]
     return top1 / len(test_y), top5 / len(test_y)
 
 

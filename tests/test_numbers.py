@@ -305,14 +305,21 @@ def test_top5_with_ties_orders_them_as_sklearn():
     assert ours == top_k_accuracy_score(y, proba, k=5, labels=np.arange(10))
 
 
-def test_knn_top5_with_uniform_ties_matches_sklearn(digits_feature_file):
-    # k = 4 uniform votes over 10 classes: at most 4 classes score, the other 6 tie at 0
+def test_knn_top5_never_credits_a_class_without_votes(digits_feature_file):
+    # k = 4 uniform votes over 10 classes: at most 4 classes score, the other 6 tie at 0. Ranking the
+    # zeros in tie order would make a row whose class no neighbour has a top-5 "hit" (by class index);
+    # so top-5 here is the share of rows with a neighbour of their class, and with 5+ voted classes
+    # scikit-learn's top-5 of the voted classes
     from featcache.evaluation import run_knn
 
     with fc.open(digits_feature_file) as store:
         res = run_knn(store, ks=[4], weighting="uniform", backend="torch")
     y = res.eval.y
-    ref = top_k_accuracy_score(y, res.proba, k=5, labels=np.arange(10))
+    voted = res.proba[np.arange(len(y)), y] > 0
+    ref = top_k_accuracy_score(y[voted], np.where(res.proba > 0, res.proba, -1.0)[voted], k=5,
+                               labels=np.arange(10), normalize=False) / len(y)
+    assert ref == np.mean(voted)  # at most 4 classes voted: every voted class is in the top 5
+    assert ref < top_k_accuracy_score(y, res.proba, k=5, labels=np.arange(10))  # what the zero ties added
     assert res.headline["top5"] == ref and res.rows[0]["top5"] == ref
 
 

@@ -122,6 +122,21 @@ def test_report_puts_runs_side_by_side(digits_feature_file, tmp_path):
     assert "<img src='figures/probe-digits/confusion_matrix.png'" in page
 
 
+def test_report_shows_the_default_c_grid_readably_and_counts_in_headings(digits_feature_file, tmp_path):
+    run = tmp_path / "probe"
+    res = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--out", str(run), "--quiet"])
+    assert res.exit_code == 0, res.output
+    config, metrics = (json.loads((run / f).read_text()) for f in ("config.json", "metrics.json"))
+    assert config["Cs"][1] != 1e-05  # np.logspace's value is kept exactly on disk ...
+    out = tmp_path / "report"
+    assert CliRunner().invoke(cli, ["report", str(run), "--out", str(out)]).exit_code == 0
+    md = (out / "report.md").read_text()
+    assert "| Cs | [1e-06, 1e-05, 0.0001, " in md and "9.99999" not in md  # ... and shown as the user wrote it
+    test = metrics["test"]
+    assert f"### Metrics (test: {test['n']} rows, {test['num_classes']} classes)" in md
+    assert "| n |" not in md and "| num\\_classes |" not in md  # counts are not listed as metrics
+
+
 def test_report_refuses_a_directory_without_metrics(tmp_path):
     empty = tmp_path / "crashed-run"
     empty.mkdir()

@@ -1,0 +1,279 @@
+"""Numbers that looked right and were not: each test pins a case an adversarial review found
+(2026-12-01), against a reference featcache did not compute (scikit-learn, plain numpy, the
+predictions CSV)."""
+from __future__ import annotations
+
+import csv
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score
+
+import featcache as fc
+from featcache.comparing import paired_bootstrap
+from featcache.evaluation import few_shot
+from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, classification_metrics, resample_indices,
+                               selection_score)
+from featcache.prediction import array_proba, probe_head_payload
+from featcache.probe import LogisticProbe
+from featcache.store import write_arrays
+from featcache_cli.main import cli
+
+
+# ------------------------------------------------------------------------------------------------
+# bootstrap intervals of class-averaged metrics with a rare class
+# ------------------------------------------------------------------------------------------------
+
+def _rare_class_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """60 rows, class 2 has 2 of them and is never predicted (a rare diagnosis)."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(29, int), np.ones(29, int), [2, 2]]
+    p = rng.dirichlet([1, 1, 0.2], size=60)
+    p[:, 2] = 0.01
+    return y, p / p.sum(axis=1, keepdims=True)
+
+
+def test_bootstrap_of_balanced_accuracy_drops_resamples_without_a_rare_class():
+    y, p = _rare_class_case()
+    boot = bootstrap_metrics(y, p, metrics=("top1", "balanced_accuracy", "auroc"), n_boot=400, seed=3)
+    # reference: scikit-learn on the same resamples, keeping only those that hold all three classes
+    # (elsewhere balanced accuracy is the mean recall of two classes, not three: another quantity)
+    kept = [idx for idx in resample_indices(len(y), 400, None, 3) if np.unique(y[idx]).size == 3]
+    ref = [balanced_accuracy_score(y[idx], p[idx].argmax(1)) for idx in kept]
+    assert 0 < len(kept) < 400
+    assert boot.n_valid["balanced_accuracy"] == boot.n_valid["auroc"] == len(kept)
+    assert boot.n_valid["top1"] == 400  # top-1 is defined on any resample
+    assert boot.ci["balanced_accuracy"] == pytest.approx((np.quantile(ref, 0.025), np.quantile(ref, 0.975)))
+    point = classification_metrics(y, p)["balanced_accuracy"]
+    assert boot.ci["balanced_accuracy"][0] <= point <= boot.ci["balanced_accuracy"][1]
+    assert boot.ci["balanced_accuracy"][1] < 0.75  # the two-class resamples had pushed it to ~0.9
+    assert any("balanced_accuracy was undefined" in w for w in boot.warnings)
+
+
+def test_multilabel_macro_auroc_bootstrap_needs_every_label_defined():
+    rng = np.random.default_rng(1)
+    y = np.zeros((60, 2), int)
+    y[:30, 0] = 1
+    y[[5, 40], 1] = 1                        # a rare finding: 2 positives of 60
+    s = np.c_[y[:, 0] * 0.8 + 0.1, rng.uniform(size=60) * 0.01 + (1 - y[:, 1]) * 0.5]  # label 1 ranked backwards
+    boot = bootstrap_metrics(y, s, metrics=("auroc",), n_boot=300, seed=0)
+    assert classification_metrics(y, s)["auroc"] == pytest.approx(0.5)  # (1.0 + 0.0) / 2
+    assert boot.n_valid["auroc"] < 300
+    assert boot.ci["auroc"] == pytest.approx((0.5, 0.5))  # the resamples without label 1 would give 1.0
+
+
+def test_compare_paired_bootstrap_drops_the_same_resamples():
+    y, p = _rare_class_case()
+    q = np.roll(p, 1, axis=0)
+    indices = resample_indices(len(y), 200, None, 0)
+    point, boot = paired_bootstrap(y, {("a", "knn"): p, ("b", "knn"): q}, ["top1", "balanced_accuracy"], indices, None)
+    complete = np.array([np.unique(y[idx]).size == 3 for idx in indices])
+    for f in ("a", "b"):
+        assert np.array_equal(np.isfinite(boot[(f, "knn", "balanced_accuracy")]), complete)
+        assert np.isfinite(boot[(f, "knn", "top1")]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# point metrics
+# ------------------------------------------------------------------------------------------------
+
+def test_macro_f1_counts_a_predicted_class_absent_from_the_split_as_scikit_learn_does():
+    y = np.array([0, 0, 0, 0, 2, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])           # class 1 never occurs but is predicted twice
+    proba = np.eye(3)[pred] * 0.9 + 0.1 / 3
+    m = classification_metrics(y, proba)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert "1 predicted, F1 0" in " ".join(m["notes"])
+
+
+def test_kappa_is_undefined_when_truth_and_predictions_are_one_class():
+    y = np.zeros(5, int)
+    m = classification_metrics(y, np.tile([0.9, 0.1], (5, 1)))
+    assert m["top1"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns that kappa is undefined here
+        assert np.isnan(cohen_kappa_score(y, y))
+    assert m["kappa"] is None  # not 0.0, which reads as "chance agreement"
+
+
+def test_non_finite_scores_are_refused_not_reported():
+    y = np.array([0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.2, np.nan, 0.8, 0.9])
+    proba = np.c_[1 - p1, p1]
+    with pytest.raises(ValueError, match="NaN or inf in 1 row"):
+        classification_metrics(y, proba)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        bootstrap_metrics(y, proba, n_boot=10)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        choose_threshold_rule("youden", y, proba, 1)
+    assert np.isnan(selection_score(y, proba))  # a diverged head: never selected, training goes on
+
+
+def test_multilabel_selection_by_balanced_accuracy_is_not_element_accuracy():
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=(200, 3)) < [0.5, 0.1, 0.03]).astype(int)
+    s = np.clip(y * 0.3 + rng.uniform(size=(200, 3)) * 0.6, 0, 1)
+    pred = (s >= 0.5).astype(int)
+    ref = np.mean([balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(3)])
+    assert selection_score(y, s, "balanced_accuracy") == pytest.approx(ref)
+    assert selection_score(y, s, "balanced_accuracy") != pytest.approx(selection_score(y, s, "accuracy"))
+
+
+# ------------------------------------------------------------------------------------------------
+# thresholds
+# ------------------------------------------------------------------------------------------------
+
+def test_threshold_rule_with_one_class_in_validation_says_it_stayed_at_half():
+    y = np.zeros(20, int)
+    proba = np.c_[np.linspace(0.9, 0.1, 20), np.linspace(0.1, 0.9, 20)]
+    notes: list[str] = []
+    assert choose_threshold_rule("youden", y, proba, 1, notes, ["normal", "pneumonia"]) == 0.5
+    assert notes and "positive class pneumonia (no positives)" in notes[0] and "stays at 0.5" in notes[0]
+    ml = np.c_[np.r_[np.ones(10), np.zeros(10)], np.zeros(20)].astype(int)
+    notes = []
+    value = choose_threshold_rule("sensitivity:0.9", ml, proba, None, notes, ["a", "b"])
+    assert value[1] == 0.5 and value[0] != 0.5 and "label b (no positives)" in notes[0]
+
+
+@pytest.mark.parametrize("rule, match", [("sensitivity:1.5", r"target sensitivity in \(0, 1\]"),
+                                         ("youden:0.9", "takes no target")])
+def test_threshold_rule_typos_are_refused_even_when_validation_has_one_class(rule, match):
+    with pytest.raises(ValueError, match=match):
+        choose_threshold_rule(rule, np.zeros(10, int), np.tile([0.5, 0.5], (10, 1)), 1)
+
+
+def test_a_given_threshold_is_not_reported_as_chosen_on_validation(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 2, n)
+        return {"cls": (rng.normal(size=(n, 8)) + y[:, None]).astype(np.float32), "labels": y}
+
+    path = write_arrays(tmp_path / "b.h5", {"train": split(200), "val": split(60), "test": split(60)},
+                        ["normal", "pneumonia"], {"model": "m"}).path
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", str(path), "--threshold", "0.3", "--epochs", "2", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "chosen on validation" not in res.output
+    metrics = fc.load_run(run).metrics
+    assert metrics["threshold"] == {"rule": "0.3", "value": 0.3, "chosen_on": "given"}
+    out = CliRunner().invoke(cli, ["predict", str(run), str(path), "--out", str(tmp_path / "p.csv")])
+    assert out.exit_code == 0, out.output
+    assert "threshold 0.3: saved (0.3, as given at training)" in out.output
+
+
+# ------------------------------------------------------------------------------------------------
+# k-NN: top-5 and exact ties
+# ------------------------------------------------------------------------------------------------
+
+def test_knn_top5_at_k1_is_top1():
+    rng = np.random.default_rng(0)
+    train_x, train_y = rng.normal(size=(100, 8)).astype(np.float32), rng.integers(0, 10, 100)
+    test_x, test_y = rng.normal(size=(50, 8)).astype(np.float32), rng.integers(0, 10, 50)
+    res = fc.knn_eval(train_x, train_y, test_x, test_y, ks=[1, 3], backend="torch")
+    assert res[1]["top5"] == res[1]["top1"]  # one neighbour, one class voted: a top-5 of one class
+    # k = 3: a hit needs a neighbour of the row's class among the 3 (at most 3 classes voted)
+    sims = (test_x / np.linalg.norm(test_x, axis=1, keepdims=True)) @ \
+        (train_x / np.linalg.norm(train_x, axis=1, keepdims=True)).T
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :3]
+    assert res[3]["top5"] == pytest.approx(np.mean((train_y[nearest] == test_y[:, None]).any(axis=1)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_knn_with_exact_duplicates_does_not_depend_on_the_other_ks_or_the_backend(backend):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, 16)).astype(np.float32)
+    y = rng.integers(0, 3, 200)
+    train_x = np.r_[base, base]                       # every image twice, the copy relabelled
+    train_y = np.r_[y, (y + 1) % 3]
+    test_x = base[:80] + 0.05 * rng.normal(size=(80, 16)).astype(np.float32)
+    test_y = y[:80]
+    # reference: neighbours by (-similarity, training row), so the first copy (the true label) wins
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    first = np.argsort(-(b @ a.T).astype(np.float32), axis=1, kind="stable")[:, 0]
+    ref = np.mean(train_y[first] == test_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [fc.knn_eval(train_x, train_y, test_x, test_y, ks=ks, backend=backend)[1]["top1"]
+               for ks in ([1], [1, 11], [1, 200])]
+    assert got == [ref] * 3
+
+
+# ------------------------------------------------------------------------------------------------
+# predict and exported probes
+# ------------------------------------------------------------------------------------------------
+
+def _binary_split(rng, n, d=8):
+    y = rng.integers(0, 2, n)
+    return {"cls": (rng.normal(size=(n, d)) + 1.5 * y[:, None]).astype(np.float32), "labels": y}
+
+
+def test_predict_matches_labels_by_class_name_not_index(tmp_path):
+    rng = np.random.default_rng(0)
+    cfg = {"model": "same-backbone"}
+    train = write_arrays(tmp_path / "train.h5", {"train": _binary_split(rng, 200), "val": _binary_split(rng, 60)},
+                         ["normal", "pneumonia"], cfg).path
+    ext = _binary_split(rng, 50)
+    swapped = {"cls": ext["cls"], "labels": 1 - ext["labels"]}  # the same rows, classes listed the other way
+    ext_path = write_arrays(tmp_path / "ext.h5", {"test": swapped}, ["pneumonia", "normal"], cfg).path
+    only = write_arrays(tmp_path / "only.h5", {"test": {"cls": ext["cls"][:10], "labels": np.zeros(10, int)}},
+                        ["pneumonia"], cfg).path
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", str(train), "--epochs", "2", "--out", str(run), "--quiet"])
+    assert res.exit_code == 0, res.output
+    truth = np.array(["normal", "pneumonia"])[ext["labels"]]
+    for path, want in ((ext_path, truth), (only, ["pneumonia"] * 10)):
+        res = CliRunner().invoke(cli, ["predict", str(run), str(path), "--out", str(tmp_path / "p.csv")])
+        assert res.exit_code == 0, res.output
+        assert "matched by name" in res.output
+        rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+        assert [r["label"] for r in rows] == list(want)
+
+
+def test_exported_probe_gives_the_probes_numbers_on_float64_with_a_large_offset():
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 3, n)
+        x = rng.normal(size=(n, 16)) + 0.5 * np.linspace(-1, 1, 16)[None, :] * y[:, None]
+        return x * 0.01 + 1e4, y                      # float64: a spread of 0.01 on an offset of 10,000
+
+    (x, y), (vx, vy), (tx, _) = split(600), split(150), split(150)
+    probe = LogisticProbe(Cs=[0.1, 1.0, 10.0]).fit(x, y, vx, vy)
+    head = probe_head_payload(probe, classes=["a", "b", "c"], fingerprint="f", model_name="m", features="cls",
+                              threshold=None, threshold_rule=None, positive=None, recipe={})
+    # float32 outputs of the head's softmax: 1e-6 bounds their rounding (the float32 centring the export
+    # used to do moved these probabilities by up to 5e-2)
+    np.testing.assert_allclose(array_proba(head, tx), probe.predict_proba(tx), atol=1e-6)
+
+
+def test_balance_sampler_is_refused_on_multilabel_files(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return {"cls": rng.normal(size=(n, 8)).astype(np.float32),
+                "labels": (rng.uniform(size=(n, 3)) < 0.2).astype(np.uint8)}
+
+    path = write_arrays(tmp_path / "ml.h5", {"train": split(100), "val": split(30)}, ["a", "b", "c"],
+                        {"model": "m"}).path
+    with pytest.raises(ValueError, match="--balance weights"):
+        fc.train_head(path, balance="sampler", epochs=1, test_split=None)
+
+
+def test_few_shot_says_a_class_with_no_training_rows_is_never_predicted(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def split(n, classes):
+        y = rng.choice(classes, n)
+        return {"cls": (rng.normal(size=(n, 8)) + y[:, None]).astype(np.float32), "labels": y}
+
+    path = write_arrays(tmp_path / "f.h5", {"train": split(60, [0, 1]), "test": split(30, [0, 1, 2])},
+                        ["a", "b", "c"], {"model": "m"}).path
+    with fc.open(path) as store:
+        res = few_shot(store, method="knn", shots=[2], tries=1, eval_split="test", k=5)
+    notes = " ".join(res.notes)
+    assert "no train rows: c; they can never be predicted" in notes
+    assert "c (0)" not in notes
