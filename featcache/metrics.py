@@ -607,11 +607,14 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, metrics: Sequence[str] =
 
 
 def summarize_repeats(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Median ± std of every scalar metric over repeated runs (seeds), as in Matsoukas et al."""
+    """Median ± std (population, ddof 0) of every scalar metric over repeated runs (seeds), as in
+    Matsoukas et al. A metric undefined (None, NaN) in some runs is summarised over the others:
+    "values" holds those, so len(values) says over how many."""
     names = sorted({k for r in results for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     out = {}
     for name in names:
-        vals = [float(r[name]) for r in results if isinstance(r.get(name), (int, float)) and r.get(name) is not None]
+        vals = [float(r[name]) for r in results if isinstance(r.get(name), (int, float))
+                and not isinstance(r.get(name), bool) and np.isfinite(r[name])]
         if vals:
             out[name] = {"median": float(np.median(vals)), "std": float(np.std(vals)), "values": vals}
     return out

@@ -209,7 +209,11 @@ def repeats_rows(run: Run) -> tuple[str, list[str], list[list[str]]] | None:
     if not shown:
         return None
     seeds = rep.get("seeds") or []
-    rows = [[m, f"{format_cell(block[m].get('median'))} ± {format_cell(block[m].get('std'))}",
+    def over(m: str) -> str:  # a metric undefined in some seeds is summarised over fewer
+        n = len(block[m].get("values", []))
+        return f" (over {n} of {len(seeds)} seeds)" if seeds and n < len(seeds) else ""
+
+    rows = [[m, f"{format_cell(block[m].get('median'))} ± {format_cell(block[m].get('std'))}{over(m)}",
              ", ".join(format_cell(v) for v in block[m].get("values", []))] for m in shown]
     title = f"{split} over {len(seeds)} seeds ({', '.join(map(str, seeds))}): median ± std"
     return title, ["metric", "median ± std", "per seed"], rows

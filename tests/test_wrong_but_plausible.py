@@ -277,3 +277,19 @@ def test_few_shot_says_a_class_with_no_training_rows_is_never_predicted(tmp_path
     notes = " ".join(res.notes)
     assert "no train rows: c; they can never be predicted" in notes
     assert "c (0)" not in notes
+
+
+def test_repeats_summarise_a_metric_undefined_in_some_seeds_over_the_others_and_say_so():
+    from types import SimpleNamespace
+
+    from featcache.metrics import summarize_repeats
+    from featcache.report import repeats_rows
+
+    runs = [{"top1": 0.8, "auroc": 0.9}, {"top1": 0.9, "auroc": None}, {"top1": 0.85, "auroc": float("nan")}]
+    summary = summarize_repeats(runs)
+    assert summary["auroc"] == {"median": 0.9, "std": 0.0, "values": [0.9]}  # not NaN
+    assert summary["top1"]["median"] == pytest.approx(np.median([0.8, 0.9, 0.85]))
+    assert summary["top1"]["std"] == pytest.approx(np.std([0.8, 0.9, 0.85]))
+    title, _, rows = repeats_rows(SimpleNamespace(metrics={"repeats": {"seeds": [0, 1, 2], "test": summary}}))
+    shown = {r[0]: r[1] for r in rows}
+    assert "over 1 of 3 seeds" in shown["auroc"] and "over" not in shown["top1"]
