@@ -165,6 +165,14 @@ def processor_output_size(processor: Any) -> tuple[int, int]:
 
 def set_processor_size(processor: Any, height: int, width: int) -> None:
     """Make a processor emit (height, width) pixels, keeping its resize-then-crop ratio."""
+    size = dict(processor.size or {}) if getattr(processor, "size", None) is not None else {}
+    if getattr(processor, "crop_pct", None) is not None and "shortest_edge" in size:
+        # ConvNeXT: shortest_edge S gives S x S (a resize to S / crop_pct then a centre crop below 384)
+        if height != width:
+            raise ValueError(f"{type(processor).__name__} makes square images (size shortest_edge); --image-size "
+                             f"needs one side, e.g. --image-size {height}; got {height}x{width}.")
+        processor.size = {"shortest_edge": height}
+        return
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
         old_h, _ = processor_output_size(processor)
         size = processor.size or {}

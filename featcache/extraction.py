@@ -37,7 +37,8 @@ from featcache.names import DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
                               to_uint8)
 from featcache.store import (FEATURE_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,
-                             describe_config, fingerprint_of, merge_shards, read_rows, same_rows)
+                             check_same_data_root, config_differences, describe_config, fingerprint_of, merge_shards,
+                             read_rows, same_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
@@ -244,7 +245,14 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
     backbone = load_backbone(cfg.model, revision=cfg.revision, image_size=cfg.image_size)
     if cfg.blocks is not None:
         backbone.check_blocks(cfg.blocks)
-    source = backbone.layout()
+    try:
+        source = backbone.layout()
+    except ValueError as exc:
+        if not cfg.image_size or "doesn't match" not in str(exc):
+            raise
+        raise ValueError(f"--image-size {cfg.image_size}: {cfg.model} runs at a fixed input size ({exc}). To run a "
+                         f"ViT at another resolution with interpolated position embeddings, use --token-mode native "
+                         f"--num-tokens N (N = prefix tokens + (side / patch size)^2).") from None
     plan = plan_tokens(source, cfg.num_tokens, cfg.token_mode)
     if plan.mode == "native":
         if backbone.family.cnn:
@@ -277,7 +285,8 @@ def draft_side(processor: Any) -> int:
     return side
 
 
-def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_root: Path) -> dict[str, Any]:
+def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_root: Path,
+                data_kind: str | None = None) -> dict[str, Any]:
     """The config recorded in (and, minus provenance, hashed into) the feature file."""
     processor = {k: v for k, v in backbone.processor.to_dict().items() if not k.startswith("_")}
     config = asdict(cfg)
@@ -294,6 +303,7 @@ def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_
                      "python": platform.python_version()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "data_root": str(data_root),
+        "data_kind": data_kind,
     })
     if not cfg.num_tokens:
         config["token_mode"] = "none"
@@ -316,7 +326,7 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     backbone_, plan = backbone or prepare_backbone(cfg)
     rank, world = distributed_rank()
     device = resolve_device(run.device, rank if world > 1 else None)
-    config = file_config(cfg, backbone_, plan, Path(source.root))
+    config = file_config(cfg, backbone_, plan, Path(source.root), source.kind)
     layout = FeatureLayout(dim=plan.dim, tokens=plan if cfg.tokens == "full" else None, dtype=cfg.dtype,
                            blocks=cfg.blocks)
     specs = {name: SplitSpec(paths=rows.paths, labels=rows.labels, groups=rows.groups)
@@ -403,6 +413,12 @@ def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, Spli
                            DecodeOptions(window=cfg.window, frame=cfg.frame, draft=draft))
     finally:
         writer.close()
+    if items and done_now == 0 and summary.rows_computed == 0 and summary.errors:
+        # every image failed: a broken setting (a processor that refuses its size), not bad files
+        split, path, reason = summary.errors[0]
+        raise ValueError(f"every one of the {len(items)} images failed, so {Path(out).name} has no features; the "
+                         f"first, {split}/{path}: {reason}. Fix the cause, then re-run with --retry-errors (or "
+                         f"--overwrite).")
     return summary
 
 
@@ -418,8 +434,9 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
         if old.fingerprint != fingerprint_of(config):
             raise FeatureStoreError(
                 f"{out} was made with {describe_config(old.config)}, but this run asks for "
-                f"{describe_config(config)}. --update keeps rows of the same model and settings only: use another "
-                f"--out, or --overwrite to re-extract everything.")
+                f"{describe_config(config)}{config_differences(old.config, config)}. --update keeps rows of the same "
+                f"model and settings only: use another --out, or --overwrite to re-extract everything.")
+        check_same_data_root(old.config, config, out)
         where = _done_rows_by_path(old)
         try:
             writer = StoreWriter(tmp, config, classes, specs, layout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,8 +182,14 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
     reserved = {path_column, split_column, group_column}
     if label_columns is None and label_column not in columns:
         candidates = [c for c in columns if c not in reserved]
-        if candidates and all(is_binary_column(records, c) for c in candidates):
-            label_columns = candidates  # a multi-label manifest: one 0/1 column per finding
+        binary = [c for c in candidates if is_binary_column(records, c)]
+        if len(binary) >= 2 or (binary and binary == candidates):
+            label_columns = binary  # a multi-label manifest: one 0/1 column per finding (others, e.g. patient_id, kept out)
+        elif candidates:
+            raise ValueError(f"{path} has no {label_column!r} column and no 0/1 finding columns; its columns are "
+                             f"{', '.join(columns)}. Pass --label-column NAME for the column holding the class, or "
+                             f"--label-columns A,B for 0/1 multi-label columns. (A manifest of unlabelled images "
+                             f"has only {path_column} and optionally split and group columns.)")
     multilabel = label_columns is not None
     if multilabel:
         missing = [c for c in label_columns if c not in columns]
@@ -193,6 +200,13 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
         names = {r.get(label_column, "").strip() for r in records} - {""}
         classes = sorted(names)
     index = {c: i for i, c in enumerate(classes)}
+    seen: dict[str, int] = {}
+    for line, r in enumerate(records, start=2):
+        key = os.path.normpath(str(root / r[path_column].strip()))
+        if key in seen:  # one image twice: conflicting labels, or the same image in train and test
+            raise ValueError(f"{path} lists {r[path_column].strip()!r} twice (lines {seen[key]} and {line}); each "
+                             f"image may appear once (a second row would label it twice or put it in two splits).")
+        seen[key] = line
     by_split: dict[str, list[dict[str, str]]] = {}
     for r in records:
         by_split.setdefault((r.get(split_column) or SINGLE_SPLIT).strip() or SINGLE_SPLIT, []).append(r)
@@ -357,6 +371,9 @@ def load_dicom(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1 and options.frame is None:
         raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {path.name}: pass --frame N to pick one")
+    if hasattr(ds, "pixel_array_options"):
+        # pydicom >= 3 converts YBR to RGB by default; the stored values are converted once, below
+        ds.pixel_array_options(as_rgb=False)
     try:
         arr = ds.pixel_array
     except Exception as exc:
@@ -369,6 +386,17 @@ def load_dicom(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
             raise ImageDecodeError(f"--frame {options.frame} out of range: {path.name} has {frames} frames")
         arr = arr[options.frame]
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":  # stored values are indices into the file's colour table
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(arr, ds)
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        except Exception as exc:
+            raise ImageDecodeError(f"PALETTE COLOR DICOM whose colour table cannot be applied: {exc}") from None
+        if bits <= 8:
+            return Image.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)), "RGB")
+        return Image.fromarray(_scale_to_uint8(rgb.astype(np.float64), (0.0, float(2 ** bits - 1))), "RGB")
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or arr.ndim == 3:
         if photometric.startswith("YBR"):
             from pydicom.pixels import convert_color_space

@@ -241,13 +241,18 @@ def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str |
         bad = [c for c in wanted if not is_binary_column(rows, c)]
         if bad:
             raise ValueError(f"multi-label columns must hold 0 or 1 in every row; {bad} do not.")
-        return np.asarray([[int(r[c]) for c in wanted] for r in rows], dtype=np.uint8), wanted
+        return np.asarray([[_zero_one(r[c]) for c in wanted] for r in rows], dtype=np.uint8), wanted
     auto = [c for c in columns if c not in ("path", "split", *exclude) and is_binary_column(rows, c)]
     if len(auto) >= 2:
-        return np.asarray([[int(r[c]) for c in auto] for r in rows], dtype=np.uint8), auto
+        return np.asarray([[_zero_one(r[c]) for c in auto] for r in rows], dtype=np.uint8), auto
     raise ValueError(f"label column {label!r} is not in the manifest; its columns are "
                      f"{', '.join(columns)}. Pass --label COLUMN, or --label A,B,C for 0/1 "
                      f"multi-label columns.")
+
+
+def _zero_one(value: str) -> int:
+    """A 0/1 cell as `featcache extract` reads it ("1", "1.0", " 0 ")."""
+    return int(float(value))
 
 
 def write_manifest(path: str | Path, columns: list[str], rows: list[dict[str, str]],
@@ -284,6 +289,14 @@ def split_manifest(manifest: str | Path, out: str | Path, group: str | None = No
             raise ValueError(f"{empty} rows of {manifest} have an empty {group!r}; every row needs "
                              f"a group (give a unique id to rows of unknown patient).")
         groups = np.asarray([r[group].strip() for r in rows], dtype=object)
+        other = next((r for r in rows if DEFAULT_GROUP_COLUMN in r and group != DEFAULT_GROUP_COLUMN
+                      and (r.get(DEFAULT_GROUP_COLUMN) or "").strip() != r[group].strip()), None)
+        if other is not None:
+            raise ValueError(f"{manifest} already has a {DEFAULT_GROUP_COLUMN!r} column (e.g. "
+                             f"{other[DEFAULT_GROUP_COLUMN]!r} where {group} is {other[group]!r}), which "
+                             f"`featcache extract` reads as the groups: the file would be split by {group} but "
+                             f"bootstrap and held-out validation would group by {DEFAULT_GROUP_COLUMN}. Rename that "
+                             f"column, or split by it (--group {DEFAULT_GROUP_COLUMN}).")
     labels, label_cols = manifest_labels(columns, rows, label, exclude=[group] if group else [])
     split = grouped_split(labels, groups, val=val, test=test, stratify=stratify, seed=seed,
                           multilabel=multilabel)

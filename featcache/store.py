@@ -37,7 +37,7 @@ ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
 
 # config keys that describe where/when a file was made rather than what is in it: recorded, but
 # not hashed, so upgrading a library or re-running elsewhere does not invalidate a cache.
-NON_IDENTITY_KEYS = ("versions", "created", "host", "data_root")
+NON_IDENTITY_KEYS = ("versions", "created", "host", "data_root", "data_kind")
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -71,6 +71,39 @@ def describe_config(config: dict[str, Any]) -> str:
     if config.get("weights"):
         parts.append(f"weights sha256 {str(config['weights'])[:12]}")
     return f"{parts[0]} ({', '.join(parts[1:])})"
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'; they differ in: image_mean ([0.5, ...] -> [0.4, ...]), fast_decode (absent -> true)' -- the
+    identity keys whose values differ, so a refusal says why even when describe_config reads the same."""
+    def show(config: dict[str, Any], key: str) -> str:
+        if key not in config:
+            return "absent"
+        text = json.dumps(config[key], sort_keys=True, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    keys = sorted(k for k in set(old) | set(new)
+                  if k not in NON_IDENTITY_KEYS and (k not in old or k not in new or old[k] != new[k]))
+    if not keys:
+        return ""
+    return "; they differ in: " + ", ".join(f"{k} ({show(old, k)} -> {show(new, k)})" for k in keys[:6]) + (
+        f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def check_same_data_root(old: dict[str, Any], new: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse to resume or update a file from images under another folder.
+
+    Why: stored rows are matched by their path relative to the data root, so a copy of the data
+    elsewhere (another site, a re-exported or re-windowed set with the same file names) would keep
+    the old features row for row without a single image being read."""
+    before, now = old.get("data_root"), new.get("data_root")
+    if new.get("data_kind") == "hf":
+        return  # a datasets directory saved anew (it grew): rows keep their ids, the file names it kept
+    if before and now and Path(before) != Path(now):
+        raise FeatureStoreError(
+            f"{path} holds features of the images under {before}, but this run reads {now}. Rows are matched by "
+            f"their path relative to that folder, so same-named files here would keep the old features. Use another "
+            f"--out, or --overwrite to re-extract (if only the folder moved, run from its old place).")
 
 
 @dataclass
@@ -696,13 +729,21 @@ class StoreWriter:
             if str(f.attrs["fingerprint"]) != self.fingerprint:
                 raise FeatureStoreError(
                     f"{self.path} was made with {describe_config(old_config)}, but this run asks for "
-                    f"{describe_config(self.config)}. Use another --out, or --overwrite to replace the file.")
+                    f"{describe_config(self.config)}{config_differences(old_config, self.config)}. Use another "
+                    f"--out, or --overwrite to replace the file.")
+            check_same_data_root(old_config, self.config, self.path)
             old_classes = [_decode(c) for c in f["classes"][()]]
             if old_classes != list(classes):
                 raise FeatureStoreError(
                     f"{self.path} has classes {old_classes}, but the data now has {list(classes)}. "
                     f"Use --update to keep the stored rows and compute only what is new, another --out, or "
                     f"--overwrite to re-extract.")
+            stale = sorted(k for k in f.keys() if k != "classes" and k not in splits)
+            if stale:
+                raise FeatureStoreError(
+                    f"{self.path} has split(s) {', '.join(stale)} that the data no longer has (it has "
+                    f"{', '.join(splits)}); the data changed: use --update to drop their rows and keep the rest, "
+                    f"another --out, or --overwrite.")
             for name, spec in splits.items():
                 if name not in f:
                     raise FeatureStoreError(f"{self.path} has no split {name!r} (it has "
@@ -841,8 +882,22 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         for key in ("cls", "pooled", "tokens"):
             if s.get(key) is not None:
                 check_finite(np.asarray(s[key]), f"split {name!r} {key}")
+        pooled, toks = s.get("pooled"), s.get("tokens")
+        if pooled is not None and np.shape(pooled) != (n, layout.dim):
+            raise ValueError(f"split {name!r}: pooled must be ({n}, {layout.dim}), one row per cls row; got "
+                             f"{np.shape(pooled)} (rows of another split or order would sit next to these).")
+        if toks is not None and np.shape(toks)[0] != n:
+            raise ValueError(f"split {name!r}: tokens must have one row per cls row ({n}); got {np.shape(toks)}.")
         if labels.ndim == 1:
             check_labels(labels, len(classes), f"split {name!r}")
+        else:
+            if labels.shape[1] != len(classes):
+                raise ValueError(f"split {name!r}: multi-label labels have {labels.shape[1]} columns but "
+                                 f"{len(classes)} label names were given ({', '.join(map(str, classes[:6]))}).")
+            bad = ~np.isin(labels, (0, 1))
+            if bad.any():
+                raise ValueError(f"split {name!r}: multi-label labels must be 0 or 1; found {labels[bad][0].item()!r} "
+                                 f"({int(bad.sum())} cells). Threshold or fix them before importing.")
         groups = s.get("groups")
         specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [str(g) for g in groups])
     if path.exists():

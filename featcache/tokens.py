@@ -1,15 +1,20 @@
 """Token modes: turn a backbone's token sequence into the token count a user asks for.
 
 - ``resize``: the seed's recipe. The (D, T) token matrix is resized along the token axis,
-  linear, align_corners=False, prefix tokens included; identical to torchvision's
-  ``Resize((D, T_out))`` on ``hidden.permute(0, 2, 1)``. Token 0 stays the CLS token exactly
-  (its source coordinate clamps to 0), the rest lose their spatial meaning.
+  linear, align_corners=False, prefix tokens included. Growing the count (197 -> 257) it is
+  identical to torchvision's ``Resize((D, T_out))`` on ``hidden.permute(0, 2, 1)`` and token 0
+  stays the CLS token exactly (its source coordinate clamps to 0); shrinking it (257 -> 197),
+  token 0 blends CLS with token 1 and torchvision's default antialias differs (this is
+  ``Resize(..., antialias=False)``), which plan_tokens warns about. The rest lose their spatial
+  meaning.
 - ``grid``: prefix tokens kept as they are; the patch grid resized bicubically to a square grid,
   so 1 + 14x14 becomes 1 + 16x16 with spatial meaning kept.
 - ``native``: the backbone itself runs at the resolution that yields the token count (see
   ``native_input_size``); tokens pass through unchanged.
 """
 from __future__ import annotations
+
+import warnings
 
 import math
 from dataclasses import dataclass
@@ -69,6 +74,10 @@ def plan_tokens(source: TokenLayout, num_tokens: int | None, mode: str) -> Token
     kept = dict(dim=source.dim, num_tokens=num_tokens, mode=mode, source_num_tokens=source.num_tokens,
                 source_grid=source.grid)
     if mode == "resize":
+        if num_tokens < source.num_tokens:
+            warnings.warn(f"--token-mode resize from {source.num_tokens} down to {num_tokens} tokens: token 0 is then "
+                          f"a blend of CLS and the next token, not the CLS token (only growing the count keeps it "
+                          f"exact). --token-mode grid keeps the prefix tokens exactly.", UserWarning, stacklevel=2)
         return TokenLayout(n_prefix, None, **kept)
     side = math.isqrt(num_tokens - n_prefix)
     if side * side != num_tokens - n_prefix:

@@ -243,3 +243,28 @@ def test_compressed_dicom_without_decoder_is_skipped_with_reason():
     with pytest.raises(ImageDecodeError, match="JPEG-LS") as info:
         load_image(src)
     assert "\n" not in str(info.value)  # one line, fit for the errors table
+
+
+@pytest.mark.parametrize("name", ["SC_ybr_full_422_uncompressed.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+def test_ybr_colour_dicom_is_converted_to_rgb_once(name):
+    # pydicom's test images have a red block top left; YBR converted twice made it green
+    from pydicom.pixels import convert_color_space, pixel_array
+
+    src = Path(get_testdata_file(name, download=False))
+    ds = pydicom.dcmread(src)
+    out = np.asarray(load_image(src))
+    stored = pixel_array(str(src), as_rgb=False)
+    np.testing.assert_array_equal(out, convert_color_space(stored, ds.PhotometricInterpretation, "RGB"))
+    assert out[5, 5, 0] > 240 and out[5, 5, 1:].max() < 10
+
+
+def test_palette_colour_dicom_applies_its_colour_table():
+    from pydicom.pixels import apply_color_lut
+
+    src = Path(get_testdata_file("examples_palette.dcm", download=False))
+    ds = pydicom.dcmread(src)
+    out = np.asarray(load_image(src)).astype(np.float64)
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    ref = apply_color_lut(ds.pixel_array, ds).astype(np.float64) * 255 / (2**bits - 1)
+    assert out.shape == ref.shape  # colour, not the table's indices stretched to grey
+    np.testing.assert_allclose(out, ref, atol=0.5 + 1e-9)  # rounding to 8 bits only

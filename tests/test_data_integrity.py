@@ -1,0 +1,191 @@
+"""Rows that could silently get the wrong label, group or features (a review of 2026-12-01): each
+test pins one case, checked against what the files on disk say."""
+from __future__ import annotations
+
+import csv
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import featcache as fc
+from featcache.sources import discover
+from featcache.splitting import split_manifest
+from featcache_cli.main import cli
+
+
+def _images(root: Path, names: list[str], seed: int = 0, size: int = 40) -> None:
+    rng = np.random.default_rng(seed)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)).save(root / name)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# manifests
+# ------------------------------------------------------------------------------------------------
+
+def test_multilabel_manifest_from_split_keeps_its_labels(tmp_path):
+    names = [f"img/{i}.png" for i in range(24)]
+    _images(tmp_path, names)
+    rows = [[n, f"p{i // 2}", i % 2, int(i % 3 == 0)] for i, n in enumerate(names)]
+    manifest = _write_csv(tmp_path / "m.csv", ["path", "patient_id", "effusion", "nodule"], rows)
+    split_manifest(manifest, tmp_path / "split.csv", group="patient_id", label="effusion,nodule")
+    src = discover(tmp_path / "split.csv")
+    assert src.multilabel and src.classes == ["effusion", "nodule"]  # patient_id is not a finding
+    truth = {n: [e, d] for n, _, e, d in rows}
+    for spec in src.splits.values():
+        assert [truth[p] for p in spec.paths] == spec.labels.tolist()
+        assert all(g for g in spec.groups)
+
+
+def test_manifest_without_a_label_column_is_an_error_not_unlabelled_rows(tmp_path):
+    _images(tmp_path, ["a.png", "b.png"])
+    manifest = _write_csv(tmp_path / "m.csv", ["path", "diagnosis"], [["a.png", "normal"], ["b.png", "pneumonia"]])
+    with pytest.raises(ValueError, match="--label-column NAME"):
+        discover(manifest)
+    src = discover(manifest, label_column="diagnosis")
+    assert src.classes == ["normal", "pneumonia"]
+    # a manifest of unlabelled images (path only) stays unlabelled
+    assert discover(_write_csv(tmp_path / "u.csv", ["path"], [["a.png"], ["b.png"]])).classes == []
+
+
+def test_split_reads_float_zero_one_cells_as_extract_does(tmp_path):
+    rows = [[f"{i}.png", f"p{i}", "1.0" if i % 2 else "0.0", "0.0" if i % 3 else "1.0"] for i in range(30)]
+    manifest = _write_csv(tmp_path / "m.csv", ["path", "patient", "eff", "nod"], rows)
+    summary = split_manifest(manifest, tmp_path / "s.csv", group="patient", label="eff,nod")
+    assert summary is not None
+    out = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert [r["eff"] for r in out] == [r[2] for r in rows]
+
+
+def test_split_refuses_a_manifest_whose_group_column_is_another_grouping(tmp_path):
+    rows = [[f"{i}.png", "a" if i % 2 else "b", f"p{i // 2}", f"site{i % 3}"] for i in range(30)]
+    manifest = _write_csv(tmp_path / "m.csv", ["path", "label", "patient_id", "group"], rows)
+    with pytest.raises(ValueError, match="already has a 'group' column"):
+        split_manifest(manifest, tmp_path / "s.csv", group="patient_id")
+
+
+# ------------------------------------------------------------------------------------------------
+# resume and update
+# ------------------------------------------------------------------------------------------------
+
+def test_a_split_gone_from_the_data_is_refused_on_a_plain_rerun(tiny_vit, tmp_path):
+    data = tmp_path / "data"
+    _images(data, [f"{s}/{c}/{i}.png" for s in ("train", "val") for c in "ab" for i in range(3)])
+    out = tmp_path / "f.h5"
+    fc.extract(str(tiny_vit), data, out, workers=0).close()
+    shutil.rmtree(data / "val")
+    with pytest.raises(ValueError, match=r"split\(s\) val that the data no longer has.*--update"):
+        fc.extract(str(tiny_vit), data, out, workers=0)
+    with fc.extract(str(tiny_vit), data, out, workers=0, update=True) as store:
+        assert store.splits == ["train"]
+
+
+def test_same_named_images_in_another_folder_are_not_given_the_old_features(tiny_vit, tmp_path):
+    names = [f"{c}/{i}.png" for c in "ab" for i in range(3)]
+    _images(tmp_path / "site1", names, seed=1)
+    _images(tmp_path / "site2", names, seed=2)          # the same file names, other pixels
+    out = tmp_path / "f.h5"
+    fc.extract(str(tiny_vit), tmp_path / "site1", out, workers=0).close()
+    for update in (False, True):
+        with pytest.raises(ValueError, match="holds features of the images under .*site1.*reads .*site2"):
+            fc.extract(str(tiny_vit), tmp_path / "site2", out, workers=0, update=update)
+
+
+def test_a_refused_resume_says_which_setting_differs(tiny_vit, tmp_path):
+    _images(tmp_path / "d", ["a/0.png", "b/0.png"])
+    out = tmp_path / "f.h5"
+    fc.extract(str(tiny_vit), tmp_path / "d", out, workers=0).close()
+    with pytest.raises(ValueError, match=r"they differ in: .*fast_decode \(absent -> true\)"):
+        fc.extract(str(tiny_vit), tmp_path / "d", out, workers=0, fast_decode=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# extraction settings
+# ------------------------------------------------------------------------------------------------
+
+def test_image_size_on_a_convnext_processor_gives_its_own_recipe(tiny_models, tmp_path):
+    from transformers import AutoModel, ConvNextImageProcessor
+
+    _images(tmp_path / "d", ["a/0.png", "a/1.png", "b/0.png"], size=70)
+    with fc.extract(str(tiny_models["resnet"]), tmp_path / "d", tmp_path / "r.h5", workers=0, image_size=48,
+                    dtype="float32") as store:
+        cls, paths = store["all"].cls[()], store["all"].paths
+        assert store.config["input_size"] == [48, 48]
+    model = AutoModel.from_pretrained(tiny_models["resnet"]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: PIL backend without torchvision
+        proc = ConvNextImageProcessor(size={"shortest_edge": 48})  # short side 48 / 0.875, centre crop 48
+    for row, p in zip(cls, paths):
+        x = torch.as_tensor(np.asarray(proc(images=Image.open(tmp_path / "d" / p).convert("RGB"),
+                                            return_tensors="np")["pixel_values"]))
+        with torch.no_grad():
+            ref = model(pixel_values=x).pooler_output.flatten(1)[0].numpy()
+        np.testing.assert_allclose(row, ref, atol=1e-5)  # float32 conv batched vs alone
+
+
+def test_a_run_where_every_image_fails_is_an_error(tiny_vit, tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "d" / "a" / f"{i}.png").write_bytes(b"not a png at all")
+    res = CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "d"),
+                                   "--out", str(tmp_path / "f.h5"), "--workers", "0"])
+    assert res.exit_code != 0
+    assert "every one of the 3 images failed" in res.output
+
+
+def test_image_size_on_a_fixed_size_vit_names_the_native_mode(tiny_vit, tmp_path):
+    _images(tmp_path / "d", ["a/0.png"])
+    with pytest.raises(ValueError, match="--token-mode native"):
+        fc.extract(str(tiny_vit), tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=48)
+
+
+def test_resize_mode_warns_when_it_shrinks_the_token_count(tiny_vit, tmp_path):
+    _images(tmp_path / "d", ["a/0.png", "b/0.png"])
+    with pytest.warns(UserWarning, match="token 0 is then a blend of CLS"):
+        store = fc.extract(str(tiny_vit), tmp_path / "d", tmp_path / "f.h5", workers=0, tokens="full",
+                           num_tokens=40, token_mode="resize", dtype="float32")
+    with store:
+        tokens, cls = store["all"].tokens[()], store["all"].cls[()]
+    assert tokens.shape[1] == 40
+    assert not np.allclose(tokens[:, 0], cls)  # what the warning says
+
+
+def test_a_manifest_listing_one_image_twice_is_refused(tmp_path):
+    _images(tmp_path, ["im01.png", "im02.png"])
+    manifest = _write_csv(tmp_path / "m.csv", ["path", "label", "split"],
+                          [["im01.png", "a", "train"], ["im02.png", "b", "train"], ["./im01.png", "a", "test"]])
+    with pytest.raises(ValueError, match=r"lists './im01.png' twice \(lines 2 and 4\)"):
+        discover(manifest)
+
+
+def test_write_arrays_refuses_misaligned_or_non_binary_arrays(tmp_path):
+    from featcache.importing import import_features
+    from featcache.store import write_arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"pooled must be \(6, 8\), one row per cls row"):
+        write_arrays(tmp_path / "a.h5", {"train": {"cls": x, "pooled": np.zeros((9, 8), np.float32),
+                                                   "labels": np.zeros(6, int)}}, ["a"], {"model": "m"})
+    y = np.array([[0, 1], [1, 0.7], [0, 0], [1, 1], [0, 0], [1, 0]])
+    np.savez(tmp_path / "t.npz", features=x, labels=y)
+    with pytest.raises(ValueError, match="must be 0 or 1; found 0.7"):
+        import_features(tmp_path / "b.h5", {"train": tmp_path / "t.npz"}, classes="eff,nod")
+    with pytest.raises(ValueError, match="2 columns but 3 label names"):
+        write_arrays(tmp_path / "c.h5", {"train": {"cls": x, "labels": (y >= 0.5).astype(np.uint8)}},
+                     ["eff", "nod", "mass"], {"model": "m"})
