@@ -146,12 +146,8 @@ def _class_names(classes: str | None, label_arrays: list[Any]) -> list[str]:
 
 def _encode(y: Any, classes: list[str], split: str) -> np.ndarray:
     y = np.asarray(y)
-    if y.ndim == 2:  # multi-label: 0/1 cells only (a cast would turn 0.7 into 0 and keep a 2)
-        bad = ~np.isin(y, (0, 1))
-        if bad.any():
-            raise ValueError(f"split {split!r}: multi-label labels must be 0 or 1; found {y[bad][0].item()!r} "
-                             f"({int(bad.sum())} cells). Threshold or fix them before importing.")
-        return y.astype(np.uint8)
+    if y.ndim == 2:  # multi-label: write_arrays checks the cells are 0/1 (a cast here would turn 0.7 into 0)
+        return y
     if np.issubdtype(y.dtype, np.integer):
         if y.size and (y.max() >= len(classes) or y.min() < -1):
             raise ValueError(f"split {split!r}: labels range {y.min()}..{y.max()} but there are "

@@ -17,6 +17,7 @@ from featcache.names import SELECTION_METRICS
 
 ECE_BINS = 15          # one bin count for metrics.json's ECE and the reliability diagram
 DEFAULT_THRESHOLD = 0.5
+TUNED_METHODS = ("youden", "sensitivity")  # threshold rules chosen on validation (the rest are numbers)
 BOOTSTRAP_WARN_DROPPED = 0.05  # warn when more than this share of resamples leave a metric undefined
 # metrics that average over classes (or labels): a bootstrap resample lacking a class of the full
 # split would average over fewer classes -- another quantity -- so there they are undefined
@@ -246,9 +247,8 @@ def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
 def _multilabel_balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     """Mean over labels of (sensitivity + specificity) / 2, the labels with both classes present
     (scikit-learn's balanced_accuracy_score per label, averaged); NaN when no label has both."""
-    y, pred = np.asarray(y) > 0, np.asarray(pred) > 0
-    values = [(np.mean(pred[y[:, j], j]) + np.mean(~pred[~y[:, j], j])) / 2
-              for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    y, pred = (np.asarray(y) > 0).astype(np.int64), (np.asarray(pred) > 0).astype(np.int64)
+    values = [_balanced_accuracy(y[:, j], pred[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -400,7 +400,7 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     binary = not multilabel and val_proba.shape[1] == 2
     rule = DEFAULT_THRESHOLD_RULE if rule is None else str(rule).strip()
     method, _, target = rule.partition(":")
-    if method not in ("youden", "sensitivity"):
+    if method not in TUNED_METHODS:
         try:
             value = float(rule)
         except ValueError:
@@ -428,7 +428,7 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     untuned: list[str] = []
 
     def pick(y: np.ndarray, scores: np.ndarray, name: str) -> float:
-        if method not in ("youden", "sensitivity"):
+        if method not in TUNED_METHODS:
             return float(rule)
         if y.min() == y.max():  # one class only in validation: nothing to tune on
             untuned.append(f"{name} ({'no positives' if y.max() == 0 else 'no negatives'})")
@@ -454,12 +454,13 @@ DEFAULT_THRESHOLD_RULE = "0.5"
 def tuned_on_validation(rule: str | None) -> bool:
     """True for rules that pick the threshold from validation data (youden, sensitivity:T); a
     number (0.5, the default, or e.g. 0.3) is used as given."""
-    return rule is not None and str(rule).strip().partition(":")[0] in ("youden", "sensitivity")
+    return rule is not None and str(rule).strip().partition(":")[0] in TUNED_METHODS
 
 
 def threshold_record(rule: str, value: float | list[float]) -> dict[str, Any]:
     """metrics.json's account of a decision threshold: the rule, its value, and where it came from."""
     return {"rule": rule, "value": value, "chosen_on": "val" if tuned_on_validation(rule) else "given"}
+
 
 _SCALARS: dict[str, Callable[[np.ndarray, np.ndarray, int | None], float | None]] = {
     "top1": lambda y, p, pos: float(np.mean(decide(p, positive=pos) == y)),

@@ -216,7 +216,7 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
         rel = [r[path_column].strip() for r in rows]
         files = [(p if p.is_absolute() else root / p) for p in map(Path, rel)]
         if multilabel:
-            labels = np.array([[_binary(r.get(c, ""), path, c) for c in label_columns] for r in rows], dtype=np.uint8)
+            labels = np.array([[binary_cell(r.get(c, ""), path, c) for c in label_columns] for r in rows], dtype=np.uint8)
         else:
             labels = np.array([index.get(r.get(label_column, "").strip(), -1) for r in rows], dtype=np.int64)
         groups = [r.get(group_column, "").strip() for r in rows] if group_column in columns else None
@@ -229,7 +229,8 @@ def _is_binary(value: str) -> bool:
     return value.strip() in ("0", "1", "0.0", "1.0")
 
 
-def _binary(value: str, path: Path, column: str) -> int:
+def binary_cell(value: str, path: str | Path, column: str) -> int:
+    """A multi-label manifest cell ("0", "1", "1.0") as 0 or 1, or an error naming the column."""
     v = value.strip()
     if not _is_binary(v):
         raise ValueError(f"{path}: multi-label column {column!r} must hold 0 or 1; found {value!r}.")

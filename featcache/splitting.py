@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from featcache.sources import DEFAULT_GROUP_COLUMN, is_binary_column, read_manifest
+from featcache.sources import DEFAULT_GROUP_COLUMN, binary_cell, is_binary_column, read_manifest
 
 SPLIT_NAMES = ("train", "val", "test")
 NO_LABEL = "(none)"   # key of a multi-label row with no positive label
@@ -241,18 +241,13 @@ def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str |
         bad = [c for c in wanted if not is_binary_column(rows, c)]
         if bad:
             raise ValueError(f"multi-label columns must hold 0 or 1 in every row; {bad} do not.")
-        return np.asarray([[_zero_one(r[c]) for c in wanted] for r in rows], dtype=np.uint8), wanted
+        return np.asarray([[binary_cell(r[c], "the manifest", c) for c in wanted] for r in rows], dtype=np.uint8), wanted
     auto = [c for c in columns if c not in ("path", "split", *exclude) and is_binary_column(rows, c)]
     if len(auto) >= 2:
-        return np.asarray([[_zero_one(r[c]) for c in auto] for r in rows], dtype=np.uint8), auto
+        return np.asarray([[binary_cell(r[c], "the manifest", c) for c in auto] for r in rows], dtype=np.uint8), auto
     raise ValueError(f"label column {label!r} is not in the manifest; its columns are "
                      f"{', '.join(columns)}. Pass --label COLUMN, or --label A,B,C for 0/1 "
                      f"multi-label columns.")
-
-
-def _zero_one(value: str) -> int:
-    """A 0/1 cell as `featcache extract` reads it ("1", "1.0", " 0 ")."""
-    return int(float(value))
 
 
 def write_manifest(path: str | Path, columns: list[str], rows: list[dict[str, str]],

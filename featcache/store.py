@@ -890,14 +890,15 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
             raise ValueError(f"split {name!r}: tokens must have one row per cls row ({n}); got {np.shape(toks)}.")
         if labels.ndim == 1:
             check_labels(labels, len(classes), f"split {name!r}")
-        else:
-            if labels.shape[1] != len(classes):
-                raise ValueError(f"split {name!r}: multi-label labels have {labels.shape[1]} columns but "
-                                 f"{len(classes)} label names were given ({', '.join(map(str, classes[:6]))}).")
+        elif labels.shape[1] != len(classes):
+            raise ValueError(f"split {name!r}: multi-label labels have {labels.shape[1]} columns but "
+                             f"{len(classes)} label names were given ({', '.join(map(str, classes[:6]))}).")
+        elif not np.isin(labels, (0, 1)).all():
             bad = ~np.isin(labels, (0, 1))
-            if bad.any():
-                raise ValueError(f"split {name!r}: multi-label labels must be 0 or 1; found {labels[bad][0].item()!r} "
-                                 f"({int(bad.sum())} cells). Threshold or fix them before importing.")
+            raise ValueError(f"split {name!r}: multi-label labels must be 0 or 1; found {labels[bad][0].item()!r} "
+                             f"({int(bad.sum())} cells). Threshold or fix them before importing.")
+        else:
+            labels = labels.astype(np.uint8)
         groups = s.get("groups")
         specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [str(g) for g in groups])
     if path.exists():
