@@ -102,6 +102,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                f"{summary.rows_done_before} already done, "
                + (f"{summary.rows_failed_before} unreadable before (not retried; --retry-errors), "
                   if summary.rows_failed_before else "")
+               + (f"{summary.rows_changed} changed since extracted (computed again), " if summary.rows_changed else "")
                + f"{summary.rows_total} in all{speed}"
                + (f"; pixels: {summary.pixel_path}" if summary.pixel_path else "")
                + (f"; JPEG draft decoding to >= {summary.draft_px} px (--fast-decode)" if summary.draft_px else "")
@@ -115,7 +116,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                            "rows_failed": summary.rows_failed, "seconds": summary.seconds,
                            "images_per_second": summary.images_per_second if summary.rows_computed else None,
                            "updated": summary.updated, "rows_reused": summary.rows_reused,
-                           "rows_dropped": summary.rows_dropped, "pixel_path": summary.pixel_path,
+                           "rows_dropped": summary.rows_dropped, "rows_changed": summary.rows_changed,
+                           "rows_unverified": summary.rows_unverified, "pixel_path": summary.pixel_path,
                            "draft_px": summary.draft_px,
                            "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
 

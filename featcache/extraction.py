@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 
 import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
-from featcache.sources import DecodeOptions, ImageDecodeError, discover, load_image
+from featcache.sources import (CONTENT_CHARS, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
+                               load_image, row_content)
 from featcache.devices import resolve_device
 from featcache.names import DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
                               to_uint8)
-from featcache.store import (FEATURE_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,
+from featcache.store import (FEATURE_DATASETS, ROW_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,
                              check_same_data_root, config_differences, describe_config, fingerprint_of, merge_shards,
                              read_rows, same_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
@@ -98,6 +99,8 @@ class ExtractSummary:
     updated: bool = False                   # --update rebuilt the file around the current data
     rows_reused: int = 0                    # --update: rows copied from the old file, never recomputed
     rows_dropped: int = 0                   # --update: old rows whose image is gone
+    rows_changed: int = 0                   # stored rows whose input bytes changed since: computed again
+    rows_unverified: int = 0                # stored rows without a recorded content (older files): kept by path
 
     @property
     def images_per_second(self) -> float:
@@ -131,21 +134,23 @@ class ImageRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, int, torch.Tensor | None, str, RowContent | None]:
         split, row, file = self.items[i]
+        content = None
         try:
+            content = row_content(Path(file))  # hashed as read, so a later resume can tell it changed
             image = load_image(Path(file), self.decode_options)
             if self.pixel_plan is not None:
-                return split, row, torch.from_numpy(to_uint8(image, self.pixel_plan)), ""
+                return split, row, torch.from_numpy(to_uint8(image, self.pixel_plan)), "", content
             pixels = self.processor(images=image, return_tensors="np")["pixel_values"][0]
-            return split, row, torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), ""
+            return split, row, torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)), "", content
         except ImageDecodeError as exc:
-            return split, row, None, str(exc)
+            return split, row, None, str(exc), content
         except Exception as exc:  # a processor failure on one odd image must not stop the run
-            return split, row, None, f"preprocessing failed: {type(exc).__name__}: {exc}"
+            return split, row, None, f"preprocessing failed: {type(exc).__name__}: {exc}", content
 
 
-def collate_rows(batch: list[tuple[int, int, torch.Tensor | None, str]]) -> dict[str, Any]:
+def collate_rows(batch: list[tuple[int, int, torch.Tensor | None, str, RowContent | None]]) -> dict[str, Any]:
     """Stack the decoded images; keep the failed ones aside with their reasons."""
     ok = [b for b in batch if b[2] is not None]
     bad = [b for b in batch if b[2] is None]
@@ -153,8 +158,16 @@ def collate_rows(batch: list[tuple[int, int, torch.Tensor | None, str]]) -> dict
         "split": np.array([b[0] for b in ok], dtype=np.int64),
         "row": np.array([b[1] for b in ok], dtype=np.int64),
         "pixels": _stack([b[2] for b in ok]) if ok else None,
-        "failed": [(b[0], b[1], b[3]) for b in bad],
+        "content": [b[4] for b in ok],
+        "failed": [(b[0], b[1], b[3], b[4]) for b in bad],
     }
+
+
+def content_arrays(contents: Sequence[RowContent | None]) -> dict[str, np.ndarray]:
+    """StoreWriter's content and file_stat arrays for rows (an unread input: empty, 0, 0)."""
+    return {"content": np.array([c.digest if c else "" for c in contents], dtype=f"S{CONTENT_CHARS}"),
+            "file_stat": np.array([(c.size, c.mtime_ns) if c else (0, 0) for c in contents],
+                                  dtype=np.int64).reshape(-1, 2)}
 
 
 def _stack(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -396,6 +409,7 @@ def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, Spli
           rows_done_before: int | None = None) -> ExtractSummary:
     """Compute every row of an open writer that is not done (nor known unreadable), then close it."""
     split_names = list(split_rows)
+    changed, unverified = forget_changed_rows(writer, split_rows, progress=run.progress)
     items: list[tuple[int, int, Path]] = []
     for s, name in enumerate(split_names):
         files = split_rows[name].files
@@ -404,7 +418,8 @@ def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, Spli
     done_now = sum(writer.done_count(name) for name in split_names)
     summary = ExtractSummary(Path(out), writer.resumed, total,
                              rows_done_before=done_now if rows_done_before is None else rows_done_before,
-                             rows_failed_before=total - done_now - len(items))
+                             rows_failed_before=total - done_now - len(items),
+                             rows_changed=changed, rows_unverified=unverified)
     try:
         if items:
             paths = [split_rows[name].paths for name in split_names]
@@ -456,7 +471,7 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
     summary = _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device, rows_done_before=0)
     os.replace(tmp, out)
     summary.out, summary.resumed, summary.updated = out, True, True
-    summary.rows_reused, summary.rows_dropped = reused, dropped
+    summary.rows_reused, summary.rows_dropped = reused - summary.rows_changed, dropped
     return summary
 
 
@@ -486,7 +501,7 @@ def _copy_stored_rows(old: FeatureStore, writer: StoreWriter, specs: dict[str, S
             for start in range(0, len(rows), block):
                 chunk = np.array(rows[start:start + block], dtype=np.int64)
                 new_rows, old_rows = chunk[:, 0], chunk[:, 1]
-                arrays = {k: read_rows(g[k], old_rows) for k in FEATURE_DATASETS if k in g}
+                arrays = {k: read_rows(g[k], old_rows) for k in ROW_DATASETS if k in g}
                 writer.write(name, new_rows, **arrays)
                 copied += len(chunk)
     return copied
@@ -524,7 +539,7 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
         for batch in loader:
             if batch["failed"]:
                 failed = batch["failed"]
-                for s, row, reason in failed:
+                for s, row, reason, _ in failed:
                     path = paths[s][row]
                     summary.errors.append((split_names[s], path, reason))
                     log.warning("skipped %s: %s", path, reason)
@@ -542,6 +557,7 @@ def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str
                 # float32 to the writer thread, which casts to the storage dtype and refuses values
                 # that overflow it (float16 above 65504) before any row is marked done
                 result = {k: t.float().cpu().numpy() for k, t in arrays.items() if t is not None}
+                result.update(content_arrays(batch["content"]))
                 background.submit(_write_job(writer, split_names, batch["split"], batch["row"], result))
                 summary.rows_computed += len(batch["row"])
             bar.update(len(batch["row"]) + len(batch["failed"]))
@@ -563,13 +579,66 @@ def _write_job(writer: StoreWriter, split_names: Sequence[str], splits: np.ndarr
     return job
 
 
-def _error_job(writer: StoreWriter, split_names: Sequence[str], failed: list[tuple[int, int, str]]
-               ) -> Callable[[], None]:
+def _error_job(writer: StoreWriter, split_names: Sequence[str],
+               failed: list[tuple[int, int, str, RowContent | None]]) -> Callable[[], None]:
     def job() -> None:
         for s in {f[0] for f in failed}:
             mine = [f for f in failed if f[0] == s]
-            writer.write_errors(split_names[s], [f[1] for f in mine], [f[2] for f in mine])
+            writer.write_errors(split_names[s], [f[1] for f in mine], [f[2] for f in mine],
+                                **content_arrays([f[3] for f in mine]))
     return job
+
+
+def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progress: bool = False) -> tuple[int, int]:
+    """Make every stored row whose input changed since it was read pending again (features and
+    "unreadable" alike), so a file never keeps features of an image that is no longer there.
+
+    A row is unchanged when its file has the recorded size and mtime, or else (a touched or
+    copied file, a datasets row) when its bytes hash to the recorded content; the file stat of
+    rows found unchanged by hash is refreshed. Returns (rows forgotten, rows without a recorded
+    content, which files made before featcache recorded contents have, and which stay as they are).
+    """
+    changed = unverified = 0
+    for name, rows in split_rows.items():
+        recorded = writer.recorded_content(name)
+        if recorded is None:
+            unverified += writer.done_count(name)
+            continue
+        settled, digests, stats = recorded
+        known = digests != b""
+        unverified += int((~known).sum())
+        settled, digests, stats = settled[known], digests[known], stats[known]
+        stale: list[int] = []
+        touched: list[tuple[int, tuple[int, int]]] = []
+        bar = tqdm(total=len(settled), unit="img", desc=f"check {name}", leave=False,
+                   disable=not progress or len(settled) < 10_000)
+        for row, digest, stat in zip(settled.tolist(), digests, stats):
+            bar.update(1)
+            file = rows.files[row]
+            if stat[1] != 0 and file_stat(file) == (int(stat[0]), int(stat[1])):
+                continue
+            try:
+                now = row_content(Path(file))
+            except ImageDecodeError:
+                stale.append(row)  # gone or unreadable now: computed again, and recorded as failed if so
+                continue
+            if now.digest.encode() != digest:
+                stale.append(row)
+            elif (now.size, now.mtime_ns) != (int(stat[0]), int(stat[1])):
+                touched.append((row, (now.size, now.mtime_ns)))
+        bar.close()
+        if stale:
+            writer.forget_rows(name, np.array(stale))
+            log.info("%d image(s) of split %s changed since they were extracted (first: %s): computing them again",
+                     len(stale), name, rows.paths[stale[0]])
+        if touched:
+            writer.set_file_stat(name, np.array([r for r, _ in touched]), np.array([t for _, t in touched]))
+        changed += len(stale)
+    if unverified:
+        log.warning("%d stored row(s) of %s were extracted before featcache recorded each image's content: they "
+                    "are kept by path, and an image changed in place among them is not noticed (--overwrite "
+                    "re-extracts).", unverified, writer.path.name)
+    return changed, unverified
 
 
 def extract(model: str, data: str | Path, out: str | Path, **options: Any) -> FeatureStore:

@@ -23,8 +23,8 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from featcache.sources import (SINGLE_SPLIT, DataSource, DecodeOptions, ImageDecodeError, SplitRows, decode_image_bytes,
-                               load_image)
+from featcache.sources import (SINGLE_SPLIT, DataSource, DecodeOptions, ImageDecodeError, RowContent, SplitRows,
+                               bytes_content, decode_image_bytes, load_image, row_content)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -297,8 +297,8 @@ def forget_open(root: Path) -> None:
         del _OPEN[key]
 
 
-def load_ref_image(ref: HFRowRef, options: "DecodeOptions") -> "Image.Image":
-    """Decode one row's image exactly as an image file would be (featcache's decoder)."""
+def _row_image(ref: HFRowRef) -> tuple[bytes | None, Path | None]:
+    """A row's encoded image bytes, or else the file it names (an image stored by path only)."""
     try:
         value = _open_split(ref)[ref.index][ref.column]
     except MissingDatasetsError as exc:
@@ -310,12 +310,24 @@ def load_ref_image(ref: HFRowRef, options: "DecodeOptions") -> "Image.Image":
         raise ImageDecodeError("the row has no image (None)")
     data, path = value.get("bytes"), value.get("path")
     if data is not None:
-        return decode_image_bytes(bytes(data), options)
-    if path:  # an image stored by path only: read the file it names
-        file = Path(path) if Path(path).is_absolute() else Path(ref.root) / path
-        return load_image(file, options)
+        return bytes(data), None
+    if path:
+        return None, Path(path) if Path(path).is_absolute() else Path(ref.root) / path
     raise ImageDecodeError("the row's image has neither bytes nor a path")
 
 
-__all__: Sequence[str] = ("is_hf_dataset_dir", "from_hf_dir", "make_ref", "parse_ref", "load_ref_image",
+def load_ref_image(ref: HFRowRef, options: "DecodeOptions") -> "Image.Image":
+    """Decode one row's image exactly as an image file would be (featcache's decoder)."""
+    data, file = _row_image(ref)
+    return decode_image_bytes(data, options) if data is not None else load_image(file, options)
+
+
+def ref_content(ref: HFRowRef) -> RowContent:
+    """The hash of one row's image bytes (or of the file it names), to notice a row whose id was
+    kept but whose image changed when the dataset was saved anew."""
+    data, file = _row_image(ref)
+    return bytes_content(data) if data is not None else row_content(file)
+
+
+__all__: Sequence[str] = ("is_hf_dataset_dir", "from_hf_dir", "make_ref", "parse_ref", "load_ref_image", "ref_content",
                           "MissingDatasetsError", "HFRowRef")

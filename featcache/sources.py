@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,56 @@ class DataSource:
 
 class ImageDecodeError(Exception):
     """One input could not be turned into an image; str(exc) is the reason."""
+
+
+CONTENT_CHARS = 32  # hex digits kept of a row's sha256 (128 bits: a changed image is never mistaken)
+RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime's resolution
+
+
+@dataclass(frozen=True)
+class RowContent:
+    """What a row's stored features were computed from: a hash of the input's bytes, and the
+    file's size and modification time, the cheap first check when a file is resumed."""
+
+    digest: str                 # first CONTENT_CHARS hex digits of the sha256 of the encoded bytes
+    size: int                   # bytes
+    mtime_ns: int               # the file's st_mtime_ns; 0 where it cannot be trusted: no file of its own
+                                # (datasets), or modified within RACY_NS of being read (as git's "racy" rule)
+
+
+def row_content(path: Path) -> RowContent:
+    """Hash one input (a file, or a datasets row reference from hf_source) as the extractor reads
+    it, or raise ImageDecodeError when it cannot be read."""
+    if str(path).startswith("hf:"):
+        from featcache.hf_source import parse_ref, ref_content  # (hf_source imports this module)
+
+        ref = parse_ref(path)
+        if ref is not None:
+            return ref_content(ref)
+    try:
+        stat = os.stat(path)  # before reading: a file changed meanwhile shows a newer mtime next time
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    trusted = time.time_ns() - stat.st_mtime_ns > RACY_NS
+    return RowContent(digest[:CONTENT_CHARS], stat.st_size, stat.st_mtime_ns if trusted else 0)
+
+
+def bytes_content(data: bytes) -> RowContent:
+    """The content of encoded bytes that are not a file of their own (no mtime to compare)."""
+    return RowContent(hashlib.sha256(data).hexdigest()[:CONTENT_CHARS], len(data), 0)
+
+
+def file_stat(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of an input file, or None when it has none (datasets rows) or is gone."""
+    if str(path).startswith("hf:"):
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 @dataclass(frozen=True)

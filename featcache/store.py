@@ -34,6 +34,7 @@ ENCODING_VERSION = "1"
 # only through `done`, so reading while an extraction fills it is safe and never blocks the writer
 READ_LOCKING = False
 ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
+CONTENT_CHARS = 32  # width of a row's content hash (hex; sources.CONTENT_CHARS writes it)
 
 # config keys that describe where/when a file was made rather than what is in it: recorded, but
 # not hashed, so upgrading a library or re-running elsewhere does not invalidate a cache.
@@ -626,7 +627,7 @@ def is_being_written(path: str | os.PathLike) -> bool:
 def planned_bytes(splits: dict[str, SplitSpec], layout: FeatureLayout) -> int:
     """Bytes a new file reserves: every feature array is allocated at creation (plus row metadata)."""
     item = np.dtype(layout.dtype).itemsize
-    per_row = layout.dim * item * (2 if layout.has_pooled else 1) + ERROR_BYTES + 64
+    per_row = layout.dim * item * (2 if layout.has_pooled else 1) + ERROR_BYTES + CONTENT_CHARS + 16 + 64
     if layout.tokens is not None:
         per_row += layout.tokens.num_tokens * layout.tokens.dim * item
     if layout.blocks:
@@ -720,6 +721,11 @@ class StoreWriter:
             done.attrs["role"] = "a row is valid only when done is set"
             err = g.create_dataset("errors", data=np.zeros(n, dtype=f"S{ERROR_BYTES}"))
             err.attrs["role"] = "utf-8 reason a row's input could not be read; empty = no error"
+            content = g.create_dataset("content", data=np.zeros(n, dtype=f"S{CONTENT_CHARS}"))
+            content.attrs["role"] = ("first 128 bits (hex) of the sha256 of the input bytes the row was computed "
+                                     "from; empty = not recorded")
+            stat = g.create_dataset("file_stat", data=np.zeros((n, 2), dtype=np.int64))
+            stat.attrs["role"] = "size in bytes and st_mtime_ns of the input file when read; mtime 0 = no file"
 
     def _open_existing(self, classes: Sequence[str], splits: dict[str, SplitSpec]) -> h5py.File:
         f = _open_for_writing(self.path)
@@ -772,11 +778,41 @@ class StoreWriter:
     def done_count(self, split: str) -> int:
         return int(self._f[split]["done"][()].sum())
 
+    def recorded_content(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(settled rows, their content hashes, their (size, mtime_ns)) for the rows that are done or
+        known unreadable; None for a file made before featcache recorded contents."""
+        g = self._f[split]
+        if "content" not in g or "file_stat" not in g:
+            return None
+        settled = np.flatnonzero(g["done"][()].astype(bool) | (g["errors"][()] != b""))
+        return settled, g["content"][()][settled], g["file_stat"][()][settled]
+
+    def forget_rows(self, split: str, rows: np.ndarray) -> None:
+        """Make rows pending again (their input changed): unset done and clear their error."""
+        g = self._f[split]
+        rows = np.asarray(rows, dtype=np.int64)
+        for key, empty in (("done", False), ("errors", b"")):
+            values = g[key][()]
+            values[rows] = empty
+            g[key][...] = values
+        self._f.flush()
+
+    def set_file_stat(self, split: str, rows: np.ndarray, stats: np.ndarray) -> None:
+        """Record the current (size, mtime_ns) of rows whose bytes were found unchanged (touched or
+        copied files), so the next resume needs no hashing for them."""
+        ds = self._f[split]["file_stat"]
+        values = ds[()]
+        values[np.asarray(rows, dtype=np.int64)] = np.asarray(stats, dtype=np.int64)
+        ds[...] = values
+        self._f.flush()
+
     # writes -----------------------------------------------------------------------------------
     def write(self, split: str, rows: np.ndarray, cls: np.ndarray, pooled: np.ndarray | None,
               tokens: np.ndarray | None = None, blocks_cls: np.ndarray | None = None,
-              blocks_pooled: np.ndarray | None = None) -> None:
-        """Store features of `rows` (ascending), flush, then mark them done and flush again."""
+              blocks_pooled: np.ndarray | None = None, content: np.ndarray | None = None,
+              file_stat: np.ndarray | None = None) -> None:
+        """Store features of `rows` (ascending) with the content they were computed from, flush,
+        then mark them done and flush again."""
         g = self._f[split]
         rows = np.asarray(rows, dtype=np.int64)
         arrays = [("cls", cls), ("pooled", pooled), ("tokens", tokens), ("blocks_cls", blocks_cls),
@@ -789,23 +825,37 @@ class StoreWriter:
                 stored = np.ascontiguousarray(arr, dtype=ds.dtype)
             if not np.isfinite(stored).all():
                 _refuse_non_finite(np.asarray(arr), stored, name, split)
-            arr = stored
-            pos = 0
-            for start, stop in contiguous_runs(rows):
-                ds.write_direct(arr, np.s_[pos:pos + stop - start], np.s_[start:stop])
-                pos += stop - start
+            _write_runs(ds, rows, stored)
+        self._write_content(g, rows, content, file_stat)
         self._f.flush()
         done = g["done"]
         for start, stop in contiguous_runs(rows):
             done[start:stop] = True
         self._f.flush()
 
-    def write_errors(self, split: str, rows: Iterable[int], reasons: Iterable[str]) -> None:
-        """Record why rows could not be read (they stay not-done and are skipped on resume)."""
-        err = self._f[split]["errors"]
+    def write_errors(self, split: str, rows: Iterable[int], reasons: Iterable[str],
+                     content: np.ndarray | None = None, file_stat: np.ndarray | None = None) -> None:
+        """Record why rows could not be read (they stay not-done and are skipped on resume until
+        their input changes, or --retry-errors); `content` as far as the bytes could be read."""
+        g = self._f[split]
+        err = g["errors"]
+        rows = [int(r) for r in rows]
         for row, reason in zip(rows, reasons):
-            err[int(row)] = _fit_bytes(reason or "unknown error")
+            err[row] = _fit_bytes(reason or "unknown error")
+        if content is not None:
+            order = np.argsort(rows, kind="stable")
+            self._write_content(g, np.asarray(rows, dtype=np.int64)[order], np.asarray(content)[order],
+                                None if file_stat is None else np.asarray(file_stat)[order])
         self._f.flush()
+
+    @staticmethod
+    def _write_content(g: h5py.Group, rows: np.ndarray, content: np.ndarray | None,
+                       file_stat: np.ndarray | None) -> None:
+        """The content hashes and file stats of ascending rows (files made before them: skipped)."""
+        if content is not None and "content" in g:
+            _write_runs(g["content"], rows, np.asarray(content, dtype=f"S{CONTENT_CHARS}"))
+        if file_stat is not None and "file_stat" in g:
+            _write_runs(g["file_stat"], rows, np.ascontiguousarray(file_stat, dtype=np.int64))
 
     def close(self) -> None:
         if self._f:
@@ -818,6 +868,15 @@ class StoreWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _write_runs(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    """values[i] -> ds[rows[i]] for ascending rows, one write per contiguous run."""
+    values = np.ascontiguousarray(values)
+    pos = 0
+    for start, stop in contiguous_runs(rows):
+        ds.write_direct(values, np.s_[pos:pos + stop - start], np.s_[start:stop])
+        pos += stop - start
 
 
 def _refuse_non_finite(source: np.ndarray, stored: np.ndarray, name: str, split: str) -> None:
@@ -1000,7 +1059,9 @@ def _shape(ds: h5py.Dataset | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 FEATURE_DATASETS = ("cls", "pooled", "tokens", "blocks_cls", "blocks_pooled")  # StoreWriter.write's arrays
-SHARDED = FEATURE_DATASETS + ("done", "errors")
+CONTENT_DATASETS = ("content", "file_stat")  # what a row was computed from (StoreWriter.write's content, file_stat)
+ROW_DATASETS = FEATURE_DATASETS + CONTENT_DATASETS  # what moves with a row copied to another file
+SHARDED = ROW_DATASETS + ("done", "errors")
 
 
 def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, config: dict[str, Any],
@@ -1025,12 +1086,14 @@ def merge_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike, co
                         reasons = g["errors"][()]
                         failed = np.flatnonzero(reasons != b"")
                         if failed.size:
-                            w.write_errors(name, failed + lo, [r.decode("utf-8", "replace") for r in reasons[failed]])
+                            w.write_errors(name, failed + lo, [r.decode("utf-8", "replace") for r in reasons[failed]],
+                                           **{k: read_rows(g[k], failed) if k in g else None
+                                              for k in CONTENT_DATASETS})
                         done = np.flatnonzero(g["done"][()])
                         for start in range(0, done.size, 1024):
                             rows = done[start:start + 1024]
                             w.write(name, rows + lo, **{k: read_rows(g[k], rows) if k in g else None
-                                                        for k in FEATURE_DATASETS})
+                                                        for k in ROW_DATASETS})
         return out
     if method != "virtual":
         raise ValueError(f"--merge must be copy or virtual; got {method!r}.")

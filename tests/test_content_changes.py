@@ -1,0 +1,200 @@
+"""A feature file never keeps features of an image that changed: each row records the sha256 of
+the bytes it was computed from (and the file's size and mtime), and a re-run, --update or resume
+computes again every row whose input changed in place, under the same name."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import featcache as fc
+from featcache_cli.main import cli
+from tests.conftest import render_digits
+
+
+def _extract(model: Path, data: Path, out: Path, tmp_path: Path, *extra: str) -> dict:
+    summary = tmp_path / "summary.json"
+    res = CliRunner().invoke(cli, ["extract", "-m", str(model), "-d", str(data), "-o", str(out), "--dtype",
+                                   "float32", "--workers", "0", "--batch-size", "8", "--json", str(summary),
+                                   *extra])
+    assert res.exit_code == 0, res.output
+    out_json = json.loads(summary.read_text())
+    out_json["output"] = res.output
+    return out_json
+
+
+def _age(root: Path, seconds: float = 3600) -> None:
+    """Date every file an hour back, as a dataset on disk for a while is (its mtimes are trusted)."""
+    for f in root.rglob("*.png"):
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def _row(store: fc.FeatureStore, split: str, path: str) -> int:
+    return store[split].paths.index(path)
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    root = render_digits(tmp_path / "img", per_class=4, classes=(0, 1, 2), splits=("train", "test"))
+    _age(root)
+    return root
+
+
+def test_image_replaced_in_place_is_computed_again(tiny_vit, images, tmp_path):
+    out = tmp_path / "f.h5"
+    first = _extract(tiny_vit, images, out, tmp_path)
+    assert first["rows_computed"] == 24 and first["rows_changed"] == 0
+    with fc.open(out) as store:
+        before = {s: store[s].cls[()].copy() for s in store.splits}
+        paths = store["train"].paths
+    # a re-exported image under the same name: the first "0" now holds the pixels of the first "2"
+    target, source = images / paths[0], images / paths[-1]
+    assert paths[0].startswith("train/0/") and paths[-1].startswith("train/2/")
+    shutil.copyfile(source, target)
+    again = _extract(tiny_vit, images, out, tmp_path)
+    assert again["rows_changed"] == 1 and again["rows_computed"] == 1 and again["rows_done_before"] == 23
+    assert "1 changed since extracted" in again["output"]
+    with fc.open(out) as store:
+        cls = store["train"].cls[()]
+        # the row now holds the features of the image that is there (equal to its twin's row)
+        np.testing.assert_allclose(cls[0], cls[-1], atol=1e-5)
+        assert np.abs(cls[0] - before["train"][0]).max() > 1e-2
+        np.testing.assert_array_equal(cls[1:], before["train"][1:])  # nothing else recomputed
+        np.testing.assert_array_equal(store["test"].cls[()], before["test"])
+    assert _extract(tiny_vit, images, out, tmp_path)["rows_computed"] == 0  # and then it is settled
+
+
+def test_touched_or_copied_file_keeps_its_row(tiny_vit, images, tmp_path):
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, images, out, tmp_path)
+    f = sorted((images / "test").rglob("*.png"))[0]
+    data = f.read_bytes()
+    f.unlink()
+    f.write_bytes(data)  # same bytes, new file and mtime (a copy without -p, a `touch`)
+    _age(images, 60)
+    again = _extract(tiny_vit, images, out, tmp_path)
+    assert again["rows_changed"] == 0 and again["rows_computed"] == 0
+    with fc.open(out) as store:
+        row = _row(store, "test", f.relative_to(images).as_posix())
+        stat = store["test"]._g["file_stat"][row]
+    assert tuple(int(v) for v in stat) == (f.stat().st_size, f.stat().st_mtime_ns)  # refreshed: no hashing next time
+
+
+def test_recently_written_files_are_checked_by_content(tiny_vit, tmp_path):
+    """A file written moments before it is read may change again within its mtime's resolution,
+    so its stat is not trusted: the change is found by hash although size and mtime match."""
+    root = render_digits(tmp_path / "img", per_class=3, classes=(0, 1), splits=("train",))
+    for png in root.rglob("*.png"):  # as BMP: the size of the file does not depend on its pixels
+        Image.open(png).save(png.with_suffix(".bmp"))
+        png.unlink()
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, root, out, tmp_path)
+    a = sorted(root.rglob("*.bmp"))[0]
+    with fc.open(out) as store:
+        assert (store["train"]._g["file_stat"][:, 1] == 0).all()  # just written: mtime not trusted
+    # same size, same mtime, other pixels: only a content check can tell
+    stat = a.stat()
+    pixels = np.asarray(Image.open(a)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(a)
+    assert a.stat().st_size == stat.st_size
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = _extract(tiny_vit, root, out, tmp_path)
+    assert again["rows_changed"] == 1 and again["rows_computed"] == 1
+
+
+def test_unreadable_image_fixed_later_is_retried(tiny_vit, images, tmp_path):
+    broken = images / "train" / "1" / "broken.png"
+    good = sorted((images / "train" / "1").glob("*.png"))[0].read_bytes()
+    broken.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "f.h5"
+    first = _extract(tiny_vit, images, out, tmp_path)
+    assert first["rows_failed"] == 1
+    assert _extract(tiny_vit, images, out, tmp_path)["rows_computed"] == 0  # unchanged: not retried
+    broken.write_bytes(good)  # the file was re-exported
+    again = _extract(tiny_vit, images, out, tmp_path)
+    assert again["rows_changed"] == 1 and again["rows_computed"] == 1 and again["rows_failed"] == 0
+    with fc.open(out) as store:
+        assert store["train"].done.all() and not store["train"].errors
+
+
+def _manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return path
+
+
+def test_update_computes_changed_images_again(tiny_vit, images, tmp_path):
+    rows = sorted((p.relative_to(tmp_path).as_posix(), p.parent.name, p.parent.parent.name)
+                  for p in images.rglob("*.png"))
+    manifest = tmp_path / "data.csv"
+    _manifest(manifest, rows[:-4])
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, manifest, out, tmp_path)
+    _manifest(manifest, rows)  # 4 new images, and one kept name now holds another image
+    changed = tmp_path / rows[0][0]
+    shutil.copyfile(tmp_path / rows[1][0], changed)
+    update = _extract(tiny_vit, manifest, out, tmp_path, "--update")
+    assert update["updated"] and update["rows_changed"] == 1
+    assert update["rows_computed"] == 5 and update["rows_reused"] == len(rows) - 4 - 1
+    fresh = tmp_path / "fresh.h5"
+    _extract(tiny_vit, manifest, fresh, tmp_path)
+    with fc.open(out) as a, fc.open(fresh) as b:
+        for s in a.splits:
+            assert a[s].paths == b[s].paths and a[s].done.all()
+            np.testing.assert_allclose(a[s].cls[()], b[s].cls[()], atol=1e-5)
+            np.testing.assert_array_equal(a[s]._g["content"][()], b[s]._g["content"][()])
+
+
+def test_hf_dataset_saved_anew_with_another_image_under_a_kept_name(tiny_vit, images, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    files = sorted((images / "train").rglob("*.png"))
+
+    def save(where: Path, swap: bool) -> Path:
+        data = [f.read_bytes() for f in files]
+        if swap:
+            data[0] = files[-1].read_bytes()
+        ds = datasets.Dataset.from_dict(
+            {"image": [{"bytes": d, "path": f"{f.parent.name}_{f.name}"} for d, f in zip(data, files)],
+             "label": [int(f.parent.name) for f in files]},
+            features=datasets.Features({"image": datasets.Image(),
+                                        "label": datasets.ClassLabel(names=["0", "1", "2"])}))
+        datasets.DatasetDict({"train": ds}).save_to_disk(str(where))
+        return where
+
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, save(tmp_path / "v1", swap=False), out, tmp_path)
+    again = _extract(tiny_vit, save(tmp_path / "v2", swap=True), out, tmp_path)
+    assert again["rows_changed"] == 1 and again["rows_computed"] == 1
+    with fc.open(out) as store:
+        paths = store["train"].paths
+        cls = store["train"].cls[()]
+        first = paths.index(f"{files[0].parent.name}_{files[0].name}")
+        last = paths.index(f"{files[-1].parent.name}_{files[-1].name}")
+        np.testing.assert_allclose(cls[first], cls[last], atol=1e-5)
+
+
+def test_file_without_recorded_contents_resumes_with_a_warning(tiny_vit, images, tmp_path, caplog):
+    """Files made before featcache recorded contents lack the datasets: their rows are kept by path,
+    and the run says that a change among them cannot be noticed."""
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, images, out, tmp_path)
+    with h5py.File(out, "a") as f:
+        for s in ("train", "test"):
+            del f[s]["content"], f[s]["file_stat"]
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        again = _extract(tiny_vit, images, out, tmp_path)
+    assert again["rows_computed"] == 0 and again["rows_unverified"] == 24
+    assert "before featcache recorded each image's content" in caplog.text
