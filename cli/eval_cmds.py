@@ -216,7 +216,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
 @click.option("--heads", type=CommaList(str, choices=("linear",)), default=None,
               help="Also compare the best linear head of a small sweep (lr 1e-3,1e-2 x wd 0,1e-4, chosen on val).")
 @click.option("--train-split", default="train", show_default=True, help="Split k-NN neighbours and the probe are fitted on.")
-@click.option("--val-split", default="val", show_default=True, help="Split the probe's C is chosen on.")
+@click.option("--val-split", default="val", show_default=True,
+              help="Split the probe's C is chosen on, in every file (none: cross-validation on the train split).")
 @click.option("--test-split", default="test", show_default=True, help="Split every method is scored on.")
 @shots_options
 @click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,

@@ -121,19 +121,50 @@ def check_same_rows(first: tuple[str, FeatureStore, dict[str, SplitArrays]],
         paths_a = store0[split].paths
         paths_b = store[split].paths
         pa, pb = [paths_a[i] for i in a.rows], [paths_b[i] for i in b.rows]
+        # positions among the usable (done, labelled) rows; messages name each file's own row
         for i, (x, y) in enumerate(zip(pa, pb)):
             if x != y:
-                raise ValueError(f"{name} split {split!r} row {i} is {y!r} but {name0} has {x!r} there; {fix}")
+                raise ValueError(f"{name} split {split!r} row {int(b.rows[i])} is {y!r} where {name0} has {x!r} "
+                                 f"(its row {int(a.rows[i])}; usable row {i} of both); {fix}")
         if len(pa) != len(pb):
             i = min(len(pa), len(pb))
-            extra = (f"{name0} has {pa[i]!r} there" if len(pa) > i else f"{name} has {pb[i]!r} there")
+            extra = (f"{name0} row {int(a.rows[i])} is {pa[i]!r}" if len(pa) > i
+                     else f"{name} row {int(b.rows[i])} is {pb[i]!r}")
             raise ValueError(f"{name} split {split!r} has {len(pb)} usable rows but {name0} has {len(pa)} (first "
-                             f"difference at row {i}: {extra}); {fix}")
+                             f"difference at usable row {i}: {extra}); {fix}")
         diff = np.flatnonzero(np.asarray(a.y) != np.asarray(b.y)) if a.y.shape == b.y.shape else [0]
         if len(diff):
             i = int(diff[0])
-            raise ValueError(f"{name} split {split!r} row {i} ({pa[i]!r}) has label {b.y[i].tolist()} but {name0} "
-                             f"has {a.y[i].tolist()}; {fix}")
+            raise ValueError(f"{name} split {split!r} row {int(b.rows[i])} ({pa[i]!r}) has label {b.y[i].tolist()} "
+                             f"but {name0} has {a.y[i].tolist()}; {fix}")
+
+
+def share_groups(names: Sequence[str], cached: Sequence[dict[str, SplitArrays]], splits: Sequence[str]) -> list[str]:
+    """One grouping (patients) of every used split for all files, since the bootstrap resamples
+    and the few-shot draws take whole groups: files whose groups differ are refused, and files
+    extracted without groups take those of the first file that has them (returned as notes)."""
+    notes: list[str] = []
+    for split in splits:
+        have = [(n, c[split]) for n, c in zip(names, cached) if c[split].groups is not None]
+        if not have:
+            continue
+        ref_name, ref = have[0]
+        for name, arr in have[1:]:
+            i = next((i for i, (g0, g) in enumerate(zip(ref.groups, arr.groups)) if g0 != g), None)
+            if i is not None:
+                raise ValueError(f"{name} split {split!r} row {int(arr.rows[i])} is in group {arr.groups[i]!r} but "
+                                 f"{ref_name} puts the same image in group {ref.groups[i]!r}; compare resamples and "
+                                 f"draws whole groups, so every file needs the same ones: extract every backbone "
+                                 f"with the same --group-column.")
+        lacking = [n for n, c in zip(names, cached) if c[split].groups is None]
+        for c in cached:
+            if c[split].groups is None:
+                c[split].groups = list(ref.groups)
+        if lacking:
+            notes.append(f"split {split!r}: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no groups; "
+                         f"the groups of {ref_name} are used for every file, so all are resampled and drawn by "
+                         f"the same groups.")
+    return notes
 
 
 def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[int] = (20,),
@@ -160,7 +191,15 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         stores = [stack.enter_context(FeatureStore(p)) for p in paths]
-        use_val = val_split in stores[0].splits
+        with_val = [n for n, store in zip(names, stores) if val_split in store.splits]
+        if with_val and len(with_val) < len(names):
+            without = [n for n in names if n not in with_val]
+            raise ValueError(f"{', '.join(with_val)} {'has' if len(with_val) == 1 else 'have'} a {val_split!r} split "
+                             f"but {', '.join(without)} {'has' if len(without) == 1 else 'have'} none; compare "
+                             f"evaluates every file the same way: extract every backbone from the same data, or "
+                             f"--val-split none to choose the probe's C by cross-validation on {train_split!r} "
+                             f"for all.")
+        use_val = bool(with_val)
         splits = [train_split] + ([val_split] if use_val else []) + [test_split]
         cached: list[dict[str, SplitArrays]] = []
         for name, store in zip(names, stores):
@@ -176,6 +215,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
             cached.append(arrays)
         for i in range(1, len(stores)):
             check_same_rows((names[0], stores[0], cached[0]), (names[i], stores[i], cached[i]), splits)
+        notes += share_groups(names, cached, splits)
         classes = list(stores[0].classes)
         positive = resolve_positive(classes, cached[0][train_split].y, positive_class)
         test = cached[0][test_split]
@@ -218,6 +258,12 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     idx = resample_indices(len(test.y), bootstrap, test.groups, seed)
     point, boot = paired_bootstrap(test.y, proba, metric_names, idx, positive)
     ranking = rank(names, point, primary)
+    if all(point.get((n, "probe", primary)) is None for n in names):
+        knn_defined = any(v is not None for (f, m, metric), v in point.items() if m.startswith("knn")
+                          and metric == primary)
+        notes.append(f"ranking: the probe's {primary} is undefined on {test_split!r} for every file (e.g. no row "
+                     f"of one class there), so the files are ranked "
+                     + (f"by k-NN {primary}." if knn_defined else "in the order given, not by any measurement."))
     rows, pairs, n_valid = _tables(ranking, dict(zip(names, models)), point, boot, metric_names, list(proba))
     dropped = [k for k, n in n_valid.items() if n < (1 - 0.05) * bootstrap]
     if dropped:

@@ -172,3 +172,81 @@ def test_compare_shots_draws_one_curve_per_backbone(files, tmp_path):
     res.save(tmp_path / "run")
     for name in ("few_shot_knn.png", "few_shot_probe.png", "compare_top1.png"):
         assert (tmp_path / "run" / "figures" / name).is_file()
+
+
+def _pair(res, method: str = "probe", metric: str = "top1") -> tuple[str, str, float, list[float]]:
+    pair = next(p for p in res.pairs if p["method"] == method and p["metric"] == metric)
+    return pair["a"], pair["b"], pair["diff"], pair["ci"]
+
+
+def test_groups_of_one_file_serve_every_file_in_either_order(tmp_path, digits_arrays):
+    """A file extracted without groups beside one with patients: the bootstrap resamples patients
+    whichever file comes first, so the same two files give the same intervals in both orders,
+    equal to a plain-numpy paired bootstrap over the patients."""
+    grouped = _write(tmp_path / "grouped.h5", digits_arrays, 1.0)
+    plain = _write(tmp_path / "plain.h5", digits_arrays, groups=False)
+    ab = compare([grouped, plain], bootstrap=BOOT, seed=0)
+    ba = compare([plain, grouped], bootstrap=BOOT, seed=0)
+    assert ab.config["grouped"] and ba.config["grouped"]
+    assert any("groups of grouped.h5 are used for every file" in n for n in ba.notes)
+    a, b, diff, ci = _pair(ba)
+    assert _pair(ab) == (a, b, pytest.approx(diff), pytest.approx(ci))
+    y = ba.test_y
+    patients = [f"test-p{i // 3}" for i in range(len(y))]
+    top1 = {f: ba.proba[(f, "probe")].argmax(1) == y for f in (a, b)}
+    diffs = [top1[a][ix].mean() - top1[b][ix].mean() for ix in resample_indices(len(y), BOOT, patients, 0)]
+    assert ci == pytest.approx(list(np.quantile(diffs, [0.025, 0.975])))
+
+
+def test_files_with_other_groups_or_val_in_one_only_are_refused(tmp_path, digits_arrays):
+    a = _write(tmp_path / "a.h5", digits_arrays)
+    b = _write(tmp_path / "b.h5", digits_arrays)
+    import h5py
+
+    with h5py.File(b, "a") as f:  # the same images, another patient for one test image
+        groups = f["test/groups"][()]
+        groups[4] = b"test-someone-else"
+        f["test/groups"][...] = groups
+    with pytest.raises(ValueError, match=r"b.h5 split 'test' row 4 is in group 'test-someone-else'.*--group-column"):
+        compare([a, b], bootstrap=10)
+    no_val = tmp_path / "noval.h5"
+    write_arrays(no_val, {s: {"cls": x, "labels": y, "paths": [f"{s}/{y[i]}/{i:05d}.png" for i in range(len(y))],
+                              "groups": [f"{s}-p{i // 3}" for i in range(len(y))]}
+                          for s, (x, y) in digits_arrays.items() if s != "val"},
+                 [str(c) for c in range(10)], {"model": "noval", "tokens": "none", "dtype": "float32"}).close()
+    for order in ([a, no_val], [no_val, a]):
+        with pytest.raises(ValueError, match=r"a.h5 has a 'val' split but noval.h5 has none.*--val-split none"):
+            compare(order, bootstrap=10)
+    both = compare([a, no_val], bootstrap=10, val_split="none")
+    assert both.config["val_split"] is None
+
+
+def test_ranking_note_when_the_primary_metric_is_undefined_everywhere(tmp_path, digits_arrays):
+    """Binary, and the test split holds no row of the positive class: every AUROC is undefined, so
+    the ranked table says its order is not a measurement of AUROC."""
+    arrays = dict(digits_arrays)
+    x, y = arrays["test"]
+    keep = y != 3
+    arrays["test"] = (x[keep], y[keep])
+    a = _write(tmp_path / "a.h5", arrays, binary=True, groups=False)
+    b = _write(tmp_path / "b.h5", arrays, 1.5, binary=True, groups=False)
+    res = compare([b, a], bootstrap=20, positive_class="three")
+    assert all(r["value"] is None for r in res.rows if r["metric"] == "auroc")
+    assert any("undefined on 'test' for every file" in n and "in the order given" in n for n in res.notes)
+
+
+def test_refusal_names_each_files_own_row(tmp_path, digits_arrays):
+    """With unlabelled rows before it, the differing image's row in the file is named, not its
+    position among the usable rows."""
+    a = _write(tmp_path / "a.h5", digits_arrays)
+    b = _write(tmp_path / "b.h5", digits_arrays, moved_row=7)
+    import h5py
+
+    for path in (a, b):
+        with h5py.File(path, "a") as f:
+            labels = f["test/labels"][()]
+            labels[2] = -1  # one unlabelled row before the moved one, in both files
+            f["test/labels"][...] = labels
+    with pytest.raises(ValueError, match=r"b.h5 split 'test' row 7 is 'test/elsewhere.png' where a.h5 has "
+                                         r"'test/\d/00007.png' \(its row 7; usable row 6 of both\)"):
+        compare([a, b], bootstrap=10)
