@@ -17,8 +17,19 @@ for _name in _COMMAND_MODULES:
             raise
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (the library's notes) as one line on stderr, like every other message,
+    without the source location and code line Python's default format adds."""
+    import sys
+
+    print(f"Warning: {message}", file=file or sys.stderr)
+
+
 def main() -> None:
     import signal
+    import warnings
+
+    warnings.showwarning = _one_line_warning
 
     # past the file-size limit (ulimit -f) the kernel would kill the process with SIGXFSZ in the
     # middle of an HDF5 write; ignored, the write fails with EFBIG and featcache says what is saved

@@ -62,9 +62,21 @@ class AttentionMaps:
 def cls_attention(backbone: Backbone, pixel_values: torch.Tensor, layer: int = -1) -> AttentionMaps:
     """CLS-to-patch attention maps of one batch of preprocessed pixels (B, 3, H, W)."""
     model, n_prefix, p = backbone.model, backbone.n_prefix, backbone.patch_size
-    kwargs = {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos else {}
-    with torch.inference_mode():
-        out = model(pixel_values=pixel_values, output_attentions=True, **kwargs)
+    trained = getattr(model.config, "image_size", None)
+    trained = (trained, trained) if isinstance(trained, int) else tuple(trained) if trained else None
+    # position embeddings are interpolated only for an input of another size than the model's own
+    # (transformers' ViT interpolation assumes a square trained grid)
+    other_size = tuple(pixel_values.shape[-2:]) != trained
+    kwargs = {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other_size else {}
+    try:
+        with torch.inference_mode():
+            out = model(pixel_values=pixel_values, output_attentions=True, **kwargs)
+    except RuntimeError as exc:
+        if not kwargs:
+            raise
+        raise ValueError(f"{backbone.name} was trained at {trained[0]}x{trained[1]} px and cannot run at "
+                         f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} ({exc}); use its own size (without "
+                         f"--image-size).") from None
     attentions = out.attentions
     if not attentions:
         raise ValueError(f"{backbone.name} returned no attention weights; it must run with "
@@ -89,16 +101,19 @@ def cls_attention(backbone: Backbone, pixel_values: torch.Tensor, layer: int = -
 
 
 def top_mass_mask(attn_map: np.ndarray, mass: float = 0.5) -> np.ndarray:
-    """Boolean mask (same shape) of the smallest set of cells whose attention sums to >= mass."""
+    """Boolean mask (same shape) of the smallest set of cells whose attention sums to >= mass;
+    cells tied with the last one kept are kept too, so the mask never depends on cell order (a
+    flat map keeps every cell rather than its first rows)."""
     flat = np.asarray(attn_map, dtype=np.float64).ravel()
     total = flat.sum()
     order = np.argsort(-flat, kind="stable")
     cum = np.cumsum(flat[order])
     # a cell is kept when the mass of the cells ranked above it is still short of the target
     keep_sorted = (cum - flat[order]) < mass * total
-    mask = np.zeros(flat.shape, dtype=bool)
-    mask[order[keep_sorted]] = True
-    return mask.reshape(np.shape(attn_map))
+    if not keep_sorted.any():
+        return np.zeros(np.shape(attn_map), dtype=bool)
+    lowest_kept = flat[order[keep_sorted]].min()
+    return (flat >= lowest_kept).reshape(np.shape(attn_map))
 
 
 def upsample(maps: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
@@ -167,12 +182,14 @@ def decode_image(path: Path) -> Any:
 ATTENTION_CMAP = "inferno"  # perceptually uniform: equal steps of attention look like equal steps of colour
 
 
-def _overlay(ax: Any, image: np.ndarray, attn_map: np.ndarray, title: str, alpha: float = 0.5) -> Any:
-    """Heat map of one (h, w) map over the image, with the top-50%-mass region outlined; returns the
+def _overlay(ax: Any, image: np.ndarray, attn_map: np.ndarray, title: str, vmax: float, alpha: float = 0.5) -> Any:
+    """Heat map of one (h, w) map over the image on the scale [0, vmax] (so a flat map looks flat,
+    not like stretched rounding noise), with the top-50%-mass region outlined; returns the
     heat-map artist (for a colour bar)."""
     size = image.shape[:2]
     ax.imshow(image)
-    heat = ax.imshow(upsample(attn_map, size), cmap=ATTENTION_CMAP, alpha=alpha)
+    heat = ax.imshow(upsample(attn_map, size), cmap=ATTENTION_CMAP, alpha=alpha, vmin=0.0,
+                     vmax=vmax if vmax > 0 else 1.0)
     mask = upsample(top_mass_mask(attn_map).astype(np.float32), size, mode="nearest")
     if 0 < mask.sum() < mask.size:
         ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
@@ -193,7 +210,7 @@ def save_image_figure(path: Path, image: np.ndarray, attn_map: np.ndarray, title
     axes[0].imshow(image)
     axes[0].set_title(title, fontsize=8)
     axes[0].axis("off")
-    heat = _overlay(axes[1], image, attn_map, "CLS attention (mean of heads)")
+    heat = _overlay(axes[1], image, attn_map, "CLS attention (mean of heads)", vmax=float(np.max(attn_map)))
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02, label="attention weight")
     axes[2].imshow(image * (0.15 + 0.85 * mask[..., None]))
     axes[2].set_title("top 50% attention mass", fontsize=8)
@@ -205,8 +222,11 @@ def save_image_figure(path: Path, image: np.ndarray, attn_map: np.ndarray, title
 
 
 def save_grid_figure(path: Path, images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
-                     titles: Sequence[str], cols: int = 8) -> Path:
-    """One PNG with an overlay per image (or per head), ``cols`` per row."""
+                     titles: Sequence[str], cols: int = 8, shared_scale: bool = False) -> Path:
+    """One PNG with an overlay per image (or per head), ``cols`` per row, and one colour bar that
+    is true of every panel: with ``shared_scale`` (the heads of one image) all panels share
+    [0, the largest weight] and the bar is in attention weight; otherwise (different images)
+    each map is drawn relative to its own largest weight and the bar says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,19 +235,31 @@ def save_grid_figure(path: Path, images: Sequence[np.ndarray], maps: Sequence[np
     n = len(maps)
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.9, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    top = max((float(np.max(m)) for m in maps), default=0.0)
     heat = None
     for ax, image, m, t in zip(axes.ravel(), images, maps, titles):
-        heat = _overlay(ax, image, m, t)
-    fig.tight_layout()
-    if heat is not None:  # each map has its own scale: the bar shows the colours' order (low -> high)
-        bar = fig.colorbar(heat, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-        bar.set_label("attention (per image: low -> high)")
+        if shared_scale:
+            heat = _overlay(ax, image, m, t, vmax=top)
+        else:
+            peak = float(np.max(m))
+            heat = _overlay(ax, image, m / peak if peak > 0 else m, t, vmax=1.0)
+    fig.tight_layout(rect=(0, 0, 1 - 0.8 / fig.get_figwidth(), 1))  # room for the bar on the right
+    if heat is not None:
+        bar_ax = fig.add_axes((1 - 0.65 / fig.get_figwidth(), 0.15, 0.12 / fig.get_figwidth(), 0.7))
+        bar = fig.colorbar(heat, cax=bar_ax)
+        bar.set_label("attention weight" if shared_scale else "attention / the image's largest", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _title(path: Path) -> str:
+    """A panel title that tells images apart when they sit in class folders (0/00.png, 1/00.png)."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,12 +312,12 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
             i = len(run.paths)
             image = display_image(px, backbone.processor)
             stem = _safe_stem(i, path)
-            run.figures.append(save_image_figure(out / f"{stem}.png", image, maps.mean[j], path.name))
+            run.figures.append(save_image_figure(out / f"{stem}.png", image, maps.mean[j], _title(path)))
             if per_head:
                 n_heads = maps.heads.shape[1]
                 run.figures.append(save_grid_figure(
                     out / f"{stem}_heads.png", [image] * n_heads, list(maps.heads[j]),
-                    [f"head {k}" for k in range(n_heads)], cols=grid_cols))
+                    [f"head {k}" for k in range(n_heads)], cols=grid_cols, shared_scale=True))
                 heads_all.append(maps.heads[j])
             run.paths.append(path)
             means.append(maps.mean[j])
@@ -315,7 +347,7 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
     if not run.paths:
         return run
     run.grid = save_grid_figure(out / "grid.png", images, means,
-                                [p.name for p in run.paths], cols=grid_cols)
+                                [_title(p) for p in run.paths], cols=grid_cols)
     arrays = {"paths": np.asarray([str(p) for p in run.paths]), "mean": np.stack(means),
               "mask": np.stack([top_mass_mask(m) for m in means]), "layer": np.asarray(layer)}
     if per_head:

@@ -77,17 +77,26 @@ def describe_config(config: dict[str, Any]) -> str:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     """'; they differ in: image_mean ([0.5, ...] -> [0.4, ...]), fast_decode (absent -> true)' -- the
     identity keys whose values differ, so a refusal says why even when describe_config reads the same."""
-    def show(config: dict[str, Any], key: str) -> str:
-        if key not in config:
-            return "absent"
-        text = json.dumps(config[key], sort_keys=True, default=str)
+    def flat(config: dict[str, Any]) -> dict[str, str]:
+        # values as stored (JSON: a tuple reads back as a list), nested settings by dotted name
+        out: dict[str, str] = {}
+        for key, value in json.loads(canonical_json({k: v for k, v in config.items()
+                                                     if k not in NON_IDENTITY_KEYS})).items():
+            if isinstance(value, dict) and value:
+                out.update({f"{key}.{k}": json.dumps(v, sort_keys=True) for k, v in value.items()})
+            else:
+                out[key] = json.dumps(value, sort_keys=True)
+        return out
+
+    def show(values: dict[str, str], key: str) -> str:
+        text = values.get(key, "absent")
         return text if len(text) <= 60 else text[:57] + "..."
 
-    keys = sorted(k for k in set(old) | set(new)
-                  if k not in NON_IDENTITY_KEYS and (k not in old or k not in new or old[k] != new[k]))
+    a, b = flat(old), flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if not keys:
         return ""
-    return "; they differ in: " + ", ".join(f"{k} ({show(old, k)} -> {show(new, k)})" for k in keys[:6]) + (
+    return "; they differ in: " + ", ".join(f"{k} ({show(a, k)} -> {show(b, k)})" for k in keys[:6]) + (
         f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 

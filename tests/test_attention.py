@@ -144,3 +144,37 @@ def test_cnn_backbone_is_refused_with_a_reason(tmp_path, images, tiny_models):
     res = CliRunner().invoke(main.cli, ["attention", "--model", str(tiny_models["resnet"]), "--data", str(images),
                                         "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code != 0 and "has no attention" in res.output and "Traceback" not in res.output
+
+
+def test_model_trained_at_a_non_square_size(tmp_path):
+    """A ViT trained at 32 x 48 px runs at its own size (transformers' position interpolation
+    assumes a square grid, so it is only asked for at another size)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=(32, 48), patch_size=4, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=37)).save_pretrained(tmp_path / "m")
+    ViTImageProcessor(size={"height": 32, "width": 48}).save_pretrained(tmp_path / "m")
+    backbone = load_attention_backbone(str(tmp_path / "m"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    px = backbone.processor(images=image, return_tensors="pt")["pixel_values"]
+    maps = cls_attention(backbone, px)
+    assert maps.grid == (8, 12)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad():
+        a = model(pixel_values=px, output_attentions=True).attentions[-1][0, :, 0, 1:].mean(0)
+    np.testing.assert_allclose(maps.mean[0].ravel(), (a / a.sum()).numpy(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="trained at 32x48 px and cannot run at 40x40"):
+        cls_attention(backbone, torch.zeros(1, 3, 40, 40))
+
+
+def test_top_mass_mask_does_not_depend_on_cell_order():
+    """Tied cells are kept or dropped together: a flat map keeps every cell (not its first rows),
+    and permuting the cells permutes the mask."""
+    assert top_mass_mask(np.full((4, 6), 1 / 24)).all()
+    m = np.array([0.3, 0.2, 0.2, 0.2, 0.1])
+    np.testing.assert_array_equal(top_mass_mask(m), [True, True, True, True, False])
+    perm = np.random.default_rng(0).permutation(5)
+    np.testing.assert_array_equal(top_mass_mask(m[perm]), top_mass_mask(m)[perm])

@@ -112,6 +112,11 @@ def test_a_refused_resume_says_which_setting_differs(tiny_vit, tmp_path):
     fc.extract(str(tiny_vit), tmp_path / "d", out, workers=0).close()
     with pytest.raises(ValueError, match=r"they differ in: .*fast_decode \(absent -> true\)"):
         fc.extract(str(tiny_vit), tmp_path / "d", out, workers=0, fast_decode=True)
+    # only what changed is listed: the processor settings read back from the file (JSON lists) are
+    # the same as the run's (tuples), and a nested setting is named by its dotted key
+    with pytest.raises(ValueError) as refused:
+        fc.extract(str(tiny_vit), tmp_path / "d", out, workers=0, dtype="float32")
+    assert refused.value.args[0].split("they differ in: ")[1].startswith('dtype ("float16" -> "float32").')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,6 +168,17 @@ def test_resize_mode_warns_when_it_shrinks_the_token_count(tiny_vit, tmp_path):
         tokens, cls = store["all"].tokens[()], store["all"].cls[()]
     assert tokens.shape[1] == 40
     assert not np.allclose(tokens[:, 0], cls)  # what the warning says
+    # the command line prints it as one line, not Python's "file.py:N: UserWarning" and code line
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "featcache", "extract", "-m", str(tiny_vit), "-d", str(tmp_path / "d"),
+                          "-o", str(tmp_path / "g.h5"), "--workers", "0", "--tokens", "full", "--num-tokens", "40",
+                          "--token-mode", "resize", "-q"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "token 0 is then" in line]
+    assert len(lines) == 1 and lines[0].startswith("Warning: --token-mode resize from 65 down to 40 tokens")
+    assert "UserWarning" not in res.stderr and "plan_tokens(" not in res.stderr
 
 
 def test_a_manifest_listing_one_image_twice_is_refused(tmp_path):
