@@ -51,7 +51,8 @@ class CommaList(click.ParamType):
         if self.choices is not None:
             bad = [v for v in out if v not in self.choices]
             if bad:
-                self.fail(f"{', '.join(map(str, bad))} not among {', '.join(self.choices)}", param, ctx)
+                self.fail(f"accepts {', '.join(self.choices)} (comma-separated); got {', '.join(map(repr, bad))}",
+                          param, ctx)
         if self.minimum is not None and any(v < self.minimum for v in out):
             self.fail(f"every value must be at least {self.minimum:g}; got {value!r}", param, ctx)
         return out

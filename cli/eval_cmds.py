@@ -124,10 +124,12 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--train-split", default="train", show_default=True, help="Split the probe is fitted on.")
 @click.option("--val-split", default="val", show_default=True,
-              help="Split C is chosen on; when the file has no such split (or with --val-split none), C "
-                   "is chosen by 5-fold cross-validation on train (grouped by patient when groups exist).")
+              help="Split C is chosen on; when the file has no 'val' (or with --val-split none), C "
+                   "is chosen by 5-fold cross-validation on train (grouped by patient when groups exist). "
+                   "A split named here that the file lacks is an error.")
 @click.option("--test-split", default="test", show_default=True,
-              help="Split evaluated once at the chosen C (skipped when the file has none, or 'none').")
+              help="Split evaluated once at the chosen C (skipped when the file has no 'test', or with "
+                   "'none'; a split named here that the file lacks is an error).")
 @click.option("--features", "kind", type=FeatureKind(), default="cls",
               show_default=True, help="Which cached features to probe: cls, pooled, cls+pooled, cls@N, cls@N+pooled.")
 @click.option("--Cs", "cs", default=None,
@@ -175,7 +177,14 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     if shots and not test:
         raise click.UsageError("--shots evaluates the few-shot probes on the test split; give --test-split NAME.")
     arrays: dict = {}  # each split read once, shared by the probe and the few-shot draws
+    ctx = click.get_current_context()
     with FeatureStore(features_file) as store:
+        for option, name in (("val_split", val), ("test_split", test)):
+            # a split named on the command line must exist: a typo would silently change the protocol
+            given = ctx.get_parameter_source(option) != click.core.ParameterSource.DEFAULT
+            if given and name and name not in store.splits:
+                raise click.UsageError(f"--{option.replace('_', '-')} {name!r}: {store.path.name} has no such split "
+                                       f"(it has {', '.join(store.splits)}); give one of those, or none.")
         if val and val not in store.splits:
             console.note(f"no validation split {val!r} in {store.path.name} (splits: {', '.join(store.splits)}): "
                          f"choosing C by {cv}-fold cross-validation on {train_split!r}.")
@@ -214,7 +223,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
               help="k-NN neighbour count (several, comma-separated, give one k-NN row per k).")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="k-NN vote temperature T > 0.")
 @click.option("--heads", type=CommaList(str, choices=("linear",)), default=None,
-              help="Also compare the best linear head of a small sweep (lr 1e-3,1e-2 x wd 0,1e-4, chosen on val).")
+              help="Also compare trained heads; only 'linear' for now: the best linear head of a small sweep "
+                   "(lr 1e-3,1e-2 x wd 0,1e-4, chosen on val).")
 @click.option("--train-split", default="train", show_default=True, help="Split k-NN neighbours and the probe are fitted on.")
 @click.option("--val-split", default="val", show_default=True,
               help="Split the probe's C is chosen on, in every file (none: cross-validation on the train split).")

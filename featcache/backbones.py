@@ -217,14 +217,25 @@ def load_backbone(model: str, revision: str | None = None, cache_dir: str | None
     from transformers.utils import logging as hf_logging
 
     local = os.path.isdir(model)
+    if not local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]
+                      or os.path.exists(model)):
+        # a path, not a hub id (org/name): say so instead of the hub's repo-id rules
+        what = "is a file, not a model directory" if os.path.exists(model) else "does not exist"
+        raise BackboneError(f"--model {model!r} {what}; pass a directory made with save_pretrained "
+                            f"(config.json, the weights and preprocessor_config.json) or a hub id such as "
+                            f"facebook/dino-vits16.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     hint = ("" if local else
+            " This machine is offline (HF_HUB_OFFLINE is set): the model must be in the hub cache, or pass a "
+            "local directory made with save_pretrained." if offline else
             " If this machine is offline, set HF_HUB_OFFLINE=1 and make sure the model is in the "
             "hub cache, or pass a local directory made with save_pretrained.")
     try:
         config = AutoConfig.from_pretrained(model, revision=revision, cache_dir=cache_dir)
     except (OSError, ValueError) as exc:
+        reason = str(exc).rstrip(". ")
         raise BackboneError(f"could not load model {model!r}"
-                            f"{f' at revision {revision}' if revision else ''}: {exc}.{hint}") from exc
+                            f"{f' at revision {revision}' if revision else ''}: {reason}.{hint}") from exc
     family = FAMILIES.get(config.model_type)
     if family is None:
         raise BackboneError(f"model {model!r} is a {config.model_type!r} model; featcache supports "

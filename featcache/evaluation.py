@@ -425,7 +425,10 @@ def summarize_few_shot(per_try: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     out = []
     for n in sorted({r["shots"] for r in per_try}):
         rows = [r for r in per_try if r["shots"] == n]
-        row: dict[str, Any] = {"shots": n, "tries": len(rows), "n_train": float(np.mean([r["n_train"] for r in rows]))}
+        counts = [r["n_train"] for r in rows]
+        # a row count stays a count; with groups tries may differ and the mean is fractional
+        n_train = counts[0] if len(set(counts)) == 1 else float(np.mean(counts))
+        row: dict[str, Any] = {"shots": n, "tries": len(rows), "n_train": n_train}
         for m in ("top1", "balanced_accuracy"):
             values = np.array([r[m] for r in rows], dtype=np.float64)
             row[f"{m}_mean"], row[f"{m}_std"] = float(values.mean()), float(values.std())

@@ -1051,8 +1051,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             d["splits"].append(entry)
         if layout is None:
             grid = cfg.get("grid")
-            layout = (f"not stored (backbone: {cfg.get('n_prefix', 'n/a')} prefix, grid "
-                      f"{'x'.join(map(str, grid)) if grid else 'n/a'}, {cfg.get('source_num_tokens', 'n/a')} tokens)")
+            if cfg.get("n_prefix") is None and not grid and cfg.get("source_num_tokens") is None:
+                layout = "not stored"  # an import: no backbone layout is known
+            else:
+                layout = (f"not stored (backbone: {cfg.get('n_prefix', 'n/a')} prefix, grid "
+                          f"{'x'.join(map(str, grid)) if grid else 'n/a'}, {cfg.get('source_num_tokens', 'n/a')} tokens)")
         d["token_layout"] = layout
     return d
 

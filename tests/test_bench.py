@@ -47,4 +47,4 @@ def test_gflops_equal_a_count_by_hand(tiny_vit):
 
 def test_bench_unknown_model_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "-m", str(tmp_path / "nope"), "--runs", "5"])
-    assert result.exit_code != 0 and "could not load model" in result.output
+    assert result.exit_code != 0 and "does not exist; pass a directory made with save_pretrained" in result.output

@@ -128,6 +128,8 @@ def test_few_shot_knn_matches_plain_recomputation(digits_feature_file):
         train_x, train_y, _ = store["train"].arrays("cls")
         test_x, test_y, _ = store["test"].arrays("cls")
     assert [r["n_train"] for r in res.per_try] == [n * 10 for n in (1, 2, 5) for _ in range(3)]
+    assert [r["n_train"] for r in res.summary] == [10, 20, 50]  # a count, printed as one (not 10.0000)
+    assert all(isinstance(r["n_train"], int) for r in res.summary)
     for summary in res.summary:
         n = summary["shots"]
         accs = []

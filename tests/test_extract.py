@@ -199,11 +199,19 @@ def test_other_config_is_refused_then_overwritten(tiny_models, digits_dir, tmp_p
     assert fc.open(out).config["family"] == "deit"
 
 
-def test_missing_model_is_a_clear_error(digits_dir, tmp_path):
+def test_missing_model_is_a_clear_error(digits_dir, tmp_path, monkeypatch):
+    """A path that is not there is named as such (not the hub's repo-id rules); a hub id that
+    cannot be fetched offline says what offline mode needs."""
     result = CliRunner().invoke(cli, ["extract", "--model", str(tmp_path / "nope"), "--data", str(digits_dir),
                                       "--out", str(tmp_path / "x.h5"), "--quiet"])
-    assert result.exit_code != 0
-    assert "could not load model" in result.output
+    assert result.exit_code == 1
+    assert f"--model '{tmp_path / 'nope'}' does not exist; pass a directory made with save_pretrained" in result.output
+    assert "Repo id" not in result.output and ".." not in result.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = CliRunner().invoke(cli, ["extract", "--model", "nobody-here/no-such-model", "--data", str(digits_dir),
+                                   "--out", str(tmp_path / "x.h5"), "--quiet"])
+    assert hub.exit_code == 1 and "could not load model 'nobody-here/no-such-model'" in hub.output
+    assert "HF_HUB_OFFLINE is set" in hub.output and "set HF_HUB_OFFLINE=1" not in hub.output
 
 
 def test_import_npz_and_pt_then_info(tmp_path, digits_arrays):
@@ -223,6 +231,7 @@ def test_import_npz_and_pt_then_info(tmp_path, digits_arrays):
     assert store.classes == [str(i) for i in range(10)]
     info = runner.invoke(cli, ["info", str(out)])
     assert info.exit_code == 0 and "elsewhere" in info.output
+    assert "n/a prefix" not in info.output  # an import knows no backbone token layout: just "not stored"
     bad = runner.invoke(cli, ["import", "--out", str(tmp_path / "b.h5"), "--split", f"train={tmp_path / 'nothing.npy'}"])
     assert bad.exit_code != 0 and "does not exist" in bad.output
 

@@ -80,6 +80,11 @@ def test_cli_probe_without_val_split_uses_cross_validation(tmp_path, digits_arra
     res = CliRunner().invoke(cli, ["probe", str(path), "--Cs", "1e-2,1e-1", "--cv", "3"])
     assert res.exit_code == 0, res.output
     assert "cross-validation" in res.output and "3-fold CV" in res.output
+    # a split named on the command line that the file lacks is a typo, not a protocol change
+    for option, name in (("--val-split", "valid"), ("--test-split", "tst")):
+        typo = CliRunner().invoke(cli, ["probe", str(path), "--Cs", "1e-2", "--cv", "3", option, name])
+        assert typo.exit_code == 2 and f"{option} '{name}': noval.h5 has no such split (it has test, train)" \
+            in typo.output, typo.output
 
 
 def _fake_run(path: Path, kind: str, model: str, top1: float, auroc: float, ci: bool) -> Path:
