@@ -27,7 +27,7 @@ from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import decide, tuned_on_validation
 from featcache.runs import read_json, write_json
-from featcache.store import FeatureStore, read_rows
+from featcache.store import FeatureStore, config_differences, read_rows
 
 HEAD_FORMAT = "featcache-head-2"
 PREDICT_BATCH = 1024  # rows per forward in split_proba and predict (same batches -> same floats)
@@ -206,6 +206,21 @@ class Predictions:
         return decide(self.proba, threshold=self.threshold, positive=self.positive, multilabel=self.multilabel)
 
 
+def _training_differences(run_dir: str | os.PathLike, fingerprint: str, config: dict[str, Any]) -> str:
+    """'; they differ in: ...' against the feature file the head was trained on, when the run's
+    config.json names it and it is still there unchanged; '' otherwise."""
+    try:
+        trained_on = read_json(Path(run_dir) / "config.json").get("features_file")
+        if not trained_on:
+            return ""
+        with FeatureStore(trained_on) as original:
+            if original.fingerprint != fingerprint:
+                return ""
+            return config_differences(original.config, config)
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split: str = "test",
             threshold: float | None = None, positive_class: str | None = None) -> Predictions:
     """Probabilities and decisions of a saved head (or probe) on a split, refusing features of
@@ -216,8 +231,10 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
         if store.fingerprint != meta["fingerprint"]:
             raise ValueError(f"the head in {run_dir} was trained on features of {meta.get('model')!r} (fingerprint "
                              f"{meta['fingerprint'][:12]}), but {Path(features_file).name} holds features of "
-                             f"{store.config.get('model')!r} (fingerprint {store.fingerprint[:12]}). Predict on a "
-                             f"file extracted with the same model and settings.")
+                             f"{store.config.get('model')!r} (fingerprint {store.fingerprint[:12]})"
+                             f"{_training_differences(run_dir, meta['fingerprint'], store.config)}. Predict on a "
+                             f"file extracted with the same model and extraction settings (including --tokens "
+                             f"and --dtype: every fingerprinted setting).")
         if split not in store.splits:
             raise ValueError(f"{Path(features_file).name} has no split {split!r}; it has {', '.join(store.splits)}.")
         view = store[split]

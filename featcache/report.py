@@ -1,6 +1,6 @@
 """Run directories -> one report.md + report.html, several runs side by side.
 
-A run directory (written by `featcache train|sweep|knn|probe --out RUN_DIR`) holds config.json
+A run directory (written by `featcache train|sweep|knn|probe|compare --out RUN_DIR`) holds config.json
 (what ran), metrics.json (what came out: {"kind", "val": {...}, "test": {...}, extras}) and
 figures/*.png|svg. A report puts the runs' key numbers in one comparison table (so CLS-linear vs
 mixer vs k-NN vs probe, or DINO vs ViT vs CNN on the same data, read in one glance), then one

@@ -161,11 +161,11 @@ def load_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; expected a run directory written by "
-                                f"`featcache train|sweep|knn|probe --out RUN_DIR`.")
+                                f"`featcache train|sweep|knn|probe|compare --out RUN_DIR`.")
     metrics_path = path / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{path} has no metrics.json, so it is not a finished run directory; "
-                                f"pass directories written by `featcache train|sweep|knn|probe --out "
+                                f"pass directories written by `featcache train|sweep|knn|probe|compare --out "
                                 f"RUN_DIR` (a run that crashed leaves none: re-run it).")
     metrics = read_json(metrics_path)
     config = read_json(path / "config.json") if (path / "config.json").is_file() else {}

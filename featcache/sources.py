@@ -172,6 +172,8 @@ def _from_folder(root: Path, exts: tuple[str, ...]) -> DataSource:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_NAMES]
     layout = {d.name: d for d in split_dirs} if split_dirs else {SINGLE_SPLIT: root}
+    if split_dirs:
+        _warn_unread(root, [d for d in subdirs if d not in split_dirs], exts)
     raw: dict[str, list[tuple[Path, str | None]]] = {}
     for name, folder in layout.items():
         rows: list[tuple[Path, str | None]] = [(f, None) for f in _images_in(folder, exts, recursive=False)]
@@ -194,6 +196,22 @@ def _from_folder(root: Path, exts: tuple[str, ...]) -> DataSource:
             labels=np.array([index[c] if c is not None else -1 for _, c in rows], dtype=np.int64),
             groups=None)
     return DataSource(root.resolve(), classes, splits, multilabel=False, kind="folder")
+
+
+def _warn_unread(root: Path, others: list[Path], exts: tuple[str, ...]) -> None:
+    """In a root/<split>/<class>/ layout only split folders are read: say which images beside
+    them are left out (a class folder put at the top level by mistake loses its images silently)."""
+    left = [(d.name + "/", len(_images_in(d, exts, recursive=True))) for d in others]
+    left = [(name, n) for name, n in left if n]
+    loose = len(_images_in(root, exts, recursive=False))
+    if loose:
+        left.append(("directly in the folder", loose))
+    if left:
+        log.warning("%s is read as root/<split>/<class>/ (split folders: %s), so these images are not read: %s. "
+                    "Move them into a split folder, or name the split folders %s.", root,
+                    ", ".join(sorted({d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES})),
+                    ", ".join(f"{name} ({n} image{'s' if n != 1 else ''})" for name, n in left),
+                    "/".join(SPLIT_NAMES[:7]))
 
 
 def read_manifest(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:

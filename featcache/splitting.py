@@ -92,7 +92,8 @@ def assign_groups(keys: np.ndarray, groups: np.ndarray | Sequence | None,
     active = np.flatnonzero(frac > 0)
     if n_groups < len(active):
         raise ValueError(f"{n_groups} groups cannot fill {len(active)} splits: every split needs "
-                         f"at least one whole group. Use fewer splits or more groups.")
+                         f"at least one whole group. Use fewer splits (--val 0 or --test 0 on the command "
+                         f"line; val=0 / test=0 in Python) or more groups.")
     _, key_codes = np.unique(keys, return_inverse=True)
     key_codes = key_codes.ravel()
     n_keys = int(key_codes.max()) + 1

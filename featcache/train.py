@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -133,6 +134,26 @@ def sample_weights(cached: CachedSplits, balance: str) -> torch.Tensor | None:
 # one head
 # ------------------------------------------------------------------------------------------------
 
+def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, metric: str,
+                   val_y: np.ndarray, classes: list[str]) -> list[str]:
+    """Notes for a head that may not have learned: validation never moved past the first epoch, or
+    the chosen accuracy is below what always predicting the majority class scores."""
+    notes = []
+    if best_epoch == 0 and len(history) > 1:
+        notes.append(f"validation {metric} never improved after the first epoch ({best:.4f} at epoch 0, stopped "
+                     f"after epoch {len(history) - 1}): the head may not be learning; raise --lr (or --patience) "
+                     f"and train again.")
+    if metric == "accuracy" and val_y.ndim == 1 and len(val_y):
+        counts = np.bincount(val_y[val_y >= 0], minlength=len(classes))
+        majority = counts.max() / max(counts.sum(), 1)
+        if best < majority - 1e-12:
+            notes.append(f"the chosen validation accuracy {best:.4f} is below the {majority:.4f} of always "
+                         f"predicting {classes[int(counts.argmax())]!r}: with imbalanced classes (and --balance "
+                         f"weights) plain accuracy picks a poor epoch; choose by --metric balanced_accuracy, or "
+                         f"auroc for a binary task.")
+    return notes
+
+
 class HeadTrainer:
     """Train one head on a feature file (scikit-learn style: parameters in, `fit` returns self).
 
@@ -196,6 +217,7 @@ class HeadTrainer:
         if best_epoch == cfg.epochs - 1 and cfg.epochs > 1:
             self.notes_.append(f"the best epoch is the last one ({best_epoch}): validation was still improving "
                                f"when training stopped; raise --epochs (or --lr) and train again.")
+        self.notes_ += learning_notes(history, best_epoch, best, cfg.metric, val_y, cached.classes)
         return self
 
     def _finish(self, model: nn.Module, spec: HeadSpec, cached: CachedSplits, history: list[dict[str, Any]],

@@ -44,6 +44,28 @@ def test_split_folders_share_classes_and_allow_absent_class(tmp_path):
         discover(tmp_path, split="val")
 
 
+def test_images_beside_split_folders_are_named_not_dropped_silently(tmp_path, caplog):
+    """root/train/, root/test/ and a class folder root/cat/ put at the top by mistake: only the
+    split folders are read, and the run says which images it leaves out."""
+    import logging
+
+    _png(tmp_path / "train" / "a" / "1.png")
+    _png(tmp_path / "test" / "a" / "2.png")
+    for i in range(3):
+        _png(tmp_path / "cat" / f"{i}.png")
+    _png(tmp_path / "loose.png")
+    (tmp_path / "notes").mkdir()  # a folder without images is not worth a word
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        src = discover(tmp_path)
+    assert sorted(src.splits) == ["test", "train"] and src.classes == ["a"]
+    assert "these images are not read: cat/ (3 images), directly in the folder (1 image)" in caplog.text
+    assert "notes" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        discover(tmp_path / "train")  # a plain root/<class>/ folder: nothing left out, nothing said
+    assert caplog.text == ""
+
+
 def test_unlabelled_folder(tmp_path):
     for i in range(3):
         _png(tmp_path / f"{i}.png")

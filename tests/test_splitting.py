@@ -222,7 +222,7 @@ def test_cli_split_errors(tmp_path):
                                  "--test", "0.5", "--out", out])
     assert res.exit_code != 0 and "sum < 1" in res.output
     res = runner.invoke(_cli(), ["split", str(manifest), "--group", "patient", "--out", out])
-    assert res.exit_code != 0 and "2 groups cannot fill 3 splits" in res.output
+    assert res.exit_code != 0 and "2 groups cannot fill 3 splits" in res.output and "--val 0 or --test 0" in res.output
     assert "Traceback" not in res.output
 
 

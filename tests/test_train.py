@@ -151,6 +151,14 @@ def test_cli_train_sweep_predict_and_refusal(digits_feature_file, tmp_path, digi
     write_arrays(other, {"test": {"cls": x, "pooled": x, "labels": y}}, [str(i) for i in range(10)], {"model": "another-vit"})
     refused = runner.invoke(cli, ["predict", str(run), str(other), "--out", str(tmp_path / "x.csv")])
     assert refused.exit_code != 0 and "another-vit" in refused.output and "digits-pixels" in refused.output
+    # the same model with one other setting: the refusal says which (read from the training file)
+    same = tmp_path / "same_model.h5"
+    with fc.open(digits_feature_file) as original:
+        config = {k: v for k, v in original.config.items() if k not in ("versions", "created", "host")}
+    write_arrays(same, {"test": {"cls": x, "pooled": x, "labels": y}}, [str(i) for i in range(10)],
+                 {**config, "dtype": "float16"})
+    refused = runner.invoke(cli, ["predict", str(run), str(same), "--out", str(tmp_path / "y.csv")])
+    assert refused.exit_code != 0 and "they differ in: dtype (" in refused.output and "-> \"float16\")" in refused.output
 
 
 def test_binary_predictions_csv(tmp_path):
@@ -227,3 +235,24 @@ def test_arrays_in_equal_the_same_arrays_imported_into_a_file(digits_arrays, tmp
     assert [r["val_accuracy"] for r in s_arrays.leaderboard] == [r["val_accuracy"] for r in s_store.leaderboard]
     with pytest.raises(ValueError, match="expected"):
         fc.train_head({"train": "not arrays", "val": (arrays["val"])})
+
+
+def test_a_head_that_did_not_learn_is_flagged(tmp_path):
+    """Validation flat from the first epoch (a far too small lr), and accuracy below always
+    predicting the majority class (class weights on 8 % positives, chosen by plain accuracy):
+    both are said, not left as a plausible-looking number."""
+    rng = np.random.default_rng(1)
+    y = (rng.random(2000) < 0.08).astype(int)
+    x = (rng.normal(size=(2000, 6)) + y[:, None] * 1.2).astype(np.float32)
+    path = tmp_path / "imb.h5"
+    write_arrays(path, {"train": {"cls": x[:1200], "labels": y[:1200]}, "val": {"cls": x[1200:1600], "labels": y[1200:1600]},
+                        "test": {"cls": x[1600:], "labels": y[1600:]}}, ["neg", "pos"], {"model": "imb"})
+    majority = 1 - y[1200:1600].mean()
+    stuck = fc.train_head(path, lr=1e-9, epochs=6, patience=3, balance="weights", metric="accuracy")
+    assert stuck.best_epoch_ == 0 and stuck.best_score_ < majority
+    assert any("never improved after the first epoch" in n and "raise --lr" in n for n in stuck.notes_)
+    assert any(f"below the {majority:.4f} of always predicting 'neg'" in n and "--metric balanced_accuracy" in n
+               for n in stuck.notes_)
+    good = fc.train_head(path, lr=1e-2, epochs=20, balance="none", metric="accuracy")
+    assert good.best_score_ >= majority
+    assert not any("never improved" in n or "always predicting" in n for n in good.notes_)
