@@ -107,8 +107,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                + (f"; pixels: {summary.pixel_path}" if summary.pixel_path else "")
                + (f"; JPEG draft decoding to >= {summary.draft_px} px (--fast-decode)" if summary.draft_px else "")
                + ".", err=json_path == "-")
-    for split, path, reason in summary.errors[:20]:
-        click.echo(f"  skipped {split}/{path}: {reason}", err=json_path == "-")
+    for split, path, reason in summary.errors[:20]:  # path as in the file (and the warnings), split aside
+        click.echo(f"  skipped {path} (split {split}): {reason}", err=json_path == "-")
     if len(summary.errors) > 20:
         click.echo(f"  ... and {len(summary.errors) - 20} more (see `featcache info {out}`)", err=json_path == "-")
     write_json(json_path, {"out": str(out), "resumed": summary.resumed, "rows_total": summary.rows_total,
@@ -191,7 +191,8 @@ def info(features, json_path, show_errors):
     echo(f"model     {d['model']}" + (f"  revision {d['revision']}" if d.get("revision") else ""))
     echo(f"family    {d.get('family') or 'n/a'}   dtype {d['dtype']}   fingerprint {d['fingerprint'][:16]}")
     echo(f"tokens    {d['token_layout']}")
-    echo(f"classes   {len(d['classes'])}: {', '.join(d['classes'][:20])}{' ...' if len(d['classes']) > 20 else ''}")
+    echo(f"classes   {len(d['classes'])}: {', '.join(d['classes'][:20])}{' ...' if len(d['classes']) > 20 else ''}"
+         if d["classes"] else "classes   none (unlabelled images)")
     echo("")
     shown = ("split", "done", "total", "errors", "cls", "pooled", "tokens") + (
         ("blocks",) if any(s["blocks"] != "-" for s in d["splits"]) else ())

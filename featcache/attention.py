@@ -44,6 +44,11 @@ def load_attention_backbone(model: str, image_size: int | None = None) -> Backbo
     if backbone.family.cnn:
         raise ValueError(f"{model} is a {backbone.family.name} CNN and has no attention; attention "
                          f"maps need a ViT, DeiT, DINO or DINOv2 model.")
+    p = backbone.patch_size
+    if image_size is not None and image_size % p:
+        # the last image_size % p pixels would be dropped and the map stretched over the whole image
+        raise ValueError(f"--image-size {image_size} is not a multiple of {model}'s patch size {p}; use "
+                         f"{image_size // p * p} or {(image_size // p + 1) * p}.")
     use_eager_attention(backbone.model)
     return backbone
 
@@ -326,7 +331,9 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
     from tqdm.auto import tqdm
 
     batch: list[tuple[Path, torch.Tensor]] = []
-    for path in tqdm(files, desc="attention", unit="img", disable=not progress):
+    bar = tqdm(total=min(len(files), max_images) if max_images else len(files), desc="attention", unit="img",
+               disable=not progress)
+    for path in files:
         if max_images and len(run.paths) + len(batch) >= max_images:
             break
         try:
@@ -339,11 +346,13 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
             run.skipped.append((Path(path), reason))
             continue
         batch.append((Path(path), px))
+        bar.update(1)  # counts images drawn (skipped files do not use up --max-images)
         if len(batch) == batch_size:
             flush(batch)
             batch = []
     if batch:
         flush(batch)
+    bar.close()
     if not run.paths:
         return run
     run.grid = save_grid_figure(out / "grid.png", images, means,

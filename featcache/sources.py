@@ -30,6 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout", "unlabelled", "unlabeled")
 SINGLE_SPLIT = "all"  # split name of a root/<class>/x folder
 DEFAULT_GROUP_COLUMN = "group"  # manifest column read as the group (patient) when --group-column is not given
+DEFAULT_LABEL_COLUMN = "label"  # manifest column read as the class when --label-column is not given
 
 
 @dataclass
@@ -150,7 +151,7 @@ def discover(data: str | Path, *, split: str | None = None, label_columns: Seque
         if data.suffix.lower() not in (".csv", ".tsv"):
             raise ValueError(f"{data} is a file but not a CSV manifest; pass a folder of images or a "
                              f".csv with columns path,label[,split][,group].")
-        source = _from_csv(data, label_columns, path_column, label_column or "label", split_column, group_column)
+        source = _from_csv(data, label_columns, path_column, label_column or DEFAULT_LABEL_COLUMN, split_column, group_column)
     elif hf_source.is_hf_dataset_dir(data):
         source = hf_source.from_hf_dir(data, image_column=image_column, label_column=label_column,
                                        group_column=group_column)
@@ -250,11 +251,20 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
     group_column = group_column or DEFAULT_GROUP_COLUMN
     root = path.parent.resolve()
     reserved = {path_column, split_column, group_column}
+    if label_columns is None and label_column not in columns and label_column != DEFAULT_LABEL_COLUMN:
+        raise ValueError(f"{path} has no column {label_column!r} (--label-column); its columns are: "
+                         f"{', '.join(columns)}.")
     if label_columns is None and label_column not in columns:
         candidates = [c for c in columns if c not in reserved]
         binary = [c for c in candidates if is_binary_column(records, c)]
+        _refuse_nearly_binary(path, records, [c for c in candidates if c not in binary])
         if len(binary) >= 2 or (binary and binary == candidates):
             label_columns = binary  # a multi-label manifest: one 0/1 column per finding (others, e.g. patient_id, kept out)
+            left_out = [c for c in candidates if c not in binary]
+            if left_out:
+                log.warning("%s: multi-label findings %s (0/1 columns); left out, not all 0/1: %s. Name the "
+                            "findings with --label-columns if that is wrong.", path.name, ", ".join(binary),
+                            ", ".join(left_out))
         elif candidates:
             raise ValueError(f"{path} has no {label_column!r} column and no 0/1 finding columns; its columns are "
                              f"{', '.join(columns)}. Pass --label-column NAME for the column holding the class, or "
@@ -293,6 +303,24 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
         splits[name] = SplitRows(paths=rel, files=files, labels=labels.reshape(len(rows), -1) if multilabel else labels,
                                  groups=groups)
     return DataSource(root, classes, splits, multilabel=multilabel, kind="csv")
+
+
+NEARLY_BINARY_BAD = 0.1  # a column 0/1 but for at most this share of cells (or one) is a finding with typos
+
+
+def _refuse_nearly_binary(path: Path, records: list[dict[str, str]], columns: Sequence[str]) -> None:
+    """Refuse a column that is 0/1 in almost every row: auto-detection would silently leave a
+    finding with a typo (a 2, an empty cell) out of the labels, as if it were patient_id."""
+    for column in columns:
+        cells = [(r.get(column) or "").strip() for r in records]
+        filled = [v for v in cells if v]
+        binary = sum(_is_binary(v) for v in filled)
+        bad = len(filled) - binary
+        if binary >= 2 and len(filled) >= len(cells) / 2 and bad <= max(1, NEARLY_BINARY_BAD * len(filled)):
+            line, value = next((i, v) for i, v in enumerate(cells, start=2) if not _is_binary(v))
+            raise ValueError(f"{path} column {column!r} holds 0/1 in {binary} of {len(cells)} rows, but line {line} "
+                             f"holds {value!r}: fix the cell if it is a finding, or name the findings with "
+                             f"--label-columns A,B (or the class column with --label-column) if it is not.")
 
 
 def _is_binary(value: str) -> bool:

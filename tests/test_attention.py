@@ -178,3 +178,9 @@ def test_top_mass_mask_does_not_depend_on_cell_order():
     np.testing.assert_array_equal(top_mass_mask(m), [True, True, True, True, False])
     perm = np.random.default_rng(0).permutation(5)
     np.testing.assert_array_equal(top_mass_mask(m[perm]), top_mass_mask(m)[perm])
+
+
+def test_image_size_must_be_a_multiple_of_the_patch_size(models):
+    with pytest.raises(ValueError, match="--image-size 50 is not a multiple of .* patch size 4; use 48 or 52"):
+        load_attention_backbone(str(models["vit"]), image_size=50)
+    assert load_attention_backbone(str(models["vit"]), image_size=48).patch_size == 4

@@ -97,6 +97,25 @@ def test_multilabel_manifest(tmp_path):
     assert explicit.classes == ["nodule"] and explicit.splits["all"].labels.shape == (3, 1)
 
 
+def test_finding_column_with_a_typo_is_refused_not_left_out(tmp_path, caplog):
+    """A 0/1 finding with one bad cell (a 2, an empty cell) would be dropped from the labels as if it
+    were patient_id: refused, naming the line; a column that is clearly not 0/1 is left out with a
+    warning naming it."""
+    import logging
+
+    for cell in ("2", ""):
+        (tmp_path / "typo.csv").write_text(f"path,effusion,nodule,mass\na.png,1,0,0\nb.png,0,{cell},1\n"
+                                           f"c.png,1,1,0\nd.png,0,1,1\n")
+        with pytest.raises(ValueError, match=f"column 'nodule' holds 0/1 in 3 of 4 rows, but line 3 holds '{cell}'"):
+            discover(tmp_path / "typo.csv")
+    (tmp_path / "ok.csv").write_text("path,effusion,nodule,patient_id\na.png,1,0,p7\nb.png,0,0,p8\nc.png,1,1,p9\n")
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        src = discover(tmp_path / "ok.csv")
+    assert src.classes == ["effusion", "nodule"] and "left out, not all 0/1: patient_id" in caplog.text
+    with pytest.raises(ValueError, match=r"has no column 'lbl' \(--label-column\); its columns are: path, effusion"):
+        discover(tmp_path / "ok.csv", label_column="lbl")
+
+
 def test_source_errors_say_what_was_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         discover(tmp_path / "missing")
