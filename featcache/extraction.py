@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
-from featcache.sources import (CONTENT_CHARS, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
+from featcache.sources import (DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
                                load_image, row_content)
 from featcache.devices import resolve_device
-from featcache.names import DTYPES
+from featcache.names import CONTENT_CHARS, DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
                               to_uint8)
 from featcache.store import (FEATURE_DATASETS, ROW_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,

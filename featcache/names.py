@@ -20,6 +20,8 @@ OPTIMIZERS = ("adamw", "adam")
 TOKEN_MODES = ("resize", "grid", "native")
 # storage dtype of features
 DTYPES = ("float16", "float32")
+# hex digits kept per row of the sha256 of its input bytes (a feature file's `content`; 128 bits)
+CONTENT_CHARS = 32
 # k-NN search backends
 KNN_BACKENDS = ("auto", "torch", "faiss")
 # test metrics that get bootstrap confidence intervals when they are defined

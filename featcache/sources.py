@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 import numpy as np
 
+from featcache.names import CONTENT_CHARS
+
 log = logging.getLogger("featcache")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".dcm", ".dicom")
@@ -58,7 +60,6 @@ class ImageDecodeError(Exception):
     """One input could not be turned into an image; str(exc) is the reason."""
 
 
-CONTENT_CHARS = 32  # hex digits kept of a row's sha256 (128 bits: a changed image is never mistaken)
 RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime's resolution
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from featcache.names import FEATURE_KINDS
+from featcache.names import CONTENT_CHARS, FEATURE_KINDS
 from featcache.runs import attribute_json, canonical_json
 
 if TYPE_CHECKING:  # tokens.py imports torch; the store stays importable without it
@@ -34,7 +34,6 @@ ENCODING_VERSION = "1"
 # only through `done`, so reading while an extraction fills it is safe and never blocks the writer
 READ_LOCKING = False
 ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
-CONTENT_CHARS = 32  # width of a row's content hash (hex; sources.CONTENT_CHARS writes it)
 
 # config keys that describe where/when a file was made rather than what is in it: recorded, but
 # not hashed, so upgrading a library or re-running elsewhere does not invalidate a cache.
