@@ -93,13 +93,19 @@ def _to_numpy(value: Any) -> Any:
 
 
 def load_labels_file(path: str | Path) -> np.ndarray:
-    """Labels from .npy / .pt, or a text file with one label per line."""
+    """Labels from .npy / .pt, or a text file with one label per line (class names, or class
+    indices when every line is an integer)."""
     path = Path(path)
     if path.suffix.lower() in (".npy", ".npz", ".pt", ".pth"):
         return np.asarray(load_array_file(path)["cls"])
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
-    return np.array([line.strip() for line in path.read_text().splitlines() if line.strip()])
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if lines and all(line.lstrip("-").isdigit() for line in lines):
+        # class indices, as in a .npy of ints: they index --classes, and without it name classes
+        # "0".."max" in numeric order (not "0", "1", "10", "2")
+        return np.array([int(line) for line in lines], dtype=np.int64)
+    return np.array(lines)
 
 
 def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels: Mapping[str, str | Path] | None = None,

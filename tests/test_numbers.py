@@ -670,3 +670,22 @@ def test_a_second_writer_is_refused_while_another_process_writes(tiny_vit, digit
     finally:
         holder.communicate("", timeout=30)
     assert out.read_bytes() == before                 # neither attempt changed the file
+
+
+def test_import_text_labels_of_class_indices(tmp_path, digits_arrays):
+    """A labels text file of integers holds class indices (as a .npy of ints would): with --classes
+    they name those classes, without it classes are 0..max in numeric order (10 after 9)."""
+    from featcache.importing import import_features
+
+    x, y = digits_arrays["train"]
+    np.save(tmp_path / "x.npy", x[:12])
+    y12 = np.array([0, 1, 2, 10, 9, 2, 1, 0, 10, 3, 4, 5])
+    (tmp_path / "y.txt").write_text("\n".join(map(str, y12)) + "\n")
+    with import_features(tmp_path / "a.h5", {"train": tmp_path / "x.npy"}, labels={"train": tmp_path / "y.txt"}) as s:
+        assert s.classes == [str(i) for i in range(11)]
+        assert [s.classes[i] for i in s["train"].labels] == [str(v) for v in y12]
+    (tmp_path / "y3.txt").write_text("0\n1\n2\n" * 4)
+    names = "normal,pneumonia,covid"
+    with import_features(tmp_path / "b.h5", {"train": tmp_path / "x.npy"}, labels={"train": tmp_path / "y3.txt"},
+                         classes=names) as s:
+        assert s.classes == names.split(",") and s["train"].labels.tolist() == [0, 1, 2] * 4
