@@ -178,7 +178,10 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
         raise click.UsageError("--shots evaluates the few-shot probes on the test split; give --test-split NAME.")
     arrays: dict = {}  # each split read once, shared by the probe and the few-shot draws
     ctx = click.get_current_context()
+    from featcache.store import resolve_val_split
+
     with FeatureStore(features_file) as store:
+        val = resolve_val_split(store.splits, val)  # "val" also finds a file's one validation/valid/dev split
         for option, name in (("val_split", val), ("test_split", test)):
             # a split named on the command line must exist: a typo would silently change the protocol
             given = ctx.get_parameter_source(option) != click.core.ParameterSource.DEFAULT

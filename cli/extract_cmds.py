@@ -16,9 +16,10 @@ def _window(value: str | None) -> tuple[float, float] | None:
     try:
         centre, width = (float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected CENTRE,WIDTH such as 40,400; got {value!r}") from None
+        raise click.BadParameter(f"expected CENTRE,WIDTH such as 40,400; got {value!r}",
+                                 param_hint="--window") from None
     if width <= 0:
-        raise click.BadParameter(f"the window width must be positive; got {width}")
+        raise click.BadParameter(f"the window width must be positive; got {width}", param_hint="--window")
     return centre, width
 
 

@@ -22,7 +22,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     without the source location and code line Python's default format adds."""
     import sys
 
-    print(f"Warning: {message}", file=file or sys.stderr)
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 def main() -> None:

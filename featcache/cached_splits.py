@@ -17,7 +17,8 @@ import torch
 
 from featcache.loader import TokenBlockLoader
 from featcache.splitting import holdout_split
-from featcache.store import FeatureStore, check_finite, check_labels, read_rows
+from featcache.names import VAL_SPLIT
+from featcache.store import FeatureStore, check_finite, check_labels, read_rows, resolve_val_split
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def resolve_split_names(store: FeatureStore, choice: SplitChoice) -> tuple[str, 
     have = ", ".join(store.splits)
     if choice.train not in store.splits:
         raise ValueError(f"{store.path.name} has no split {choice.train!r} to train on; it has {have}.")
-    val = choice.val or ("val" if "val" in store.splits else None)
+    val = resolve_val_split(store.splits, choice.val or VAL_SPLIT)
+    val = val if choice.val or val in store.splits else None
     if val and val not in store.splits:
         raise ValueError(f"no split {val!r} for validation; {store.path.name} has {have}.")
     test = choice.test or ("test" if "test" in store.splits else None)

@@ -33,7 +33,7 @@ from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_array
 from featcache.metrics import CLASS_AVERAGED, class_checker, resample_indices, resolve_positive, scalar_metrics
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
-from featcache.store import FeatureStore
+from featcache.store import FeatureStore, resolve_val_split
 
 MIN_FILES, MAX_FILES = 2, 20
 COMPARE_HEADS = ("linear",)
@@ -191,6 +191,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         stores = [stack.enter_context(FeatureStore(p)) for p in paths]
+        val_split = resolve_val_split(stores[0].splits, val_split)
         with_val = [n for n, store in zip(names, stores) if val_split in store.splits]
         if with_val and len(with_val) < len(names):
             without = [n for n in names if n not in with_val]

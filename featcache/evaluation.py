@@ -22,7 +22,7 @@ from featcache.plots import evaluation_figures, few_shot_plot, knn_curve_plot
 from featcache.prediction import array_proba, probe_head_payload
 from featcache.probe import LogisticProbe, expand_proba, resolve_cs
 from featcache.runs import write_run
-from featcache.store import FeatureStore, check_labels
+from featcache.store import FeatureStore, check_labels, resolve_val_split
 
 
 
@@ -227,6 +227,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     name -> SplitArrays of `features`) reuses splits already read."""
     notes: list[str] = []
     train = cached_split_arrays(store, train_split, features, "training the probe", arrays)
+    val_split = resolve_val_split(store.splits, val_split)
     use_val = bool(val_split) and val_split in store.splits
     use_test = bool(test_split) and test_split in store.splits
     val = cached_split_arrays(store, val_split, features, "choosing C", arrays) if use_val else None
@@ -236,6 +237,9 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
         notes.append(leak)
     classes = list(store.classes)
     multilabel = train.y.ndim == 2
+    if not multilabel and np.unique(train.y).size < 2:
+        raise ValueError(f"split {train_split!r} of {store.path.name} has a single class "
+                         f"({classes[int(train.y[0])]}); a probe needs at least two classes to train on.")
     positive = None if multilabel else resolve_positive(classes, train.y, positive_class)
     rule = None if threshold in (None, "0.5") else threshold
     if rule is not None and refit and use_val and not _is_number(rule):
@@ -383,6 +387,7 @@ def few_shot(store: FeatureStore, *, method: str = "knn", shots: Sequence[int] =
     if tries < 1:
         raise ValueError(f"--tries must be at least 1; got {tries}.")
     train = cached_split_arrays(store, train_split, features, "few-shot training rows", arrays)
+    val_split = resolve_val_split(store.splits, val_split)
     ev = cached_split_arrays(store, eval_split, features, "few-shot evaluation", arrays)
     if train.y.ndim == 2:
         raise ValueError("few-shot draws n rows per class, which needs single-label data; this file is multi-label.")

@@ -178,6 +178,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     out["auprc"] = _auprc(y_true, proba, pos) if out["auroc"] is not None else None
     out["mcc"] = _mcc(cm)
     out["kappa"] = _kappa(cm)
+    if out["kappa"] is None:
+        notes.append("Cohen's kappa undefined: truth and predictions are one and the same class (chance "
+                     "agreement 1)")
     out["ece"] = expected_calibration_error(y_true, proba)
     if c == 2:
         neg = 1 - pos

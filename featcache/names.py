@@ -18,6 +18,9 @@ BALANCE = ("weights", "sampler", "none")
 OPTIMIZERS = ("adamw", "adam")
 # how stored tokens reach --num-tokens (tokens.py)
 TOKEN_MODES = ("resize", "grid", "native")
+# the default validation split, and the other names a folder or a Hugging Face dataset gives it
+VAL_SPLIT = "val"
+VAL_ALIASES = ("validation", "valid", "dev")
 # storage dtype of features
 DTYPES = ("float16", "float32")
 # hex digits kept per row of the sha256 of its input bytes (a feature file's `content`; 128 bits)

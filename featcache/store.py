@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from featcache.names import CONTENT_CHARS, FEATURE_KINDS
+from featcache.names import CONTENT_CHARS, FEATURE_KINDS, VAL_ALIASES, VAL_SPLIT
 from featcache.runs import attribute_json, canonical_json
 
 if TYPE_CHECKING:  # tokens.py imports torch; the store stays importable without it
@@ -349,6 +349,17 @@ class SplitView:
         return f"<SplitView {self.name!r}: {int(self.done.sum())}/{self.n} rows done>"
 
 
+def resolve_val_split(splits: Sequence[str], requested: str | None = VAL_SPLIT) -> str | None:
+    """The validation split to use: `requested` when the file has it; for the default name "val",
+    otherwise the one split named validation, valid or dev (Hugging Face datasets and many folders
+    say "validation"), so a file's own validation split is never passed over for a held-out or
+    cross-validated stand-in. Anything else is returned as asked (callers refuse or fall back)."""
+    if requested is None or requested in splits or requested != VAL_SPLIT:
+        return requested
+    found = [name for name in splits if name.lower() in VAL_ALIASES]
+    return found[0] if len(found) == 1 else requested
+
+
 def _part_dataset(group: h5py.Group, part: FeaturePart, split: str) -> h5py.Dataset:
     """The dataset a feature part reads, or an error saying how to get it."""
     ds = group.get(part.dataset)
@@ -643,19 +654,28 @@ def planned_bytes(splits: dict[str, SplitSpec], layout: FeatureLayout) -> int:
     return sum(len(spec.paths) for spec in splits.values()) * per_row + (1 << 20)
 
 
-def check_free_space(path: Path, needed: int) -> None:
-    """Refuse to start a file the disk (or the process's file-size limit) cannot hold, naming both sizes."""
+def check_free_space(path: Path, needed: int, layout: FeatureLayout | None = None) -> None:
+    """Refuse to start a file the disk (or the process's file-size limit) cannot hold, naming both
+    sizes and only the remedies that apply (a ulimit is raised, not freed; float16 only if not in use)."""
     import resource
     import shutil
 
     free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    room, what = free, f"{_gib(free)} free on its disk"
+    room, what, first = free, f"{_gib(free)} free on its disk", "Free space"
     if limit != resource.RLIM_INFINITY and limit < room:
-        room, what = limit, f"a file-size limit of {_gib(limit)} (ulimit -f)"
+        room, what, first = limit, f"a file-size limit of {_gib(limit)} (ulimit -f)", "Raise the limit (ulimit -f)"
     if needed > room:
+        less = []
+        if layout is None or layout.dtype != "float16":
+            less.append("--dtype float16")
+        if layout is None or layout.tokens is not None:
+            less.append("--tokens none")
+        if layout is not None and layout.blocks:
+            less.append("fewer --blocks")
+        tail = f", or store less ({', '.join(less)})" if less else ""
         raise FeatureStoreError(f"{path} needs {_gib(needed)} (every feature is preallocated), but there is {what}. "
-                                f"Free space, use another --out, or store less (--dtype float16, --tokens none).")
+                                f"{first}, use another --out{tail}.")
 
 
 def _gib(n: int) -> str:
@@ -684,7 +704,7 @@ class StoreWriter:
             if self.path.exists():  # --overwrite: never replace a file another process is filling
                 _open_for_writing(self.path).close()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            check_free_space(self.path, planned_bytes(splits, layout))
+            check_free_space(self.path, planned_bytes(splits, layout), layout)
             tmp = self.path.with_name(self.path.name + ".creating")
             try:
                 with h5py.File(tmp, "w") as f:
@@ -1034,6 +1054,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 entry["unlabelled"] = int((labels < 0).sum())
             entry["class_counts"] = counts
             missing = [c for c, n in counts.items() if n == 0]
+            if s.n == 0 or (entry["done"] == 0 and entry["errors"] == s.n):
+                entry["warnings"].append("no usable rows: k-NN, probes and heads refuse this split")
             if missing and entry["unlabelled"] < s.n:
                 entry["warnings"].append(f"no rows of class {', '.join(missing)}")
             if entry["done"] + entry["errors"] < s.n:
@@ -1045,7 +1067,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             if s.tokens is not None and layout is None:
                 a = s.tokens.attrs
                 grid = list(a.get("grid", []))
-                layout = (f"{s.tokens.shape[1]} tokens stored (mode {a.get('mode')}, {int(a.get('n_prefix', 0))} prefix, "
+                mode = a.get("mode")
+                mode = "the backbone's own count" if mode in (None, "none") else f"mode {mode}"
+                layout = (f"{s.tokens.shape[1]} tokens stored ({mode}, {int(a.get('n_prefix', 0))} prefix, "
                           f"grid {'x'.join(map(str, grid)) if grid else 'n/a'}, source {int(a.get('source_num_tokens', 0))})")
             d["splits"].append(entry)
         if layout is None:

@@ -177,7 +177,7 @@ def test_resize_mode_warns_when_it_shrinks_the_token_count(tiny_vit, tmp_path):
                           "--token-mode", "resize", "-q"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stderr.splitlines() if "token 0 is then" in line]
-    assert len(lines) == 1 and lines[0].startswith("Warning: --token-mode resize from 65 down to 40 tokens")
+    assert len(lines) == 1 and lines[0].startswith("warning: --token-mode resize from 65 down to 40 tokens")
     assert "UserWarning" not in res.stderr and "plan_tokens(" not in res.stderr
 
 

@@ -323,6 +323,7 @@ def test_single_class_splits(tmp_path):
     one = (x[y == 0], y[y == 0])
     single_train = write_blob_file(tmp_path / "one_train.h5", {"train": one, "val": (x, y), "test": (x, y)}, 3)
     assert_one_line_error(run_cli("train", single_train, *TRAIN_FAST), "single class", "c0")
+    assert_one_line_error(run_cli("probe", single_train, "--Cs", "1"), "split 'train'", "single class (c0)")
 
     single_val = write_blob_file(tmp_path / "one_val.h5", {"train": (x, y), "val": one, "test": (x, y)}, 3)
     result = run_cli("train", single_val, *TRAIN_FAST)

@@ -232,6 +232,13 @@ def test_import_npz_and_pt_then_info(tmp_path, digits_arrays):
     info = runner.invoke(cli, ["info", str(out)])
     assert info.exit_code == 0 and "elsewhere" in info.output
     assert "n/a prefix" not in info.output  # an import knows no backbone token layout: just "not stored"
+    from featcache.store import describe, write_arrays
+
+    empty = tmp_path / "empty_split.h5"
+    write_arrays(empty, {"train": {"cls": x, "labels": y}, "test": {"cls": x[:0], "labels": y[:0]}},
+                 [str(i) for i in range(10)], {"model": "m"}).close()
+    test_entry = next(e for e in describe(empty)["splits"] if e["split"] == "test")
+    assert any("no usable rows" in w for w in test_entry["warnings"])
     bad = runner.invoke(cli, ["import", "--out", str(tmp_path / "b.h5"), "--split", f"train={tmp_path / 'nothing.npy'}"])
     assert bad.exit_code != 0 and "does not exist" in bad.output
 

@@ -639,6 +639,9 @@ def test_file_size_limit_is_a_clear_error_not_a_signal(tiny_vit, digits_dir, tmp
                       *EXTRACT, preexec_fn=limit)
     assert proc.returncode == 1, proc.stderr      # not killed by SIGXFSZ (-25) or a crash (139)
     assert "file-size limit" in proc.stderr and "Traceback" not in proc.stderr
+    # the remedies that apply: raise the limit (not "free space"), and only settings not yet in use
+    assert "Raise the limit (ulimit -f)" in proc.stderr and "Free space" not in proc.stderr
+    assert "--tokens none" in proc.stderr and ("--dtype float16" in proc.stderr) == ("float32" in EXTRACT)
     assert not out.exists()
 
 

@@ -217,3 +217,34 @@ def test_named_grids(digits_arrays):
     np.testing.assert_allclose(LogisticProbe(Cs="default").fit(x[:300], y[:300], vx, vy).Cs_, DEFAULT_CS)
     with pytest.raises(ValueError, match="dinov2"):
         LogisticProbe(Cs="imagenet").fit(x, y, vx, vy)
+
+
+def test_a_split_named_validation_is_the_validation_split(tmp_path, digits_arrays):
+    """Hugging Face datasets and many folders name it "validation": every evaluator's default finds
+    it instead of holding rows out of train or cross-validating."""
+    from click.testing import CliRunner
+
+    import featcache as fc
+    from featcache.comparing import compare
+    from featcache.evaluation import few_shot, run_probe
+    from featcache.store import write_arrays
+    from featcache_cli.main import cli
+
+    renamed = {"validation" if s == "val" else s: v for s, v in digits_arrays.items()}
+    path = tmp_path / "hf_like.h5"
+    write_arrays(path, {s: {"cls": x, "labels": y, "paths": [f"{s}/{i}.png" for i in range(len(y))]}
+                        for s, (x, y) in renamed.items()}, [str(c) for c in range(10)], {"model": "m"}).close()
+    with fc.open(path) as store:
+        res = run_probe(store, Cs=[0.1, 1.0])
+        assert res.probe.selection_ == "val" and res.config["val_split"] == "validation"
+        fs = few_shot(store, method="probe", shots=(2,), tries=1, Cs=[1.0])
+        assert fs.config["val_split"] == "validation"
+    head = fc.train_head(path, epochs=2)
+    assert head.split_names_["val"] == "validation" and head.val_source_ == "split 'validation'"
+    assert len(head.val_y_) == len(renamed["validation"][1])
+    other = tmp_path / "other.h5"
+    write_arrays(other, {s: {"cls": x * 2, "labels": y, "paths": [f"{s}/{i}.png" for i in range(len(y))]}
+                         for s, (x, y) in renamed.items()}, [str(c) for c in range(10)], {"model": "m2"}).close()
+    assert compare([path, other], bootstrap=10).config["val_split"] == "validation"
+    out = CliRunner().invoke(cli, ["probe", str(path), "--Cs", "1"])
+    assert out.exit_code == 0 and "cross-validation" not in out.output, out.output

@@ -96,6 +96,7 @@ def test_kappa_is_undefined_when_truth_and_predictions_are_one_class():
         warnings.simplefilter("ignore")  # scikit-learn warns that kappa is undefined here
         assert np.isnan(cohen_kappa_score(y, y))
     assert m["kappa"] is None  # not 0.0, which reads as "chance agreement"
+    assert any("kappa undefined" in n for n in m["notes"])  # and the README's promised note says why
 
 
 def test_non_finite_scores_are_refused_not_reported():
