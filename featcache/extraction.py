@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 
 import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
-from featcache.sources import (DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
+from featcache.sources import (UNREADABLE, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
                                load_image, row_content)
 from featcache.devices import resolve_device
 from featcache.names import CONTENT_CHARS, DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
                               to_uint8)
-from featcache.store import (FEATURE_DATASETS, ROW_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,
+from featcache.store import (FEATURE_DATASETS, FILE_STAT_WIDTH, ROW_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,
                              check_same_data_root, config_differences, describe_config, fingerprint_of, merge_shards,
                              read_rows, same_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
@@ -164,10 +164,11 @@ def collate_rows(batch: list[tuple[int, int, torch.Tensor | None, str, RowConten
 
 
 def content_arrays(contents: Sequence[RowContent | None]) -> dict[str, np.ndarray]:
-    """StoreWriter's content and file_stat arrays for rows (an unread input: empty, 0, 0)."""
-    return {"content": np.array([c.digest if c else "" for c in contents], dtype=f"S{CONTENT_CHARS}"),
-            "file_stat": np.array([(c.size, c.mtime_ns) if c else (0, 0) for c in contents],
-                                  dtype=np.int64).reshape(-1, 2)}
+    """StoreWriter's content and file_stat arrays for rows (an input that could not be read at all:
+    UNREADABLE and zeros, so it is retried once it can be read)."""
+    return {"content": np.array([c.digest if c else UNREADABLE for c in contents], dtype=f"S{CONTENT_CHARS}"),
+            "file_stat": np.array([c.stat_key() if c else (0,) * FILE_STAT_WIDTH for c in contents],
+                                  dtype=np.int64).reshape(-1, FILE_STAT_WIDTH)}
 
 
 def _stack(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -593,12 +594,14 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
     """Make every stored row whose input changed since it was read pending again (features and
     "unreadable" alike), so a file never keeps features of an image that is no longer there.
 
-    A row is unchanged when its file has the recorded size and mtime, or else (a touched or
-    copied file, a datasets row) when its bytes hash to the recorded content; the file stat of
-    rows found unchanged by hash is refreshed. Returns (rows forgotten, rows without a recorded
-    content, which files made before featcache recorded contents have, and which stay as they are).
+    A row is unchanged when its file has the recorded stat (size, mtime, ctime, inode), or else (a
+    touched or copied file, a datasets row) when its bytes hash to the recorded content; the stat
+    of rows found unchanged by hash is refreshed. A row whose input could not be read at all is
+    retried once it can be. Returns (rows forgotten, rows without a recorded content, which files
+    made before featcache recorded contents have, and which stay as they are).
     """
     changed = unverified = 0
+    unreadable = UNREADABLE.encode()
     for name, rows in split_rows.items():
         recorded = writer.recorded_content(name)
         if recorded is None:
@@ -609,23 +612,27 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
         unverified += int((~known).sum())
         settled, digests, stats = settled[known], digests[known], stats[known]
         stale: list[int] = []
-        touched: list[tuple[int, tuple[int, int]]] = []
+        touched: list[tuple[int, tuple[int, ...]]] = []
         bar = tqdm(total=len(settled), unit="img", desc=f"check {name}", leave=False,
                    disable=not progress or len(settled) < 10_000)
         for row, digest, stat in zip(settled.tolist(), digests, stats):
             bar.update(1)
             file = rows.files[row]
-            if stat[1] != 0 and file_stat(file) == (int(stat[0]), int(stat[1])):
-                continue
+            stored = tuple(int(v) for v in stat)  # (size, mtime) in files of the dataset's first version
+            if digest != unreadable and stored[1] != 0:
+                now_stat = file_stat(file)
+                if now_stat is not None and now_stat[:len(stored)] == stored:
+                    continue
             try:
                 now = row_content(Path(file))
             except ImageDecodeError:
-                stale.append(row)  # gone or unreadable now: computed again, and recorded as failed if so
+                if digest != unreadable:
+                    stale.append(row)  # gone or unreadable now: computed again, and recorded as failed if so
                 continue
-            if now.digest.encode() != digest:
+            if digest == unreadable or now.digest.encode() != digest:
                 stale.append(row)
-            elif (now.size, now.mtime_ns) != (int(stat[0]), int(stat[1])):
-                touched.append((row, (now.size, now.mtime_ns)))
+            elif now.stat_key()[:len(stored)] != stored:
+                touched.append((row, now.stat_key()))
         bar.close()
         if stale:
             writer.forget_rows(name, np.array(stale))

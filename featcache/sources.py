@@ -63,15 +63,26 @@ class ImageDecodeError(Exception):
 RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime's resolution
 
 
+UNREADABLE = "-"  # the content of a row whose input could not be read at all (retried once it can be)
+
+
 @dataclass(frozen=True)
 class RowContent:
     """What a row's stored features were computed from: a hash of the input's bytes, and the
-    file's size and modification time, the cheap first check when a file is resumed."""
+    file's stat (size, mtime, ctime, inode), the cheap first check when a file is resumed. As in
+    git's index, ctime and inode catch a file replaced by another with the same size and a
+    restored mtime (cp -p, rsync -t, tar -x, a symlink pointed elsewhere): utime cannot set ctime."""
 
     digest: str                 # first CONTENT_CHARS hex digits of the sha256 of the encoded bytes
     size: int                   # bytes
-    mtime_ns: int               # the file's st_mtime_ns; 0 where it cannot be trusted: no file of its own
-                                # (datasets), or modified within RACY_NS of being read (as git's "racy" rule)
+    mtime_ns: int               # the file's st_mtime_ns; 0 where the stat cannot be trusted: no file of its
+                                # own (datasets), or changed within RACY_NS of being read (git's "racy" rule)
+    ctime_ns: int = 0           # st_ctime_ns (status change: any write, rename, chmod)
+    inode: int = 0              # st_ino
+
+    def stat_key(self) -> tuple[int, int, int, int]:
+        """The file_stat row recorded for it."""
+        return self.size, self.mtime_ns, self.ctime_ns, self.inode
 
 
 def row_content(path: Path) -> RowContent:
@@ -89,8 +100,9 @@ def row_content(path: Path) -> RowContent:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
-    trusted = time.time_ns() - stat.st_mtime_ns > RACY_NS
-    return RowContent(digest[:CONTENT_CHARS], stat.st_size, stat.st_mtime_ns if trusted else 0)
+    trusted = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_NS
+    return RowContent(digest[:CONTENT_CHARS], stat.st_size, stat.st_mtime_ns if trusted else 0, stat.st_ctime_ns,
+                      stat.st_ino)
 
 
 def bytes_content(data: bytes) -> RowContent:
@@ -98,15 +110,16 @@ def bytes_content(data: bytes) -> RowContent:
     return RowContent(hashlib.sha256(data).hexdigest()[:CONTENT_CHARS], len(data), 0)
 
 
-def file_stat(path: Path) -> tuple[int, int] | None:
-    """(size, mtime_ns) of an input file, or None when it has none (datasets rows) or is gone."""
+def file_stat(path: Path) -> tuple[int, int, int, int] | None:
+    """(size, mtime_ns, ctime_ns, inode) of an input file (symlinks followed), or None when it has
+    none (datasets rows) or is gone."""
     if str(path).startswith("hf:"):
         return None
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 @dataclass(frozen=True)

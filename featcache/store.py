@@ -752,8 +752,9 @@ class StoreWriter:
             content = g.create_dataset("content", data=np.zeros(n, dtype=f"S{CONTENT_CHARS}"))
             content.attrs["role"] = ("first 128 bits (hex) of the sha256 of the input bytes the row was computed "
                                      "from; empty = not recorded")
-            stat = g.create_dataset("file_stat", data=np.zeros((n, 2), dtype=np.int64))
-            stat.attrs["role"] = "size in bytes and st_mtime_ns of the input file when read; mtime 0 = no file"
+            stat = g.create_dataset("file_stat", data=np.zeros((n, FILE_STAT_WIDTH), dtype=np.int64))
+            stat.attrs["role"] = ("size in bytes, st_mtime_ns, st_ctime_ns and st_ino of the input file when read; "
+                                  "mtime 0 = not to be trusted (check by hash)")
 
     def _open_existing(self, classes: Sequence[str], splits: dict[str, SplitSpec]) -> h5py.File:
         f = _open_for_writing(self.path)
@@ -807,7 +808,7 @@ class StoreWriter:
         return int(self._f[split]["done"][()].sum())
 
     def recorded_content(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(settled rows, their content hashes, their (size, mtime_ns)) for the rows that are done or
+        """(settled rows, their content hashes, their file_stat rows) for the rows that are done or
         known unreadable; None for a file made before featcache recorded contents."""
         g = self._f[split]
         if "content" not in g or "file_stat" not in g:
@@ -830,7 +831,7 @@ class StoreWriter:
         copied files), so the next resume needs no hashing for them."""
         ds = self._f[split]["file_stat"]
         values = ds[()]
-        values[np.asarray(rows, dtype=np.int64)] = np.asarray(stats, dtype=np.int64)
+        values[np.asarray(rows, dtype=np.int64)] = np.asarray(stats, dtype=np.int64)[:, :values.shape[1]]
         ds[...] = values
         self._f.flush()
 
@@ -883,7 +884,8 @@ class StoreWriter:
         if content is not None and "content" in g:
             _write_runs(g["content"], rows, np.asarray(content, dtype=f"S{CONTENT_CHARS}"))
         if file_stat is not None and "file_stat" in g:
-            _write_runs(g["file_stat"], rows, np.ascontiguousarray(file_stat, dtype=np.int64))
+            width = g["file_stat"].shape[1]  # 2 in files of the first version of this dataset (size, mtime)
+            _write_runs(g["file_stat"], rows, np.ascontiguousarray(np.asarray(file_stat, dtype=np.int64)[:, :width]))
 
     def close(self) -> None:
         if self._f:
@@ -1094,6 +1096,7 @@ def _shape(ds: h5py.Dataset | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 FEATURE_DATASETS = ("cls", "pooled", "tokens", "blocks_cls", "blocks_pooled")  # StoreWriter.write's arrays
+FILE_STAT_WIDTH = 4  # size, mtime_ns, ctime_ns, inode (sources.RowContent.stat_key)
 CONTENT_DATASETS = ("content", "file_stat")  # what a row was computed from (StoreWriter.write's content, file_stat)
 ROW_DATASETS = FEATURE_DATASETS + CONTENT_DATASETS  # what moves with a row copied to another file
 SHARDED = ROW_DATASETS + ("done", "errors")

@@ -74,7 +74,9 @@ def test_image_replaced_in_place_is_computed_again(tiny_vit, images, tmp_path):
     assert _extract(tiny_vit, images, out, tmp_path)["rows_computed"] == 0  # and then it is settled
 
 
-def test_touched_or_copied_file_keeps_its_row(tiny_vit, images, tmp_path):
+def test_touched_or_copied_file_keeps_its_row(tiny_vit, images, tmp_path, monkeypatch):
+    # the files were dated back just now, which sets their ctime to now: trust stats at once here
+    monkeypatch.setattr("featcache.sources.RACY_NS", 0)
     out = tmp_path / "f.h5"
     _extract(tiny_vit, images, out, tmp_path)
     f = sorted((images / "test").rglob("*.png"))[0]
@@ -87,7 +89,8 @@ def test_touched_or_copied_file_keeps_its_row(tiny_vit, images, tmp_path):
     with fc.open(out) as store:
         row = _row(store, "test", f.relative_to(images).as_posix())
         stat = store["test"]._g["file_stat"][row]
-    assert tuple(int(v) for v in stat) == (f.stat().st_size, f.stat().st_mtime_ns)  # refreshed: no hashing next time
+    now = f.stat()
+    assert tuple(int(v) for v in stat) == (now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino)  # refreshed
 
 
 def test_recently_written_files_are_checked_by_content(tiny_vit, tmp_path):
@@ -101,7 +104,7 @@ def test_recently_written_files_are_checked_by_content(tiny_vit, tmp_path):
     _extract(tiny_vit, root, out, tmp_path)
     a = sorted(root.rglob("*.bmp"))[0]
     with fc.open(out) as store:
-        assert (store["train"]._g["file_stat"][:, 1] == 0).all()  # just written: mtime not trusted
+        assert (store["train"]._g["file_stat"][:, 1] == 0).all()  # just written: stat not trusted
     # same size, same mtime, other pixels: only a content check can tell
     stat = a.stat()
     pixels = np.asarray(Image.open(a)).copy()
@@ -198,3 +201,42 @@ def test_file_without_recorded_contents_resumes_with_a_warning(tiny_vit, images,
         again = _extract(tiny_vit, images, out, tmp_path)
     assert again["rows_computed"] == 0 and again["rows_unverified"] == 24
     assert "before featcache recorded each image's content" in caplog.text
+
+
+def test_file_replaced_with_same_size_and_restored_mtime_is_noticed(tiny_vit, tmp_path, monkeypatch):
+    """cp -p, rsync -t or tar -x of another version: same size, same mtime, other pixels. The file
+    is a new one (inode, ctime), so it is hashed, and the change is found."""
+    monkeypatch.setattr("featcache.sources.RACY_NS", 0)
+    root = render_digits(tmp_path / "img", per_class=3, classes=(0, 1), splits=("train",))
+    for png in root.rglob("*.png"):
+        Image.open(png).save(png.with_suffix(".bmp"))
+        png.unlink()
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, root, out, tmp_path)
+    a = sorted(root.rglob("*.bmp"))[0]
+    old = a.stat()
+    pixels = 255 - np.asarray(Image.open(a))
+    Image.fromarray(pixels).save(tmp_path / "new.bmp")
+    os.utime(tmp_path / "new.bmp", ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(tmp_path / "new.bmp", a)
+    assert (a.stat().st_size, a.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    again = _extract(tiny_vit, root, out, tmp_path)
+    assert again["rows_changed"] == 1 and again["rows_computed"] == 1
+
+
+def test_missing_file_listed_in_a_manifest_is_read_once_it_appears(tiny_vit, images, tmp_path, caplog):
+    """A row that failed because its file was not there records that (not "no content"), is not
+    counted as a row of an older file, and is computed when the file appears."""
+    good = sorted(images.rglob("*.png"))[0]
+    manifest = tmp_path / "m.csv"
+    _manifest(manifest, [(good.relative_to(tmp_path).as_posix(), "0", "train"), ("late.png", "1", "train")])
+    out = tmp_path / "f.h5"
+    first = _extract(tiny_vit, manifest, out, tmp_path)
+    assert first["rows_failed"] == 1
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        again = _extract(tiny_vit, manifest, out, tmp_path)
+    assert again["rows_computed"] == 0 and again["rows_unverified"] == 0
+    assert "before featcache recorded" not in caplog.text
+    shutil.copyfile(good, tmp_path / "late.png")
+    third = _extract(tiny_vit, manifest, out, tmp_path)
+    assert third["rows_changed"] == 1 and third["rows_computed"] == 1 and third["rows_failed"] == 0
