@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 
@@ -112,7 +113,10 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
         click.echo(f"  skipped {path} (split {split}): {reason}", err=json_path == "-")
     if len(summary.errors) > 20:
         click.echo(f"  ... and {len(summary.errors) - 20} more (see `featcache info {out}`)", err=json_path == "-")
-    write_json(json_path, {"out": str(out), "resumed": summary.resumed, "rows_total": summary.rows_total,
+    if world > 1 and json_path not in (None, "-"):
+        # one summary per rank beside each other (ranks computing different rows must not race on one file)
+        json_path = str(Path(json_path).with_name(f"{Path(json_path).stem}.rank{rank}{Path(json_path).suffix}"))
+    write_json(json_path, {"out": str(out), "rank": rank, "world": world, "resumed": summary.resumed, "rows_total": summary.rows_total,
                            "rows_done_before": summary.rows_done_before, "rows_computed": summary.rows_computed,
                            "rows_failed": summary.rows_failed, "seconds": summary.seconds,
                            "images_per_second": summary.images_per_second if summary.rows_computed else None,

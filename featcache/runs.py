@@ -77,7 +77,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
         return Path("-")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may share a path
     tmp.write_text(text)
     os.replace(tmp, path)
     return path

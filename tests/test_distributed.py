@@ -23,9 +23,15 @@ def _extract(args: list[str], out, model, data, nproc: int) -> subprocess.Comple
 def test_torchrun_two_ranks_equals_single_process(merge, tiny_vit, digits_dir, tmp_path):
     single = _extract([], tmp_path / "single.h5", tiny_vit, digits_dir, 1)
     assert single.returncode == 0, single.stderr
-    run = _extract(["--merge", merge], tmp_path / "merged.h5", tiny_vit, digits_dir, 2)
+    run = _extract(["--merge", merge, "--json", str(tmp_path / "s.json")], tmp_path / "merged.h5", tiny_vit,
+                   digits_dir, 2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 1 of 2" in run.stdout
+    import json  # one summary per rank (they raced on one file before)
+
+    summaries = [json.loads((tmp_path / f"s.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["rank"] for s in summaries] == [0, 1] and all(s["world"] == 2 for s in summaries)
+    assert sum(s["rows_computed"] for s in summaries) == sum(s["rows_total"] for s in summaries)
     assert (tmp_path / "merged.shard-00000-of-00002.h5").exists()
     with fc.open(tmp_path / "merged.h5") as merged, fc.open(tmp_path / "single.h5") as ref:
         assert merged.splits == ref.splits and merged.fingerprint == ref.fingerprint
