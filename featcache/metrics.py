@@ -147,10 +147,14 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     per_class = []
     for i in range(c):
         tp, fp, fn = cm[i, i], cm[:, i].sum() - cm[i, i], cm[i, :].sum() - cm[i, i]
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class.append({"class": names[i], "precision": float(precision), "recall": float(recall),
+        # precision of a class never predicted, recall of a class with no rows: 0/0, undefined (None,
+        # not the 0 that reads as "never finds it"); F1 counts them as 0, as scikit-learn's macro F1
+        precision = tp / (tp + fp) if tp + fp else None
+        recall = tp / (tp + fn) if tp + fn else None
+        p0, r0 = precision or 0.0, recall or 0.0
+        f1 = 2 * p0 * r0 / (p0 + r0) if p0 + r0 else 0.0
+        per_class.append({"class": names[i], "precision": None if precision is None else float(precision),
+                          "recall": None if recall is None else float(recall),
                           "f1": float(f1), "support": int(cm[i, :].sum())})
     support = np.array([p["support"] for p in per_class])
     f1s = np.array([p["f1"] for p in per_class])
@@ -178,6 +182,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     out["auprc"] = _auprc(y_true, proba, pos) if out["auroc"] is not None else None
     out["mcc"] = _mcc(cm)
     out["kappa"] = _kappa(cm)
+    if out["mcc"] is None:
+        notes.append("MCC undefined: the truth or the predictions hold a single class")
     if out["kappa"] is None:
         notes.append("Cohen's kappa undefined: truth and predictions are one and the same class (chance "
                      "agreement 1)")
@@ -321,12 +327,13 @@ def _multilabel_auc(y: np.ndarray, scores: np.ndarray, average: str) -> tuple[fl
     return (float(np.mean(aucs)), None) if aucs else (None, "no label has both classes")
 
 
-def _mcc(cm: np.ndarray) -> float:
-    """Matthews correlation for any number of classes (Gorodkin's R_K)."""
+def _mcc(cm: np.ndarray) -> float | None:
+    """Matthews correlation for any number of classes (Gorodkin's R_K); None (undefined: 0/0, which
+    scikit-learn reports as 0) when truth or predictions hold a single class."""
     t, p = cm.sum(axis=1).astype(float), cm.sum(axis=0).astype(float)
     c, s = float(np.trace(cm)), float(cm.sum())
     denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
-    return float((c * s - t @ p) / denom) if denom else 0.0
+    return float((c * s - t @ p) / denom) if denom else None
 
 
 def _kappa(cm: np.ndarray) -> float | None:

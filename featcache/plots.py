@@ -36,8 +36,9 @@ def _save(fig: Any, path_stem: PathLike) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
-    fig.savefig(paths[1])
+    # "tight": a long title or colour-bar label over a narrow heat map is never cut off
+    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
     _pyplot().close(fig)
     return paths
 
@@ -242,6 +243,9 @@ def learning_curve_plot(history: Sequence[Mapping[str, Any]], metric: str, path_
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", lw=1.5, label="train loss")
     ax.set(xlabel="epoch", ylabel="train loss", title=title or "learning curve")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax2 = ax.twinx()
     key = f"val_{metric}"
     ax2.plot(epochs, [h.get(key) for h in history], color="tab:orange", lw=1.5, marker=".", label=f"val {metric}")

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from featcache.runs import Run, attribute_json, load_run
 
@@ -29,13 +29,18 @@ KEY_METRICS = ("top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc"
 # config keys shown in the per-run configuration table first (the rest follow alphabetically)
 CONFIG_FIRST = ("kind", "model", "features", "features_file", "head", "fingerprint")
 MAX_TABLE_ROWS = 30  # long leaderboards / per-C tables are cut to this many rows in the report
+# columns holding settings, shown exactly (lr 0.00125, not rounded to 0.0013 like a metric)
+SETTING_COLUMNS = ("lr", "weight_decay", "C", "dropout", "temperature", "hidden", "k", "shots")
+# top-level choices of a run shown under "Chosen" (probe's C, a head's kept epoch, ...)
+CHOSEN_KEYS = ("best_C", "selection", "cv_folds", "best_epoch", "num_params", "val_source", "eval_split")
 
 
 def _unique_names(runs: list[Run]) -> None:
     """Make display names unique: parent/name for clashes, then a numeric suffix."""
     seen: dict[str, int] = {}
-    for run in runs:
-        if sum(r.name == run.name for r in runs) > 1:
+    clashing = {r.name for r in runs if sum(o.name == r.name for o in runs) > 1}
+    for run in runs:  # every run of a clashing name is renamed, not just the first
+        if run.name in clashing:
             run.name = f"{run.path.resolve().parent.name}/{run.path.resolve().name}"
     for run in runs:
         count = seen.get(run.name, 0)
@@ -68,9 +73,14 @@ def eval_split(run: Run) -> str | None:
 
 
 def metric_value(run: Run, split: str | None, name: str) -> tuple[float | None, tuple[float, float] | None]:
-    """(point estimate, (low, high) or None) of one metric of one split."""
+    """(point estimate, (low, high) or None) of one metric of one split; for a `train --repeats`
+    run the median over its seeds (the first seed's numbers are one draw of several)."""
     if split is None:
         return None, None
+    repeats = run.metrics.get("repeats")
+    if isinstance(repeats, dict) and isinstance(repeats.get(split), dict):
+        entry = repeats[split].get(name)
+        return (_num(entry.get("median")) if isinstance(entry, dict) else None), None
     block = run.metrics.get(split) or {}
     value = _num(block.get(name))
     ci = None
@@ -100,9 +110,21 @@ def split_label(run: Run, split: str | None) -> str:
     return str(real) if real else split
 
 
+def threshold_text(run: Run, block: dict[str, Any]) -> str:
+    """0.0779 (youden, chosen on val), 0.3 (given), or the bare number of an older run."""
+    value = block.get("threshold")
+    record = run.metrics.get("threshold")
+    if isinstance(record, dict) and record.get("rule") and not isinstance(value, (list, dict)):
+        where = "chosen on val" if record.get("chosen_on") == "val" else "given"
+        rule = record["rule"]
+        return f"{format_cell(value)} ({rule}, {where})" if where != "given" else f"{format_cell(value)} (given)"
+    return format_cell(value)
+
+
 def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the side-by-side table: run, kind, model, features, split, positive class and
     threshold (binary runs), then the key metrics with their confidence intervals."""
+    runs = [r for r in runs if r.kind != "compare"]  # several files per run: their own ranked tables say it
     splits = [eval_split(r) for r in runs]
     present = [m for m in KEY_METRICS
                if any(metric_value(r, s, m)[0] is not None for r, s in zip(runs, splits))]
@@ -113,8 +135,12 @@ def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
         extra = []
         if binary:
             block = run.metrics.get(split) or {} if split else {}
-            extra = [run.positive_class or "n/a", format_cell(block.get("threshold"))]
-        rows.append([run.name, run.kind, run.model, run.features, split_label(run, split), *extra,
+            extra = [run.positive_class or "n/a", threshold_text(run, block)]
+        where = split_label(run, split)
+        seeds = (run.metrics.get("repeats") or {}).get("seeds") if isinstance(run.metrics.get("repeats"), dict) else None
+        if seeds:
+            where += f" (median of {len(seeds)} seeds)"
+        rows.append([run.name, run.kind, run.model, run.features, where, *extra,
                      *(fmt(*metric_value(run, split, m)) for m in present)])
     return header, rows
 
@@ -142,6 +168,9 @@ def _scalar_metrics(block: dict[str, Any]) -> list[tuple[str, str]]:
             continue
         if isinstance(value, str):
             out.append((key, value))
+            continue
+        if value is None:  # undefined here (the split's notes say why): shown, not dropped
+            out.append((key, "n/a"))
             continue
         v = _num(value)
         if v is None:
@@ -183,7 +212,8 @@ def _tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
             cols: list[str] = []
             for rec in value:
                 cols += [k for k, v in rec.items() if k not in cols and not isinstance(v, (dict, list))]
-            rows = [[format_cell(rec.get(c)) for c in cols] for rec in value[:MAX_TABLE_ROWS]]
+            rows = [[_setting(rec.get(c)) if c in SETTING_COLUMNS else format_cell(rec.get(c)) for c in cols]
+                    for rec in value[:MAX_TABLE_ROWS]]
             title = key if len(value) <= MAX_TABLE_ROWS else f"{key} (first {MAX_TABLE_ROWS} of {len(value)})"
             tables.append((title, cols, rows))
     return tables
@@ -196,6 +226,15 @@ def per_class_rows(block: dict[str, Any]) -> list[list[str]]:
         rows.append([str(rec.get("class")), format_cell(rec.get("precision")), format_cell(rec.get("recall")),
                      format_cell(rec.get("f1")), format_cell(rec.get("support"))])
     return rows
+
+
+def per_label_rows(block: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a multi-label split's per_label metrics (AUROC, AUPRC, sensitivity, ...)."""
+    recs = [r for r in block.get("per_label") or [] if isinstance(r, dict)]
+    if not recs:
+        return [], []
+    cols = [k for k in recs[0] if not isinstance(recs[0][k], (dict, list))]
+    return cols, [[format_cell(r.get(c)) for c in cols] for r in recs]
 
 
 def repeats_rows(run: Run) -> tuple[str, list[str], list[list[str]]] | None:
@@ -263,6 +302,14 @@ def format_cell(value: Any) -> str:
     return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"
 
 
+def _setting(value: Any) -> str:
+    """A hyper-parameter as given (12 significant digits), not rounded like a metric."""
+    v = _num(value)
+    if v is None or isinstance(value, numbers.Integral):
+        return format_cell(value)
+    return f"{v:.12g}"
+
+
 def _readable(value: Any) -> Any:
     """A config value for display: floats at 12 significant digits, so a C grid made by
     np.logspace shows as 1e-05 rather than 9.999999999999999e-06 (config.json keeps the exact value)."""
@@ -280,7 +327,7 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     for key in keys:
         value = config[key]
-        text = value if isinstance(value, str) else attribute_json(_readable(value))
+        text = value if isinstance(value, str) else "none" if value is None else attribute_json(_readable(value))
         if len(text) > 120:
             text = text[:117] + "..."
         rows.append((key, text))
@@ -291,12 +338,13 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
 # writing
 # ----------------------------------------------------------------------------------------------
 
-def _copy_figures(run: Run, out: Path) -> list[tuple[str, str]]:
-    """Copy a run's figures under out/figures/<run>/; return (title, relative png-or-svg path)."""
+def _copy_figures(run: Run, out: Path, index: int) -> list[tuple[str, str]]:
+    """Copy a run's figures under out/figures/<index>-<run>/ (the index keeps apart runs whose names
+    read alike once made safe for a folder, p/q and p_q); return (title, relative png-or-svg path)."""
     if not run.figures:
         return []
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run.name)
-    dest = out / "figures" / safe
+    dest = out / "figures" / f"{index:02d}-{safe}"
     dest.mkdir(parents=True, exist_ok=True)
     stems: dict[str, Path] = {}
     for fig in run.figures:
@@ -336,7 +384,7 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:4px 8px;
 text-align:left;font-size:0.9em}th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}
-figure{display:inline-block;margin:0.5em;vertical-align:top}figure img{max-width:560px;border:1px solid #eee}
+figure{display:inline-block;margin:0.5em;vertical-align:top}figure img{max-width:760px;width:100%;border:1px solid #eee}
 figcaption{font-size:0.85em;color:#555}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}
 .scroll{overflow-x:auto;max-width:100%}.scroll td{white-space:nowrap}"""
 
@@ -361,17 +409,26 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = comparison_rows(runs)
+    def intro(escape: Callable[[str], str]) -> str:
+        text = (f"{len(runs)} run(s). Numbers are on the test split when the run has one (else val); "
+                f"[low, high] is a 95 % percentile bootstrap interval when the run computed one (a value without "
+                f"one has none: compare intervals only between runs that have them); each run's section gives "
+                f"its resamples and whether whole groups were drawn.")
+        positives = sorted({str(r.positive_class) for r in runs if r.positive_class is not None})
+        if len(positives) > 1:
+            text += (f" Warning: the binary runs do not share a positive class ({escape(', '.join(positives))}), "
+                     f"so sensitivity, AUROC and the threshold of one row are about another class than another's; "
+                     f"re-run them with one --positive-class (report --positive-class checks it).")
+        if any(r.kind == "compare" for r in runs):
+            text += " Compare runs are not in the table (each holds several backbones): see their sections."
+        return text
 
-    md = [f"# {md_escape(title)}", "", f"{len(runs)} run(s). Numbers are on the test split when the run has one "
-          f"(else val); [low, high] is a bootstrap confidence interval when the run computed one.", "",
-          "## Comparison", "", _md_table(header, rows), ""]
+    md = [f"# {md_escape(title)}", "", intro(md_escape), "", "## Comparison", "", _md_table(header, rows), ""]
     hs = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
           f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-          f"<p>{len(runs)} run(s). Numbers are on the test split when the run has one (else val); "
-          f"[low, high] is a bootstrap confidence interval when the run computed one.</p>",
-          "<h2>Comparison</h2>", _html_table(header, rows)]
+          f"<p>{html.escape(intro(str))}</p>", "<h2>Comparison</h2>", _html_table(header, rows)]
 
-    for run in runs:
+    for index, run in enumerate(runs):
         anchor = html.escape(run.name)
         md += [f"## {md_escape(run.name)}", "", f"{md_escape(run.path)} — kind {md_escape(run.kind)}, model "
                f"{md_escape(run.model)}, features {md_escape(run.features)}", ""]
@@ -382,6 +439,18 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         if notes:   # what the run warned about (leakage, unconverged fits, dropped resamples) travels with it
             md += ["### Notes", ""] + [f"- {md_escape(n)}" for n in notes] + [""]
             hs += ["<h3>Notes</h3>", "<ul class='notes'>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
+        chosen = [(k, _setting(run.metrics[k]) if k == "best_C" else format_cell(run.metrics[k]))
+                  for k in CHOSEN_KEYS if run.metrics.get(k) is not None and not isinstance(run.metrics[k], (dict, list))
+                  and not (k == "cv_folds" and run.metrics.get("selection") != "cv")]
+        if isinstance(run.metrics.get("threshold"), dict):
+            chosen.append(("threshold", threshold_text(run, {"threshold": run.metrics["threshold"].get("value")})))
+        if isinstance(run.metrics.get("best"), dict):  # a sweep's winning configuration
+            chosen += [(f"best {k}", _setting(v) if k in SETTING_COLUMNS else format_cell(v))
+                       for k, v in run.metrics["best"].items()
+                       if not isinstance(v, (dict, list)) and k not in ("rank", "config", "best_epoch")]
+        if chosen:
+            md += ["### Chosen", "", _md_table(["what", "value"], chosen), ""]
+            hs += ["<h3>Chosen</h3>", _html_table(["what", "value"], chosen)]
         cfg = _config_rows(run.config)
         if cfg:
             md += ["### Configuration", "", _md_table(["key", "value"], cfg), ""]
@@ -394,11 +463,20 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 if vals:
                     md += [f"### Metrics ({md_escape(where)})", "", _md_table(["metric", "value"], vals), ""]
                     hs += [f"<h3>Metrics ({html.escape(where)})</h3>", _html_table(["metric", "value"], vals)]
+                split_notes = [str(n) for n in block.get("notes") or []]
+                if split_notes:
+                    md += [f"Notes ({md_escape(where)}):", ""] + [f"- {md_escape(n)}" for n in split_notes] + [""]
+                    hs += [f"<p>Notes ({html.escape(where)}):</p><ul class='notes'>"] + [
+                        f"<li>{html.escape(n)}</li>" for n in split_notes] + ["</ul>"]
                 per_class = per_class_rows(block)
                 if per_class:
                     cols = ["class", "precision", "recall", "F1", "support"]
                     md += [f"### Per class ({md_escape(where)})", "", _md_table(cols, per_class), ""]
                     hs += [f"<h3>Per class ({html.escape(where)})</h3>", _html_table(cols, per_class)]
+                cols, per_label = per_label_rows(block)
+                if per_label:
+                    md += [f"### Per label ({md_escape(where)})", "", _md_table(cols, per_label), ""]
+                    hs += [f"<h3>Per label ({html.escape(where)})</h3>", _html_table(cols, per_label)]
         repeats = repeats_rows(run)
         if repeats:
             title, cols, rows_ = repeats
@@ -407,11 +485,11 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         for name, cols, trows in _tables(run):
             md += [f"### {md_escape(name)}", "", _md_table(cols, trows), ""]
             hs += [f"<h3>{html.escape(name)}</h3>", _html_table(cols, trows)]
-        figs = _copy_figures(run, out)
+        figs = _copy_figures(run, out, index)
         if figs:
             md += ["### Figures", ""] + [f"![{md_escape(t)}]({p})" for t, p in figs] + [""]
             hs += ["<h3>Figures</h3>"] + [
-                f"<figure><img src='{html.escape(p)}' alt='{html.escape(t)}'>"
+                f"<figure><a href='{html.escape(p)}'><img src='{html.escape(p)}' alt='{html.escape(t)}'></a>"
                 f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in figs]
     hs.append("</body></html>")
     paths = {"md": out / "report.md", "html": out / "report.html"}

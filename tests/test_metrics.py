@@ -32,6 +32,14 @@ def test_metrics_equal_scikit_learn(c):
     prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred, zero_division=0)
     for i, row in enumerate(m["per_class"]):
         assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((prec[i], rec[i], f1[i], sup[i]))
+    # 0/0 rates are undefined (scikit-learn's zero_division=nan), not 0; MCC of one predicted class too
+    one = classification_metrics(np.array([0, 0, 1, 1]), np.tile([0.9, 0.1], (4, 1)))
+    prec, rec, _, _ = skm.precision_recall_fscore_support([0, 0, 1, 1], [0, 0, 0, 0], zero_division=np.nan)
+    assert np.isnan(prec[1]) and one["per_class"][1]["precision"] is None and one["per_class"][1]["recall"] == 0.0
+    assert one["per_class"][0]["precision"] == pytest.approx(prec[0])
+    assert one["mcc"] is None and any("MCC undefined" in n for n in one["notes"])
+    absent = classification_metrics(np.array([0, 0, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.9, 0.1]]))
+    assert absent["per_class"][1]["recall"] is None and absent["per_class"][1]["support"] == 0
     if c == 2:
         assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]))
         assert m["auprc"] == pytest.approx(skm.average_precision_score(y, p[:, 1]))

@@ -122,9 +122,10 @@ def test_report_puts_runs_side_by_side(digits_feature_file, tmp_path):
         assert f"{probe_top1:.4f}" in text
         assert "facebook/dino-vits16" in text
     # the probe's figures are copied next to the report and linked relatively
-    assert "figures/probe-digits/confusion_matrix.png" in md
-    assert (out / "figures" / "probe-digits" / "confusion_matrix.png").is_file()
-    assert "<img src='figures/probe-digits/confusion_matrix.png'" in page
+    # (under figures/<run index>-<name>/, so names that read alike as folder names never share one)
+    assert "figures/02-probe-digits/confusion_matrix.png" in md
+    assert (out / "figures" / "02-probe-digits" / "confusion_matrix.png").is_file()
+    assert "<img src='figures/02-probe-digits/confusion_matrix.png'" in page
 
 
 def test_report_shows_the_default_c_grid_readably_and_counts_in_headings(digits_feature_file, tmp_path):
@@ -186,3 +187,55 @@ def test_report_renders_in_headless_chromium(digits_feature_file, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 10  # text, table borders and the figure: far from a blank page
+
+
+def _run_dir(path: Path, metrics: dict, figure_value: int | None = None, kind: str = "train") -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"kind": kind, "model": "m", "features": "cls"}))
+    (path / "metrics.json").write_text(json.dumps({"kind": kind, **metrics}))
+    if figure_value is not None:
+        from PIL import Image
+
+        (path / "figures").mkdir()
+        Image.new("L", (120, 120), figure_value).save(path / "figures" / "confusion_matrix.png")
+    return path
+
+
+def test_report_never_shows_one_runs_numbers_or_figures_as_anothers(tmp_path):
+    """Runs named p/q and p_q keep their own figures; every clashing name is disambiguated; a
+    setting is shown exactly; a repeats run is its median; an undefined metric reads n/a with its
+    note; the threshold says how it was chosen; multi-label runs show their per-label table."""
+    from PIL import Image
+
+    from featcache.report import write_report
+
+    a = _run_dir(tmp_path / "x" / "p" / "q", {"test": {"top1": 0.5}}, figure_value=10)
+    b = _run_dir(tmp_path / "y" / "p" / "q", {"test": {"top1": 0.6}}, figure_value=20)
+    c = _run_dir(tmp_path / "z" / "p_q", {"test": {"top1": 0.7}}, figure_value=30)
+    sweep = _run_dir(tmp_path / "sweep", {"test": {"top1": 0.8}, "leaderboard": [
+        {"rank": 1, "lr": 0.00125, "weight_decay": 3e-05, "val_accuracy": 0.81234}],
+        "best": {"lr": 0.00125, "weight_decay": 3e-05}}, kind="sweep")
+    rep = _run_dir(tmp_path / "rep", {"test": {"top1": 0.70}, "repeats": {"seeds": [0, 1, 2], "test": {
+        "top1": {"median": 0.91, "std": 0.01, "values": [0.70, 0.91, 0.92]}}}})
+    binary = _run_dir(tmp_path / "bin", {"positive_class": "abnormal", "threshold": {
+        "rule": "youden", "value": 0.0779, "chosen_on": "val"}, "test": {
+        "top1": 0.9, "auroc": None, "threshold": 0.0779, "notes": ["AUROC undefined: one class present"]}})
+    multi = _run_dir(tmp_path / "ml", {"test": {"top1": 0.4, "per_label": [
+        {"label": "effusion", "auroc": 0.77, "sensitivity": 0.5}, {"label": "nodule", "auroc": None,
+                                                                 "sensitivity": 0.25}]}})
+    out = tmp_path / "report"
+    paths = write_report([a, b, c, sweep, rep, binary, multi], out)
+    md = paths["md"].read_text()
+    for run, value in ((a, 10), (b, 20), (c, 30)):
+        names = {a: "p/q\n", b: "p/q-2\n", c: "p\\_q\n"}  # as the headings read in Markdown
+        section = md.split(f"\n## {names[run]}")[1].split("\n## ")[0]
+        link = section.split("![confusion matrix](")[1].split(")")[0]
+        assert np.asarray(Image.open(out / link)).mean() == value  # this run's own figure
+    assert "\n## p/q\n" in md and "\n## p/q-2\n" in md and "\n## q\n" not in md  # both clashing runs renamed
+    assert "| 1 | 0.00125 | 3e-05 | 0.8123 |" in md                 # lr exactly, metric rounded
+    assert "| best lr | 0.00125 |" in md
+    page = paths["html"].read_text()
+    assert "<td>test (median of 3 seeds)</td><td>n/a</td><td>n/a</td><td>0.9100</td>" in page  # not seed 0's 0.70
+    assert "0.0779 (youden, chosen on val)" in page
+    assert "| auroc | n/a |" in md and "AUROC undefined: one class present" in md
+    assert "### Per label" in md and "| nodule | n/a | 0.2500 |" in md
