@@ -612,6 +612,7 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
         unverified += int((~known).sum())
         settled, digests, stats = settled[known], digests[known], stats[known]
         stale: list[int] = []
+        missing: list[int] = []
         touched: list[tuple[int, tuple[int, ...]]] = []
         bar = tqdm(total=len(settled), unit="img", desc=f"check {name}", leave=False,
                    disable=not progress or len(settled) < 10_000)
@@ -626,8 +627,10 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
             try:
                 now = row_content(Path(file))
             except ImageDecodeError:
-                if digest != unreadable:
-                    stale.append(row)  # gone or unreadable now: computed again, and recorded as failed if so
+                if digest != unreadable and file_stat(file) is None and not str(file).startswith("hf:"):
+                    missing.append(row)  # gone (an unmounted share?): kept, its features are of the file as it was
+                elif digest != unreadable:
+                    stale.append(row)  # unreadable now: computed again, and recorded as failed if so
                 continue
             if digest == unreadable or now.digest.encode() != digest:
                 stale.append(row)
@@ -640,6 +643,11 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
                      len(stale), name, rows.paths[stale[0]])
         if touched:
             writer.set_file_stat(name, np.array([r for r, _ in touched]), np.array([t for _, t in touched]))
+        if missing:
+            log.warning("%d stored row(s) of split %s have no file any more (first: %s): their features are kept, "
+                        "as computed from the file then; if the data moved or a share is not mounted, mount it "
+                        "and run again; if the images were removed, drop them from the manifest and use --update.",
+                        len(missing), name, rows.paths[missing[0]])
         changed += len(stale)
     if unverified:
         log.warning("%d stored row(s) of %s were extracted before featcache recorded each image's content: they "

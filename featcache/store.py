@@ -885,7 +885,10 @@ class StoreWriter:
             _write_runs(g["content"], rows, np.asarray(content, dtype=f"S{CONTENT_CHARS}"))
         if file_stat is not None and "file_stat" in g:
             width = g["file_stat"].shape[1]  # 2 in files of the first version of this dataset (size, mtime)
-            _write_runs(g["file_stat"], rows, np.ascontiguousarray(np.asarray(file_stat, dtype=np.int64)[:, :width]))
+            stats = np.asarray(file_stat, dtype=np.int64).reshape(len(rows), -1)[:, :width]
+            if stats.shape[1] < width:  # copied from such a file: ctime/inode unknown (0), checked by hash once
+                stats = np.pad(stats, ((0, 0), (0, width - stats.shape[1])))
+            _write_runs(g["file_stat"], rows, np.ascontiguousarray(stats))
 
     def close(self) -> None:
         if self._f:

@@ -240,3 +240,52 @@ def test_missing_file_listed_in_a_manifest_is_read_once_it_appears(tiny_vit, ima
     shutil.copyfile(good, tmp_path / "late.png")
     third = _extract(tiny_vit, manifest, out, tmp_path)
     assert third["rows_changed"] == 1 and third["rows_computed"] == 1 and third["rows_failed"] == 0
+
+
+def test_a_file_gone_for_now_keeps_its_features(tiny_vit, images, tmp_path, caplog):
+    """A manifest whose files are briefly missing (a share not mounted): the stored rows are kept
+    with a warning, not thrown away and recomputed when the files are back."""
+    rows = sorted((p.relative_to(tmp_path).as_posix(), p.parent.name, p.parent.parent.name)
+                  for p in images.rglob("*.png"))
+    manifest = _manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, manifest, out, tmp_path)
+    with fc.open(out) as store:
+        before = store["train"].cls[()].copy()
+    moved = tmp_path / "away"
+    shutil.move(images / "train", moved)
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        gone = _extract(tiny_vit, manifest, out, tmp_path)
+    assert gone["rows_changed"] == 0 and gone["rows_computed"] == 0
+    assert "have no file any more" in caplog.text
+    shutil.move(moved, images / "train")
+    back = _extract(tiny_vit, manifest, out, tmp_path)
+    assert back["rows_computed"] == 0
+    with fc.open(out) as store:
+        np.testing.assert_array_equal(store["train"].cls[()], before)
+        assert store["train"].done.all()
+
+
+def test_update_of_a_file_with_the_first_two_column_stat(tiny_vit, images, tmp_path):
+    """Files of the dataset's first version recorded (size, mtime) only: --update copies their rows
+    (ctime and inode unknown: checked by hash once) and equals a fresh extraction."""
+    rows = sorted((p.relative_to(tmp_path).as_posix(), p.parent.name, p.parent.parent.name)
+                  for p in images.rglob("*.png"))
+    manifest = _manifest(tmp_path / "m.csv", rows[:-2])
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, manifest, out, tmp_path)
+    with h5py.File(out, "a") as f:
+        for s in f:
+            if s != "classes":
+                two = f[s]["file_stat"][:, :2]
+                del f[s]["file_stat"]
+                f[s].create_dataset("file_stat", data=two)
+    _manifest(manifest, rows)
+    update = _extract(tiny_vit, manifest, out, tmp_path, "--update")
+    assert update["rows_computed"] == 2 and update["rows_changed"] == 0
+    fresh = tmp_path / "fresh.h5"
+    _extract(tiny_vit, manifest, fresh, tmp_path)
+    with fc.open(out) as a, fc.open(fresh) as b:
+        for s in a.splits:
+            np.testing.assert_allclose(a[s].cls[()], b[s].cls[()], atol=1e-5)
+    assert _extract(tiny_vit, manifest, out, tmp_path)["rows_computed"] == 0
