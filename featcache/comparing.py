@@ -30,7 +30,8 @@ import numpy as np
 
 from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_arrays, few_shot, run_knn,
                                   run_probe)
-from featcache.metrics import CLASS_AVERAGED, class_checker, resample_indices, resolve_positive, scalar_metrics
+from featcache.metrics import (CLASS_AVERAGED, class_checker, decide, f1_class_checker, resample_indices,
+                               resolve_positive, scalar_metrics)
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
 from featcache.store import FeatureStore, resolve_val_split
@@ -292,6 +293,7 @@ def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], me
     a class of the full split) are NaN."""
     y = np.asarray(y)
     complete = class_checker(y)
+    same_f1 = {key: f1_class_checker(y, decide(p, positive=positive)) for key, p in proba.items()}
     point: dict[tuple[str, str, str], float | None] = {}
     boot: dict[tuple[str, str, str], np.ndarray] = {}
     for (name, method), p in proba.items():
@@ -302,8 +304,9 @@ def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], me
         yb = y[ix]
         every_class = complete(yb)
         for (name, method), p in proba.items():
+            f1_ok = same_f1[(name, method)](ix)
             for m, v in scalar_metrics(metric_names, yb, p[ix], positive=positive).items():
-                if v is not None and (every_class or m not in CLASS_AVERAGED):
+                if v is not None and (every_class or m not in CLASS_AVERAGED) and (f1_ok or m != "macro_f1"):
                     boot[(name, method, m)][b] = v
     return point, boot
 

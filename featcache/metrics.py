@@ -561,6 +561,8 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
     idx_all = resample_indices(len(y_true), n_boot, groups, seed)
     values: dict[str, list[float]] = {m: [] for m in metrics}
     complete = class_checker(y_true)
+    same_f1_classes = (f1_class_checker(y_true, decide(proba, threshold=threshold, positive=positive))
+                       if y_true.ndim == 1 else lambda idx: True)
     for idx in idx_all:
         yb, pb = y_true[idx], proba[idx]
         full = None
@@ -568,6 +570,8 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
         for m in metrics:
             if m in CLASS_AVERAGED and not every_class:
                 continue  # a mean over fewer classes than the point estimate's: undefined here
+            if m == "macro_f1" and not same_f1_classes(idx):
+                continue
             if m in _SCALARS and y_true.ndim == 1 and threshold is None:
                 v = _SCALARS[m](yb, pb, positive)
             else:
@@ -579,6 +583,16 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
                 values[m].append(float(v))
     ci = {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for m, v in values.items() if v}
     return Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None, alpha)
+
+
+def f1_class_checker(y_full: np.ndarray, pred_full: np.ndarray) -> Callable[[np.ndarray], bool]:
+    """A test of a resample's rows (indices): does macro F1 average over the same classes there as
+    on the full split (those in y or predicted)? A class predicted but absent from y enters macro
+    F1 only in resamples that draw one of its predictions, which would mix two definitions in one
+    interval; such resamples leave macro F1 undefined."""
+    y_full, pred_full = np.asarray(y_full), np.asarray(pred_full)
+    classes = np.union1d(y_full, pred_full)
+    return lambda idx: np.array_equal(np.union1d(y_full[idx], pred_full[idx]), classes)
 
 
 def class_checker(y_full: np.ndarray) -> Callable[[np.ndarray], bool]:

@@ -294,3 +294,17 @@ def test_repeats_summarise_a_metric_undefined_in_some_seeds_over_the_others_and_
     title, _, rows = repeats_rows(SimpleNamespace(metrics={"repeats": {"seeds": [0, 1, 2], "test": summary}}))
     shown = {r[0]: r[1] for r in rows}
     assert "over 1 of 3 seeds" in shown["auroc"] and "over" not in shown["top1"]
+
+
+def test_macro_f1_interval_keeps_one_class_set():
+    """A class absent from the test labels but predicted for a few rows enters macro F1 only in
+    resamples that draw one of those rows: such an interval mixed a 2-class and a 1-class mean
+    (upper end near 1.0). Resamples whose classes differ from the full split's leave it undefined."""
+    y = np.zeros(200, int)
+    proba = np.tile([0.9, 0.1], (200, 1))
+    proba[:3] = [0.2, 0.8]  # three rows predicted as class 1, which the split does not hold
+    point = classification_metrics(y, proba)["macro_f1"]
+    boot = bootstrap_metrics(y, proba, metrics=("macro_f1",), n_boot=300, seed=0)
+    lo, hi = boot.ci["macro_f1"]
+    assert lo <= point <= hi and hi < 0.75, (point, boot.ci)  # never the one-class value ~0.99
+    assert boot.n_valid["macro_f1"] < 300
