@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
 from featcache.sources import (UNREADABLE, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
-                               load_image, row_content)
+                               load_image, read_input, row_content)
 from featcache.devices import resolve_device
 from featcache.names import CONTENT_CHARS, DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
@@ -138,8 +138,12 @@ class ImageRows(torch.utils.data.Dataset):
         split, row, file = self.items[i]
         content = None
         try:
-            content = row_content(Path(file))  # hashed as read, so a later resume can tell it changed
-            image = load_image(Path(file), self.decode_options)
+            if str(file).startswith("hf:"):  # a datasets row: its bytes come memory-mapped, read twice is free
+                content = row_content(Path(file))
+                image = load_image(Path(file), self.decode_options)
+            else:  # one read: the bytes decoded are the bytes hashed, so a later resume can tell a change
+                data, content = read_input(Path(file))
+                image = load_image(Path(file), self.decode_options, data=data)
             if self.pixel_plan is not None:
                 return split, row, torch.from_numpy(to_uint8(image, self.pixel_plan)), "", content
             pixels = self.processor(images=image, return_tensors="np")["pixel_values"][0]

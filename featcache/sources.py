@@ -100,6 +100,23 @@ def row_content(path: Path) -> RowContent:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    return _file_content(stat, digest)
+
+
+def read_input(path: Path) -> tuple[bytes, RowContent]:
+    """One input's encoded bytes and their content, in one read (the decoding worker hashes the
+    very bytes it decodes); raises ImageDecodeError when it cannot be read. Files only: a datasets
+    row (hf_source) is hashed by row_content and decoded by load_image."""
+    try:
+        stat = os.stat(path)
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    return data, _file_content(stat, hashlib.sha256(data).hexdigest())
+
+
+def _file_content(stat: os.stat_result, digest: str) -> RowContent:
     trusted = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > RACY_NS
     return RowContent(digest[:CONTENT_CHARS], stat.st_size, stat.st_mtime_ns if trusted else 0, stat.st_ctime_ns,
                       stat.st_ino)
@@ -353,9 +370,19 @@ def binary_cell(value: str, path: str | Path, column: str) -> int:
 # decoding
 # ------------------------------------------------------------------------------------------------
 
-def load_image(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.Image":
+def load_image(path: Path, options: DecodeOptions = DecodeOptions(), data: bytes | None = None) -> "Image.Image":
     """Decode one file (or a datasets row reference from hf_source) into an 8-bit RGB image, or
-    raise ImageDecodeError with the reason."""
+    raise ImageDecodeError with the reason. `data`: the input's bytes already read (read_input),
+    decoded exactly as the file would be."""
+    if data is not None and not str(path).startswith("hf:"):
+        path = Path(path)
+        if not data:
+            raise ImageDecodeError("empty file (0 bytes)")
+        if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
+            import io
+
+            return load_dicom(io.BytesIO(data), options, name=path.name)
+        return decode_image_bytes(data, options)
     if str(path).startswith("hf:"):
         from featcache.hf_source import load_ref_image, parse_ref  # (hf_source imports this module)
 
@@ -465,7 +492,8 @@ def to_rgb(img: "Image.Image") -> "Image.Image":
     return img.convert("RGB")
 
 
-def load_dicom(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.Image":
+def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), name: str | None = None
+               ) -> "Image.Image":
     """DICOM -> 8-bit RGB: modality LUT, then VOI LUT / window (or options.window), MONOCHROME1
     inverted; without any window the full range of the rescaled data maps to 0..255."""
     from PIL import Image
@@ -483,7 +511,8 @@ def load_dicom(path: Path, options: DecodeOptions = DecodeOptions()) -> "Image.I
         raise ImageDecodeError("DICOM file has no pixel data")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1 and options.frame is None:
-        raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {path.name}: pass --frame N to pick one")
+        raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {name or Path(path).name}: pass --frame N "
+                               f"to pick one")
     if hasattr(ds, "pixel_array_options"):
         # pydicom >= 3 converts YBR to RGB by default; the stored values are converted once, below
         ds.pixel_array_options(as_rgb=False)

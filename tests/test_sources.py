@@ -309,3 +309,34 @@ def test_palette_colour_dicom_applies_its_colour_table():
     ref = apply_color_lut(ds.pixel_array, ds).astype(np.float64) * 255 / (2**bits - 1)
     assert out.shape == ref.shape  # colour, not the table's indices stretched to grey
     np.testing.assert_allclose(out, ref, atol=0.5 + 1e-9)  # rounding to 8 bits only
+
+
+def test_decoding_the_bytes_read_once_equals_decoding_the_file(tmp_path):
+    """The extractor's workers read each input once, hash those bytes and decode them
+    (read_input + load_image(data=...)): the pixels, and every refusal, equal load_image(path)."""
+    from pydicom.data import get_testdata_file
+
+    from featcache.sources import read_input, row_content
+
+    files = [_png(tmp_path / "grey.png", 77), tmp_path / "sixteen.png", tmp_path / "rot.jpg",
+             Path(get_testdata_file("CT_small.dcm", download=False)),
+             Path(get_testdata_file("MR_small.dcm", download=False))]
+    Image.fromarray(np.arange(48, dtype=np.uint16).reshape(6, 8) * 1000).save(files[1])
+    rotated = Image.new("RGB", (16, 8), (200, 10, 10))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(files[2], exif=exif)
+    for f in files:
+        data, content = read_input(f)
+        assert content == row_content(f)  # one digest, however the bytes were read
+        np.testing.assert_array_equal(np.asarray(load_image(f, data=data)), np.asarray(load_image(f)))
+    broken = tmp_path / "cut.png"
+    broken.write_bytes(files[0].read_bytes()[:40])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for f in (broken, empty):
+        with pytest.raises(ImageDecodeError) as by_path:
+            load_image(f)
+        with pytest.raises(ImageDecodeError) as by_bytes:
+            load_image(f, data=read_input(f)[0])
+        assert str(by_bytes.value) == str(by_path.value)
