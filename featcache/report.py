@@ -212,8 +212,7 @@ def _tables(run: Run) -> list[tuple[str, list[str], list[list[str]]]]:
             cols: list[str] = []
             for rec in value:
                 cols += [k for k, v in rec.items() if k not in cols and not isinstance(v, (dict, list))]
-            rows = [[_setting(rec.get(c)) if c in SETTING_COLUMNS else format_cell(rec.get(c)) for c in cols]
-                    for rec in value[:MAX_TABLE_ROWS]]
+            rows = [[_record_cell(rec, c) for c in cols] for rec in value[:MAX_TABLE_ROWS]]
             title = key if len(value) <= MAX_TABLE_ROWS else f"{key} (first {MAX_TABLE_ROWS} of {len(value)})"
             tables.append((title, cols, rows))
     return tables
@@ -300,6 +299,19 @@ def format_cell(value: Any) -> str:
     if v == 0:
         return "0"
     return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"
+
+
+def _record_cell(rec: dict[str, Any], column: str) -> str:
+    """One cell of a table of records: a setting exactly, a metric with its "<metric>_ci" interval
+    when the record has one (a k-NN row's top1 [low, high]), else the one number format."""
+    value = rec.get(column)
+    if column in SETTING_COLUMNS:
+        return _setting(value)
+    ci = rec.get(f"{column}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(v) is not None for v in ci) \
+            and _num(value) is not None:
+        return fmt(float(value), (float(ci[0]), float(ci[1])))
+    return format_cell(value)
 
 
 def _setting(value: Any) -> str:

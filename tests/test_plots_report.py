@@ -239,3 +239,13 @@ def test_report_never_shows_one_runs_numbers_or_figures_as_anothers(tmp_path):
     assert "0.0779 (youden, chosen on val)" in page
     assert "| auroc | n/a |" in md and "AUROC undefined: one class present" in md
     assert "### Per label" in md and "| nodule | n/a | 0.2500 |" in md
+
+
+def test_knn_results_table_keeps_each_ks_interval(tmp_path):
+    from featcache.report import write_report
+
+    run = _run_dir(tmp_path / "knn", {"test": {"top1": 0.98}, "results": [
+        {"k": 10, "temperature": 0.07, "top1": 0.98055, "top1_ci": [0.96659, 0.99444]},
+        {"k": 20, "temperature": 0.07, "top1": 0.975, "top1_ci": [0.9611, 0.9889]}]}, kind="knn")
+    md = write_report([run], tmp_path / "r")["md"].read_text()
+    assert "| 10 | 0.07 | 0.9806 [0.9666, 0.9944] |" in md and "| 20 | 0.07 | 0.9750 [0.9611, 0.9889] |" in md
