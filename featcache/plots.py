@@ -98,14 +98,15 @@ def _operating_point(y: np.ndarray, score: np.ndarray, threshold: float) -> tupl
 
 
 def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
-                classes: Sequence[str] | None = None, threshold: float | None = None,
+                classes: Sequence[str] | None = None, threshold: float | Sequence[float] | None = None,
                 positive: int | None = None, title: str | None = None, n_boot: int = 0,
                 groups: Sequence[Any] | None = None) -> list[Path]:
     """ROC (left) and precision-recall (right) curves with their AUCs.
 
     Binary: one curve for the positive class (`positive`, default column 1), and the chosen operating point
     (`threshold`, default 0.5) marked on both. Multi-class: one-vs-rest curve per class (up to 10
-    drawn, so the legend stays readable). Multi-label y (N, C): one curve per label.
+    drawn, so the legend stays readable). Multi-label y (N, C): one curve per label, each with its
+    operating point (`threshold`: one per label, or one for all; default 0.5) in the curve's colour.
     """
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
@@ -127,13 +128,22 @@ def roc_pr_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
     curves = [c for c in curves if 0 < onehot[:, c].sum() < len(onehot)][:10]
 
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+    marked = False
     for c in curves:
         fpr, tpr, _ = roc_curve(onehot[:, c], proba[:, c])
         prec, rec, _ = precision_recall_curve(onehot[:, c], proba[:, c])
         ap = average_precision_score(onehot[:, c], proba[:, c])
         label = names[c] if c < len(names) else str(c)
-        ax_roc.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {auc(fpr, tpr):.3f})")
+        line, = ax_roc.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {auc(fpr, tpr):.3f})")
         ax_pr.plot(rec, prec, lw=1.5, label=f"{label} (AP {ap:.3f})")
+        if y_true.ndim == 2:  # each label decides at its own threshold
+            t_c = float(threshold[c]) if isinstance(threshold, (list, tuple, np.ndarray)) else \
+                0.5 if threshold is None else float(threshold)
+            fpr_t, tpr_t, prec_t = _operating_point(onehot[:, c], proba[:, c], t_c)
+            kw = {"color": line.get_color(), "markeredgecolor": "black", "markersize": 6}
+            ax_roc.plot([fpr_t], [tpr_t], "o", label=None if marked else "operating points", **kw)
+            ax_pr.plot([tpr_t], [prec_t], "o", label=None if marked else "operating points", **kw)
+            marked = True
     if n_boot and len(curves) == 1 and y_true.ndim == 1 and n_cls == 2:
         grid = np.linspace(0, 1, 101)
         roc_band, pr_band = _roc_pr_bands(onehot[:, curves[0]], proba[:, curves[0]], n_boot, groups, grid)
@@ -326,7 +336,8 @@ def evaluation_figures(fig_dir: Path, metrics: Mapping[str, Any], y: np.ndarray,
         confusion_matrix_plot(metrics["confusion_matrix"], classes, fig_dir / "confusion_matrix",
                               title=f"confusion matrix{where}{t}")
     if y.ndim == 2 or proba.shape[1] == 2:
-        t = threshold if isinstance(threshold, float) else (0.5 if y.ndim == 1 else None)
+        t = threshold if isinstance(threshold, float) or (y.ndim == 2 and isinstance(threshold, (list, tuple))) \
+            else (0.5 if y.ndim == 1 else None)
         n_boot = int((metrics.get("bootstrap") or {}).get("n_boot") or 0)
         roc_pr_plot(y, proba, fig_dir / "roc_pr", classes=classes, threshold=t, positive=positive,
                     title=f"{split} split" if split else None, n_boot=min(n_boot, 500), groups=groups)
