@@ -11,8 +11,9 @@ from featcache_cli.app import cli, json_option, print_table, quiet_option, write
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the manifest with its new `split` column (train/val/test).")
 @click.option("--group", default=None,
-              help="Column of group ids (patient / study); no group is put in two splits. "
-                   "Without it every row is its own group.")
+              help="Column of group ids (patient / study); no group is put in two splits. Default: the "
+                   "column named 'group' when the manifest has one (as extract reads it), else every row "
+                   "is its own group; 'none' splits row by row.")
 @click.option("--label", default="label", show_default=True,
               help="Label column (class names or ids), or comma-separated 0/1 columns for "
                    "multi-label. When absent, all 0/1 columns are taken as multi-label.")
@@ -52,7 +53,11 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
     table = [{"split": r["split"], "rows": r["rows"], "fraction": r["fraction"], "groups": r["groups"],
               **({} if many else r["counts"])} for r in summary.rows]
     err = json_path == "-"  # --json - takes stdout: the tables go to stderr
-    print_table(table, title=f"{manifest} -> {out}" + (f" (groups: {group})" if group else ""), err=err)
+    if summary.group and group is None:
+        click.echo(f"grouping rows by the manifest's {summary.group!r} column (--group none splits row by row)",
+                   err=True)
+    print_table(table, title=f"{manifest} -> {out}" + (f" (groups: {summary.group})" if summary.group else ""),
+                err=err)
     if many:
         per_class = [{"class": c, **{r["split"]: r["counts"][c] for r in summary.rows}}
                      for c in summary.classes]
@@ -63,7 +68,7 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
                    f"Metrics on it will be undefined for those classes; try another --seed or "
                    f"a larger fraction.", err=True)
     click.echo(f"wrote {out}", err=err)
-    write_json(json_path, {"manifest": manifest, "out": out, "group": group, "seed": seed,
+    write_json(json_path, {"manifest": manifest, "out": out, "group": summary.group, "seed": seed,
                            "val": val, "test": test, "stratify": stratify,
                            "splits": summary.rows, "missing": summary.missing})
 

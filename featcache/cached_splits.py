@@ -109,10 +109,8 @@ def load_cached_splits(store: FeatureStore, *, features: str, tokens: bool, choi
         val_rows, val_source = labelled_rows(store, val_name), f"split {val_name!r}"
     else:
         labels = train_view.labels[train_rows]
-        groups = train_view.groups
-        g = None if groups is None else [groups[i] for i in train_rows]
-        keep, hold = holdout_split(labels if labels.ndim == 1 else labels.argmax(1), g, choice.val_fraction,
-                                   choice.seed)
+        g = train_view.row_groups(train_rows)
+        keep, hold = holdout_split(labels, g, choice.val_fraction, choice.seed)  # multi-label: by rarest finding
         train_rows, val_rows = train_rows[np.sort(keep)], train_rows[np.sort(hold)]
         val_name, val_source = train_name, f"{len(val_rows)} rows held out from {train_name!r}" + (
             " by group" if g is not None else "")
@@ -175,7 +173,7 @@ def feature_stats(cached: CachedSplits, device: torch.device) -> tuple[torch.Ten
     """Per-feature mean and std of the training inputs (over rows, and tokens for token heads)."""
     if cached.train.x is not None:
         x = cached.train.x.reshape(-1, cached.train.x.shape[-1])
-        return x.mean(0), x.std(0).clamp(min=1e-6)
+        return x.mean(0), unit_where_constant(x.std(0))
     total = sq = None
     count = 0
     for x, _ in TokenBlockLoader(cached.store.path, cached.train.name, "tokens", rows=cached.train.rows,
@@ -186,7 +184,17 @@ def feature_stats(cached: CachedSplits, device: torch.device) -> tuple[torch.Ten
         count += x.shape[0]
     mean = total / count
     std = ((sq / count - mean * mean).clamp(min=0) * count / max(count - 1, 1)).sqrt()
-    return mean.float().to(device), std.float().clamp(min=1e-6).to(device)
+    return mean.float().to(device), unit_where_constant(std.float()).to(device)
+
+
+CONSTANT_STD = 1e-6  # a train std at or below this is a constant feature (a dead unit)
+
+
+def unit_where_constant(std: torch.Tensor) -> torch.Tensor:
+    """Std 1 for features constant on train (scikit-learn's StandardScaler does the same): dividing
+    by a clamped 1e-6 turned any other value at val/test time into a z-score of ~1e4 that a weight
+    never trained on decided the prediction."""
+    return torch.where(std > CONSTANT_STD, std, torch.ones_like(std))
 
 
 def epoch_batches(cached: CachedSplits, split: SplitData, batch_size: int, gen: torch.Generator, epoch: int,

@@ -288,7 +288,7 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
     if label_columns is None and label_column not in columns:
         candidates = [c for c in columns if c not in reserved]
         binary = [c for c in candidates if is_binary_column(records, c)]
-        _refuse_nearly_binary(path, records, [c for c in candidates if c not in binary])
+        refuse_nearly_binary(path, records, [c for c in candidates if c not in binary])
         if len(binary) >= 2 or (binary and binary == candidates):
             label_columns = binary  # a multi-label manifest: one 0/1 column per finding (others, e.g. patient_id, kept out)
             left_out = [c for c in candidates if c not in binary]
@@ -331,6 +331,10 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
         else:
             labels = np.array([index.get(r.get(label_column, "").strip(), -1) for r in rows], dtype=np.int64)
         groups = [r.get(group_column, "").strip() for r in rows] if group_column in columns else None
+        if groups is not None and "" in groups:
+            log.warning("%s: %d row(s) of split %s have no %r: each is taken as a patient of its own (resampled, "
+                        "held out and cross-validated alone); give them ids if several belong to one patient.",
+                        path.name, groups.count(""), name, group_column)
         splits[name] = SplitRows(paths=rel, files=files, labels=labels.reshape(len(rows), -1) if multilabel else labels,
                                  groups=groups)
     return DataSource(root, classes, splits, multilabel=multilabel, kind="csv")
@@ -339,7 +343,7 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
 NEARLY_BINARY_BAD = 0.1  # a column 0/1 but for at most this share of cells (or one) is a finding with typos
 
 
-def _refuse_nearly_binary(path: Path, records: list[dict[str, str]], columns: Sequence[str]) -> None:
+def refuse_nearly_binary(path: Path, records: list[dict[str, str]], columns: Sequence[str]) -> None:
     """Refuse a column that is 0/1 in almost every row: auto-detection would silently leave a
     finding with a typo (a 2, an empty cell) out of the labels, as if it were patient_id."""
     for column in columns:

@@ -28,7 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
-from featcache.sources import DEFAULT_GROUP_COLUMN, binary_cell, is_binary_column, read_manifest
+from featcache.sources import (DEFAULT_GROUP_COLUMN, binary_cell, is_binary_column, read_manifest,
+                               refuse_nearly_binary)
+from featcache.store import group_id
 
 SPLIT_NAMES = ("train", "val", "test")
 NO_LABEL = "(none)"   # key of a multi-label row with no positive label
@@ -69,7 +71,7 @@ def _group_codes(groups: np.ndarray | Sequence | None, n: int) -> np.ndarray:
     """Integer group id per row; each row is its own group when groups is None."""
     if groups is None:
         return np.arange(n)
-    g = np.asarray([str(v) for v in groups], dtype=object)
+    g = np.asarray([group_id(v) or f"\x00row {i}" for i, v in enumerate(groups)], dtype=object)  # unknown: alone
     if len(g) != n:
         raise ValueError(f"groups has {len(g)} entries but labels has {n}; give one group per row.")
     _, codes = np.unique(g, return_inverse=True)
@@ -182,6 +184,7 @@ class SplitSummary:
     classes: list[str]           # class (or multi-label column) names, column order of rows
     missing: dict[str, list[str]]  # split -> classes with no row (positive) in it
     leaked_groups: list[str]     # groups found in more than one split (empty when correct)
+    group: str | None = None     # the column the rows were grouped by (None: row by row)
 
 
 def summarize_split(labels: np.ndarray | Sequence, groups: np.ndarray | Sequence | None,
@@ -190,7 +193,8 @@ def summarize_split(labels: np.ndarray | Sequence, groups: np.ndarray | Sequence
     """Rows, groups and class counts per split (multi-label: positives per label column)."""
     split = np.asarray(split, dtype=object)
     arr = np.asarray(labels)
-    g = np.asarray([str(v) for v in groups], dtype=object) if groups is not None else None
+    g = (np.asarray([group_id(v) or f"\x00row {i}" for i, v in enumerate(groups)], dtype=object)
+         if groups is not None else None)
     if arr.ndim == 2:
         classes = list(class_names) if class_names is not None else [str(i) for i in range(arr.shape[1])]
     else:
@@ -243,7 +247,9 @@ def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str |
         if bad:
             raise ValueError(f"multi-label columns must hold 0 or 1 in every row; {bad} do not.")
         return np.asarray([[binary_cell(r[c], "the manifest", c) for c in wanted] for r in rows], dtype=np.uint8), wanted
-    auto = [c for c in columns if c not in ("path", "split", *exclude) and is_binary_column(rows, c)]
+    candidates = [c for c in columns if c not in ("path", "split", *exclude)]
+    auto = [c for c in candidates if is_binary_column(rows, c)]
+    refuse_nearly_binary(Path("the manifest"), rows, [c for c in candidates if c not in auto])
     if len(auto) >= 2:
         return np.asarray([[binary_cell(r[c], "the manifest", c) for c in auto] for r in rows], dtype=np.uint8), auto
     raise ValueError(f"label column {label!r} is not in the manifest; its columns are "
@@ -273,9 +279,17 @@ def split_manifest(manifest: str | Path, out: str | Path, group: str | None = No
                    label: str | None = "label", val: float = 0.1, test: float = 0.2,
                    stratify: bool = True, seed: int = 0, multilabel: str = "rarest"
                    ) -> SplitSummary:
-    """Read a CSV manifest, assign grouped splits, write it to ``out`` with a split column."""
+    """Read a CSV manifest, assign grouped splits, write it to ``out`` with a split column.
+
+    `group` None takes a column named "group" when the manifest has one (as `featcache extract`
+    does: splitting those rows one by one would put a patient in several splits); "none" splits
+    row by row."""
     columns, rows = read_manifest(manifest)
     groups = None
+    if group is None and DEFAULT_GROUP_COLUMN in columns:
+        group = DEFAULT_GROUP_COLUMN
+    if group is not None and group.lower() == "none":
+        group = None
     if group is not None:
         if group not in columns:
             raise ValueError(f"group column {group!r} is not in {manifest}; its columns are "
@@ -298,4 +312,6 @@ def split_manifest(manifest: str | Path, out: str | Path, group: str | None = No
                           multilabel=multilabel)
     write_manifest(out, columns, rows, split, group=group)
     names = label_cols if labels.ndim == 2 else None
-    return summarize_split(labels, groups, split, class_names=names)
+    summary = summarize_split(labels, groups, split, class_names=names)
+    summary.group = group
+    return summary

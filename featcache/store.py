@@ -130,6 +130,23 @@ class SplitSpec:
             self.manifest_sha256 = manifest_hash(self.paths, self.labels, self.groups)
 
 
+def group_id(value: Any) -> str:
+    """The one spelling of a group (patient) id: surrounding whitespace dropped, a float that holds
+    an integer written as that integer (an id column pandas read as float: 7.0 -> "7"), and a
+    missing id (None, NaN, "") as "", which means "unknown patient": each such row is its own
+    group (SplitView.row_groups), never one giant patient."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return ""
+        if float(value).is_integer():
+            return str(int(value))
+    return str(value).strip()
+
+
 def manifest_hash(paths: Sequence[str], labels: np.ndarray, groups: Sequence[str] | None) -> str:
     """A stable hash of a split's rows, so resume can tell the dataset has not changed."""
     h = hashlib.sha256()
@@ -260,7 +277,7 @@ class SplitView:
     def groups(self) -> list[str] | None:
         if "groups" not in self._g:
             return None
-        return [g.decode() if isinstance(g, bytes) else str(g) for g in self._g["groups"][()]]
+        return [group_id(g) for g in self._g["groups"][()]]
 
     @property
     def done(self) -> np.ndarray:
@@ -312,9 +329,12 @@ class SplitView:
         return self.features(kind, idx), labels[idx], idx
 
     def row_groups(self, rows: np.ndarray) -> list[str] | None:
-        """Group ids of `rows`, or None when the split has no groups."""
+        """Group ids of `rows` for resampling, held-out rows and CV folds, or None when the split has
+        no groups; a row without an id (unknown patient) is a group of its own."""
         groups = self.groups
-        return None if groups is None else [groups[i] for i in rows]
+        if groups is None:
+            return None
+        return [groups[i] or f"\x00{self.name}:{int(i)}" for i in rows]
     def table(self) -> "pandas.DataFrame":
         """The split's rows as a pandas DataFrame, for your own analysis (needs pandas).
 
@@ -463,8 +483,14 @@ class FeatureStore:
         one patient's images on both sides of an evaluation."""
         seen: dict[str, set[str]] = {}
         for name in self.splits:
-            groups = self[name].groups
-            for g in set(groups or ()):
+            view = self[name]
+            groups = view.groups
+            if groups is None:
+                continue
+            used = view.valid_index()  # the rows an evaluation can score: done and labelled
+            if view.labels.ndim == 1:
+                used = used[view.labels[used] >= 0]
+            for g in {groups[i] for i in used}:
                 if g != "":
                     seen.setdefault(g, set()).add(name)
         return {g: sorted(s) for g, s in seen.items() if len(s) > 1}
@@ -992,7 +1018,7 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         else:
             labels = labels.astype(np.uint8)
         groups = s.get("groups")
-        specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [str(g) for g in groups])
+        specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [group_id(g) for g in groups])
     if path.exists():
         path.unlink()
     try:

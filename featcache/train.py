@@ -125,6 +125,11 @@ def sample_weights(cached: CachedSplits, balance: str) -> torch.Tensor | None:
         raise ValueError("--balance sampler draws class-balanced batches, which a multi-label file (rows with "
                          "several labels) has no one class for; use --balance weights (BCE pos_weight per label) "
                          "or --balance none.")
+    if cached.streamed:
+        raise ValueError("--balance sampler draws rows by weight from memory, but these tokens are streamed from disk "
+                         "in blocks (the cache exceeds --max-memory-gb), where batches would keep the raw class "
+                         "mix: use --balance weights (the same balance as a weighted loss), or raise "
+                         "--max-memory-gb to hold the tokens in memory.")
     y = cached.train.y.cpu()
     per_class = 1.0 / torch.bincount(y, minlength=len(cached.classes)).float().clamp(min=1)
     return per_class[y]

@@ -237,3 +237,54 @@ def test_cli_split_without_groups_and_with_unlabelled_rows(tmp_path):
     out = _read_csv(tmp_path / "o.csv")
     assert Counter(r["split"] for r in out) == {"train": 60, "val": 20, "test": 20}
     assert Counter(r["label"] for r in out if r["split"] == "test")[""] == 2   # 10 unlabelled, 20% of them
+
+
+def test_group_ids_have_one_spelling_and_unknown_patients_stand_alone():
+    """" P1", "P1 " and "P1" are one patient, 7.0 (a float id column) is 7; a row without an id
+    is a patient of its own, never one giant group."""
+    from featcache.splitting import grouped_split
+    from featcache.store import group_id
+
+    assert [group_id(v) for v in (" P1", "P1 ", "P1", 7, 7.0, "7", None, float("nan"), "")] == \
+        ["P1", "P1", "P1", "7", "7", "7", "", "", ""]
+    y = np.array([0, 1] * 30)
+    spellings = ["P1", " P1", "P1 "] + [f"Q{i}" for i in range(57)]
+    for seed in range(10):
+        split = grouped_split(y, spellings, val=0.2, test=0.2, seed=seed)
+        assert len(set(split[:3])) == 1
+    unknown = [""] * 40 + [f"Q{i}" for i in range(20)]
+    split = grouped_split(y, unknown, val=0.2, test=0.2, seed=0)
+    assert len(set(split[:40])) == 3  # the 40 id-less rows are spread, not kept together
+
+
+def test_split_groups_by_the_group_column_by_default(tmp_path):
+    from featcache.splitting import split_manifest
+
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w") as fh:
+        fh.write("path,label,group\n")
+        for p in range(60):
+            for i in range(5):
+                fh.write(f"p{p}_{i}.png,{p % 2},P{p}\n")
+    summary = split_manifest(manifest, tmp_path / "out.csv")
+    assert summary.group == "group" and not summary.leaked_groups
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    by_patient: dict[str, set] = {}
+    for r in rows:
+        by_patient.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_patient.values())
+    row_by_row = split_manifest(manifest, tmp_path / "rows.csv", group="none")
+    assert row_by_row.group is None
+
+
+def test_split_refuses_a_finding_column_with_a_typo(tmp_path):
+    from featcache.splitting import split_manifest
+
+    manifest = tmp_path / "m.csv"
+    lines = ["path,eff,nod,mass"] + [f"{i}.png,{i % 2},{(i // 2) % 2},{int(i % 10 == 0)}" for i in range(40)]
+    lines[5] = "4.png,0,0,2"
+    manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="column 'mass' holds 0/1 in 39 of 40 rows, but line 6 holds '2'"):
+        split_manifest(manifest, tmp_path / "out.csv")
