@@ -217,7 +217,12 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
             cached.append(arrays)
         for i in range(1, len(stores)):
             check_same_rows((names[0], stores[0], cached[0]), (names[i], stores[i], cached[i]), splits)
+        without = [n for n, store in zip(names, stores) if all(store[s].groups is None for s in splits)]
         notes += share_groups(names, cached, splits)
+        lender = next((store for n, store in zip(names, stores) if n not in without), None)
+        leak = lender.leakage_note(splits) if lender is not None and without else None
+        if leak:  # the same images in the same splits: the files without groups share the leak
+            notes.append(f"{', '.join(without)} (no groups of their own, the same images): {leak}")
         classes = list(stores[0].classes)
         positive = resolve_positive(classes, cached[0][train_split].y, positive_class)
         test = cached[0][test_split]

@@ -252,3 +252,19 @@ def test_refusal_names_each_files_own_row(tmp_path, digits_arrays):
     with pytest.raises(ValueError, match=r"b.h5 split 'test' row 7 is 'test/elsewhere.png' where a.h5 has "
                                          r"'test/\d/00007.png' \(its row 7; usable row 6 of both\)"):
         compare([a, b], bootstrap=10)
+
+
+def test_a_leak_in_shared_groups_is_said_of_every_file(tmp_path, digits_arrays):
+    """A file without groups takes another's: it shares that file's leak too (same images, same
+    splits), and the notes say so for it, not only for the file that carries the groups."""
+    import h5py
+
+    grouped = _write(tmp_path / "grouped.h5", digits_arrays)
+    plain = _write(tmp_path / "plain.h5", digits_arrays, groups=False)
+    with h5py.File(grouped, "a") as f:  # one test image of a training patient
+        groups = f["test/groups"][()]
+        groups[0] = b"train-p0"
+        f["test/groups"][...] = groups
+    res = compare([plain, grouped], bootstrap=10)
+    assert any(n.startswith("plain.h5 (no groups of their own, the same images): leakage") for n in res.notes)
+    assert any(n.startswith("grouped.h5 probe: leakage") for n in res.notes)
