@@ -219,10 +219,6 @@ class HeadTrainer:
                     break
         model.load_state_dict(best_state)
         self._finish(model, spec, cached, history, best_epoch, best, time.perf_counter() - start)
-        if best_epoch == cfg.epochs - 1 and cfg.epochs > 1:
-            self.notes_.append(f"the best epoch is the last one ({best_epoch}): validation was still improving "
-                               f"when training stopped; raise --epochs (or --lr) and train again.")
-        self.notes_ += learning_notes(history, best_epoch, best, cfg.metric, val_y, cached.classes)
         return self
 
     def _finish(self, model: nn.Module, spec: HeadSpec, cached: CachedSplits, history: list[dict[str, Any]],
@@ -245,6 +241,12 @@ class HeadTrainer:
         self.threshold_rule_: str | None = None
         leak = store.leakage_note([cached.train.name, cached.val.name, cached.test.name if cached.test else None])
         self.notes_: list[str] = [leak] if leak else []
+        # whether the kept head learned: here for a head trained alone and for a sweep's best alike
+        if best_epoch == cfg.epochs - 1 and cfg.epochs > 1:
+            self.notes_.append(f"the best epoch is the last one ({best_epoch}): validation was still improving "
+                               f"when training stopped; raise --epochs (or --lr) and train again.")
+        self.notes_ += learning_notes(history, best_epoch, best_score, cfg.metric, cached.val.y.cpu().numpy(),
+                                      cached.classes)
         self.val_y_ = cached.val.y.cpu().numpy()
         self.val_proba_ = split_proba(model, cached, cached.val)
         self.test_y_ = self.test_proba_ = self.test_groups_ = None

@@ -305,3 +305,18 @@ def test_held_out_validation_of_a_multilabel_file_keeps_rare_findings(tmp_path):
         deviation = np.abs(held.sum(axis=0) - expected)
         # by the first positive column, the rare findings drifted by up to 2 (f3) and 5 (f2) rows
         assert deviation[3] <= 1.0 and deviation[2] <= 1.5 and held[:, 3].sum() >= 1, (seed, deviation)
+
+
+def test_a_sweeps_best_head_is_flagged_like_a_head_trained_alone(tmp_path):
+    rng = np.random.default_rng(1)
+    y = (rng.random(2000) < 0.08).astype(int)
+    x = (rng.normal(size=(2000, 6)) + y[:, None] * 1.2).astype(np.float32)
+    path = tmp_path / "imb.h5"
+    write_arrays(path, {"train": {"cls": x[:1200], "labels": y[:1200]}, "val": {"cls": x[1200:1600], "labels": y[1200:1600]},
+                        "test": {"cls": x[1600:], "labels": y[1600:]}}, ["neg", "pos"], {"model": "imb"})
+    for head in ("mlp", "linear"):
+        result = fc.sweep(path, head=head, lrs=(1e-9, 2e-9), weight_decays=(0.0,), epochs=6, patience=3)
+        notes = result.trainer.notes_
+        assert any("always predicting 'neg'" in n for n in notes), (head, notes)
+        if head == "mlp":  # the fused mlp sweep keeps the best configuration's history
+            assert any("never improved after the first epoch" in n for n in notes), notes
