@@ -18,7 +18,7 @@ from featcache.knn import knn_eval
 from featcache.metrics import (balanced_accuracy, bootstrap_metrics, choose_threshold_rule, threshold_record,
                                classification_metrics, decide, resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
-from featcache.plots import evaluation_figures, few_shot_plot, knn_curve_plot
+from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
 from featcache.prediction import array_proba, probe_head_payload
 from featcache.probe import LogisticProbe, expand_proba, resolve_cs
 from featcache.runs import write_run
@@ -101,6 +101,15 @@ class KnnResult:
 
         def figures(fig_dir: Path) -> None:
             knn_curve_plot(curve, fig_dir / "knn_curve", metrics=shown, title=title)
+            k, t = self.config["headline"]["k"], self.config["headline"]["temperature"]
+            where = f"{self.eval.name}, k = {k}, T = {t:g}"
+            y = np.asarray(self.eval.y)
+            if y.ndim == 1 and self.headline.get("confusion_matrix") is not None:
+                confusion_matrix_plot(self.headline["confusion_matrix"], self.classes, fig_dir / "confusion_matrix",
+                                      title=f"k-NN confusion matrix ({where})")
+            if y.ndim == 2 or self.proba.shape[1] == 2:  # vote shares as scores; no calibration: votes are no probabilities
+                roc_pr_plot(y, self.proba, fig_dir / "roc_pr", classes=self.classes, positive=self.positive,
+                            title=f"k-NN, {where}")
             if self.few_shot:
                 self.few_shot.figure(fig_dir / "few_shot")
 

@@ -134,5 +134,7 @@ def test_cli_knn_table_json_and_run_dir(digits_feature_file, digits_arrays, tmp_
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["kind"] == "knn" and metrics["test"]["top1"] == pytest.approx(row["top1"])  # headline = first k, never the best on test
     assert_png(tmp_path / "run" / "figures" / "knn_curve.png")
+    assert_png(tmp_path / "run" / "figures" / "confusion_matrix.png")  # of the headline k
+    assert not (tmp_path / "run" / "figures" / "calibration.png").exists()  # vote shares are no probabilities
     bad = runner.invoke(cli, ["knn", str(digits_feature_file), "--eval-split", "holdout"])
     assert bad.exit_code != 0 and "it has: test, train, val" in bad.output
