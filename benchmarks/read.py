@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache.loader import TokenBlockLoader
+from featcache.loader import BLOCK_ROWS, WINDOW_BLOCKS, TokenBlockLoader
 from featcache.store import FeatureLayout, SplitSpec, StoreWriter
 from featcache.tokens import TokenLayout
 
@@ -83,7 +83,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=20_000)
     p.add_argument("--small", action="store_true", help="2,000 rows")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--block-rows", type=int, default=1024)
+    p.add_argument("--block-rows", type=int, default=BLOCK_ROWS)
+    p.add_argument("--window-blocks", type=int, default=WINDOW_BLOCKS, help="blocks shuffled together in memory")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--dir", default=tempfile.gettempdir())
     args = p.parse_args()
@@ -96,7 +97,7 @@ def main() -> None:
         gb = n * t * d * 2 / 1e9
         print(f"wrote {n} x {t} x {d} float16 ({gb:.2f} GB) in {time.perf_counter() - t0:.1f}s")
         loader = TokenBlockLoader(path, "train", batch_size=args.batch_size, block_rows=args.block_rows,
-                                  num_workers=args.workers, seed=0)
+                                  num_workers=args.workers, seed=0, window_blocks=args.window_blocks)
         loader_epoch(loader)  # warm the page cache
         fc_times, mm_times = [], []
         for epoch in range(3):
