@@ -12,7 +12,8 @@ from featcache_cli.app import cli, json_option, print_table, write_json
 @click.option("--runs", type=click.IntRange(min=5), default=50, show_default=True, help="Timed batch-1 forwards for the latency median and p90.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size of the throughput measurement.")
 @click.option("--amp", is_flag=True, help="bf16 autocast.")
-@click.option("--image-size", type=int, default=None, help="Override the processor's input size (px, square).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="Override the processor's input size (px, square; a multiple of the patch size).")
 @json_option
 def bench(models, device, runs, batch_size, amp, image_size, json_path):
     """Parameters, GFLOPs per image, latency (batch 1) and throughput of backbones.

@@ -5,10 +5,12 @@ before committing to a long extraction.
 """
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -48,11 +50,40 @@ def count_gflops(backbone: Backbone, pixels: torch.Tensor) -> float:
     try:
         counter = FlopCounterMode(display=False)
         with counter, torch.inference_mode():
-            backbone.model(pixel_values=pixels)
+            backbone.model(pixel_values=pixels, **_size_kwargs(backbone, pixels))
     finally:
         if previous is not None:
             use_eager_attention(backbone.model, previous)
     return counter.get_total_flops() / pixels.shape[0] / 1e9
+
+
+def _size_kwargs(backbone: Any, pixels: torch.Tensor) -> dict[str, bool]:
+    """interpolate_pos_encoding for a ViT/DeiT run at another size than its config's (DINOv2
+    interpolates by itself), so --image-size works for every transformer family."""
+    trained = getattr(backbone.model.config, "image_size", None)
+    trained = (trained, trained) if isinstance(trained, int) else tuple(trained) if trained else None
+    other = tuple(pixels.shape[-2:]) != trained
+    return {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other else {}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux: /proc/self/clear_refs "5"), so a
+    model's peak is its own and not the largest of the models benched before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM of this process in MiB (the peak since the last reset)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def _sync(device: torch.device) -> None:
@@ -63,17 +94,24 @@ def _sync(device: torch.device) -> None:
 def bench_model(model: str, device: torch.device, runs: int = 50, batch_size: int = 32, amp: bool = False,
                 image_size: int | None = None, warmup: int = 5, batches: int = 5) -> BenchResult:
     """Measure one backbone on random pixels at its processor's input size."""
+    own_peak = device.type != "cuda" and _reset_peak_rss()
     backbone = load_backbone(model, image_size=image_size).to(device)
     h, w = backbone.input_size()
+    p = getattr(backbone, "patch_size", None)
+    if image_size is not None and not backbone.family.cnn and p and image_size % p:
+        raise ValueError(f"--image-size {image_size} is not a multiple of {model}'s patch size {p} (the model would "
+                         f"see {image_size // p * p} px); use {image_size // p * p} or {(image_size // p + 1) * p}.")
     params = sum(p.numel() for p in backbone.model.parameters())
     one = torch.randn(1, 3, h, w, device=device)
     gflops = count_gflops(backbone, one)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    size_kwargs = _size_kwargs(backbone, one)
+
     def forward(x: torch.Tensor) -> None:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            backbone.model(pixel_values=x)
+            backbone.model(pixel_values=x, **size_kwargs)
 
     for _ in range(warmup):
         forward(one)
@@ -95,7 +133,10 @@ def bench_model(model: str, device: torch.device, runs: int = 50, batch_size: in
     rate = batches * batch_size / (time.perf_counter() - t)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    elif own_peak:
+        peak, kind = _peak_rss_mb(), "peak RSS of the process while benching each model"
+    else:  # no per-model reset here: the lifetime peak, which includes models benched before
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS so far"
+    p90 = times[max(0, math.ceil(0.9 * len(times)) - 1)]  # nearest rank
     return BenchResult(model, str(device), amp, (h, w), params / 1e6, gflops, statistics.median(times),
-                       times[min(len(times) - 1, int(0.9 * len(times)))], batch_size, rate, peak, kind)
+                       p90, batch_size, rate, peak, kind)

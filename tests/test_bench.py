@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -48,3 +49,25 @@ def test_gflops_equal_a_count_by_hand(tiny_vit):
 def test_bench_unknown_model_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "-m", str(tmp_path / "nope"), "--runs", "5"])
     assert result.exit_code != 0 and "does not exist; pass a directory made with save_pretrained" in result.output
+
+
+def test_bench_at_another_size_and_its_own_peak_memory(tiny_models):
+    """A ViT benched at another size than its config's (position embeddings interpolated), GFLOPs
+    growing with the tokens; a size that is no multiple of the patch refused; on Linux each
+    model's peak memory is its own, not the largest of the models benched before it."""
+    import torch
+
+    from featcache.bench import bench_model
+
+    dev = torch.device("cpu")
+    at32 = bench_model(str(tiny_models["vit"]), dev, runs=5, batch_size=2, batches=1, warmup=1)
+    at48 = bench_model(str(tiny_models["vit"]), dev, runs=5, batch_size=2, batches=1, warmup=1, image_size=48)
+    assert at48.input_size == (48, 48) and at48.gflops > 2 * at32.gflops
+    with pytest.raises(ValueError, match=r"--image-size 50 is not a multiple of .* patch size 4 \(the model would see 48 px\); use 48 or 52"):
+        bench_model(str(tiny_models["vit"]), dev, runs=5, image_size=50)
+    if at32.peak_mem_kind.startswith("peak RSS of the process while benching each model"):
+        big = torch.zeros(64 * 2**20 // 4)  # 64 MiB held, then freed: the next model must not report it
+        big += 1
+        del big
+        again = bench_model(str(tiny_models["vit"]), dev, runs=5, batch_size=2, batches=1, warmup=1)
+        assert again.peak_mem_mb < at32.peak_mem_mb + 32
