@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.backbones import Backbone, load_backbone, use_eager_attention
+from featcache.backbones import Backbone, interpolation_kwargs, load_backbone, use_eager_attention
 from featcache.sources import IMAGE_EXTENSIONS, DecodeOptions, discover, load_image
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,16 @@ class AttentionMaps:
 def cls_attention(backbone: Backbone, pixel_values: torch.Tensor, layer: int = -1) -> AttentionMaps:
     """CLS-to-patch attention maps of one batch of preprocessed pixels (B, 3, H, W)."""
     model, n_prefix, p = backbone.model, backbone.n_prefix, backbone.patch_size
-    trained = getattr(model.config, "image_size", None)
-    trained = (trained, trained) if isinstance(trained, int) else tuple(trained) if trained else None
-    # position embeddings are interpolated only for an input of another size than the model's own
-    # (transformers' ViT interpolation assumes a square trained grid)
-    other_size = tuple(pixel_values.shape[-2:]) != trained
-    kwargs = {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other_size else {}
+    kwargs = interpolation_kwargs(backbone, pixel_values)
     try:
         with torch.inference_mode():
             out = model(pixel_values=pixel_values, output_attentions=True, **kwargs)
     except RuntimeError as exc:
         if not kwargs:
             raise
-        raise ValueError(f"{backbone.name} was trained at {trained[0]}x{trained[1]} px and cannot run at "
+        trained = getattr(model.config, "image_size", "?")
+        size = "x".join(map(str, trained)) if isinstance(trained, (list, tuple)) else f"{trained}x{trained}"
+        raise ValueError(f"{backbone.name} was trained at {size} px and cannot run at "
                          f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]} ({exc}); use its own size (without "
                          f"--image-size).") from None
     attentions = out.attentions

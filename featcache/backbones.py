@@ -206,6 +206,16 @@ def local_weights_id(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def interpolation_kwargs(backbone: "Backbone", pixels: "torch.Tensor") -> dict[str, bool]:
+    """interpolate_pos_encoding=True for a ViT/DeiT input of another size than its config's (DINOv2
+    interpolates by itself); at its own size nothing, since transformers' ViT interpolation
+    assumes a square trained grid and a model trained at 32x48 would fail."""
+    trained = getattr(backbone.model.config, "image_size", None)
+    trained = (trained, trained) if isinstance(trained, int) else tuple(trained) if trained else None
+    other = tuple(pixels.shape[-2:]) != trained
+    return {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other else {}
+
+
 def load_backbone(model: str, revision: str | None = None, cache_dir: str | None = None,
                   image_size: int | None = None, quiet: bool = True) -> Backbone:
     """Load a frozen backbone and its image processor from a local directory or a hub id.

@@ -10,11 +10,10 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
-from featcache.backbones import Backbone, load_backbone, use_eager_attention
+from featcache.backbones import Backbone, interpolation_kwargs, load_backbone, use_eager_attention
 
 
 @dataclass
@@ -50,20 +49,11 @@ def count_gflops(backbone: Backbone, pixels: torch.Tensor) -> float:
     try:
         counter = FlopCounterMode(display=False)
         with counter, torch.inference_mode():
-            backbone.model(pixel_values=pixels, **_size_kwargs(backbone, pixels))
+            backbone.model(pixel_values=pixels, **interpolation_kwargs(backbone, pixels))
     finally:
         if previous is not None:
             use_eager_attention(backbone.model, previous)
     return counter.get_total_flops() / pixels.shape[0] / 1e9
-
-
-def _size_kwargs(backbone: Any, pixels: torch.Tensor) -> dict[str, bool]:
-    """interpolate_pos_encoding for a ViT/DeiT run at another size than its config's (DINOv2
-    interpolates by itself), so --image-size works for every transformer family."""
-    trained = getattr(backbone.model.config, "image_size", None)
-    trained = (trained, trained) if isinstance(trained, int) else tuple(trained) if trained else None
-    other = tuple(pixels.shape[-2:]) != trained
-    return {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other else {}
 
 
 def _reset_peak_rss() -> bool:
@@ -107,7 +97,7 @@ def bench_model(model: str, device: torch.device, runs: int = 50, batch_size: in
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    size_kwargs = _size_kwargs(backbone, one)
+    size_kwargs = interpolation_kwargs(backbone, one)
 
     def forward(x: torch.Tensor) -> None:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -120,6 +120,17 @@ def assert_png(path: Path, min_side: int = 100) -> None:
     assert pixels.std() > 5, f"{path} is blank"
 
 
+def write_manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """A CSV manifest path,label,split of `rows`."""
+    import csv
+
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return path
+
+
 def render_digits(root: Path, per_class: int = 10, classes: tuple[int, ...] = (0, 1, 2),
                   splits: tuple[str, ...] = ("train", "test"), size: int = 32) -> Path:
     """Write real scanned digits as grayscale PNGs in root/<split>/<class>/ (sorted, deterministic)."""

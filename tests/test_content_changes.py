@@ -3,7 +3,6 @@ the bytes it was computed from (and the file's size and mtime), and a re-run, --
 computes again every row whose input changed in place, under the same name."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from PIL import Image
 
 import featcache as fc
 from featcache_cli.main import cli
-from tests.conftest import render_digits
+from tests.conftest import render_digits, write_manifest as _manifest
 
 
 def _extract(model: Path, data: Path, out: Path, tmp_path: Path, *extra: str) -> dict:
@@ -129,14 +128,6 @@ def test_unreadable_image_fixed_later_is_retried(tiny_vit, images, tmp_path):
     assert again["rows_changed"] == 1 and again["rows_computed"] == 1 and again["rows_failed"] == 0
     with fc.open(out) as store:
         assert store["train"].done.all() and not store["train"].errors
-
-
-def _manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "split"])
-        w.writerows(rows)
-    return path
 
 
 def test_update_computes_changed_images_again(tiny_vit, images, tmp_path):

@@ -103,16 +103,22 @@ def test_token_heads_learn_and_streaming_equals_in_memory(token_file, head):
     np.testing.assert_allclose(streamed.feature_mean_.numpy(), in_memory.feature_mean_.numpy(), atol=1e-5)
 
 
-def test_balanced_sampler_and_weights_on_imbalanced_data(tmp_path):
-    """8 % positives: unbalanced training at threshold 0.5 misses positives; class weights and
-    balanced batches find strictly more of them, on val and on test (selection by loss, so the
-    comparison is not decided by which epoch early stopping keeps)."""
+def _imbalanced_file(tmp_path) -> tuple:
+    """8 % positives ("pos" vs "neg"), 6 features shifted by 1.2 for positives; 1200/400/400 rows."""
     rng = np.random.default_rng(1)
     y = (rng.random(2000) < 0.08).astype(int)
     x = (rng.normal(size=(2000, 6)) + y[:, None] * 1.2).astype(np.float32)
     path = tmp_path / "imb.h5"
     write_arrays(path, {"train": {"cls": x[:1200], "labels": y[:1200]}, "val": {"cls": x[1200:1600], "labels": y[1200:1600]},
                         "test": {"cls": x[1600:], "labels": y[1600:]}}, ["neg", "pos"], {"model": "imb"})
+    return path, y
+
+
+def test_balanced_sampler_and_weights_on_imbalanced_data(tmp_path):
+    """8 % positives: unbalanced training at threshold 0.5 misses positives; class weights and
+    balanced batches find strictly more of them, on val and on test (selection by loss, so the
+    comparison is not decided by which epoch early stopping keeps)."""
+    path, y = _imbalanced_file(tmp_path)
     plain = fc.train_head(path, lr=1e-2, epochs=30, balance="none", metric="loss")
     for balance in ("weights", "sampler"):
         t = fc.train_head(path, lr=1e-2, epochs=30, balance=balance, metric="loss")
@@ -241,12 +247,7 @@ def test_a_head_that_did_not_learn_is_flagged(tmp_path):
     """Validation flat from the first epoch (a far too small lr), and accuracy below always
     predicting the majority class (class weights on 8 % positives, chosen by plain accuracy):
     both are said, not left as a plausible-looking number."""
-    rng = np.random.default_rng(1)
-    y = (rng.random(2000) < 0.08).astype(int)
-    x = (rng.normal(size=(2000, 6)) + y[:, None] * 1.2).astype(np.float32)
-    path = tmp_path / "imb.h5"
-    write_arrays(path, {"train": {"cls": x[:1200], "labels": y[:1200]}, "val": {"cls": x[1200:1600], "labels": y[1200:1600]},
-                        "test": {"cls": x[1600:], "labels": y[1600:]}}, ["neg", "pos"], {"model": "imb"})
+    path, y = _imbalanced_file(tmp_path)
     majority = 1 - y[1200:1600].mean()
     stuck = fc.train_head(path, lr=1e-9, epochs=6, patience=3, balance="weights", metric="accuracy")
     assert stuck.best_epoch_ == 0 and stuck.best_score_ < majority
@@ -308,12 +309,7 @@ def test_held_out_validation_of_a_multilabel_file_keeps_rare_findings(tmp_path):
 
 
 def test_a_sweeps_best_head_is_flagged_like_a_head_trained_alone(tmp_path):
-    rng = np.random.default_rng(1)
-    y = (rng.random(2000) < 0.08).astype(int)
-    x = (rng.normal(size=(2000, 6)) + y[:, None] * 1.2).astype(np.float32)
-    path = tmp_path / "imb.h5"
-    write_arrays(path, {"train": {"cls": x[:1200], "labels": y[:1200]}, "val": {"cls": x[1200:1600], "labels": y[1200:1600]},
-                        "test": {"cls": x[1600:], "labels": y[1600:]}}, ["neg", "pos"], {"model": "imb"})
+    path, y = _imbalanced_file(tmp_path)
     for head in ("mlp", "linear"):
         result = fc.sweep(path, head=head, lrs=(1e-9, 2e-9), weight_decays=(0.0,), epochs=6, patience=3)
         notes = result.trainer.notes_

@@ -2,7 +2,6 @@
 new ones, drops removed ones, and ends equal to a fresh extraction of the data as it is now."""
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal
@@ -17,15 +16,7 @@ from click.testing import CliRunner
 
 import featcache as fc
 from featcache_cli.main import cli
-from tests.conftest import render_digits
-
-
-def _manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "split"])
-        w.writerows(rows)
-    return path
+from tests.conftest import render_digits, write_manifest as _manifest
 
 
 def _extract(model: Path, data: Path, out: Path, *extra: str) -> str:
