@@ -8,7 +8,9 @@ layout (docs/architecture.md, "Run directories"):
     RUN/metrics.json    what came out: {"kind", "val": {...}, "test": {...}, extras}; a split's
                         confidence intervals live in metrics[split]["ci"][name] = [low, high], with
                         metrics[split]["bootstrap"] saying how many resamples were valid
-    RUN/history.json    per-epoch training history (heads only)
+    RUN/history.json    per-epoch training history (heads only; a sweep's: its best configuration's)
+    RUN/sweep_history.json
+                        a sweep's every configuration: its settings, rank and per-epoch history
     RUN/head.safetensors + RUN/head.json
                         a deployable model (heads and probes): tensors in safetensors, everything
                         else as JSON, so loading a shared run never executes code

@@ -28,6 +28,7 @@ from featcache.fused import fused_sweep
 from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
+from featcache.runs import write_json
 from featcache.store import FeatureStore, open_features, parse_feature_kind
 from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights
 
@@ -46,6 +47,13 @@ class SweepResult:
     fused: bool                           # trained as one batched model (every head kind)
     notes: list[str] = field(default_factory=list)  # e.g. the best lr sits at the edge of the grid
     bytes_read: int | None = None         # bytes streamed from disk by the sweep (None: inputs in memory)
+    histories: list[list[dict[str, Any]]] = field(default_factory=list)  # per config (grid order): its epochs
+
+    def history_rows(self) -> list[dict[str, Any]]:
+        """Every configuration's settings and per-epoch history, in grid order (sweep_history.json)."""
+        by_config = sorted(self.leaderboard, key=lambda r: r["config"])
+        return [{k: row[k] for k in ("config", "lr", "weight_decay", "features", "rank")}
+                | {"history": self.histories[row["config"]]} for row in by_config]
 
     def save(self, out: str | Path, heat: tuple[str, str] = ("lr", "weight_decay")) -> Path:
         """The best head's run directory, plus the leaderboard and one heat-map per feature kind."""
@@ -53,8 +61,11 @@ class SweepResult:
         extra = {"leaderboard": self.leaderboard, "best": self.best, "fused": self.fused,
                  "sweep_seconds": self.seconds, "bytes_read": self.bytes_read,
                  "notes": self.trainer.notes_ + self.notes}
-        return self.trainer.save(out, kind="sweep", config={"grid_size": len(self.leaderboard)}, metrics=extra,
-                                 extra_figures=lambda d: sweep_figures(d, self.leaderboard, heat, metric, self.best))
+        run = self.trainer.save(out, kind="sweep", config={"grid_size": len(self.leaderboard)}, metrics=extra,
+                                extra_figures=lambda d: sweep_figures(d, self.leaderboard, heat, metric, self.best))
+        if self.histories:
+            write_json(run / "sweep_history.json", self.history_rows())
+        return run
 
 
 def sweep_figures(fig_dir: Path, leaderboard: list[dict[str, Any]], heat: tuple[str, str], metric: str,
@@ -93,10 +104,11 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
         bytes_read = None
         if head == "linear" and base.optimizer == "adamw":
             # the specialised path: analytic gradients of K linear heads, measured faster than vmap
-            rows, trainer_of = _fused_linear_sweep(store, base, grid, device, progress)
+            rows, trainer_of, histories = _fused_linear_sweep(store, base, grid, device, progress)
         else:
             run = fused_sweep(store, base, grid, progress)
             rows, bytes_read = run.rows, run.bytes_read
+            histories = [run.groups[run.group_of[i]].records[i].history for i in range(len(grid))]
 
             def trainer_of(row: dict[str, Any]) -> HeadTrainer:
                 cfg = replace(base, **{k: row[k] for k in ("lr", "weight_decay", "features")})
@@ -109,7 +121,7 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
         if threshold is not None:
             trainer.apply_threshold(threshold)
     result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True,
-                         grid_edge_notes(best, lrs, weight_decays), bytes_read)
+                         grid_edge_notes(best, lrs, weight_decays), bytes_read, histories)
     if out is not None:
         result.save(out)
     return result
@@ -194,6 +206,7 @@ class _EarlyStopping:
         self.waited = [0] * k
         self.active = [True] * k
         self.state: list[dict[str, torch.Tensor] | None] = [None] * k
+        self.history: list[list[dict[str, Any]]] = [[] for _ in range(k)]
         self.patience = patience
 
     def update(self, k: int, epoch: int, score: float, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -208,8 +221,9 @@ class _EarlyStopping:
 
 
 def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[str, Any]], device: torch.device,
-                        progress: bool) -> tuple[list[dict[str, Any]], Any]:
-    """K linear heads trained at once; returns the leaderboard rows and a row -> HeadTrainer function."""
+                        progress: bool) -> tuple[list[dict[str, Any]], Any, list[list[dict[str, Any]]]]:
+    """K linear heads trained at once; returns the leaderboard rows, a row -> HeadTrainer function and
+    each configuration's per-epoch history."""
     kinds = list(dict.fromkeys(g["features"] for g in grid))
     cached = _load_kinds(store, base, device, kinds)
     first = cached[kinds[0]]
@@ -222,30 +236,36 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
     gen = torch.Generator().manual_seed(base.seed)
     n = len(first.train.rows)
     step = 0
+    start = time.perf_counter()
     bar = tqdm(range(base.epochs), desc=f"sweep {len(grid)} heads", disable=not progress, unit="epoch")
     for epoch in bar:
         order = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights is not None
                  else torch.randperm(n, generator=gen)).to(device)
         xs = _epoch_views(cached, kinds, order)                      # one gather per epoch, shared by all K
         ys = first.train.y[order]
+        totals = [torch.zeros(len(g.members), dtype=torch.float64, device=device) for g in groups]
         for i in range(0, n, base.batch_size):
             y = ys[i:i + base.batch_size]
             step += 1
-            for g in groups:
-                _stacked_backward(g, xs[g.kind][i:i + base.batch_size], y, loss_fn, first.multilabel)
+            for g, total in zip(groups, totals):
+                total += _stacked_backward(g, xs[g.kind][i:i + base.batch_size], y, loss_fn, first.multilabel) * len(y)
                 _adamw_step(g, step)
-        _validate(groups, cached, first, base.metric, epoch, stop)
+        losses = {k: loss / n for g, total in zip(groups, totals) for k, loss in zip(g.members, total.tolist())}
+        _validate(groups, cached, first, base.metric, epoch, stop, losses)
         bar.set_postfix(active=sum(stop.active), best=f"{max(stop.best):.4f}")
         if not any(stop.active):
             break
     rows = [{**g, "config": i, "best_epoch": stop.best_epoch[i], f"val_{base.metric}": stop.best[i]}
             for i, g in enumerate(grid)]
 
+    seconds = time.perf_counter() - start
+
     def trainer_of(row: dict[str, Any]) -> HeadTrainer:
         cfg = replace(base, **{k: row[k] for k in ("lr", "weight_decay", "features")})
-        return _trainer_from_state(cached[cfg.features], cfg, stop.state[row["config"]], row, device)
+        return _trainer_from_state(cached[cfg.features], cfg, stop.state[row["config"]], row, device,
+                                   stop.history[row["config"]], seconds)
 
-    return rows, trainer_of
+    return rows, trainer_of, stop.history
 
 
 def _load_kinds(store: FeatureStore, base: TrainConfig, device: torch.device,
@@ -279,18 +299,36 @@ def _column_slice(cached: CachedSplits, cols: slice, kind: str) -> CachedSplits:
 
 
 def _stacked_backward(g: _StackedLinear, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
-                      multilabel: bool) -> None:
-    """Set .grad of the stacked parameters: the gradient each head's own loss would give it."""
+                      multilabel: bool) -> torch.Tensor:
+    """Set .grad of the stacked parameters: the gradient each head's own loss would give it. Returns
+    each head's loss on the batch (K,), as loss_fn would report it for that head alone."""
     w, b = g.params
-    dlogits = _stacked_loss_grad(_batch_major_logits(x, w, b), y, loss_fn, multilabel)  # (B, K, C)
+    logits = _batch_major_logits(x, w, b)                                              # (B, K, C)
+    dlogits = _stacked_loss_grad(logits, y, loss_fn, multilabel)
     g_flat = dlogits.view(len(y), -1)                                                  # (B, K*C), no copy
     w.grad = (g_flat.T @ x).view_as(w)
     b.grad = g_flat.sum(0).view_as(b)
+    return _stacked_loss(logits.detach(), y, loss_fn, multilabel)
+
+
+def _stacked_loss(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, multilabel: bool) -> torch.Tensor:
+    """Each of K heads' loss_fn value on batch-major logits (B, K, C): the weighted cross-entropy
+    mean or the BCE-with-logits mean, for the train_loss of every configuration's history."""
+    if multilabel:
+        yk = y[:, None, :].to(logits.dtype).expand_as(logits)
+        per = nn.functional.binary_cross_entropy_with_logits(logits, yk, pos_weight=loss_fn.pos_weight,
+                                                              reduction="none")
+        return per.mean(dim=(0, 2))
+    nll = -logits.log_softmax(dim=2)[torch.arange(len(y)), :, y]                      # (B, K)
+    if loss_fn.weight is None:
+        return nll.mean(dim=0)
+    wy = loss_fn.weight[y]
+    return (nll * wy[:, None]).sum(dim=0) / wy.sum()
 
 
 def _validate(groups: list[_StackedLinear], cached: dict[str, CachedSplits], first: CachedSplits, metric: str,
-              epoch: int, stop: _EarlyStopping) -> None:
-    """Score every head on validation and update its early-stopping state."""
+              epoch: int, stop: _EarlyStopping, losses: dict[int, float]) -> None:
+    """Score every head on validation and update its early-stopping state and history."""
     multilabel = first.multilabel
     yv = first.val.y.cpu().numpy()
     with torch.no_grad():
@@ -303,6 +341,8 @@ def _validate(groups: list[_StackedLinear], cached: dict[str, CachedSplits], fir
                 proba = (logits.sigmoid() if multilabel else logits.softmax(dim=2)).cpu().numpy()
                 scores = [selection_score(yv, proba[j], metric) for j in range(len(g.members))]
             for j, k in enumerate(g.members):
+                if stop.active[k]:  # as HeadTrainer.fit: an epoch is recorded until the head stops
+                    stop.history[k].append({"epoch": epoch, "train_loss": losses[k], f"val_{metric}": scores[j]})
                 stop.update(k, epoch, scores[j], w[j], b[j])
 
 
@@ -360,10 +400,11 @@ def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module
 
 
 def _trainer_from_state(cached: CachedSplits, cfg: TrainConfig, state: dict[str, torch.Tensor],
-                        row: dict[str, Any], device: torch.device) -> HeadTrainer:
+                        row: dict[str, Any], device: torch.device, history: list[dict[str, Any]],
+                        seconds: float) -> HeadTrainer:
     """A fitted HeadTrainer around weights that the fused sweep learned (for metrics, save, predict)."""
     spec = HeadSpec("linear", cached.in_dim, len(cached.classes))
     model = build_head(spec)
     model.load_state_dict(state)
     model.to(device)
-    return HeadTrainer(cfg)._finish(model, spec, cached, [], row["best_epoch"], row[f"val_{cfg.metric}"], 0.0)
+    return HeadTrainer(cfg)._finish(model, spec, cached, history, row["best_epoch"], row[f"val_{cfg.metric}"], seconds)

@@ -32,6 +32,10 @@ def _assert_matches_alone(path, result, skip: tuple[str, ...] = (), **kw) -> Non
         alone = fc.train_head(path, lr=row["lr"], weight_decay=row["weight_decay"], features=row["features"], **kw)
         assert alone.best_epoch_ == row["best_epoch"], row
         assert alone.best_score_ == row["val_accuracy"], row
+        fused = result.histories[row["config"]]  # every configuration's epochs, as alone
+        assert [h["val_accuracy"] for h in fused] == [h["val_accuracy"] for h in alone.history_], row
+        np.testing.assert_allclose([h["train_loss"] for h in fused], [h["train_loss"] for h in alone.history_],
+                                   rtol=1e-5)
         if row["rank"] == 1:
             _assert_same_weights(alone, result.trainer, skip)
             np.testing.assert_allclose(alone.val_proba_, result.trainer.val_proba_, atol=ATOL)

@@ -33,6 +33,14 @@ def test_sweep_matches_each_config_trained_alone(digits_feature_file):
                               features=row["features"], epochs=40, patience=5)
         assert abs(alone.best_score_ - row["val_accuracy"]) <= 0.005
         assert alone.best_epoch_ == row["best_epoch"]
+        # every configuration's history is the one it has alone (float32 sums in another order)
+        fused = result.histories[row["config"]]
+        assert [h["epoch"] for h in fused] == [h["epoch"] for h in alone.history_], row
+        np.testing.assert_allclose([h["train_loss"] for h in fused], [h["train_loss"] for h in alone.history_],
+                                   rtol=1e-4)
+        np.testing.assert_allclose([h["val_accuracy"] for h in fused], [h["val_accuracy"] for h in alone.history_],
+                                   atol=0.005)
+    assert result.trainer.history_ == result.histories[result.best["config"]] and result.trainer.seconds_ > 0
     scores = [r["val_accuracy"] for r in result.leaderboard]
     assert scores == sorted(scores, reverse=True) and result.best is result.leaderboard[0]
 
@@ -140,6 +148,13 @@ def test_cli_train_sweep_predict_and_refusal(digits_feature_file, tmp_path, digi
     assert s.exit_code == 0, s.output
     assert "4 linear heads" in s.output and "one batched model" in s.output
     assert (tmp_path / "sweep" / "figures" / "sweep_cls.png").exists()
+    sweep_metrics = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
+    best = json.loads((tmp_path / "sweep" / "history.json").read_text())
+    every = json.loads((tmp_path / "sweep" / "sweep_history.json").read_text())
+    assert len(best) == 5 and [h["epoch"] for h in best] == list(range(5))  # the fused linear sweep's was []
+    assert sorted(r["rank"] for r in every) == [1, 2, 3, 4] and all(len(r["history"]) == 5 for r in every)
+    assert next(r["history"] for r in every if r["rank"] == 1) == best
+    assert sweep_metrics["seconds"] > 0
     p = runner.invoke(cli, ["predict", str(run), str(digits_feature_file), "--split", "test",
                             "--out", str(tmp_path / "preds.csv")])
     assert p.exit_code == 0, p.output
