@@ -559,7 +559,8 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
     elif "VOILUTSequence" in ds:
         out = _scale_to_uint8(apply_voi_lut(data, ds).astype(np.float64), _voi_range(ds))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        out = _window(data, _first(ds.WindowCenter), _first(ds.WindowWidth))
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        out = _window(data, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
     else:
         out = _scale_to_uint8(data, None)
     if photometric == "MONOCHROME1":
@@ -567,11 +568,27 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
     return Image.fromarray(out, "L").convert("RGB")
 
 
-def _window(data: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """The DICOM linear window (PS3.3 C.11.2.1.2) mapped onto 0..255."""
-    lo, hi = centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
-    out = (data - (centre - 0.5)) / max(width - 1, 1e-9) + 0.5
-    out = np.where(data <= lo, 0.0, np.where(data > hi, 1.0, out))
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # DICOM VOILUTFunction values (PS3.3 C.11.2.1.3)
+
+
+def _window(data: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """A DICOM window mapped onto 0..255: the file's VOILUTFunction (LINEAR, PS3.3 C.11.2.1.2.1;
+    LINEAR_EXACT and SIGMOID, C.11.2.1.3), so pixels are what a conformant viewer shows."""
+    if function not in VOI_FUNCTIONS:
+        raise ImageDecodeError(f"unknown DICOM VOILUTFunction {function!r} (expected one of "
+                               f"{', '.join(VOI_FUNCTIONS)}): pass --window C,W to window it linearly")
+    if function != "LINEAR" and width <= 0:
+        raise ImageDecodeError(f"DICOM window width {width:g} must be > 0 for VOILUTFunction {function}: "
+                               f"pass --window C,W")
+    if function == "SIGMOID":
+        with np.errstate(over="ignore"):  # exp overflow far below the centre is 0, as it should be
+            out = 1.0 / (1.0 + np.exp(-4.0 * (data - centre) / width))
+    elif function == "LINEAR_EXACT":
+        out = np.clip((data - centre) / width + 0.5, 0.0, 1.0)
+    else:
+        lo, hi = centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
+        out = (data - (centre - 0.5)) / max(width - 1, 1e-9) + 0.5
+        out = np.where(data <= lo, 0.0, np.where(data > hi, 1.0, out))
     return np.round(out * 255).astype(np.uint8)
 
 

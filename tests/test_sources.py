@@ -245,6 +245,31 @@ def test_dicom_window_override_and_monochrome1(tmp_path):
     np.testing.assert_allclose(inverted, 255 - normal, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # pydicom on the lower-case spelling
+@pytest.mark.parametrize("function", ["SIGMOID", "LINEAR_EXACT", "linear"])
+def test_dicom_voi_lut_function_is_applied(tmp_path, function):
+    """A window's VOILUTFunction (mammography, DR) gives pydicom's pixels, not the LINEAR ramp's."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # the file has no window of its own
+    ds.VOILUTFunction = function
+    ds.save_as(tmp_path / "f.dcm")
+    out = np.asarray(load_image(tmp_path / "f.dcm"))[..., 0].astype(np.float64)
+    ds.VOILUTFunction = function.upper()
+    np.testing.assert_allclose(out, _reference(ds), atol=1.0)
+    if function == "SIGMOID":  # the LINEAR window differs by tens of grey levels
+        ds.VOILUTFunction = "LINEAR"
+        assert np.abs(out - _reference(ds)).max() > 20
+
+
+def test_dicom_unknown_voi_lut_function_is_a_clear_error(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.VOILUTFunction = "GAMMA"
+    ds.save_as(tmp_path / "g.dcm")
+    with pytest.raises(ImageDecodeError, match="unknown DICOM VOILUTFunction 'GAMMA'.*--window"):
+        load_image(tmp_path / "g.dcm")
+
+
 def test_dicom_16bit_without_window_uses_full_range(tmp_path):
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm", download=False))
     for tag in ("WindowCenter", "WindowWidth"):
