@@ -50,7 +50,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with another model or settings.")
 @click.option("--retry-errors", is_flag=True, help="Try again the inputs that failed in an earlier run.")
 @click.option("--update", is_flag=True, help="The data changed (images added, removed, relabelled, moved between splits): keep the stored features of images still there, compute the new ones, drop the removed ones. Same model and settings only; crash-safe.")
-@click.option("--group-column", default=None, metavar="NAME", help="CSV manifest column holding each row's group (patient / study id), kept in the file so CIs, held-out rows and leakage checks respect patients [default: a column named 'group', if any].")
+@click.option("--group-column", default=None, metavar="NAME", help="CSV manifest (or datasets) column holding each row's group (patient / study id), kept in the file so CIs, held-out rows and leakage checks respect patients [default: a column named 'group', if any].")
 @json_option
 @quiet_option
 def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, image_size, batch_size, workers,

@@ -15,6 +15,7 @@ directory needs it.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ REF_PREFIX = "hf:"
 _SEP = "::"
 LABEL_NAMES = ("label", "labels", "target", "targets")
 INSTALL_HINT = "pip install 'featcache[hf]'"
+log = logging.getLogger("featcache")
 
 
 class MissingDatasetsError(ImportError, ValueError):
@@ -110,9 +112,11 @@ def pick_image_column(features: Any, override: str | None, where: str) -> str:
 
 
 def pick_label_column(features: Any, override: str | None, where: str, image_column: str) -> str | None:
-    """The label column: `override`; else the one ClassLabel (or list-of-ClassLabel) column (or,
-    with several, the one named label/labels/target); else an int or string column named label/labels/target; else None
-    (every row unlabelled)."""
+    """The label column: `override`; else a ClassLabel (or list-of-ClassLabel) column named
+    label/labels/target(s); else the one ClassLabel column, when no other column is named like a
+    label; else a usable column named label/labels/target(s); else None (every row unlabelled).
+    Two candidates of different names (a ClassLabel `domain` beside an integer `label`) are refused:
+    taking either silently could score the wrong task."""
     if override is not None:
         if override not in features:
             raise ValueError(f"--label-column {override!r} is not a column of {where}; its columns are: "
@@ -123,30 +127,48 @@ def pick_label_column(features: Any, override: str | None, where: str, image_col
         return override
     columns = [c for c in features if c != image_column]
     class_labels = [c for c in columns if _label_kind(features[c]) in ("classlabel", "multilabel")]
-    if len(class_labels) == 1:
-        return class_labels[0]
-    named = [c for c in LABEL_NAMES if c in columns and _label_kind(features[c]) is not None]
+    named = [c for c in LABEL_NAMES if c in columns]
+    for c in named:
+        if _label_kind(features[c]) is None:
+            raise ValueError(f"column {c!r} of {where} is {features[c]!r}, which featcache cannot read as class "
+                             f"labels (expected a ClassLabel, an integer, an integer-valued float or a string "
+                             f"column, or a list of ClassLabel or of integers for multi-label). Cast it, e.g. "
+                             f"dataset.cast_column({c!r}, datasets.ClassLabel(names=[...])), name the label "
+                             f"column with --label-column, or drop it (dataset.remove_columns) to extract "
+                             f"without labels.")
+    preferred = [c for c in named if c in class_labels]
+    if preferred:
+        return preferred[0]
+    if class_labels and named:
+        raise ValueError(f"{where} has a ClassLabel column {class_labels[0]!r} and a label column {named[0]!r}: "
+                         f"which one holds the classes to evaluate is ambiguous; pick one with --label-column.")
     if len(class_labels) > 1:
-        preferred = [c for c in named if c in class_labels]
-        if preferred:
-            return preferred[0]
         raise ValueError(f"{where} has several ClassLabel columns ({', '.join(class_labels)}); pick one with "
                          f"--label-column {class_labels[0]}.")
+    if class_labels:
+        return class_labels[0]
     return named[0] if named else None
 
 
 def _label_kind(feature: Any) -> str | None:
-    """'classlabel' | 'multilabel' | 'int' | 'str' for usable label features, else None."""
+    """'classlabel' | 'multilabel' | 'multilabel-int' | 'int' | 'float' | 'str' for usable label
+    features, else None. A float column must hold whole numbers (checked on its values)."""
     datasets = import_datasets()
     if isinstance(feature, datasets.ClassLabel):
         return "classlabel"
     inner = feature[0] if isinstance(feature, list) and len(feature) == 1 else getattr(feature, "feature", None)
     if inner is not None:  # a list of class indices per row: multi-label
-        return "multilabel" if isinstance(inner, datasets.ClassLabel) else None
+        if isinstance(inner, datasets.ClassLabel):
+            return "multilabel"
+        if isinstance(inner, datasets.Value) and str(inner.dtype).startswith(("int", "uint")):
+            return "multilabel-int"
+        return None
     if isinstance(feature, datasets.Value):
         dtype = str(feature.dtype)
         if dtype.startswith(("int", "uint")) or dtype == "bool":
             return "int"
+        if dtype.startswith("float"):
+            return "float"
         if dtype in ("string", "large_string"):
             return "str"
     return None
@@ -157,72 +179,141 @@ def _label_kind(feature: Any) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 def from_hf_dir(root: Path, image_column: str | None = None, label_column: str | None = None,
-                group_column: str | None = "group") -> "DataSource":
-    """Read a save_to_disk directory into a DataSource (rows in dataset order)."""
+                group_column: str | None = None) -> "DataSource":
+    """Read a save_to_disk directory into a DataSource (rows in dataset order). `group_column`
+    None reads a column named "group" when a split has one."""
+    from featcache.sources import DEFAULT_GROUP_COLUMN
+    from featcache.store import group_id
+
     root = Path(root).resolve()
     forget_open(root)  # the directory may have been rewritten since this process last read it
     dsets = load_splits(root)
     first_name, first = next(iter(dsets.items()))
-    features = first.features
-    where = f"{root} (split {first_name!r})"
-    image_col = pick_image_column(features, image_column, where)
-    label_col = pick_label_column(features, label_column, where, image_col)
+    image_col = pick_image_column(first.features, image_column, f"{root} (split {first_name!r})")
     for name, ds in dsets.items():
         if image_col not in ds.features:
             raise ValueError(f"split {name!r} of {root} has no column {image_col!r} (split {first_name!r} has "
                              f"it); its columns are: {_describe_columns(ds.features)}.")
-    kind = _label_kind(features[label_col]) if label_col else None
+    label_col = _label_column(dsets, root, label_column, image_col)
     # a split without the label column (an unlabelled test split) is unlabelled, -1
-    raw_labels = {name: (ds[label_col] if label_col and label_col in ds.features else None)
-                  for name, ds in dsets.items()}
-    classes = _classes(kind, features[label_col] if label_col else None, raw_labels)
+    kinds = {name: _label_kind(ds.features[label_col]) for name, ds in dsets.items()
+             if label_col and label_col in ds.features}
+    names = {name: _row_names(kinds[name], dsets[name].features[label_col], dsets[name][label_col], name, label_col)
+             for name in kinds}
+    classes = _classes(kinds, {name: dsets[name].features[label_col] for name in kinds}, names, label_col)
+    multilabel = any(k.startswith("multilabel") for k in kinds.values())
+    if multilabel and not all(k.startswith("multilabel") for k in kinds.values()):
+        detail = ", ".join(f"{name}: {dsets[name].features[label_col]!r}" for name in kinds)
+        raise ValueError(f"column {label_col!r} is a list of labels (multi-label) in some splits of {root} and "
+                         f"one label per row in others ({detail}); save every split with the same column type.")
+    if group_column is not None and not any(group_column in ds.features for ds in dsets.values()):
+        raise ValueError(f"--group-column {group_column!r} is not a column of {root}; its columns are: "
+                         f"{_describe_columns(first.features)}.")
+    group_column = group_column or DEFAULT_GROUP_COLUMN
     splits: dict[str, SplitRows] = {}
     for name, ds in dsets.items():
         n = len(ds)
         splits[name] = SplitRows(
             paths=row_ids(ds, name, image_col),
             files=[make_ref(root, name, i, image_col) for i in range(n)],
-            labels=_encode_labels(kind, raw_labels[name], classes, n),
-            groups=([str(g) if g is not None else "" for g in ds[group_column]]
-                    if group_column and group_column in ds.features else None))
+            labels=_encode_labels(names.get(name), classes, n, multilabel),
+            groups=[group_id(g) for g in ds[group_column]] if group_column in ds.features else None)
+        if splits[name].groups is not None and "" in splits[name].groups:
+            log.warning("%s: %d row(s) of split %s have no %r: each is taken as a patient of its own.",
+                        root.name, splits[name].groups.count(""), name, group_column)
     if not any(len(rows.paths) for rows in splits.values()):
         raise ValueError(f"{root} holds no rows.")
-    return DataSource(root, classes, splits, multilabel=kind == "multilabel", kind="hf")
+    return DataSource(root, classes, splits, multilabel=multilabel, kind="hf")
 
 
-def _classes(kind: str | None, feature: Any, raw: dict[str, Any]) -> list[str]:
-    """Class names: ClassLabel names; ints 0..max as strings; sorted distinct strings."""
+def _label_column(dsets: dict[str, Any], root: Path, override: str | None, image_col: str) -> str | None:
+    """The one label column of every split: `override` (in at least one split), else the first
+    split's own choice that has one (an unlabelled first split does not make the others unlabelled);
+    splits that would choose another column are refused."""
+    if override is not None:
+        having = [name for name, ds in dsets.items() if override in ds.features]
+        if not having:
+            first_name, first = next(iter(dsets.items()))
+            return pick_label_column(first.features, override, f"{root} (split {first_name!r})", image_col)
+        for name in having:
+            pick_label_column(dsets[name].features, override, f"{root} (split {name!r})", image_col)
+        return override
+    chosen = {name: pick_label_column(ds.features, None, f"{root} (split {name!r})", image_col)
+              for name, ds in dsets.items()}
+    columns = list(dict.fromkeys(c for c in chosen.values() if c is not None))
+    if len(columns) > 1:
+        detail = ", ".join(f"{name}: {c!r}" for name, c in chosen.items() if c is not None)
+        raise ValueError(f"the splits of {root} hold their labels in different columns ({detail}); pick one "
+                         f"with --label-column.")
+    return columns[0] if columns else None
+
+
+def _row_names(kind: str, feature: Any, values: Any, split: str, column: str) -> list[Any]:
+    """Each row's class name (str), list of names (multi-label) or None (unlabelled), read in the
+    split's own terms: a ClassLabel's codes through its own names, so splits saved with the names in
+    another order still agree."""
+    def bad(v: Any) -> ValueError:
+        return ValueError(f"split {split!r}: column {column!r} holds {v!r}, which is not a class label "
+                          f"({feature!r}); fix the value, name another column with --label-column, or "
+                          f"drop the column (dataset.remove_columns) to extract without labels.")
+
     if kind == "classlabel":
-        return list(feature.names)
+        return [None if v is None or int(v) < 0 else feature.names[int(v)] for v in values]
     if kind == "multilabel":
         inner = feature[0] if isinstance(feature, list) else feature.feature
-        return list(inner.names)
-    values = [v for vals in raw.values() if vals is not None for v in vals if v is not None]
-    if kind == "int":
-        top = max((int(v) for v in values), default=-1)
-        return [str(i) for i in range(top + 1)]
+        return [[inner.names[int(c)] for c in (row or ()) if int(c) >= 0] for row in values]
+    if kind == "multilabel-int":
+        return [[str(int(c)) for c in (row or ()) if int(c) >= 0] for row in values]
     if kind == "str":
-        return sorted({str(v).strip() for v in values} - {""})
-    return []
+        return [None if v is None or not str(v).strip() else str(v).strip() for v in values]
+    out: list[Any] = []
+    for v in values:
+        if v is None or (kind == "float" and not np.isfinite(v)) or int(v) < 0:
+            out.append(None)
+        elif kind == "float" and not float(v).is_integer():
+            raise bad(v)
+        else:
+            out.append(str(int(v)))
+    return out
 
 
-def _encode_labels(kind: str | None, values: Any, classes: list[str], n: int) -> np.ndarray:
-    """(N,) int64 with -1 = unlabelled, or (N, C) uint8 for a list-of-ClassLabel column."""
-    if kind == "multilabel":
+def _classes(kinds: dict[str, str], features: dict[str, Any], names: dict[str, list[Any]], column: str) -> list[str]:
+    """Class names shared by every split: ClassLabel names (the first split's order, then names only
+    later splits have); integers 0..max as "0".."max"; sorted distinct strings. Splits whose columns
+    name classes differently (a ClassLabel beside integers) are refused."""
+    if not kinds:
+        return []
+    families = {name: ("named" if k in ("classlabel", "multilabel", "str") else "index") for name, k in kinds.items()}
+    if len(set(families.values())) > 1:
+        detail = ", ".join(f"{name}: {features[name]!r}" for name in kinds)
+        raise ValueError(f"column {column!r} names classes differently in different splits ({detail}): an integer "
+                         f"cannot be matched to a class name. Cast every split's column to the same ClassLabel.")
+    seen = [v for vals in names.values() for row in vals if row is not None
+            for v in (row if isinstance(row, list) else [row])]
+    if next(iter(families.values())) == "index":
+        return [str(i) for i in range(max((int(v) for v in seen), default=-1) + 1)]
+    ordered: list[str] = []
+    for name, kind in kinds.items():
+        if kind == "classlabel":
+            ordered += [c for c in features[name].names if c not in ordered]
+        elif kind == "multilabel":
+            inner = features[name][0] if isinstance(features[name], list) else features[name].feature
+            ordered += [c for c in inner.names if c not in ordered]
+    return ordered + sorted(set(seen) - set(ordered))
+
+
+def _encode_labels(names: list[Any] | None, classes: list[str], n: int, multilabel: bool) -> np.ndarray:
+    """(N,) int64 with -1 = unlabelled, or (N, C) uint8 for multi-label columns."""
+    index = {c: i for i, c in enumerate(classes)}
+    if multilabel:
         out = np.zeros((n, len(classes)), dtype=np.uint8)
-        for i, row in enumerate(values if values is not None else ()):
+        for i, row in enumerate(names or ()):
             for c in row or ():
-                if 0 <= int(c) < len(classes):
-                    out[i, int(c)] = 1
+                out[i, index[c]] = 1
         return out
-    if kind is None or values is None:
+    if names is None:
         return np.full(n, -1, dtype=np.int64)
-    if kind == "str":
-        index = {c: i for i, c in enumerate(classes)}
-        return np.array([index.get(str(v).strip(), -1) if v is not None else -1 for v in values], dtype=np.int64)
-    labels = np.array([-1 if v is None else int(v) for v in values], dtype=np.int64)
-    labels[labels < 0] = -1
-    return labels
+    return np.array([-1 if v is None else index[v] for v in names], dtype=np.int64)
 
 
 def row_ids(ds: Any, split: str, image_column: str) -> list[str]:

@@ -254,3 +254,78 @@ def test_update_of_a_grown_dataset_reuses_stored_rows(tiny_vit, digits_dir, tmp_
     with fc.open(out) as a, fc.open(fresh) as b:
         assert a["train"].paths == b["train"].paths
         np.testing.assert_allclose(a["train"].cls[()], b["train"].cls[()], atol=1e-6)
+
+
+def _bytes_of(rows) -> list[dict]:
+    return [{"bytes": f.read_bytes(), "path": None} for f, _ in rows]
+
+
+def _dataset(columns: dict, features: dict) -> "datasets.Dataset":
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def test_labels_and_groups_read_across_splits(digits_dir, tmp_path):
+    """Every split's labels are read in its own terms: a first split without labels, ClassLabel names
+    in another order, string labels beside a ClassLabel; a `group` column is the patients by default,
+    with ids spelt once (7.0 -> 7, NaN -> a patient of its own)."""
+    rows = _folder_rows(digits_dir, "train")[:4]
+    image = datasets.Image()
+    unlabelled = _dataset({"image": _bytes_of(rows[:2])}, {"image": image})
+    train = _dataset({"image": _bytes_of(rows), "label": [1, 0, 1, 0], "group": [7.0, 7.0, float("nan"), 8.0]},
+                     {"image": image, "label": datasets.ClassLabel(names=["x", "y"]), "group": datasets.Value("float64")})
+    reordered = _dataset({"image": _bytes_of(rows[:2]), "label": [0, 1]},     # y, x
+                         {"image": image, "label": datasets.ClassLabel(names=["y", "x"])})
+    named = _dataset({"image": _bytes_of(rows[:2]), "label": ["y", "x"]}, {"image": image, "label": datasets.Value("string")})
+    datasets.DatasetDict({"extra": unlabelled, "train": train, "val": reordered, "test": named}).save_to_disk(
+        str(tmp_path / "dd"))
+    source = discover(tmp_path / "dd")
+    assert source.classes == ["x", "y"]
+    labels = {name: rows.labels.tolist() for name, rows in source.splits.items()}
+    assert labels == {"extra": [-1, -1], "train": [1, 0, 1, 0], "val": [1, 0], "test": [1, 0]}
+    assert source.splits["train"].groups == ["7", "7", "", "8"] and source.splits["val"].groups is None
+
+
+def test_label_columns_of_other_types_are_read_or_refused(digits_dir, tmp_path):
+    rows = _folder_rows(digits_dir, "train")[:4]
+    image = datasets.Image()
+    seq = getattr(datasets, "List", datasets.Sequence)
+    cases = {
+        "float": ({"label": [0.0, 2.0, float("nan"), 1.0]}, {"label": datasets.Value("float32")}),
+        "list_int": ({"labels": [[0], [1, 2], [], [2]]}, {"labels": seq(datasets.Value("int64"))}),
+        "ambiguous": ({"label": [0, 1, 2, 1], "domain": [0, 0, 1, 1]},
+                      {"label": datasets.Value("int64"), "domain": datasets.ClassLabel(names=["web", "lab"])}),
+        "fraction": ({"label": [0.5, 1.0, 0.0, 1.0]}, {"label": datasets.Value("float32")}),
+        "int_vs_names": None,
+    }
+    for name, case in cases.items():
+        if case is not None:
+            columns, features = case
+            _dataset({"image": _bytes_of(rows), **columns}, {"image": image, **features}).save_to_disk(str(tmp_path / name))
+    ints = _dataset({"image": _bytes_of(rows[:2]), "label": [0, 1]}, {"image": image, "label": datasets.Value("int64")})
+    names = _dataset({"image": _bytes_of(rows[:2]), "label": [0, 1]},
+                     {"image": image, "label": datasets.ClassLabel(names=["b", "a"])})
+    datasets.DatasetDict({"train": names, "test": ints}).save_to_disk(str(tmp_path / "int_vs_names"))
+    floats = discover(tmp_path / "float")
+    assert floats.classes == ["0", "1", "2"] and floats.splits["all"].labels.tolist() == [0, 2, -1, 1]
+    multi = discover(tmp_path / "list_int")
+    assert multi.multilabel and multi.classes == ["0", "1", "2"]
+    assert multi.splits["all"].labels.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0], [0, 0, 1]]
+    with pytest.raises(ValueError, match="ClassLabel column 'domain' and a label column 'label'.*--label-column"):
+        discover(tmp_path / "ambiguous")
+    assert discover(tmp_path / "ambiguous", label_column="domain").classes == ["web", "lab"]
+    with pytest.raises(ValueError, match="holds 0.5, which is not a class label"):
+        discover(tmp_path / "fraction")
+    with pytest.raises(ValueError, match="names classes differently in different splits"):
+        discover(tmp_path / "int_vs_names")
+
+
+def test_extract_keeps_the_group_column_of_a_dataset(tiny_vit, digits_dir, tmp_path):
+    rows = _folder_rows(digits_dir, "train")[:6]
+    ds = _image_dataset(rows, group=(datasets.Value("string"), ["p1", "p1", "p2", "p2", "p3", "p3"]))
+    ds.save_to_disk(str(tmp_path / "g"))
+    r = _extract(tiny_vit, tmp_path / "g", tmp_path / "g.h5")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "g.h5") as store:
+        assert list(store["all"].groups) == ["p1", "p1", "p2", "p2", "p3", "p3"]
+    missing = _extract(tiny_vit, tmp_path / "g", tmp_path / "h.h5", "--group-column", "patient")
+    assert missing.exit_code != 0 and "--group-column 'patient' is not a column" in missing.output
