@@ -33,7 +33,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--num-tokens", type=int, default=None, help="Token count to store, e.g. 257 (197 -> 257 as in the seed). Default: the backbone's own.")
 @click.option("--token-mode", type=click.Choice(TOKEN_MODES), default="resize", show_default=True, help="How to reach --num-tokens: resize the token axis (seed recipe), resize the patch grid, or run at the native resolution.")
 @click.option("--blocks", type=click.IntRange(min=1), default=None, metavar="N", help="Also store the CLS token and mean patch token of the last N blocks after the final norm (DINOv2's linear evaluation; feature kinds cls@N, cls@N+pooled). ViT, DeiT, DINOv2 only.")
-@click.option("--image-size", type=int, default=None, help="Override the processor's output size in pixels (square).")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the processor's output size in pixels (square; for a transformer a multiple of its patch size).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

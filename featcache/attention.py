@@ -44,11 +44,6 @@ def load_attention_backbone(model: str, image_size: int | None = None) -> Backbo
     if backbone.family.cnn:
         raise ValueError(f"{model} is a {backbone.family.name} CNN and has no attention; attention "
                          f"maps need a ViT, DeiT, DINO or DINOv2 model.")
-    p = backbone.patch_size
-    if image_size is not None and image_size % p:
-        # the last image_size % p pixels would be dropped and the map stretched over the whole image
-        raise ValueError(f"--image-size {image_size} is not a multiple of {model}'s patch size {p}; use "
-                         f"{image_size // p * p} or {(image_size // p + 1) * p}.")
     use_eager_attention(backbone.model)
     return backbone
 

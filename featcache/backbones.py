@@ -8,6 +8,7 @@ of pixels into the three things a feature file stores: cls, pooled and tokens.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,17 @@ def interpolation_kwargs(backbone: "Backbone", pixels: "torch.Tensor") -> dict[s
     return {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other else {}
 
 
+def check_image_size(backbone: "Backbone", image_size: int) -> None:
+    """Refuse an input size the model cannot use whole: not positive, or for a transformer not a
+    multiple of its patch size (the patch embedding would drop the last image_size % patch pixels)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise ValueError(f"--image-size must be a positive number of pixels; got {image_size!r}.")
+    p = backbone.patch_size
+    if not backbone.family.cnn and p and image_size % p:
+        raise ValueError(f"--image-size {image_size} is not a multiple of {backbone.name}'s patch size {p} (the model "
+                         f"would see {image_size // p * p} px); use {image_size // p * p} or {(image_size // p + 1) * p}.")
+
+
 def load_backbone(model: str, revision: str | None = None, cache_dir: str | None = None,
                   image_size: int | None = None, quiet: bool = True) -> Backbone:
     """Load a frozen backbone and its image processor from a local directory or a hub id.
@@ -264,9 +276,10 @@ def load_backbone(model: str, revision: str | None = None, cache_dir: str | None
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    if image_size:
-        set_processor_size(processor, image_size, image_size)
     commit = getattr(config, "_commit_hash", None) or revision
     backbone = Backbone(net, processor, family, model, commit)
+    if image_size is not None:
+        check_image_size(backbone, image_size)
+        set_processor_size(processor, image_size, image_size)
     backbone.weights_id = local_weights_id(model) if local else None
     return backbone

@@ -87,10 +87,6 @@ def bench_model(model: str, device: torch.device, runs: int = 50, batch_size: in
     own_peak = device.type != "cuda" and _reset_peak_rss()
     backbone = load_backbone(model, image_size=image_size).to(device)
     h, w = backbone.input_size()
-    p = getattr(backbone, "patch_size", None)
-    if image_size is not None and not backbone.family.cnn and p and image_size % p:
-        raise ValueError(f"--image-size {image_size} is not a multiple of {model}'s patch size {p} (the model would "
-                         f"see {image_size // p * p} px); use {image_size // p * p} or {(image_size // p + 1) * p}.")
     params = sum(p.numel() for p in backbone.model.parameters())
     one = torch.randn(1, 3, h, w, device=device)
     gflops = count_gflops(backbone, one)

@@ -476,19 +476,20 @@ def to_rgb(img: "Image.Image") -> "Image.Image":
     palette converted, alpha composited onto black (what the pixels show without transparency)."""
     from PIL import Image, ImageOps
 
+    from_png = img.format == "PNG"  # before exif_transpose, which returns a copy without it
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(img, dtype=np.float64) * 255.0 / 65535.0
         return Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode == "I" and arr.min() >= 0 and arr.max() <= 65535 and arr.max() > 255:
-            arr = arr * 255.0 / 65535.0          # 16-bit PNGs decode as mode I
-        elif arr.max() > arr.min():
+        if img.mode == "I" and from_png:       # a 16-bit PNG (older Pillow opens it as mode I)
+            arr = arr * 255.0 / 65535.0
+        elif arr.max() > arr.min():            # 32-bit integer / float data (TIFF): its own range
             arr = (arr - arr.min()) * 255.0 / (arr.max() - arr.min())
         return Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA")
+    if img.mode == "P" or (img.mode in ("L", "RGB") and img.info.get("transparency") is not None):
+        img = img.convert("RGBA")  # a palette, or a PNG transparency key colour (tRNS): alpha, below
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -181,6 +181,6 @@ def test_top_mass_mask_does_not_depend_on_cell_order():
 
 
 def test_image_size_must_be_a_multiple_of_the_patch_size(models):
-    with pytest.raises(ValueError, match="--image-size 50 is not a multiple of .* patch size 4; use 48 or 52"):
+    with pytest.raises(ValueError, match=r"--image-size 50 is not a multiple of .* patch size 4 \(the model would see 48 px\); use 48 or 52"):
         load_attention_backbone(str(models["vit"]), image_size=50)
     assert load_attention_backbone(str(models["vit"]), image_size=48).patch_size == 4

@@ -159,6 +159,23 @@ def test_image_size_on_a_fixed_size_vit_names_the_native_mode(tiny_vit, tmp_path
         fc.extract(str(tiny_vit), tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=48)
 
 
+def test_image_size_must_be_positive_and_a_patch_multiple(tiny_models, tmp_path):
+    """0 was silently the processor's own size (recorded as 0), -14 a traceback, 30 on a patch-4
+    DINOv2 dropped the last 2 px rows and columns of every image without a word."""
+    _images(tmp_path / "d", ["a/0.png"])
+    model = str(tiny_models["dinov2"])
+    with pytest.raises(ValueError, match=r"--image-size 30 is not a multiple of .* patch size 4 \(the model "
+                                         r"would see 28 px\); use 28 or 32"):
+        fc.extract(model, tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=30)
+    for size in (0, -14):
+        with pytest.raises(ValueError, match="--image-size must be a positive number of pixels"):
+            fc.extract(model, tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=size)
+        res = CliRunner().invoke(cli, ["extract", "--model", model, "--data", str(tmp_path / "d"),
+                                       "--out", str(tmp_path / "f.h5"), f"--image-size={size}"])
+        assert res.exit_code == 2 and "Traceback" not in res.output and "--image-size" in res.output
+    assert not (tmp_path / "f.h5").exists()
+
+
 def test_resize_mode_warns_when_it_shrinks_the_token_count(tiny_vit, tmp_path):
     _images(tmp_path / "d", ["a/0.png", "b/0.png"])
     with pytest.warns(UserWarning, match="token 0 is then a blend of CLS"):

@@ -172,6 +172,29 @@ def test_rgba_alpha_is_composited_onto_black(tmp_path):
     np.testing.assert_allclose(px, np.round(np.array([200, 100, 50]) * 128 / 255), atol=1)
 
 
+@pytest.mark.parametrize("mode,key", [("L", 100), ("RGB", (100, 100, 100))])
+def test_png_transparency_key_is_alpha_too(tmp_path, mode, key):
+    """A tRNS key colour is transparency like an alpha channel: onto black, whichever pixel path
+    (the uint8 path skipped it, the processor's convert_to_rgb painted it white)."""
+    arr = np.full((6, 6), 30, dtype=np.uint8)
+    arr[2:4] = 100
+    Image.fromarray(arr, "L").convert(mode).save(tmp_path / "k.png", transparency=key)
+    alpha = np.where(arr == 100, 0, 255).astype(np.uint8)
+    Image.fromarray(np.stack([arr, arr, arr, alpha], axis=-1), "RGBA").save(tmp_path / "a.png")
+    keyed = load_image(tmp_path / "k.png")
+    assert keyed.info.get("transparency") is None
+    np.testing.assert_array_equal(np.asarray(keyed), np.asarray(load_image(tmp_path / "a.png")))
+    assert np.asarray(keyed)[2, 0].tolist() == [0, 0, 0] and np.asarray(keyed)[0, 0].tolist() == [30, 30, 30]
+
+
+def test_32bit_integer_image_is_min_max_scaled(tmp_path):
+    """12-bit data in an int32 TIFF spans 0..255 (it was divided by 257 as if a 16-bit PNG: 0..16)."""
+    ramp = np.tile(np.arange(0, 4096, 64, dtype=np.int32), (4, 1))
+    Image.fromarray(ramp, "I").save(tmp_path / "i.tif")
+    out = np.asarray(load_image(tmp_path / "i.tif"))[..., 0].astype(np.float64)
+    np.testing.assert_allclose(out, np.round(ramp * 255.0 / ramp.max()), atol=0)
+
+
 def test_cmyk_converts_to_rgb(tmp_path):
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # pure red in CMYK
     r, g, b = np.asarray(load_image(tmp_path / "c.jpg"))[0, 0].astype(int)
