@@ -319,6 +319,13 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
     return positive, 0.5, "default 0.5"
 
 
+def exact_text(value: float) -> str:
+    """A probability as the shortest text that reads back as exactly the same number: every figure
+    recomputed from the CSV (AUROC, sensitivity at the saved threshold) is then the run's own (8
+    decimals merged tiny probabilities into ties and printed a row at the threshold below it)."""
+    return repr(float(value))
+
+
 def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
     """image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction."""
     out = Path(out)
@@ -330,15 +337,15 @@ def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
             w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + [f"label_{c}" for c in classes]
                        + [f"pred_{c}" for c in classes])
             for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
-                w.writerow([p, *[f"{v:.8f}" for v in pr], *map(int, lab), *map(int, d)])
+                w.writerow([p, *map(exact_text, pr), *map(int, lab), *map(int, d)])
         elif len(classes) == 2:
             w.writerow(["image_path", "probability", "label", "prediction"])
             for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
-                w.writerow([p, f"{pr[pred.positive]:.8f}", classes[lab] if lab >= 0 else "", classes[d]])
+                w.writerow([p, exact_text(pr[pred.positive]), classes[lab] if lab >= 0 else "", classes[d]])
         else:
             w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + ["label", "prediction"])
             for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
-                w.writerow([p, *[f"{v:.8f}" for v in pr], classes[lab] if lab >= 0 else "", classes[d]])
+                w.writerow([p, *map(exact_text, pr), classes[lab] if lab >= 0 else "", classes[d]])
     return out
 
 

@@ -94,9 +94,9 @@ def csv_arrays(rows: list[dict[str, str]], classes: list[str]):
     return y, p, pred
 
 
-# CSV probabilities are written with 8 decimals: every figure recomputed from them agrees with the
-# run's own float64 figures to far better than 1e-6 (rank-based AUROC/AUPRC exactly, unless two
-# scores are within 1e-8 of each other, which continuous Gaussian features do not produce).
+# CSV probabilities are written as the exact numbers the run scored (prediction.exact_text): every
+# figure recomputed from them agrees with the run's own figures up to float summation order
+# (test_wrong_but_plausible pins the saturated case where 8 decimals had made ties).
 CSV_TOL = 1e-6
 
 
