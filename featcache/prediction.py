@@ -239,7 +239,10 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
             raise ValueError(f"{Path(features_file).name} has no split {split!r}; it has {', '.join(store.splits)}.")
         view = store[split]
         rows = view.valid_index()
-        multilabel = view.multilabel
+        # the head decides sigmoid-per-label or softmax (a featcache 0.1 checkpoint did not say: the file)
+        multilabel = view.multilabel if meta.get("multilabel") is None else bool(meta["multilabel"])
+        file_labels = _labels_of_kind(view.labels[rows], view.multilabel, multilabel, head.classes,
+                                      Path(features_file).name, split)
 
         def batches() -> Iterable[torch.Tensor]:
             for i in range(0, len(rows), PREDICT_BATCH):
@@ -250,13 +253,35 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
                     x = torch.from_numpy(view.features(meta["features"], r))
                 yield standardize(x, head.mean, head.std)
 
-        labels, notes = labels_for_head(view.labels[rows], store.classes, head.classes, multilabel,
-                                        Path(features_file).name)
+        if file_labels is None:
+            labels, notes = labels_for_head(view.labels[rows], store.classes, head.classes, multilabel,
+                                            Path(features_file).name)
+        else:
+            labels, notes = file_labels, []
         proba = batch_proba(head.model, batches(), multilabel, head.spec.num_classes)
         paths = view.paths
     positive, t, source = _decision_rule(head, multilabel, threshold, positive_class)
     return Predictions([paths[i] for i in rows], labels, proba, head.classes, multilabel, positive, t, source,
                        describe_head(head), notes)
+
+
+def _labels_of_kind(labels: np.ndarray, file_multilabel: bool, head_multilabel: bool, head_classes: Sequence[str],
+                    file_name: str, split: str) -> np.ndarray | None:
+    """None when the file's labels are of the head's kind (matched by name next); (N, C) -1 for an
+    unlabelled file read by a multi-label head (written blank, never as 'no finding'); else refused:
+    a multi-label head's per-label scores and a single-label head's one class per row cannot be
+    compared, and guessing would write plausible numbers of the wrong kind."""
+    if file_multilabel == head_multilabel:
+        return None
+    if head_multilabel and not np.any(labels >= 0):
+        return np.full((len(labels), len(head_classes)), -1, dtype=np.int64)
+    if head_multilabel:
+        raise ValueError(f"the head is multi-label (it scores {', '.join(head_classes)} each on its own), but split "
+                         f"{split!r} of {file_name} holds one class per row; predict on a multi-label file (or an "
+                         f"unlabelled one) of the same backbone.")
+    raise ValueError(f"the head predicts one class per row ({', '.join(head_classes)}), but split {split!r} of "
+                     f"{file_name} is multi-label (0/1 per label); predict on a single-label file (or an unlabelled "
+                     f"one) of the same backbone.")
 
 
 def labels_for_head(labels: np.ndarray, file_classes: Sequence[str], head_classes: Sequence[str],
@@ -269,8 +294,8 @@ def labels_for_head(labels: np.ndarray, file_classes: Sequence[str], head_classe
     label 0 need not be the head's class 0. Single-label rows of a class the head does not know are
     written unlabelled (-1). Multi-label files must have the head's labels (in any order)."""
     file_classes, head_classes = list(file_classes), list(head_classes)
-    if file_classes == head_classes:
-        return labels, []
+    if file_classes == head_classes or (labels.ndim == 1 and not np.any(labels >= 0)):
+        return labels, []  # the same classes, or an unlabelled file: nothing to match
     if multilabel:
         missing = [c for c in head_classes if c not in file_classes]
         if missing:
@@ -337,7 +362,7 @@ def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
             w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + [f"label_{c}" for c in classes]
                        + [f"pred_{c}" for c in classes])
             for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
-                w.writerow([p, *map(exact_text, pr), *map(int, lab), *map(int, d)])
+                w.writerow([p, *map(exact_text, pr), *("" if v < 0 else int(v) for v in lab), *map(int, d)])
         elif len(classes) == 2:
             w.writerow(["image_path", "probability", "label", "prediction"])
             for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):

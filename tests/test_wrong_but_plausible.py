@@ -16,7 +16,7 @@ from featcache.comparing import paired_bootstrap
 from featcache.evaluation import few_shot
 from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, classification_metrics, resample_indices,
                                selection_score)
-from featcache.prediction import array_proba, probe_head_payload
+from featcache.prediction import array_proba, probe_head_payload, write_predictions_csv
 from featcache.probe import LogisticProbe
 from featcache.store import write_arrays
 from featcache_cli.main import cli
@@ -351,3 +351,39 @@ def test_predictions_csv_recomputes_the_runs_auroc_and_threshold_exactly(tmp_pat
         threshold = t.metrics[split]["threshold"]
         np.testing.assert_array_equal(predicted, p >= threshold)  # the printed numbers give the decisions
         assert labels[p >= threshold].sum() / labels.sum() == t.metrics[split]["sensitivity"]
+
+
+def test_the_head_not_the_file_decides_multi_label_predictions(tmp_path):
+    """A multi-label head on an unlabelled file of its backbone (the deployment case) wrote softmax
+    probabilities summing to 1 and dropped its per-label thresholds; a single-label head on a file
+    with 2-D labels wrote per-class sigmoids."""
+    rng = np.random.default_rng(2)
+    n, names = 600, ["x", "y", "z"]
+    feats = rng.normal(size=(n, 6)).astype(np.float32)
+    multi = (feats[:, :3] + rng.normal(scale=0.5, size=(n, 3)) > 0.3).astype(np.uint8)
+    single = multi[:, 0].astype(int)
+    config = {"model": "m", "tokens": "none", "dtype": "float32"}
+    cut = {"train": slice(0, 300), "val": slice(300, 450), "test": slice(450, n)}
+    write_arrays(tmp_path / "ml.h5", {k: {"cls": feats[s], "labels": multi[s]} for k, s in cut.items()}, names, config)
+    write_arrays(tmp_path / "bin.h5", {k: {"cls": feats[s], "labels": single[s]} for k, s in cut.items()},
+                 ["neg", "pos"], config)
+    write_arrays(tmp_path / "new.h5", {"test": {"cls": feats[cut["test"]]}}, [], config)  # unlabelled
+    trained = fc.train_head(tmp_path / "ml.h5", epochs=20)
+    trained.apply_threshold("youden")
+    trained.save(tmp_path / "ml_run")
+    labelled = fc.predict(tmp_path / "ml_run", tmp_path / "ml.h5")
+    new = fc.predict(tmp_path / "ml_run", tmp_path / "new.h5")
+    assert new.multilabel and new.threshold == labelled.threshold and len(new.threshold) == 3
+    np.testing.assert_array_equal(new.proba, labelled.proba)      # sigmoid per label, not a softmax
+    assert not np.allclose(new.proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(new.decisions(), labelled.decisions())
+    write_predictions_csv(new, tmp_path / "new.csv")
+    row = next(csv.DictReader((tmp_path / "new.csv").open()))
+    assert [row[f"label_{c}"] for c in names] == ["", "", ""]      # unknown, not "no finding"
+    assert float(row["prob_x"]) == labelled.proba[0, 0]
+    assert new.notes == []  # no "lists its classes as , ..." for a file without labels
+    with pytest.raises(ValueError, match="the head is multi-label .* holds one class per row"):
+        fc.predict(tmp_path / "ml_run", tmp_path / "bin.h5")
+    fc.train_head(tmp_path / "bin.h5", epochs=5, out=tmp_path / "bin_run")
+    with pytest.raises(ValueError, match="predicts one class per row .* is multi-label"):
+        fc.predict(tmp_path / "bin_run", tmp_path / "ml.h5")
