@@ -267,21 +267,25 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
         notes.append(f"the probe did not converge at C = {', '.join(unconverged)} (lbfgs reached max_iter = {max_iter} "
                      f"or its line search found no decrease): "
                      f"those scores are of unconverged models; raise --max-iter to fit them.")
-    t_value = None
-    if rule is not None:
-        if val is None:
-            raise ValueError("--threshold youden|sensitivity:T is chosen on a validation split; this file has none.")
-        val_proba = _expanded(probe, val.x, len(classes))
-        t_value = choose_threshold_rule(rule, val.y, val_proba, positive, notes, classes)
     config = {**_base_config(store, "probe", features), "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split if use_test else None,
               "Cs": [float(c) for c in cs], "metric": metric, "class_weight": class_weight, "cv": cv,
               "refit": refit, "bootstrap": bootstrap, "max_iter": max_iter,
               "n_train": int(len(train.y)), "n_val": int(len(val.y)) if val else 0,
               "n_test": int(len(test.y)) if test else 0}
-    head = probe_head_payload(probe, classes=classes, fingerprint=store.fingerprint,
-                              model_name=store.config.get("model"), features=features, threshold=t_value,
-                              threshold_rule=rule, positive=positive, recipe=config)
+    def exported(threshold: float | list[float] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        return probe_head_payload(probe, classes=classes, fingerprint=store.fingerprint,
+                                  model_name=store.config.get("model"), features=features, threshold=threshold,
+                                  threshold_rule=rule, positive=positive, recipe=config)
+
+    t_value = None
+    if rule is not None:
+        if val is None:
+            raise ValueError("--threshold youden|sensitivity:T is chosen on a validation split; this file has none.")
+        # on the probabilities predict will compute (the exported float32 head), not scikit-learn's
+        # float64 ones: a row that defines the threshold must not fall 2e-8 below it when deployed
+        t_value = choose_threshold_rule(rule, val.y, array_proba(exported(None), val.x), positive, notes, classes)
+    head = exported(t_value)
     metrics = proba = None
     if test is not None:
         proba = array_proba(head, test.x)   # exactly what predict computes from the saved head

@@ -387,3 +387,26 @@ def test_the_head_not_the_file_decides_multi_label_predictions(tmp_path):
     fc.train_head(tmp_path / "bin.h5", epochs=5, out=tmp_path / "bin_run")
     with pytest.raises(ValueError, match="predicts one class per row .* is multi-label"):
         fc.predict(tmp_path / "bin_run", tmp_path / "ml.h5")
+
+
+def test_a_probe_threshold_is_chosen_on_the_probabilities_predict_gives(tmp_path):
+    """sensitivity:0.9 was chosen on scikit-learn's float64 probabilities and applied to the exported
+    float32 head: the validation row defining it came out 2e-8 below it and the deployed validation
+    sensitivity was 18/21 = 0.857. Several datasets, so a float32 rounding down is certain to occur."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        splits = {}
+        for name, n in (("train", 200), ("val", 80), ("test", 80)):
+            y = rng.choice(2, n, p=[0.75, 0.25])
+            x = rng.normal(size=(n, 8))
+            x[np.arange(n), y] += 0.7
+            splits[name] = {"cls": x.astype(np.float32), "labels": y}
+        path = tmp_path / f"b{seed}.h5"
+        write_arrays(path, splits, ["benign", "malignant"], {"model": "m"})
+        run = tmp_path / f"probe{seed}"
+        res = CliRunner().invoke(cli, ["probe", str(path), "--no-refit", "--Cs", "0.01,0.1,1", "--threshold",
+                                       "sensitivity:0.9", "--out", str(run), "-q"])
+        assert res.exit_code == 0, res.output
+        val = fc.predict(run, path, split="val")
+        positives = val.labels == 1
+        assert (val.decisions()[positives] == 1).mean() >= 0.9, seed
