@@ -128,6 +128,9 @@ def pick_label_column(features: Any, override: str | None, where: str, image_col
     columns = [c for c in features if c != image_column]
     class_labels = [c for c in columns if _label_kind(features[c]) in ("classlabel", "multilabel")]
     named = [c for c in LABEL_NAMES if c in columns]
+    preferred = [c for c in named if c in class_labels]
+    if preferred:  # a ClassLabel named like a label is unambiguous, whatever else the split holds
+        return preferred[0]
     for c in named:
         if _label_kind(features[c]) is None:
             raise ValueError(f"column {c!r} of {where} is {features[c]!r}, which featcache cannot read as class "
@@ -136,9 +139,6 @@ def pick_label_column(features: Any, override: str | None, where: str, image_col
                              f"dataset.cast_column({c!r}, datasets.ClassLabel(names=[...])), name the label "
                              f"column with --label-column, or drop it (dataset.remove_columns) to extract "
                              f"without labels.")
-    preferred = [c for c in named if c in class_labels]
-    if preferred:
-        return preferred[0]
     if class_labels and named:
         raise ValueError(f"{where} has a ClassLabel column {class_labels[0]!r} and a label column {named[0]!r}: "
                          f"which one holds the classes to evaluate is ambiguous; pick one with --label-column.")

@@ -295,6 +295,8 @@ def test_label_columns_of_other_types_are_read_or_refused(digits_dir, tmp_path):
         "ambiguous": ({"label": [0, 1, 2, 1], "domain": [0, 0, 1, 1]},
                       {"label": datasets.Value("int64"), "domain": datasets.ClassLabel(names=["web", "lab"])}),
         "fraction": ({"label": [0.5, 1.0, 0.0, 1.0]}, {"label": datasets.Value("float32")}),
+        "with_boxes": ({"label": [0, 1, 1, 0], "targets": [[[0.5, 1.5]]] * 4},
+                       {"label": datasets.ClassLabel(names=["a", "b"]), "targets": seq(seq(datasets.Value("float32")))}),
         "int_vs_names": None,
     }
     for name, case in cases.items():
@@ -313,6 +315,7 @@ def test_label_columns_of_other_types_are_read_or_refused(digits_dir, tmp_path):
     with pytest.raises(ValueError, match="ClassLabel column 'domain' and a label column 'label'.*--label-column"):
         discover(tmp_path / "ambiguous")
     assert discover(tmp_path / "ambiguous", label_column="domain").classes == ["web", "lab"]
+    assert discover(tmp_path / "with_boxes").splits["all"].labels.tolist() == [0, 1, 1, 0]  # boxes beside it
     with pytest.raises(ValueError, match="holds 0.5, which is not a class label"):
         discover(tmp_path / "fraction")
     with pytest.raises(ValueError, match="names classes differently in different splits"):
