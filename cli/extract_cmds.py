@@ -164,6 +164,9 @@ def _pairs(values, option: str) -> dict[str, str]:
         if "=" not in v:
             raise click.BadParameter(f"expected NAME=FILE such as train=train.npz; got {v!r}", param_hint=option)
         name, file = v.split("=", 1)
+        if name.strip() in pairs:
+            raise click.BadParameter(f"split {name.strip()!r} is given twice ({pairs[name.strip()]} and "
+                                     f"{file.strip()}); give each split once", param_hint=option)
         pairs[name.strip()] = file.strip()
     return pairs
 

@@ -21,9 +21,10 @@ _ROLES = {
 }
 
 
-def load_array_file(path: str | Path) -> dict[str, Any]:
+def load_array_file(path: str | Path, labels_only: bool = False) -> dict[str, Any]:
     """Read .npy (one array = features), .npz or .pt (a dict or one tensor), or .h5/.hdf5 (top-level
-    datasets such as thingsvision's `features`) into role -> array."""
+    datasets such as thingsvision's `features`) into role -> array. With `labels_only`, a file that
+    holds only a labels array (a `--labels` file) is accepted."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
@@ -36,7 +37,13 @@ def load_array_file(path: str | Path) -> dict[str, Any]:
     elif suffix in (".pt", ".pth"):
         import torch
 
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights-only unpickling refuses numpy arrays and any other object
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{path} holds objects other than tensors (read with torch.load(weights_only=True), "
+                             f"which never runs code from the file: {reason}); save torch tensors "
+                             f"(torch.save({{'features': torch.as_tensor(x)}})) or use .npz.") from None
         raw = obj if isinstance(obj, Mapping) else {"cls": obj}
     elif suffix in (".h5", ".hdf5"):
         raw = _read_hdf5_arrays(path)
@@ -48,6 +55,8 @@ def load_array_file(path: str | Path) -> dict[str, Any]:
             if name in raw:
                 found[role] = _to_numpy(raw[name])
                 break
+    if "cls" not in found and set(found) == {"labels"} and labels_only:
+        return found
     if "cls" not in found:
         raise ValueError(f"{path} has no features: expected an array named one of "
                          f"{', '.join(_ROLES['cls'])}; found {', '.join(map(str, raw)) or 'nothing'}.")
@@ -86,7 +95,10 @@ def _read_hdf5_arrays(path: Path) -> dict[str, Any]:
 
 def _to_numpy(value: Any) -> Any:
     if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype.itemsize < 4:
+            value = value.float()  # bfloat16 has no numpy dtype; float32 holds it (and float16) exactly
+        return value.numpy()
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
         return list(value)
     return np.asarray(value)
@@ -97,7 +109,8 @@ def load_labels_file(path: str | Path) -> np.ndarray:
     indices when every line is an integer)."""
     path = Path(path)
     if path.suffix.lower() in (".npy", ".npz", ".pt", ".pth"):
-        return np.asarray(load_array_file(path)["cls"])
+        found = load_array_file(path, labels_only=True)
+        return np.asarray(found["labels"] if "labels" in found else found["cls"])
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -121,6 +134,14 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
         data[name]["labels"] = load_labels_file(file)
     for name, file in paths.items():
         data[name]["paths"] = [p for p in Path(file).read_text().splitlines() if p.strip()]
+    for name, d in data.items():
+        if d.get("labels") is not None:
+            d["labels"] = normalise_labels(d["labels"], name)
+        if d.get("paths") is not None:
+            seen: set[str] = set()
+            twice = next((p for p in map(str, d["paths"]) if p in seen or seen.add(p)), None)
+            if twice is not None:
+                raise ValueError(f"split {name!r}: path {twice!r} is given twice; each row needs its own path.")
     class_names = _class_names(classes, [d.get("labels") for d in data.values()])
     arrays: dict[str, dict[str, Any]] = {}
     for name, d in data.items():
@@ -134,18 +155,57 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
                         overwrite=overwrite, dtype=dtype)
 
 
+UNLABELLED_NAMES = ("", "-1")  # a class-name label that marks a row unlabelled, as -1 does for indices
+
+
+def normalise_labels(y: Any, split: str) -> np.ndarray:
+    """One label array per split in one of three forms: (N,) int64 class indices (-1 unlabelled),
+    (N,) str class names ("" unlabelled), or (N, C) 0/1 multi-label. A column vector (N, 1) is one
+    label per row; whole-number floats (what torch.save(y.float()) or np.loadtxt give) and bools are
+    indices, NaN is unlabelled; fractions are refused, never rounded or sorted as text."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 2:
+        return y  # multi-label: write_arrays checks the cells are 0/1 (a cast here would turn 0.7 into 0)
+    if y.ndim != 1:
+        raise ValueError(f"split {split!r}: labels must be (N,) or (N, C); got shape {y.shape}.")
+    if y.dtype.kind == "b":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        finite = np.isfinite(y)
+        if not np.all(np.mod(y[finite], 1) == 0):
+            raise ValueError(f"split {split!r}: labels hold {float(y[finite][np.mod(y[finite], 1) != 0][0])!r}, which is "
+                             f"not a class index; labels must be class indices, class names, or (N, C) 0/1.")
+        return np.where(finite, y, -1).astype(np.int64)
+    if y.dtype.kind in "iu":
+        return y.astype(np.int64)
+    names = np.array([str(v).strip() for v in y.tolist()], dtype=object)
+    return np.where(np.isin(names, UNLABELLED_NAMES), "", names).astype(str)
+
+
 def _class_names(classes: str | None, label_arrays: list[Any]) -> list[str]:
     if classes:
         p = Path(classes)
-        names = p.read_text().splitlines() if p.is_file() else classes.split(",")
-        return [n.strip() for n in names if n.strip()]
+        if not p.is_file() and "," not in classes and (p.suffix or "/" in classes or "\\" in classes):
+            raise FileNotFoundError(f"--classes {classes}: no such file (give a file with one class name per line, "
+                                    f"or the names separated by commas).")
+        names = [n.strip() for n in (p.read_text().splitlines() if p.is_file() else classes.split(",")) if n.strip()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"--classes names {', '.join(twice)} more than once; each class needs its own name.")
+        return names
     values = [np.asarray(y) for y in label_arrays if y is not None]
     if not values:
         return []
     if any(v.ndim == 2 for v in values):
         return [str(i) for i in range(values[0].shape[1])]
-    if all(np.issubdtype(v.dtype, np.integer) for v in values):
-        top = max(int(v.max()) for v in values if v.size)
+    kinds = {"indices" if v.dtype.kind in "iu" else "names" for v in values}
+    if len(kinds) > 1:
+        raise ValueError("some splits' labels are class indices and others class names: give every split the same "
+                         "kind (or --classes, to say which name each index is).")
+    if kinds == {"indices"}:
+        top = max((int(v.max()) for v in values if v.size), default=-1)
         return [str(i) for i in range(top + 1)]
     return sorted({str(x) for v in values for x in v if str(x) != ""})
 
@@ -155,7 +215,10 @@ def _encode(y: Any, classes: list[str], split: str) -> np.ndarray:
     if y.ndim == 2:  # multi-label: write_arrays checks the cells are 0/1 (a cast here would turn 0.7 into 0)
         return y
     if np.issubdtype(y.dtype, np.integer):
-        if y.size and (y.max() >= len(classes) or y.min() < -1):
+        if y.size and y.min() < -1:
+            raise ValueError(f"split {split!r}: label {y.min()} is not a class index; labels must be 0..C-1, or -1 "
+                             f"for an unlabelled row.")
+        if y.size and y.max() >= len(classes):
             raise ValueError(f"split {split!r}: labels range {y.min()}..{y.max()} but there are "
                              f"{len(classes)} classes; pass --classes with every class name.")
         return y.astype(np.int64)

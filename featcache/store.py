@@ -1004,8 +1004,16 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         if pooled is not None and np.shape(pooled) != (n, layout.dim):
             raise ValueError(f"split {name!r}: pooled must be ({n}, {layout.dim}), one row per cls row; got "
                              f"{np.shape(pooled)} (rows of another split or order would sit next to these).")
-        if toks is not None and np.shape(toks)[0] != n:
-            raise ValueError(f"split {name!r}: tokens must have one row per cls row ({n}); got {np.shape(toks)}.")
+        for key, value, want in (("pooled", pooled, layout.has_pooled), ("tokens", toks, tokens is not None)):
+            if (value is not None) != want:
+                first_name = next(iter(splits))
+                raise ValueError(f"split {name!r} {'has' if value is not None else 'has no'} {key}, but split "
+                                 f"{first_name!r} {'has' if want else 'has none'}: give {key} for every split or "
+                                 f"for none (a split without them would read as zeros).")
+        if toks is not None and (np.ndim(toks) != 3 or np.shape(toks)[0] != n
+                                 or tuple(np.shape(toks)[1:]) != (tokens.num_tokens, tokens.dim)):
+            raise ValueError(f"split {name!r}: tokens must be ({n}, {tokens.num_tokens}, {tokens.dim}) (one row per "
+                             f"cls row, the token layout of split {next(iter(splits))!r}); got {np.shape(toks)}.")
         if labels.ndim == 1:
             check_labels(labels, len(classes), f"split {name!r}")
         elif labels.shape[1] != len(classes):

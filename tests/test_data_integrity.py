@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import re
 import warnings
 from pathlib import Path
 
@@ -222,3 +223,87 @@ def test_write_arrays_refuses_misaligned_or_non_binary_arrays(tmp_path):
     with pytest.raises(ValueError, match="2 columns but 3 label names"):
         write_arrays(tmp_path / "c.h5", {"train": {"cls": x, "labels": (y >= 0.5).astype(np.uint8)}},
                      ["eff", "nod", "mass"], {"model": "m"})
+
+
+# ------------------------------------------------------------------------------------------------
+# import: labels and arrays as other tools save them
+# ------------------------------------------------------------------------------------------------
+
+def _import(tmp_path, *args):
+    return CliRunner().invoke(cli, ["import", "--out", str(tmp_path / "o.h5"), "--overwrite", *map(str, args)])
+
+
+def test_import_reads_labels_as_other_tools_save_them(tmp_path):
+    """(N, 1) 0/1 labels were a one-finding multi-label task; float labels became text classes in
+    the order 0.0, 1.0, 10.0, 2.0; '-1' among class names was a class; bf16 tensors and a labels-only
+    .pt/.npz crashed or were refused."""
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cases = {
+        "column.npy": (np.array([[0], [1], [1], [0], [1], [0]]), ["0", "1"], [0, 1, 1, 0, 1, 0]),
+        "float.npy": (np.array([0.0, 2.0, 10.0, 1.0, 2.0, np.nan]), [str(i) for i in range(11)], [0, 2, 10, 1, 2, -1]),
+        "names.txt": ("dog\n-1\ncat\ndog\ncat\n-1\n", ["cat", "dog"], [1, -1, 0, 1, 0, -1]),
+        "labels.npz": ({"labels": np.array([1, 0, 1, 0, 1, 0])}, ["0", "1"], [1, 0, 1, 0, 1, 0]),
+        "labels.pt": ({"labels": torch.tensor([1, 0, 1, 0, 1, 0])}, ["0", "1"], [1, 0, 1, 0, 1, 0]),
+    }
+    for name, (value, classes, expected) in cases.items():
+        f = tmp_path / name
+        if name.endswith(".txt"):
+            f.write_text(value)
+        elif name.endswith(".npz"):
+            np.savez(f, **value)
+        elif name.endswith(".pt"):
+            torch.save(value, f)
+        else:
+            np.save(f, value)
+        r = _import(tmp_path, "--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={f}")
+        assert r.exit_code == 0, (name, r.output)
+        with fc.open(tmp_path / "o.h5") as store:
+            assert not store.multilabel and store.classes == classes, name
+            assert store["train"].labels.tolist() == expected, name
+    torch.save({"features": torch.as_tensor(x).bfloat16(), "labels": torch.tensor([0, 1, 0, 1, 0, 1])}, tmp_path / "b.pt")
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'b.pt'}")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "o.h5") as store:
+        np.testing.assert_array_equal(store["train"].cls[()], torch.as_tensor(x).bfloat16().float().numpy())
+
+
+def test_import_refuses_what_it_would_store_wrongly(tmp_path):
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    np.savez(tmp_path / "with_pooled.npz", cls=x, pooled=x * 2, labels=np.arange(6) % 2)
+    np.savez(tmp_path / "plain.npz", cls=x, labels=np.arange(6) % 2)
+    np.savez(tmp_path / "tok4.npz", cls=x, tokens=rng.normal(size=(6, 4, 4)).astype(np.float32))
+    np.savez(tmp_path / "tok7.npz", cls=x, tokens=rng.normal(size=(6, 7, 4)).astype(np.float32))
+    torch.save({"features": x, "labels": np.arange(6)}, tmp_path / "numpy_inside.pt")
+    np.save(tmp_path / "half.npy", np.array([0.5, 1, 0, 1, 0, 1]))
+    np.save(tmp_path / "minus2.npy", np.array([0, 1, -2, 1, 0, 1]))
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "paths.txt").write_text("a.png\nb.png\na.png\nc.png\nd.png\ne.png\n")
+    for args, message in [
+        (["--split", f"train={tmp_path / 'with_pooled.npz'}", "--split", f"test={tmp_path / 'plain.npz'}"],
+         "split 'test' has no pooled, but split 'train' has"),
+        (["--split", f"train={tmp_path / 'plain.npz'}", "--split", f"test={tmp_path / 'with_pooled.npz'}"],
+         "split 'test' has pooled, but split 'train' has none"),
+        (["--split", f"train={tmp_path / 'tok4.npz'}", "--split", f"test={tmp_path / 'tok7.npz'}"],
+         r"tokens must be \(6, 4, 4\)"),
+        (["--split", f"train={tmp_path / 'numpy_inside.pt'}"], "holds objects other than tensors"),
+        (["--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'half.npy'}"],
+         "labels hold 0.5, which is not a class index"),
+        (["--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'minus2.npy'}"],
+         "label -2 is not a class index"),
+        (["--split", f"train={tmp_path / 'plain.npz'}", "--classes", str(tmp_path / "clases.txt")], "no such file"),
+        (["--split", f"train={tmp_path / 'plain.npz'}", "--classes", "a,a"], "names a more than once"),
+        (["--split", f"train={tmp_path / 'x.npy'}", "--paths", f"train={tmp_path / 'paths.txt'}"],
+         "path 'a.png' is given twice"),
+        (["--split", f"train={tmp_path / 'x.npy'}", "--split", f"train={tmp_path / 'plain.npz'}"],
+         "split 'train' is given twice"),
+    ]:
+        r = _import(tmp_path, *args)
+        assert r.exit_code != 0 and "Traceback" not in r.output, (args, r.output)
+        assert re.search(message, " ".join(r.output.split())), (message, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
