@@ -35,7 +35,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--blocks", type=click.IntRange(min=1), default=None, metavar="N", help="Also store the CLS token and mean patch token of the last N blocks after the final norm (DINOv2's linear evaluation; feature kinds cls@N, cls@N+pooled). ViT, DeiT, DINOv2 only.")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the processor's output size in pixels (square; for a transformer a multiple of its patch size).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=int, default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage dtype of the features.")
 @click.option("--amp", is_flag=True, help="bf16 autocast on GPU (ignored on CPU).")

@@ -165,7 +165,10 @@ def processor_output_size(processor: Any) -> tuple[int, int]:
 
 
 def set_processor_size(processor: Any, height: int, width: int) -> None:
-    """Make a processor emit (height, width) pixels, keeping its resize-then-crop ratio."""
+    """Make a processor emit (height, width) pixels, keeping its resize-then-crop ratio (a
+    processor saved with do_resize off is turned on: a size it would not apply is no size)."""
+    if getattr(processor, "do_resize", None) is False:
+        processor.do_resize = True
     size = dict(processor.size or {}) if getattr(processor, "size", None) is not None else {}
     if getattr(processor, "crop_pct", None) is not None and "shortest_edge" in size:
         # ConvNeXT: shortest_edge S gives S x S (a resize to S / crop_pct then a centre crop below 384)
@@ -270,6 +273,9 @@ def load_backbone(model: str, revision: str | None = None, cache_dir: str | None
     try:
         processor = AutoImageProcessor.from_pretrained(model, revision=revision, cache_dir=cache_dir)
         net = AutoModel.from_pretrained(model, revision=revision, cache_dir=cache_dir)
+        # a checkpoint saved in float16/bfloat16 loads in it (transformers 5: dtype "auto"); features
+        # are computed in float32 unless --amp asks otherwise, whatever precision the weights were saved in
+        net = net.to(torch.float32)
     except (OSError, ValueError) as exc:
         raise BackboneError(f"could not load the weights or image processor of {model!r}: {exc}.{hint}") from exc
     finally:

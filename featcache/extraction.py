@@ -260,6 +260,9 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
     if cfg.num_tokens is not None and cfg.tokens != "full" and cfg.token_mode != "native":
         raise ValueError(f"--num-tokens {cfg.num_tokens} only shapes stored tokens: add --tokens full "
                          f"(or use --token-mode native to change the input resolution).")
+    if cfg.image_size is not None and cfg.token_mode == "native":
+        raise ValueError(f"--image-size and --token-mode native both set the input size (native mode sizes it from "
+                         f"--num-tokens {cfg.num_tokens}); give one of them.")
     backbone = load_backbone(cfg.model, revision=cfg.revision, image_size=cfg.image_size)
     if cfg.blocks is not None:
         backbone.check_blocks(cfg.blocks)
@@ -276,6 +279,11 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
         if backbone.family.cnn:
             raise ValueError(f"--token-mode native needs a ViT-like model; {cfg.model} is a CNN. "
                              f"Use --token-mode resize.")
+        trained = getattr(backbone.model.config, "image_size", None)
+        if backbone.family.interpolates_pos and isinstance(trained, (list, tuple)) and trained[0] != trained[1]:
+            raise ValueError(f"--token-mode native interpolates position embeddings, which transformers' "
+                             f"{backbone.family.name} supports for a square trained grid only; {cfg.model} was trained "
+                             f"at {trained[0]}x{trained[1]} px. Use --token-mode resize or grid.")
         h, w = native_input_size(plan, backbone.patch_size)
         set_processor_size(backbone.processor, h, w)
         native = backbone.layout((h, w), native=True)
@@ -672,6 +680,8 @@ def extract(model: str, data: str | Path, out: str | Path, **options: Any) -> Fe
     run_keys = set(RunOptions.__dataclass_fields__)
     cfg = ExtractConfig(model=str(model), **{k: v for k, v in options.items() if k in cfg_keys})
     run = RunOptions(**{k: v for k, v in options.items() if k in run_keys})
+    if run.workers is not None and run.workers < 0:  # before any file is created
+        raise ValueError(f"workers must be 0 (decode in this process) or more; got {run.workers}.")
     source_options = {k: v for k, v in options.items() if k not in cfg_keys | run_keys}
     run_extraction(cfg, data, out, run, **source_options)
     return FeatureStore(out)

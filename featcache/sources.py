@@ -483,10 +483,13 @@ def to_rgb(img: "Image.Image") -> "Image.Image":
         return Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(arr)              # NaN / inf "no data" pixels: black, outside the range
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
         if img.mode == "I" and from_png:       # a 16-bit PNG (older Pillow opens it as mode I)
             arr = arr * 255.0 / 65535.0
-        elif arr.max() > arr.min():            # 32-bit integer / float data (TIFF): its own range
-            arr = (arr - arr.min()) * 255.0 / (arr.max() - arr.min())
+        elif hi > lo:                          # 32-bit integer / float data (TIFF): its own range
+            arr = (arr - lo) * 255.0 / (hi - lo)
+        arr = np.where(finite, arr, 0.0)
         return Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "P" or (img.mode in ("L", "RGB") and img.info.get("transparency") is not None):
         img = img.convert("RGBA")  # a palette, or a PNG transparency key colour (tRNS): alpha, below

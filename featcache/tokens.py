@@ -74,7 +74,7 @@ def plan_tokens(source: TokenLayout, num_tokens: int | None, mode: str) -> Token
     kept = dict(dim=source.dim, num_tokens=num_tokens, mode=mode, source_num_tokens=source.num_tokens,
                 source_grid=source.grid)
     if mode == "resize":
-        if num_tokens < source.num_tokens:
+        if num_tokens < source.num_tokens and n_prefix:
             warnings.warn(f"--token-mode resize from {source.num_tokens} down to {num_tokens} tokens: token 0 is then "
                           f"a blend of CLS and the next token, not the CLS token (only growing the count keeps it "
                           f"exact). --token-mode grid keeps the prefix tokens exactly.", UserWarning, stacklevel=2)

@@ -160,6 +160,28 @@ def test_image_size_on_a_fixed_size_vit_names_the_native_mode(tiny_vit, tmp_path
         fc.extract(str(tiny_vit), tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=48)
 
 
+@pytest.mark.parametrize("saved", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_is_run_in_float32(tiny_models, tmp_path, saved):
+    """transformers 5 loads a checkpoint in the dtype it was saved in: features of a bfloat16
+    checkpoint were computed in bfloat16 (1e-2 off a float32 forward of the same weights) while the
+    file said float32."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    AutoModel.from_pretrained(tiny_models["vit"]).to(saved).save_pretrained(tmp_path / "half")
+    AutoImageProcessor.from_pretrained(tiny_models["vit"]).save_pretrained(tmp_path / "half")
+    _images(tmp_path / "d", ["a/0.png", "a/1.png", "b/0.png"])
+    with fc.extract(str(tmp_path / "half"), tmp_path / "d", tmp_path / "f.h5", workers=0, dtype="float32") as store:
+        cls, paths = store["all"].cls[()], store["all"].paths
+    model = AutoModel.from_pretrained(tmp_path / "half").float().eval()  # the same weights, in float32
+    proc = AutoImageProcessor.from_pretrained(tmp_path / "half")
+    for row, p in zip(cls, paths):
+        x = torch.as_tensor(np.asarray(proc(images=Image.open(tmp_path / "d" / p).convert("RGB"),
+                                            return_tensors="np")["pixel_values"]))
+        with torch.no_grad():
+            ref = model(pixel_values=x).last_hidden_state[0, 0].numpy()
+        np.testing.assert_allclose(row, ref, atol=1e-5)  # float32 batched vs alone
+
+
 def test_image_size_must_be_positive_and_a_patch_multiple(tiny_models, tmp_path):
     """0 was silently the processor's own size (recorded as 0), -14 a traceback, 30 on a patch-4
     DINOv2 dropped the last 2 px rows and columns of every image without a word."""
@@ -307,3 +329,39 @@ def test_import_refuses_what_it_would_store_wrongly(tmp_path):
         assert r.exit_code != 0 and "Traceback" not in r.output, (args, r.output)
         assert re.search(message, " ".join(r.output.split())), (message, r.output)
         assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
+
+
+def test_token_and_size_options_that_contradict_are_refused_plainly(tiny_models, tmp_path):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    _images(tmp_path / "d", ["a/0.png", "b/0.png"])
+    vit = str(tiny_models["vit"])
+    with pytest.raises(ValueError, match="--image-size and --token-mode native both set the input size"):
+        fc.extract(vit, tmp_path / "d", tmp_path / "f.h5", workers=0, tokens="full", num_tokens=65,
+                   token_mode="native", image_size=40)
+    wide = tmp_path / "wide"  # a ViT trained at 32 x 48: transformers cannot interpolate its grid
+    ViTModel(ViTConfig(image_size=(32, 48), patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37)).save_pretrained(wide)
+    ViTImageProcessor(size={"height": 32, "width": 48}).save_pretrained(wide)
+    with pytest.raises(ValueError, match="square trained grid only; .* trained at 32x48 px"):
+        fc.extract(str(wide), tmp_path / "d", tmp_path / "g.h5", workers=0, tokens="full", num_tokens=101,
+                   token_mode="native")
+    with pytest.raises(ValueError, match="workers must be 0 .* or more; got -1"):
+        fc.extract(vit, tmp_path / "d", tmp_path / "h.h5", workers=-1)
+    assert not any((tmp_path / n).exists() for n in ("f.h5", "g.h5", "h.h5"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CNN has no CLS token to blend: no such warning
+        fc.extract(str(tiny_models["resnet"]), tmp_path / "d", tmp_path / "r.h5", workers=0, tokens="full",
+                   num_tokens=10, token_mode="resize").close()
+
+
+def test_image_size_turns_on_a_processor_saved_without_resizing(tiny_models, tmp_path):
+    from transformers import AutoImageProcessor, AutoModel
+
+    AutoModel.from_pretrained(tiny_models["vit"]).save_pretrained(tmp_path / "m")
+    proc = AutoImageProcessor.from_pretrained(tiny_models["vit"])
+    proc.do_resize = False
+    proc.save_pretrained(tmp_path / "m")
+    _images(tmp_path / "d", ["a/0.png", "b/0.png"], size=70)
+    with fc.extract(str(tmp_path / "m"), tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=32) as store:
+        assert store.config["input_size"] == [32, 32] and store["all"].done.all()

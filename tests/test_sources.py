@@ -195,6 +195,19 @@ def test_32bit_integer_image_is_min_max_scaled(tmp_path):
     np.testing.assert_allclose(out, np.round(ramp * 255.0 / ramp.max()), atol=0)
 
 
+def test_float_image_with_nan_pixels_is_scaled_by_its_finite_range(tmp_path):
+    """One NaN "no data" pixel left a 0..1 float ramp unscaled: the picture came out 0..1 grey levels."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 16, dtype=np.float32), (4, 1))
+    with_nan = ramp.copy()
+    with_nan[0, 0] = np.nan
+    Image.fromarray(ramp, "F").save(tmp_path / "f.tif")
+    Image.fromarray(with_nan, "F").save(tmp_path / "n.tif")
+    clean = np.asarray(load_image(tmp_path / "f.tif"))[..., 0]
+    out = np.asarray(load_image(tmp_path / "n.tif"))[..., 0]
+    assert clean.max() == 255 and out[0, 0] == 0
+    np.testing.assert_array_equal(out[1:], clean[1:])
+
+
 def test_cmyk_converts_to_rgb(tmp_path):
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # pure red in CMYK
     r, g, b = np.asarray(load_image(tmp_path / "c.jpg"))[0, 0].astype(int)
