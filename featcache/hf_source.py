@@ -202,6 +202,12 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
              for name in kinds}
     classes = _classes(kinds, {name: dsets[name].features[label_col] for name in kinds}, names, label_col)
     multilabel = any(k.startswith("multilabel") for k in kinds.values())
+    unlabelled = [name for name in dsets if name not in kinds and len(dsets[name])]
+    if multilabel and unlabelled:
+        raise ValueError(f"split(s) {', '.join(unlabelled)} of {root} have no {label_col!r} column, but the others are "
+                         f"multi-label: a featcache file holds 0/1 per label for every row, so these rows would read as "
+                         f"'no finding'. Give them labels, or save the dataset without them (extract them into a file "
+                         f"of their own).")
     if multilabel and not all(k.startswith("multilabel") for k in kinds.values()):
         detail = ", ".join(f"{name}: {dsets[name].features[label_col]!r}" for name in kinds)
         raise ValueError(f"column {label_col!r} is a list of labels (multi-label) in some splits of {root} and "
@@ -259,11 +265,16 @@ def _row_names(kind: str, feature: Any, values: Any, split: str, column: str) ->
 
     if kind == "classlabel":
         return [None if v is None or int(v) < 0 else feature.names[int(v)] for v in values]
-    if kind == "multilabel":
-        inner = feature[0] if isinstance(feature, list) else feature.feature
-        return [[inner.names[int(c)] for c in (row or ()) if int(c) >= 0] for row in values]
-    if kind == "multilabel-int":
-        return [[str(int(c)) for c in (row or ()) if int(c) >= 0] for row in values]
+    if kind.startswith("multilabel"):
+        missing = [i for i, row in enumerate(values) if row is None]
+        if missing:  # None is "not annotated", not "no finding"; an empty list is "no finding"
+            raise ValueError(f"split {split!r}: {len(missing)} row(s) (first: row {missing[0]}) have no {column!r} "
+                             f"list (None): a featcache file holds 0/1 per label for every row, so they would read as "
+                             f"'no finding'. Give them a list ([] for no finding) or leave them out.")
+        if kind == "multilabel":
+            inner = feature[0] if isinstance(feature, list) else feature.feature
+            return [[inner.names[int(c)] for c in row if int(c) >= 0] for row in values]
+        return [[str(int(c)) for c in row if int(c) >= 0] for row in values]
     if kind == "str":
         return [None if v is None or not str(v).strip() else str(v).strip() for v in values]
     out: list[Any] = []

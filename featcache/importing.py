@@ -44,6 +44,9 @@ def load_array_file(path: str | Path, labels_only: bool = False) -> dict[str, An
             raise ValueError(f"{path} holds objects other than tensors (read with torch.load(weights_only=True), "
                              f"which never runs code from the file: {reason}); save torch tensors "
                              f"(torch.save({{'features': torch.as_tensor(x)}})) or use .npz.") from None
+        if isinstance(obj, (tuple, list)):
+            raise ValueError(f"{path} holds a {type(obj).__name__} of {len(obj)} items; save a dict naming each array, "
+                             f"e.g. torch.save({{'features': x, 'labels': y}}, ...), or one features tensor.")
         raw = obj if isinstance(obj, Mapping) else {"cls": obj}
     elif suffix in (".h5", ".hdf5"):
         raw = _read_hdf5_arrays(path)
@@ -113,7 +116,7 @@ def load_labels_file(path: str | Path) -> np.ndarray:
         return np.asarray(found["labels"] if "labels" in found else found["cls"])
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if lines and all(line.lstrip("-").isdigit() for line in lines):
         # class indices, as in a .npy of ints: they index --classes, and without it name classes
         # "0".."max" in numeric order (not "0", "1", "10", "2")
@@ -133,7 +136,7 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
     for name, file in labels.items():
         data[name]["labels"] = load_labels_file(file)
     for name, file in paths.items():
-        data[name]["paths"] = [p for p in Path(file).read_text().splitlines() if p.strip()]
+        data[name]["paths"] = [p for p in Path(file).read_text(encoding="utf-8-sig").splitlines() if p.strip()]
     for name, d in data.items():
         if d.get("labels") is not None:
             d["labels"] = normalise_labels(d["labels"], name)
@@ -170,6 +173,13 @@ def normalise_labels(y: Any, split: str) -> np.ndarray:
         return y  # multi-label: write_arrays checks the cells are 0/1 (a cast here would turn 0.7 into 0)
     if y.ndim != 1:
         raise ValueError(f"split {split!r}: labels must be (N,) or (N, C); got shape {y.shape}.")
+    if y.dtype.kind == "O":  # a list with None (unlabelled) in it, from a .pt
+        present = [v for v in y.tolist() if v is not None]
+        if present and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                           for v in present):
+            y = np.array([np.nan if v is None else float(v) for v in y.tolist()])
+        else:
+            y = np.array(["" if v is None else str(v) for v in y.tolist()])
     if y.dtype.kind == "b":
         return y.astype(np.int64)
     if y.dtype.kind == "f":
@@ -190,7 +200,8 @@ def _class_names(classes: str | None, label_arrays: list[Any]) -> list[str]:
         if not p.is_file() and "," not in classes and (p.suffix or "/" in classes or "\\" in classes):
             raise FileNotFoundError(f"--classes {classes}: no such file (give a file with one class name per line, "
                                     f"or the names separated by commas).")
-        names = [n.strip() for n in (p.read_text().splitlines() if p.is_file() else classes.split(",")) if n.strip()]
+        text = p.read_text(encoding="utf-8-sig") if p.is_file() else classes  # a BOM is no part of a name
+        names = [n.strip() for n in (text.splitlines() if p.is_file() else text.split(",")) if n.strip()]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"--classes names {', '.join(twice)} more than once; each class needs its own name.")

@@ -239,6 +239,7 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
             raise ValueError(f"{Path(features_file).name} has no split {split!r}; it has {', '.join(store.splits)}.")
         view = store[split]
         rows = view.valid_index()
+        left_out = view.n - len(rows)
         # the head decides sigmoid-per-label or softmax (a featcache 0.1 checkpoint did not say: the file)
         multilabel = view.multilabel if meta.get("multilabel") is None else bool(meta["multilabel"])
         file_labels = _labels_of_kind(view.labels[rows], view.multilabel, multilabel, head.classes,
@@ -258,6 +259,9 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
                                             Path(features_file).name)
         else:
             labels, notes = file_labels, []
+        if left_out:  # rows whose image could not be read (or not yet extracted) have no features
+            notes = notes + [f"{left_out} of the {view.n} rows of split {split!r} have no features (unreadable "
+                             f"images are listed by `featcache info`) and are not in the predictions."]
         proba = batch_proba(head.model, batches(), multilabel, head.spec.num_classes)
         paths = view.paths
     positive, t, source = _decision_rule(head, multilabel, threshold, positive_class)
@@ -321,6 +325,10 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
     """(positive index, threshold, where the threshold came from) for predict."""
     classes = head.classes
     if multilabel or len(classes) != 2:
+        if positive_class is not None:
+            kind = "is multi-label" if multilabel else f"has {len(classes)} classes"
+            raise ValueError(f"--positive-class applies to binary heads; this head {kind} and reports a probability "
+                             f"per class.")
         if threshold is not None and not multilabel:
             raise ValueError(f"--threshold applies to binary and multi-label heads; this head has {len(classes)} "
                              f"classes and predicts by argmax.")

@@ -1026,10 +1026,12 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         else:
             labels = labels.astype(np.uint8)
         groups = s.get("groups")
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"split {name!r}: {len(groups)} groups for {n} feature rows; expected one group "
+                             f"(patient id) per row.")
         specs[name] = SplitSpec(paths=paths, labels=labels, groups=None if groups is None else [group_id(g) for g in groups])
-    if path.exists():
-        path.unlink()
-    try:
+    final, path = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # written aside, then renamed over: a refused write (float16 overflow) keeps the old file
         with StoreWriter(path, config, classes, specs, layout, overwrite=True) as w:
             for name, s in splits.items():
                 rows = np.arange(len(specs[name].paths))
@@ -1043,7 +1045,8 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         # leave a file of undone rows that blocks the re-run its message asks for
         path.unlink(missing_ok=True)
         raise
-    return FeatureStore(path)
+    os.replace(path, final)
+    return FeatureStore(final)
 
 
 # ----------------------------------------------------------------------------------------------

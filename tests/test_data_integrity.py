@@ -365,3 +365,42 @@ def test_image_size_turns_on_a_processor_saved_without_resizing(tiny_models, tmp
     _images(tmp_path / "d", ["a/0.png", "b/0.png"], size=70)
     with fc.extract(str(tmp_path / "m"), tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=32) as store:
         assert store.config["input_size"] == [32, 32] and store["all"].done.all()
+
+
+def test_import_labels_groups_and_files_as_people_write_them(tmp_path):
+    """None among labels became a class "None", a BOM a phantom class, groups of another length a
+    broken or misaligned file; a refused --overwrite deleted the good file; a tuple .pt was numpy's
+    'inhomogeneous shape'."""
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    torch.save({"features": torch.as_tensor(x), "labels": [0, 1, None, 1]}, tmp_path / "none_int.pt")
+    torch.save({"features": torch.as_tensor(x), "labels": ["cat", " dog", None, "cat"]}, tmp_path / "none_str.pt")
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "bom.txt").write_text("\ufeff2\n0\n1\n2\n", encoding="utf-8")
+    (tmp_path / "names.txt").write_text("\ufeffdog\ncat\ndog\ncat\n", encoding="utf-8")
+    (tmp_path / "classes.txt").write_text("\ufeffcat\ndog\n", encoding="utf-8")
+    for args, classes, labels in [
+        ([f"train={tmp_path / 'none_int.pt'}"], ["0", "1"], [0, 1, -1, 1]),
+        ([f"train={tmp_path / 'none_str.pt'}"], ["cat", "dog"], [0, 1, -1, 0]),
+        ([f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'bom.txt'}"], ["0", "1", "2"], [2, 0, 1, 2]),
+        ([f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'names.txt'}", "--classes",
+          str(tmp_path / "classes.txt")], ["cat", "dog"], [1, 0, 1, 0]),
+    ]:
+        r = _import(tmp_path, "--split", *args)
+        assert r.exit_code == 0, (args, r.output)
+        with fc.open(tmp_path / "o.h5") as store:
+            assert store.classes == classes and store["train"].labels.tolist() == labels, args
+    good = tmp_path / "o.h5"
+    before = good.read_bytes()
+    np.save(tmp_path / "big.npy", np.full((4, 3), 1e6, dtype=np.float32))
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'big.npy'}", "--dtype", "float16")
+    assert r.exit_code != 0 and "float16" in r.output
+    assert good.read_bytes() == before and not list(tmp_path.glob(".o.h5.*"))  # the good file is kept
+    for groups in (["p1", "p2"], ["p1"] * 6):
+        np.savez(tmp_path / "g.npz", cls=x, groups=np.array(groups))
+        r = _import(tmp_path, "--split", f"train={tmp_path / 'g.npz'}")
+        assert r.exit_code != 0 and f"{len(groups)} groups for 4 feature rows" in r.output
+    torch.save((torch.as_tensor(x), torch.tensor([0, 1, 0, 1])), tmp_path / "tuple.pt")
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'tuple.pt'}")
+    assert r.exit_code != 0 and "holds a tuple of 2 items; save a dict" in r.output

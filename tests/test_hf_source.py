@@ -215,7 +215,8 @@ def test_table(digits_feature_file, tmp_path, monkeypatch):
 
 
 def test_multilabel_column_and_split_without_labels(digits_dir, tmp_path):
-    """A list-of-ClassLabel column is multi-label; a split lacking the label column is unlabelled."""
+    """A list-of-ClassLabel column is multi-label; a split lacking it, or a row whose list is None,
+    is refused: it would be stored as 'no finding' (it was, and scored as true negatives)."""
     rows = _folder_rows(digits_dir, "train")[:4]
     seq = getattr(datasets, "List", datasets.Sequence)
     images = [{"bytes": f.read_bytes(), "path": None} for f, _ in rows]
@@ -225,11 +226,20 @@ def test_multilabel_column_and_split_without_labels(digits_dir, tmp_path):
                                     "findings": seq(datasets.ClassLabel(names=["effusion", "nodule"]))}))
     bare = datasets.Dataset.from_dict({"image": images[:2]}, features=datasets.Features({"image": datasets.Image()}))
     datasets.DatasetDict({"train": labelled, "test": bare}).save_to_disk(str(tmp_path / "ml"))
-    source = discover(tmp_path / "ml")  # the one (list of) ClassLabel column is found by itself
+    with pytest.raises(ValueError, match="split\\(s\\) test of .* have no 'findings' column.*'no finding'"):
+        discover(tmp_path / "ml")
+    labelled.save_to_disk(str(tmp_path / "ml1"))
+    source = discover(tmp_path / "ml1")  # the one (list of) ClassLabel column is found by itself
     assert source.multilabel and source.classes == ["effusion", "nodule"]
-    assert source.splits["train"].labels.tolist() == [[1, 0], [1, 1], [0, 0], [0, 1]]
-    assert source.splits["test"].labels.tolist() == [[0, 0], [0, 0]]
-    assert source.splits["test"].paths == ["test/00000000", "test/00000001"]
+    assert source.splits["all"].labels.tolist() == [[1, 0], [1, 1], [0, 0], [0, 1]]
+    assert source.splits["all"].paths == ["all/00000000", "all/00000001", "all/00000002", "all/00000003"]
+    holes = datasets.Dataset.from_dict(
+        {"image": images[:2], "findings": [[0], None]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "findings": seq(datasets.ClassLabel(names=["effusion", "nodule"]))}))
+    holes.save_to_disk(str(tmp_path / "holes"))
+    with pytest.raises(ValueError, match="1 row\\(s\\) \\(first: row 1\\) have no 'findings' list"):
+        discover(tmp_path / "holes")
 
 
 def test_update_of_a_grown_dataset_reuses_stored_rows(tiny_vit, digits_dir, tmp_path):

@@ -410,3 +410,24 @@ def test_a_probe_threshold_is_chosen_on_the_probabilities_predict_gives(tmp_path
         val = fc.predict(run, path, split="val")
         positives = val.labels == 1
         assert (val.decisions()[positives] == 1).mean() >= 0.9, seed
+
+
+def test_predict_says_which_rows_it_left_out_and_refuses_a_meaningless_positive_class(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(90, 4)).astype(np.float32)
+    y = np.arange(90) % 3
+    path = tmp_path / "three.h5"
+    write_arrays(path, {"train": {"cls": x[:60], "labels": y[:60]}, "test": {"cls": x[60:], "labels": y[60:]}},
+                 ["a", "b", "c"], {"model": "m"})
+    fc.train_head(path, epochs=2, out=tmp_path / "run")
+    with pytest.raises(ValueError, match="--positive-class applies to binary heads; this head has 3 classes"):
+        fc.predict(tmp_path / "run", path, positive_class="b")
+    import h5py
+
+    with h5py.File(path, "r+") as f:  # two rows whose image could not be read: not done
+        done = f["test/done"][()]
+        done[[3, 7]] = False
+        f["test/done"][...] = done
+    pred = fc.predict(tmp_path / "run", path)
+    assert len(pred.paths) == 28
+    assert any("2 of the 30 rows of split 'test' have no features" in n for n in pred.notes), pred.notes
