@@ -111,7 +111,8 @@ def pick_image_column(features: Any, override: str | None, where: str) -> str:
     return candidates[0]
 
 
-def pick_label_column(features: Any, override: str | None, where: str, image_column: str) -> str | None:
+def pick_label_column(features: Any, override: str | None, where: str, image_column: str,
+                      group_column: str | None = None) -> str | None:
     """The label column: `override`; else a ClassLabel (or list-of-ClassLabel) column named
     label/labels/target(s); else the one ClassLabel column, when no other column is named like a
     label; else a usable column named label/labels/target(s); else None (every row unlabelled).
@@ -125,7 +126,7 @@ def pick_label_column(features: Any, override: str | None, where: str, image_col
             raise ValueError(f"--label-column {override!r} of {where} is {features[override]!r}; expected a "
                              f"ClassLabel, an integer or a string column (or a list of ClassLabel for multi-label).")
         return override
-    columns = [c for c in features if c != image_column]
+    columns = [c for c in features if c not in (image_column, group_column)]  # patients are no classes
     class_labels = [c for c in columns if _label_kind(features[c]) in ("classlabel", "multilabel")]
     named = [c for c in LABEL_NAMES if c in columns]
     preferred = [c for c in named if c in class_labels]
@@ -183,7 +184,6 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
     """Read a save_to_disk directory into a DataSource (rows in dataset order). `group_column`
     None reads a column named "group" when a split has one."""
     from featcache.sources import DEFAULT_GROUP_COLUMN
-    from featcache.store import group_id
 
     root = Path(root).resolve()
     forget_open(root)  # the directory may have been rewritten since this process last read it
@@ -194,7 +194,11 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
         if image_col not in ds.features:
             raise ValueError(f"split {name!r} of {root} has no column {image_col!r} (split {first_name!r} has "
                              f"it); its columns are: {_describe_columns(ds.features)}.")
-    label_col = _label_column(dsets, root, label_column, image_col)
+    if group_column is not None and not any(group_column in ds.features for ds in dsets.values()):
+        raise ValueError(f"--group-column {group_column!r} is not a column of {root}; its columns are: "
+                         f"{_describe_columns(first.features)}.")
+    group_column = group_column or DEFAULT_GROUP_COLUMN
+    label_col = _label_column(dsets, root, label_column, image_col, group_column)
     # a split without the label column (an unlabelled test split) is unlabelled, -1
     kinds = {name: _label_kind(ds.features[label_col]) for name, ds in dsets.items()
              if label_col and label_col in ds.features}
@@ -212,10 +216,6 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
         detail = ", ".join(f"{name}: {dsets[name].features[label_col]!r}" for name in kinds)
         raise ValueError(f"column {label_col!r} is a list of labels (multi-label) in some splits of {root} and "
                          f"one label per row in others ({detail}); save every split with the same column type.")
-    if group_column is not None and not any(group_column in ds.features for ds in dsets.values()):
-        raise ValueError(f"--group-column {group_column!r} is not a column of {root}; its columns are: "
-                         f"{_describe_columns(first.features)}.")
-    group_column = group_column or DEFAULT_GROUP_COLUMN
     splits: dict[str, SplitRows] = {}
     for name, ds in dsets.items():
         n = len(ds)
@@ -223,7 +223,7 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
             paths=row_ids(ds, name, image_col),
             files=[make_ref(root, name, i, image_col) for i in range(n)],
             labels=_encode_labels(names.get(name), classes, n, multilabel),
-            groups=[group_id(g) for g in ds[group_column]] if group_column in ds.features else None)
+            groups=_groups(ds, group_column) if group_column in ds.features else None)
         if splits[name].groups is not None and "" in splits[name].groups:
             log.warning("%s: %d row(s) of split %s have no %r: each is taken as a patient of its own.",
                         root.name, splits[name].groups.count(""), name, group_column)
@@ -232,7 +232,21 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
     return DataSource(root, classes, splits, multilabel=multilabel, kind="hf")
 
 
-def _label_column(dsets: dict[str, Any], root: Path, override: str | None, image_col: str) -> str | None:
+def _groups(ds: Any, column: str) -> list[str]:
+    """Each row's patient id, spelt as everywhere (store.group_id); a ClassLabel column's codes are
+    read as its names, so two splits' patient 0 are not one patient unless their names agree."""
+    from featcache.store import group_id
+
+    datasets = import_datasets()
+    feature = ds.features[column]
+    values = ds[column]
+    if isinstance(feature, datasets.ClassLabel):
+        values = [None if v is None or int(v) < 0 else feature.names[int(v)] for v in values]
+    return [group_id(g) for g in values]
+
+
+def _label_column(dsets: dict[str, Any], root: Path, override: str | None, image_col: str,
+                  group_col: str) -> str | None:
     """The one label column of every split: `override` (in at least one split), else the first
     split's own choice that has one (an unlabelled first split does not make the others unlabelled);
     splits that would choose another column are refused."""
@@ -244,7 +258,7 @@ def _label_column(dsets: dict[str, Any], root: Path, override: str | None, image
         for name in having:
             pick_label_column(dsets[name].features, override, f"{root} (split {name!r})", image_col)
         return override
-    chosen = {name: pick_label_column(ds.features, None, f"{root} (split {name!r})", image_col)
+    chosen = {name: pick_label_column(ds.features, None, f"{root} (split {name!r})", image_col, group_col)
               for name, ds in dsets.items()}
     columns = list(dict.fromkeys(c for c in chosen.values() if c is not None))
     if len(columns) > 1:

@@ -104,14 +104,17 @@ def _to_numpy(value: Any) -> Any:
         return value.numpy()
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
         return list(value)
-    return np.asarray(value)
+    value = np.asarray(value)
+    if value.dtype.kind == "S":  # byte strings (np.savez of encoded names): text, as the .h5 reader gives
+        return np.array([v.decode("utf-8", "surrogateescape") for v in value.ravel()]).reshape(value.shape)
+    return value
 
 
 def load_labels_file(path: str | Path) -> np.ndarray:
     """Labels from .npy / .pt, or a text file with one label per line (class names, or class
     indices when every line is an integer)."""
     path = Path(path)
-    if path.suffix.lower() in (".npy", ".npz", ".pt", ".pth"):
+    if path.suffix.lower() in (".npy", ".npz", ".pt", ".pth", ".h5", ".hdf5"):
         found = load_array_file(path, labels_only=True)
         return np.asarray(found["labels"] if "labels" in found else found["cls"])
     if not path.exists():
@@ -136,10 +139,11 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
     for name, file in labels.items():
         data[name]["labels"] = load_labels_file(file)
     for name, file in paths.items():
-        data[name]["paths"] = [p for p in Path(file).read_text(encoding="utf-8-sig").splitlines() if p.strip()]
+        data[name]["paths"] = [p.strip() for p in Path(file).read_text(encoding="utf-8-sig").splitlines() if p.strip()]
+    one_finding = classes is not None and len(_class_names(classes, [])) == 1  # (N, 1) 0/1 is then that finding
     for name, d in data.items():
         if d.get("labels") is not None:
-            d["labels"] = normalise_labels(d["labels"], name)
+            d["labels"] = normalise_labels(d["labels"], name, one_finding)
         if d.get("paths") is not None:
             seen: set[str] = set()
             twice = next((p for p in map(str, d["paths"]) if p in seen or seen.add(p)), None)
@@ -161,13 +165,14 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
 UNLABELLED_NAMES = ("", "-1")  # a class-name label that marks a row unlabelled, as -1 does for indices
 
 
-def normalise_labels(y: Any, split: str) -> np.ndarray:
+def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarray:
     """One label array per split in one of three forms: (N,) int64 class indices (-1 unlabelled),
     (N,) str class names ("" unlabelled), or (N, C) 0/1 multi-label. A column vector (N, 1) is one
     label per row; whole-number floats (what torch.save(y.float()) or np.loadtxt give) and bools are
-    indices, NaN is unlabelled; fractions are refused, never rounded or sorted as text."""
+    indices, NaN is unlabelled; fractions are refused, never rounded or sorted as text. With
+    `one_finding` (--classes names one class), an (N, 1) 0/1 column is that one finding."""
     y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
+    if y.ndim == 2 and y.shape[1] == 1 and not one_finding:
         y = y[:, 0]
     if y.ndim == 2:
         return y  # multi-label: write_arrays checks the cells are 0/1 (a cast here would turn 0.7 into 0)

@@ -404,3 +404,27 @@ def test_import_labels_groups_and_files_as_people_write_them(tmp_path):
     torch.save((torch.as_tensor(x), torch.tensor([0, 1, 0, 1])), tmp_path / "tuple.pt")
     r = _import(tmp_path, "--split", f"train={tmp_path / 'tuple.pt'}")
     assert r.exit_code != 0 and "holds a tuple of 2 items; save a dict" in r.output
+
+
+def test_import_byte_string_labels_h5_labels_and_one_finding(tmp_path):
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    np.savez(tmp_path / "b.npz", cls=x, labels=np.array([b"cat", b"dog", b"cat", b"dog"]),
+             paths=np.array([b"a.png", b"b.png", b"c.png", b"d.png"]))
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'b.npz'}")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "o.h5") as store:  # not "b'cat'", "b'a.png'"
+        assert store.classes == ["cat", "dog"] and store["train"].paths[0] == "a.png"
+    import h5py
+
+    np.save(tmp_path / "x.npy", x)
+    with h5py.File(tmp_path / "y.h5", "w") as f:
+        f["labels"] = np.array([1, 0, 1, 1])
+    np.save(tmp_path / "finding.npy", np.array([[1], [0], [0], [1]]))
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'y.h5'}")
+    assert r.exit_code == 0, r.output
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'finding.npy'}",
+                "--classes", "pneumonia")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "o.h5") as store:  # one named finding: an (N, 1) 0/1 column is that finding
+        assert store.multilabel and store.classes == ["pneumonia"]
+        assert store["train"].labels.tolist() == [[1], [0], [0], [1]]

@@ -342,3 +342,18 @@ def test_extract_keeps_the_group_column_of_a_dataset(tiny_vit, digits_dir, tmp_p
         assert list(store["all"].groups) == ["p1", "p1", "p2", "p2", "p3", "p3"]
     missing = _extract(tiny_vit, tmp_path / "g", tmp_path / "h.h5", "--group-column", "patient")
     assert missing.exit_code != 0 and "--group-column 'patient' is not a column" in missing.output
+
+
+def test_a_classlabel_group_column_is_patients_not_classes(digits_dir, tmp_path):
+    """Encoded patient ids (a ClassLabel `group`) were taken as the label column, and stored as
+    their codes: patient 0 of one split was patient 0 of another."""
+    rows = _folder_rows(digits_dir, "train")[:4]
+    image = datasets.Image()
+    a = _dataset({"image": _bytes_of(rows[:2]), "group": [0, 1]},
+                 {"image": image, "group": datasets.ClassLabel(names=["p7", "p8"])})
+    b = _dataset({"image": _bytes_of(rows[2:]), "group": [0, 0]},
+                 {"image": image, "group": datasets.ClassLabel(names=["p9"])})
+    datasets.DatasetDict({"train": a, "test": b}).save_to_disk(str(tmp_path / "g"))
+    source = discover(tmp_path / "g")
+    assert source.classes == [] and source.splits["train"].labels.tolist() == [-1, -1]
+    assert source.splits["train"].groups == ["p7", "p8"] and source.splits["test"].groups == ["p9", "p9"]
