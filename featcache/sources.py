@@ -430,7 +430,7 @@ def _decode_pil(source: "Path | object", options: DecodeOptions) -> "Image.Image
                 if w * h > options.max_pixels:
                     raise ImageDecodeError(f"decompression bomb: {w}x{h} px exceeds the limit of "
                                            f"{options.max_pixels} px")
-                if options.draft and img.format == "JPEG":
+                if options.draft and img.format in ("JPEG", "MPO"):  # MPO: multi-picture camera JPEGs
                     # DCT-domain downscaling inside libjpeg: both sides stay >= options.draft, so the
                     # processor's resize still only shrinks (square request: EXIF rotation cannot matter)
                     img.draft(img.mode, (options.draft, options.draft))

@@ -44,6 +44,10 @@ def test_draft_decodes_large_jpegs_at_a_reduced_scale_and_nothing_else(tmp_path)
     np.testing.assert_array_equal(np.asarray(load_image(small, draft)), np.asarray(load_image(small)))
     assert load_image(tmp_path / "big.png", draft).size == (640, 480)      # PNG: draft is JPEG-only
     assert load_image(big).size == (640, 480)
+    _photo(640, 480, 0).save(tmp_path / "camera.jpg", format="MPO", save_all=True,  # multi-picture JPEG
+                             append_images=[_photo(64, 48, 2)])
+    assert Image.open(tmp_path / "camera.jpg").format == "MPO"
+    assert load_image(tmp_path / "camera.jpg", draft).size == (80, 60)   # was decoded in full
 
 
 def test_pixels_move_by_a_few_levels_after_the_processors_resize(tmp_path):
