@@ -210,7 +210,8 @@ class ProbeResult:
                "positive_class": None if self.positive is None else self.classes[self.positive],
                "notes": self.warnings}
         if self.threshold is not None:
-            out["threshold"] = threshold_record(self.threshold_rule, self.threshold)
+            out["threshold"] = threshold_record(self.threshold_rule, self.threshold,
+                                                self.head[1].get("threshold_untuned") or ())
         return {**out, **(self.few_shot.metrics() if self.few_shot else {})}
 
     def save(self, out: str | Path) -> Path:
@@ -273,10 +274,12 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
               "refit": refit, "bootstrap": bootstrap, "max_iter": max_iter,
               "n_train": int(len(train.y)), "n_val": int(len(val.y)) if val else 0,
               "n_test": int(len(test.y)) if test else 0}
+    untuned: list[str] = []
+
     def exported(threshold: float | list[float] | None) -> tuple[dict[str, Any], dict[str, Any]]:
         return probe_head_payload(probe, classes=classes, fingerprint=store.fingerprint,
                                   model_name=store.config.get("model"), features=features, threshold=threshold,
-                                  threshold_rule=rule, positive=positive, recipe=config)
+                                  threshold_rule=rule, positive=positive, recipe=config, threshold_untuned=untuned)
 
     t_value = None
     if rule is not None:
@@ -284,7 +287,8 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
             raise ValueError("--threshold youden|sensitivity:T is chosen on a validation split; this file has none.")
         # on the probabilities predict will compute (the exported float32 head), not scikit-learn's
         # float64 ones: a row that defines the threshold must not fall 2e-8 below it when deployed
-        t_value = choose_threshold_rule(rule, val.y, array_proba(exported(None), val.x), positive, notes, classes)
+        t_value = choose_threshold_rule(rule, val.y, array_proba(exported(None), val.x), positive, notes, classes,
+                                        untuned)
     head = exported(t_value)
     metrics = proba = None
     if test is not None:

@@ -398,13 +398,15 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
 
 def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.ndarray,
                           positive: int | None, notes: list[str] | None = None,
-                          names: Sequence[str] | None = None) -> float | list[float] | None:
+                          names: Sequence[str] | None = None,
+                          untuned_out: list[str] | None = None) -> float | list[float] | None:
     """The threshold a rule gives on validation: "youden", "sensitivity:0.95" or a number in (0, 1);
     None for the default rule on a multiclass task (argmax), which refuses any other rule.
 
     Where validation has one class only (the positive class, or a label, never or always present)
     there is nothing to tune on: the threshold stays at 0.5 and a line saying so is appended to
-    `notes` (label names from `names`), so no one reads it as chosen on validation."""
+    `notes` (label names from `names`) and the class or label is added to `untuned_out`, so no
+    one reads it as chosen on validation."""
     val_y = np.asarray(val_y)
     multilabel = val_y.ndim == 2
     binary = not multilabel and val_proba.shape[1] == 2
@@ -452,6 +454,8 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     else:
         value = [pick(val_y[:, j], val_proba[:, j], f"label {names[j] if names else j}")
                  for j in range(val_y.shape[1])]
+    if untuned_out is not None:
+        untuned_out.extend(untuned)
     if untuned and notes is not None:
         notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
                      f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
@@ -467,9 +471,15 @@ def tuned_on_validation(rule: str | None) -> bool:
     return rule is not None and str(rule).strip().partition(":")[0] in TUNED_METHODS
 
 
-def threshold_record(rule: str, value: float | list[float]) -> dict[str, Any]:
-    """metrics.json's account of a decision threshold: the rule, its value, and where it came from."""
-    return {"rule": rule, "value": value, "chosen_on": "val" if tuned_on_validation(rule) else "given"}
+def threshold_record(rule: str, value: float | list[float], untuned: Sequence[str] = ()) -> dict[str, Any]:
+    """metrics.json's account of a decision threshold: the rule, its value, and where it came from
+    ("val"; "default" where validation had one class and the rule fell back to 0.5 for every
+    class or label; "given" for a number). `untuned` names the classes or labels left at 0.5."""
+    chosen = "given"
+    if tuned_on_validation(rule):
+        everywhere = not isinstance(value, list) or len(untuned) == len(value)
+        chosen = "default" if untuned and everywhere else "val"
+    return {"rule": rule, "value": value, "chosen_on": chosen, "untuned": list(untuned)}
 
 
 _SCALARS: dict[str, Callable[[np.ndarray, np.ndarray, int | None], float | None]] = {

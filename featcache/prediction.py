@@ -25,7 +25,7 @@ from torch import nn
 
 from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
-from featcache.metrics import decide, tuned_on_validation
+from featcache.metrics import DEFAULT_THRESHOLD_RULE, decide, tuned_on_validation
 from featcache.runs import read_json, write_json
 from featcache.store import FeatureStore, config_differences, read_rows
 
@@ -77,7 +77,8 @@ def split_proba(model: nn.Module, cached: Any, split: Any, batch_size: int = PRE
 def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], fingerprint: str, model_name: str | None,
                  features: str, mean: torch.Tensor | None, std: torch.Tensor | None,
                  threshold: float | list[float] | None, threshold_rule: str | None, positive: int | None,
-                 multilabel: bool, source: str, recipe: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                 multilabel: bool, source: str, recipe: dict[str, Any],
+                 threshold_untuned: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) that save_head writes and load_head reads back."""
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if mean is not None:  # float64 statistics (a probe's scaler) stay float64: see standardize
@@ -87,7 +88,8 @@ def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], finger
     meta = {"format": HEAD_FORMAT, "spec": spec.as_dict(), "classes": list(classes), "fingerprint": fingerprint,
             "model": model_name, "features": features, "multilabel": multilabel, "source": source,
             "positive_class": None if positive is None else classes[positive],
-            "threshold": threshold, "threshold_rule": threshold_rule, "recipe": recipe}
+            "threshold": threshold, "threshold_rule": threshold_rule, "threshold_untuned": list(threshold_untuned),
+            "recipe": recipe}
     return tensors, meta
 
 
@@ -335,7 +337,7 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
         if threshold is not None:
             return None, float(threshold), "--threshold"
         saved = head.meta.get("threshold")
-        return None, saved, "saved" if saved is not None else "default 0.5"
+        return None, saved, saved_threshold_source(head.meta) if saved is not None else "default 0.5"
     saved_pos = head.positive if head.positive is not None else 1
     positive = saved_pos
     if positive_class is not None:
@@ -346,10 +348,24 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
         return positive, float(threshold), "--threshold"
     saved = head.meta.get("threshold")
     if saved is not None and positive == saved_pos:
-        rule = head.meta.get("threshold_rule")
-        how = "chosen on validation" if tuned_on_validation(rule) else "as given at training"
-        return positive, float(saved), f"saved ({rule or 'a number'}, {how})"
+        return positive, float(saved), saved_threshold_source(head.meta)
     return positive, 0.5, "default 0.5"
+
+
+def saved_threshold_source(meta: dict[str, Any]) -> str:
+    """Where a head's saved threshold came from, as predict reports it: chosen on validation, left
+    at 0.5 where validation had one class, the default, or a number given at training."""
+    rule, untuned = meta.get("threshold_rule"), list(meta.get("threshold_untuned") or [])
+    values = meta.get("threshold")
+    shown = ", ".join(f"{v:.4g}" for v in values) if isinstance(values, list) else None
+    if not tuned_on_validation(rule):
+        how = "the default" if rule in (None, DEFAULT_THRESHOLD_RULE) else "as given at training"
+    elif untuned and (not isinstance(values, list) or len(untuned) == len(values)):
+        how = f"validation had one class ({', '.join(untuned)}), so it stayed at the default"
+    else:
+        how = "chosen on validation" + (f"; left at 0.5 for {', '.join(untuned)} (one class in validation)"
+                                        if untuned else "")
+    return f"saved ({rule or DEFAULT_THRESHOLD_RULE}, {how}" + (f": {shown})" if shown else ")")
 
 
 def exact_text(value: float) -> str:
@@ -384,7 +400,8 @@ def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
 
 def probe_head_payload(probe: Any, *, classes: list[str], fingerprint: str, model_name: str | None, features: str,
                        threshold: float | list[float] | None, threshold_rule: str | None, positive: int | None,
-                       recipe: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                       recipe: dict[str, Any],
+                       threshold_untuned: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A fitted LogisticProbe as a featcache linear head: the scaler becomes the standardisation and
     the logistic regression(s) one (C, D) weight matrix, so predict treats probes and heads alike.
 
@@ -401,7 +418,8 @@ def probe_head_payload(probe: Any, *, classes: list[str], fingerprint: str, mode
     std = torch.from_numpy(np.asarray(probe.scaler_.scale_, dtype=np.float64))
     return head_payload(model, spec, classes=classes, fingerprint=fingerprint, model_name=model_name,
                         features=features, mean=mean, std=std, threshold=threshold, threshold_rule=threshold_rule,
-                        positive=positive, multilabel=probe.multilabel_, source="probe", recipe=recipe)
+                        positive=positive, multilabel=probe.multilabel_, source="probe", recipe=recipe,
+                        threshold_untuned=threshold_untuned)
 
 
 def array_proba(head_tensors: tuple[dict[str, torch.Tensor], dict[str, Any]], x: np.ndarray) -> np.ndarray:

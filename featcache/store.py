@@ -37,7 +37,8 @@ ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
 
 # config keys that describe where/when a file was made rather than what is in it: recorded, but
 # not hashed, so upgrading a library or re-running elsewhere does not invalidate a cache.
-NON_IDENTITY_KEYS = ("versions", "created", "host", "data_root", "data_kind")
+NON_IDENTITY_KEYS = ("versions", "created", "host", "data_root", "data_kind",
+                     "source")  # import: the file names the arrays came from (a deployment set has others)
 
 _STR = h5py.string_dtype("utf-8")
 

@@ -239,6 +239,7 @@ class HeadTrainer:
         self.positive_ = None if cached.multilabel else resolve_positive(cached.classes, train_y, cfg.positive_class)
         self.threshold_: float | list[float] | None = None
         self.threshold_rule_: str | None = None
+        self.threshold_untuned_: list[str] = []   # classes / labels whose rule fell back to 0.5
         leak = store.leakage_note([cached.train.name, cached.val.name, cached.test.name if cached.test else None])
         self.notes_: list[str] = [leak] if leak else []
         # whether the kept head learned: here for a head trained alone and for a sweep's best alike
@@ -270,12 +271,14 @@ class HeadTrainer:
         "sensitivity:0.95" or a number), then recompute val and test metrics at it. Multi-label
         labels each get their own threshold. Multiclass tasks decide by argmax: any rule but the
         default 0.5 is refused there."""
+        untuned: list[str] = []
         self.threshold_ = choose_threshold_rule(rule, self.val_y_, self.val_proba_, self.positive_, self.notes_,
-                                                self.classes_)
+                                                self.classes_, untuned)
         self.threshold_rule_ = rule if self.threshold_ is not None else None
+        self.threshold_untuned_ = untuned
         self._score()
         if self.threshold_ is not None:
-            self.extra_metrics_["threshold"] = threshold_record(rule, self.threshold_)
+            self.extra_metrics_["threshold"] = threshold_record(rule, self.threshold_, untuned)
         return self.threshold_
 
     def add_bootstrap_ci(self, n_boot: int, seed: int = 0) -> dict[str, Any]:
@@ -311,7 +314,8 @@ class HeadTrainer:
         return head_payload(self.model_, self.spec_, classes=self.classes_, fingerprint=self.fingerprint_,
                             model_name=self.model_name_, features=self.input_kind_,
                             mean=self.feature_mean_, std=self.feature_std_, threshold=self.threshold_,
-                            threshold_rule=self.threshold_rule_, positive=self.positive_,
+                            threshold_rule=self.threshold_rule_, threshold_untuned=self.threshold_untuned_,
+                            positive=self.positive_,
                             multilabel=self.multilabel_, source="train", recipe=asdict(self.config))
 
     def save(self, out: str | Path, kind: str = "train", config: dict[str, Any] | None = None,

@@ -159,7 +159,7 @@ def test_a_given_threshold_is_not_reported_as_chosen_on_validation(tmp_path):
     assert res.exit_code == 0, res.output
     assert "chosen on validation" not in res.output
     metrics = fc.load_run(run).metrics
-    assert metrics["threshold"] == {"rule": "0.3", "value": 0.3, "chosen_on": "given"}
+    assert metrics["threshold"] == {"rule": "0.3", "value": 0.3, "chosen_on": "given", "untuned": []}
     out = CliRunner().invoke(cli, ["predict", str(run), str(path), "--out", str(tmp_path / "p.csv")])
     assert out.exit_code == 0, out.output
     assert "threshold 0.3: saved (0.3, as given at training)" in out.output
@@ -431,3 +431,49 @@ def test_predict_says_which_rows_it_left_out_and_refuses_a_meaningless_positive_
     pred = fc.predict(tmp_path / "run", path)
     assert len(pred.paths) == 28
     assert any("2 of the 30 rows of split 'test' have no features" in n for n in pred.notes), pred.notes
+
+
+def test_a_threshold_left_at_the_default_is_not_called_chosen_on_validation(tmp_path):
+    """Validation without positives: youden falls back to 0.5, but metrics.json said chosen_on "val"
+    and predict printed "saved (youden, chosen on validation)"."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(160, 4)).astype(np.float32)
+    y = (x[:, 0] > 0.3).astype(int)
+    yv = np.zeros(40, int)  # no positives in validation
+    write_arrays(tmp_path / "f.h5", {"train": {"cls": x[:80], "labels": y[:80]},
+                                     "val": {"cls": x[80:120], "labels": yv},
+                                     "test": {"cls": x[120:], "labels": y[120:]}}, ["neg", "pos"], {"model": "m"})
+    for command in (["train", "--epochs", "3"], ["probe", "--no-refit", "--Cs", "1"]):
+        run = tmp_path / command[0]
+        r = CliRunner().invoke(cli, [command[0], str(tmp_path / "f.h5"), *command[1:], "--threshold", "youden",
+                                     "--out", str(run), "-q"])
+        assert r.exit_code == 0, r.output
+        record = fc.load_run(run).metrics["threshold"]
+        assert record["chosen_on"] == "default" and record["value"] == 0.5, record
+        assert record["untuned"] == ["positive class pos (no positives)"]
+        pred = fc.predict(run, tmp_path / "f.h5")
+        assert "stayed at the default" in pred.threshold_source and "chosen on validation" not in pred.threshold_source
+
+
+def test_a_head_trained_on_imported_features_predicts_on_another_import_of_that_model(tmp_path):
+    """The import recorded its source file names in the fingerprint: a head trained on one import was
+    refused on a deployment set of the same model ("use the same model and extraction settings")."""
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(80, 4)).astype(np.float32), np.arange(80) % 2
+    np.savez(tmp_path / "train.npz", cls=x[:60], labels=y[:60])
+    np.savez(tmp_path / "test.npz", cls=x[60:], labels=y[60:])
+    np.savez(tmp_path / "hospital_b.npz", cls=x[60:])
+    runner = CliRunner()
+    r = runner.invoke(cli, ["import", "--out", str(tmp_path / "a.h5"), "--split", f"train={tmp_path / 'train.npz'}",
+                            "--split", f"test={tmp_path / 'test.npz'}", "--model", "my-vit"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["import", "--out", str(tmp_path / "b.h5"), "--split", f"test={tmp_path / 'hospital_b.npz'}",
+                            "--model", "my-vit"])
+    assert r.exit_code == 0, r.output
+    fc.train_head(tmp_path / "a.h5", epochs=2, out=tmp_path / "run")
+    pred = fc.predict(tmp_path / "run", tmp_path / "b.h5")
+    np.testing.assert_array_equal(pred.proba, fc.predict(tmp_path / "run", tmp_path / "a.h5").proba)
+    r = runner.invoke(cli, ["import", "--out", str(tmp_path / "c.h5"), "--split", f"test={tmp_path / 'hospital_b.npz'}",
+                            "--model", "other-vit"])
+    with pytest.raises(ValueError, match="trained on features of 'my-vit'"):
+        fc.predict(tmp_path / "run", tmp_path / "c.h5")
