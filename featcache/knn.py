@@ -33,15 +33,18 @@ def nearest_neighbours(train_x: np.ndarray, test_x: np.ndarray, k: int, backend:
     k are searched, sorted by (-similarity, row), and cut at k; when a tie reaches the end of
     that window the search widens until it does not."""
     n_train = len(train_x)
-    margin = TIE_MARGIN
-    while True:
+    out_sims = np.empty((len(test_x), k), dtype=np.float32)
+    out_idx = np.empty((len(test_x), k), dtype=np.int64)
+    rows, margin = np.arange(len(test_x)), TIE_MARGIN
+    while rows.size:  # only the rows whose tie reaches the window's end are searched again, wider
         want = min(n_train, k + margin)
-        sims, idx = _search(train_x, test_x, want, backend, chunk_size, device)
+        sims, idx = _search(train_x, test_x[rows], want, backend, chunk_size, device)
         order = np.lexsort((idx, -sims.astype(np.float64)), axis=1)
         sims, idx = np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
-        if want == n_train or not np.any(sims[:, k - 1] == sims[:, want - 1]):
-            return np.ascontiguousarray(sims[:, :k]), np.ascontiguousarray(idx[:, :k])
-        margin *= 4
+        open_tie = sims[:, k - 1] == sims[:, want - 1] if want < n_train else np.zeros(len(rows), bool)
+        out_sims[rows[~open_tie]], out_idx[rows[~open_tie]] = sims[~open_tie, :k], idx[~open_tie, :k]
+        rows, margin = rows[open_tie], margin * 4
+    return out_sims, out_idx
 
 
 def _search(train_x: np.ndarray, test_x: np.ndarray, k: int, backend: str, chunk_size: int,
@@ -90,12 +93,15 @@ def vote(sims: np.ndarray, neighbour_labels: np.ndarray, k: int, temperature: fl
         w = torch.exp((s - s.max(dim=1, keepdim=True).values) / temperature)
     else:
         w = torch.ones_like(s)
+    # shares divide votes by a total made of the same sums, so a unanimous row scores exactly 1 (and
+    # unanimous rows tie exactly in AUROC), whatever order the backend summed the weights in
     if neighbour_labels.ndim == 3:
-        votes = torch.einsum("nk,nkc->nc", w, torch.as_tensor(neighbour_labels[:, :k], dtype=torch.float64))
-    else:
-        votes = torch.zeros(len(sims), num_classes, dtype=torch.float64)
-        votes.scatter_add_(1, torch.as_tensor(neighbour_labels[:, :k], dtype=torch.int64), w)
-    return (votes / w.sum(dim=1, keepdim=True)).numpy()
+        y = torch.as_tensor(neighbour_labels[:, :k], dtype=torch.float64)
+        votes = torch.einsum("nk,nkc->nc", w, y)
+        return (votes / (votes + torch.einsum("nk,nkc->nc", w, 1 - y))).numpy()
+    votes = torch.zeros(len(sims), num_classes, dtype=torch.float64)
+    votes.scatter_add_(1, torch.as_tensor(neighbour_labels[:, :k], dtype=torch.int64), w)
+    return (votes / votes.sum(dim=1, keepdim=True)).numpy()
 
 
 def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -125,20 +131,36 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
                          f"{len(test_x)} test rows with {len(test_y)} labels.")
     if len(train_y) == 0 or len(test_y) == 0:
         raise ValueError("k-NN needs at least one labelled training row and one evaluation row.")
-    ks = sorted({int(k) for k in ks})
+    ks = sorted({int(k) for k in np.atleast_1d(ks)})
     if not ks or ks[0] < 1:
         raise ValueError(f"k must be positive integers; got {ks}.")
-    temps = [float(temperature)] if np.isscalar(temperature) else [float(t) for t in temperature]
+    scalar_t = np.ndim(temperature) == 0
+    temps = [float(temperature)] if scalar_t else [float(t) for t in temperature]
     if not temps or min(temps) <= 0 or not all(np.isfinite(temps)):
         raise ValueError(f"the temperature T must be a positive number (DINO uses 0.07); got {temperature!r}.")
     train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"expected (rows, dim) features of one width; got train {train_x.shape}, test {test_x.shape}.")
     check_finite(train_x, "the neighbours' features")
     check_finite(test_x, "the evaluated features")
+    multilabel = train_y.ndim == 2
+    if not multilabel:
+        top = int(num_classes) if num_classes is not None else None
+        for name, y in (("train_y", train_y), ("test_y", test_y)):
+            bad = (y < 0) | (y >= top) if top is not None else y < 0
+            if np.any(bad):
+                raise ValueError(f"{name} holds {int(y[bad][0])}: labels must be class indices 0..C-1 "
+                                 f"(num_classes {top if top is not None else 'from the labels'}); drop unlabelled "
+                                 f"(-1) rows before k-NN.")
+    zero = int((np.abs(test_x).max(axis=1) == 0).sum()) if len(test_x) else 0
+    if zero:
+        warnings.warn(f"{zero} evaluated row(s) have all-zero features: cosine similarity 0 to every training row, "
+                      f"so their neighbours are the first training rows in file order; check how those features "
+                      f"were made.", stacklevel=2)
     n_train = len(train_y)
     if ks[-1] > n_train:
         warnings.warn(f"k = {', '.join(str(k) for k in ks if k > n_train)} exceeds the {n_train} training rows; "
                       f"capped at {n_train}.", stacklevel=2)
-    multilabel = train_y.ndim == 2
     c = train_y.shape[1] if multilabel else int(num_classes or max(train_y.max(), test_y.max()) + 1)
     kmax = min(ks[-1], n_train)
     sims, idx = nearest_neighbours(train_x, test_x, kmax, backend, chunk_size, device)
@@ -164,4 +186,4 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
                 row["proba"] = proba
             per_k[k] = row
         results[t] = per_k
-    return results[temps[0]] if np.isscalar(temperature) else results
+    return results[temps[0]] if scalar_t else results

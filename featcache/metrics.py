@@ -263,15 +263,17 @@ def _multilabel_balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
 
 def _topk_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
     """Share of rows whose class has a positive score and is among the k highest, with ties ordered
-    exactly as scikit-learn's top_k_accuracy_score orders them (a stable ascending sort, reversed:
-    among equal scores the higher class index ranks first), so the figure is deterministic.
+    as the top-1 decision orders them (decide: among equal scores the lower class index first), so
+    the top-1 class is always among the top k and top-5 >= top-1. (scikit-learn's
+    top_k_accuracy_score ranks the higher index first among ties, which let six tied classes push
+    the top-1 class out of the top 5.)
 
     Why positive: a class scored exactly 0 (no k-NN neighbour voted for it, a class the probe never
     saw) is not a guess; with fewer than k classes scored, tie order would otherwise credit rows
     with no vote for their class (by class index). So at k-NN k = 1, top-5 is top-1. Softmax
     scores are positive, and there this is scikit-learn's figure."""
     scored = proba > 0
-    top = np.argsort(np.where(scored, proba, -1.0), axis=1, kind="mergesort")[:, ::-1][:, :k]
+    top = np.argsort(-np.where(scored, proba, -1.0), axis=1, kind="stable")[:, :k]
     return float(np.mean(scored[np.arange(len(y)), y] & (top == y[:, None]).any(axis=1)))
 
 

@@ -295,14 +295,24 @@ def test_probability_one_half_is_positive_in_every_figure(tie_file, tmp_path):
     assert ci == pytest.approx([np.quantile(values, 0.025), np.quantile(values, 0.975)], abs=1e-12)
 
 
-def test_top5_with_ties_orders_them_as_sklearn():
+def test_top5_orders_ties_as_top1_does():
+    """Ties rank the lower class index first, as the top-1 decision does: scikit-learn's
+    top_k_accuracy_score ranks the higher first, so six tied classes pushed the top-1 class out of
+    the top 5 (top-5 0.0 with top-1 1.0)."""
     rng = np.random.default_rng(0)
     # scores from 3 levels over 10 classes: nearly every row has ties across the top-5 boundary
     scores = rng.integers(0, 3, (400, 10)).astype(np.float64) + 1e-3
     proba = scores / scores.sum(axis=1, keepdims=True)
     y = rng.integers(0, 10, 400)
-    ours = classification_metrics(y, proba)["top5"]
-    assert ours == top_k_accuracy_score(y, proba, k=5, labels=np.arange(10))
+    rank = np.lexsort((np.broadcast_to(np.arange(10), proba.shape), -proba), axis=1)  # -score, then index
+    expected = np.mean((rank[:, :5] == y[:, None]).any(axis=1))
+    metrics = classification_metrics(y, proba)
+    assert metrics["top5"] == expected and metrics["top5"] >= metrics["top1"]
+    flat = np.full((10, 10), 0.1)  # every class tied: top-1 is class 0, so must top-5 count it
+    assert classification_metrics(np.zeros(10, int), flat)["top5"] == classification_metrics(np.zeros(10, int), flat)["top1"] == 1.0
+    # without ties it is scikit-learn's figure
+    smooth = rng.dirichlet(np.ones(10), 400)
+    assert classification_metrics(y, smooth)["top5"] == top_k_accuracy_score(y, smooth, k=5, labels=np.arange(10))
 
 
 def test_knn_top5_never_credits_a_class_without_votes(digits_feature_file):

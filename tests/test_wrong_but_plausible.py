@@ -477,3 +477,85 @@ def test_a_head_trained_on_imported_features_predicts_on_another_import_of_that_
                             "--model", "other-vit"])
     with pytest.raises(ValueError, match="trained on features of 'my-vit'"):
         fc.predict(tmp_path / "run", tmp_path / "c.h5")
+
+
+# ------------------------------------------------------------------------------------------------
+# k-NN: ties, unanimous votes, zero rows, composite features
+# ------------------------------------------------------------------------------------------------
+
+def _numpy_weighted_knn(train_x, train_y, test_x, k, t, c):
+    """DINO's vote in float64 numpy, neighbours by (-similarity, training row)."""
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    sims = b.astype(np.float64) @ a.T.astype(np.float64)
+    out = np.zeros((len(b), c))
+    for i, s in enumerate(sims):
+        nn = np.lexsort((np.arange(len(s)), -s))[:k]
+        np.add.at(out[i], train_y[nn], np.exp((s[nn] - s[nn].max()) / t))
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def test_unanimous_knn_votes_tie_exactly_on_every_backend():
+    """All 10 neighbours positive is a share of exactly 1: it came out 1 +- 2e-16, so AUROC ranked
+    those rows by rounding noise (0.9278 vs 0.9270 tied) and torch and faiss disagreed."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 1400)
+    x = (rng.normal(size=(1400, 16)) + y[:, None] * 1.2).astype(np.float32)
+    tr, te = slice(0, 1000), slice(1000, 1400)
+    aurocs = []
+    for backend in ("torch", "faiss"):
+        res = fc.knn_eval(x[tr], y[tr], x[te], y[te], ks=(10,), backend=backend, return_proba=True)[10]
+        p = res["proba"][:, 1]
+        assert p.max() <= 1.0 and (p == 1.0).sum() >= 20  # unanimous rows are exactly 1
+        reference = _numpy_weighted_knn(x[tr], y[tr], x[te], 10, 0.07, 2)[:, 1]
+        assert res["auroc"] == pytest.approx(roc_auc_score(y[te], np.round(reference, 12)), abs=1e-12)
+        aurocs.append(res["auroc"])
+    assert aurocs[0] == aurocs[1]
+
+
+def test_knn_top5_keeps_the_top1_class_when_many_classes_tie():
+    x = np.eye(10, dtype=np.float32) + 0.01
+    res = fc.knn_eval(x, np.arange(10), x[:1] + 0.0, np.array([0]), ks=(10,), weighting="uniform")[10]
+    assert res["top1"] == 1.0 and res["top5"] == 1.0  # top5 was 0.0: ties ranked the higher classes first
+
+
+def test_an_all_zero_row_widens_only_its_own_search_and_is_flagged():
+    from featcache.knn import nearest_neighbours
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(3000, 8)).astype(np.float32)
+    test = rng.normal(size=(50, 8)).astype(np.float32)
+    alone, _ = nearest_neighbours(train, test, 5)
+    test[7] = 0.0
+    sims, idx = nearest_neighbours(train, test, 5)
+    np.testing.assert_array_equal(np.delete(sims, 7, 0), np.delete(alone, 7, 0))
+    assert idx[7].tolist() == [0, 1, 2, 3, 4]  # ties in training-row order
+    with pytest.warns(UserWarning, match="1 evaluated row\\(s\\) have all-zero features"):
+        fc.knn_eval(train, np.arange(3000) % 3, test, np.arange(50) % 3, ks=(5,))
+    with pytest.raises(ValueError, match="train_y holds -1: labels must be class indices"):
+        fc.knn_eval(train, np.r_[-1, np.arange(2999) % 3], test, np.arange(50) % 3, ks=(5,))
+    with pytest.raises(ValueError, match="test_y holds -1"):
+        fc.knn_eval(train, np.arange(3000) % 3, test, np.r_[-1, np.arange(49) % 3], ks=(5,))
+
+
+def test_composite_knn_features_weigh_their_parts_equally(tmp_path):
+    """cls carries the class, pooled is noise with 20x the norm: cls+pooled k-NN was the pooled k-NN."""
+    rng = np.random.default_rng(2)
+    y = np.arange(400) % 4
+    cls = (np.eye(4)[y] * 3 + rng.normal(scale=0.5, size=(400, 4))).astype(np.float32)
+    pooled = (rng.normal(size=(400, 4)) * 60).astype(np.float32)
+    path = tmp_path / "parts.h5"
+    write_arrays(path, {"train": {"cls": cls[:300], "pooled": pooled[:300], "labels": y[:300]},
+                        "test": {"cls": cls[300:], "pooled": pooled[300:], "labels": y[300:]}},
+                 ["a", "b", "c", "d"], {"model": "m"})
+    from featcache.evaluation import run_knn
+
+    with fc.open(path) as store:
+        both = run_knn(store, ks=(10,), features="cls+pooled").headline["top1"]
+        alone = run_knn(store, ks=(10,), features="cls").headline["top1"]
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    x = np.hstack([unit(cls), unit(pooled)])
+    expected = np.mean(_numpy_weighted_knn(x[:300], y[:300], x[300:], 10, 0.07, 4).argmax(1) == y[300:])
+    assert both == pytest.approx(expected, abs=1e-12) and alone > 0.9 and both > 0.6
