@@ -67,7 +67,16 @@ def _decision_line(t: Any) -> str:
         return ""
     thr = t.threshold_ if t.threshold_ is not None else 0.5
     return f"; positive class {t.classes_[t.positive_]}, threshold {thr:.4g}" + (
-        f" ({t.threshold_rule_}, chosen on validation)" if tuned_on_validation(t.threshold_rule_) else "")
+        f" ({t.threshold_rule_}, {_where_chosen(t)})" if tuned_on_validation(t.threshold_rule_) else "")
+
+
+def _where_chosen(t: Any) -> str:
+    """'chosen on validation', or why the rule stayed at the default (one class in validation)."""
+    record = t.extra_metrics_.get("threshold") or {}
+    if record.get("chosen_on") == "default":
+        return "left at the default (validation has one class)"
+    untuned = record.get("untuned") or []
+    return "chosen on validation" + (f"; 0.5 for {', '.join(untuned)}" if untuned else "")
 
 
 @cli.command()
@@ -106,12 +115,15 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
     echo_notes(console, notes)
     if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
         value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
-        console.echo(f"threshold {t.threshold_rule_} chosen on validation: {value}")
+        console.echo(f"threshold {t.threshold_rule_} {_where_chosen(t)}: {value}")
     console.echo(f"{head} head, {t.num_params_:,} parameters; best epoch {t.best_epoch_} "
                  f"(val {t.config.metric} {t.best_score_:.4f}); validation: {t.val_source_}"
                  + ("; tokens streamed from disk" if t.streamed_ else "") + _decision_line(t))
     rows = _metric_rows(t.val_metrics_, t.test_metrics_)
-    console.table(rows, title=f"seed {t.config.seed}" + (f", {bootstrap} bootstrap resamples" if bootstrap else ""))
+    grouped = bool(((t.test_metrics_ or {}).get("bootstrap") or {}).get("grouped"))
+    console.table(rows, title=f"seed {t.config.seed}" + (f", positive class {t.classes_[t.positive_]}"
+                                                         if t.positive_ is not None else "")
+                  + (f", {bootstrap} bootstrap resamples" + (" by group" if grouped else "") if bootstrap else ""))
     if repeats > 1:
         split = "test" if "test" in summary else "val"
         console.table([{"metric": m, "median": s["median"], "std": s["std"], "runs": len(s["values"])}

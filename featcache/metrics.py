@@ -22,6 +22,10 @@ BOOTSTRAP_WARN_DROPPED = 0.05  # warn when more than this share of resamples lea
 # metrics that average over classes (or labels): a bootstrap resample lacking a class of the full
 # split would average over fewer classes -- another quantity -- so there they are undefined
 CLASS_AVERAGED = frozenset({"balanced_accuracy", "macro_f1", "auroc", "auprc", "macro_auroc", "macro_auprc"})
+# the metrics classification_metrics computes that a bootstrap interval can be drawn for
+BOOTSTRAP_METRICS = frozenset({"top1", "top5", "balanced_accuracy", "macro_f1", "weighted_f1", "kappa", "mcc", "ece",
+                               "auroc", "auprc", "sensitivity", "specificity", "macro_auroc", "macro_auprc",
+                               "micro_auroc", "micro_auprc", "subset_accuracy"})
 
 
 def check_scores(proba: np.ndarray, what: str = "probabilities") -> np.ndarray:
@@ -114,6 +118,19 @@ def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accura
 # the full report of one evaluation
 # ------------------------------------------------------------------------------------------------
 
+def as_labels(y: Any) -> np.ndarray:
+    """Labels as int64 class indices (N,) or 0/1 (N, C): whole-number floats (labels read through
+    pandas) are cast; fractions, and multi-label cells other than 0/1, are refused."""
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(np.mod(y, 1) != 0):
+            raise ValueError("labels must be whole class indices (or 0/1 per label); found non-integer values.")
+        y = y.astype(np.int64)
+    if y.ndim == 2 and y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"multi-label labels must be 0 or 1; found {y[~np.isin(y, (0, 1))][0].item()!r}.")
+    return y
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Sequence[str] | None = None,
                            threshold: float | Sequence[float] | None = None,
                            positive: int | None = None) -> dict[str, Any]:
@@ -124,7 +141,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     the positive one: P(positive) >= `threshold` (default 0.5) decides, and sensitivity, AUROC and
     AUPRC are about it. For multi-label, one threshold per label.
     """
-    y_true = np.asarray(y_true)
+    y_true = as_labels(y_true)
     proba = check_scores(proba)
     if proba.ndim != 2 or len(proba) != len(y_true):
         raise ValueError(f"expected proba of shape (N, C) with N = {len(y_true)} rows; got {proba.shape}.")
@@ -376,10 +393,15 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
                      target: float | None = None) -> float:
     """A decision threshold on P(positive), chosen on validation data and then applied to test.
 
-    youden: maximise sensitivity + specificity - 1. sensitivity: the highest threshold whose
-    sensitivity reaches `target` (e.g. 0.95 for a screening test).
+    youden: maximise sensitivity + specificity - 1; among thresholds of equal J, the lowest (the
+    most sensitive: on small validation sets J often ties, and scikit-learn's argmax over its
+    descending roc_curve thresholds would take the highest). sensitivity: the highest threshold
+    whose sensitivity reaches `target` (e.g. 0.95 for a screening test).
     """
-    y = np.asarray(y_true).astype(int)
+    y = as_labels(y_true)
+    if y.ndim != 1 or (y.size and not np.isin(y, (0, 1)).all()):
+        raise ValueError("choose_threshold needs 0/1 labels (1 = the positive class), e.g. (val_y == positive); "
+                         f"found {sorted(set(np.unique(y).tolist()))[:5]}.")
     s = check_scores(scores, "validation scores")
     if y.min() == y.max():
         raise ValueError("choosing a threshold needs both classes in the validation data; found only "
@@ -530,6 +552,17 @@ def scalar_metrics(names: Sequence[str], y: np.ndarray, proba: np.ndarray, *, po
     return out
 
 
+# why a metric can be undefined in a resample (Bootstrap.warnings)
+UNDEFINED_BECAUSE = {
+    "sensitivity": "no row of the positive class drawn",
+    "specificity": "no row of the negative class drawn",
+    "mcc": "the drawn truth or predictions were of one class",
+    "kappa": "chance agreement was 1: truth and predictions of one and the same class",
+    "macro_f1": "a class of the split not drawn, or its classes in truth-or-predictions not those of the split",
+    "*": "a class of the split not drawn, e.g. no positive row",
+}
+
+
 @dataclass
 class Bootstrap:
     """Percentile intervals of resampled metrics, with how many resamples each could use."""
@@ -547,9 +580,9 @@ class Bootstrap:
         for m, n in self.n_valid.items():
             dropped = self.n_boot - n
             if dropped > BOOTSTRAP_WARN_DROPPED * self.n_boot:
-                out.append(f"bootstrap: {m} was undefined in {dropped} of {self.n_boot} resamples (a class of the "
-                           f"split not drawn, e.g. no positive row); its interval uses the {n} valid ones and may "
-                           f"be too narrow.")
+                out.append(f"bootstrap: {m} was undefined in {dropped} of {self.n_boot} resamples "
+                           f"({UNDEFINED_BECAUSE.get(m, UNDEFINED_BECAUSE['*'])}); its interval uses the {n} valid "
+                           f"ones and may be too narrow.")
         return out
 
     def attach(self, block: dict[str, Any]) -> dict[str, Any]:
@@ -569,7 +602,11 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
     use the same rule (threshold, positive class) as the point estimate."""
     if n_boot < 1:
         raise ValueError(f"--bootstrap must be a positive number of resamples; got {n_boot}.")
-    y_true, proba = np.asarray(y_true), check_scores(proba)
+    y_true, proba = as_labels(y_true), check_scores(proba)
+    unknown = sorted(set(metrics) - set(BOOTSTRAP_METRICS))
+    if unknown:
+        raise ValueError(f"no bootstrap interval for {', '.join(unknown)}: metrics are "
+                         f"{', '.join(sorted(BOOTSTRAP_METRICS))}.")
     idx_all = resample_indices(len(y_true), n_boot, groups, seed)
     values: dict[str, list[float]] = {m: [] for m in metrics}
     complete = class_checker(y_true)
@@ -631,6 +668,8 @@ def resample_indices(n: int, n_boot: int, groups: Sequence[Any] | None, seed: in
     rng = np.random.default_rng(seed)
     if groups is None:
         return [rng.integers(0, n, n) for _ in range(n_boot)]
+    if len(groups) != n:
+        raise ValueError(f"expected one group (patient id) per row: {len(groups)} groups for {n} rows.")
     _, gid = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     members = [np.flatnonzero(gid == g) for g in range(gid.max() + 1)]
     return [np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for _ in range(n_boot)]

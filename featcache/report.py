@@ -134,11 +134,18 @@ def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for run, split in zip(runs, splits):
         extra = []
+        seeds = (run.metrics.get("repeats") or {}).get("seeds") if isinstance(run.metrics.get("repeats"), dict) else None
         if binary:
             block = run.metrics.get(split) or {} if split else {}
-            extra = [run.positive_class or "n/a", threshold_text(run, block)]
+            per_seed = ((run.metrics["repeats"].get(split) or {}).get("threshold") if seeds and split else None)
+            record = run.metrics.get("threshold")
+            if isinstance(per_seed, dict) and isinstance(record, dict) and record.get("chosen_on") == "val":
+                # each seed chose its own threshold: the metrics beside it are medians over those
+                thr = f"{format_cell(per_seed.get('median'))} (median of the seeds' {record.get('rule')} thresholds)"
+            else:
+                thr = threshold_text(run, block)
+            extra = [run.positive_class or "n/a", thr]
         where = split_label(run, split)
-        seeds = (run.metrics.get("repeats") or {}).get("seeds") if isinstance(run.metrics.get("repeats"), dict) else None
         if seeds:
             where += f" (median of {len(seeds)} seeds)"
         rows.append([run.name, run.kind, run.model, run.features, where, *extra,

@@ -453,6 +453,30 @@ def test_a_threshold_left_at_the_default_is_not_called_chosen_on_validation(tmp_
         assert record["untuned"] == ["positive class pos (no positives)"]
         pred = fc.predict(run, tmp_path / "f.h5")
         assert "stayed at the default" in pred.threshold_source and "chosen on validation" not in pred.threshold_source
+    loud = CliRunner().invoke(cli, ["train", str(tmp_path / "f.h5"), "--epochs", "3", "--threshold", "youden"])
+    assert loud.exit_code == 0 and "chosen on validation" not in loud.output, loud.output
+    assert "left at the default (validation has one class)" in loud.output
+
+
+def test_a_repeats_run_in_the_report_shows_the_seeds_median_threshold(tmp_path):
+    """Each seed chooses its own youden threshold and the row shows medians over seeds: the threshold
+    beside them was seed 0's alone."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = (x[:, 0] + rng.normal(scale=1.0, size=300) > 0.5).astype(int)
+    write_arrays(tmp_path / "f.h5", {"train": {"cls": x[:150], "labels": y[:150]},
+                                     "val": {"cls": x[150:220], "labels": y[150:220]},
+                                     "test": {"cls": x[220:], "labels": y[220:]}}, ["neg", "pos"], {"model": "m"})
+    run = tmp_path / "rep"
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "f.h5"), "--epochs", "4", "--repeats", "3", "--threshold",
+                                 "youden", "--out", str(run), "-q"])
+    assert r.exit_code == 0, r.output
+    per_seed = fc.load_run(run).metrics["repeats"]["test"]["threshold"]
+    r = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "median of the seeds' youden thresholds" in text
+    assert f"{per_seed['median']:.4g}" in text
 
 
 def test_a_head_trained_on_imported_features_predicts_on_another_import_of_that_model(tmp_path):
@@ -559,3 +583,22 @@ def test_composite_knn_features_weigh_their_parts_equally(tmp_path):
     x = np.hstack([unit(cls), unit(pooled)])
     expected = np.mean(_numpy_weighted_knn(x[:300], y[:300], x[300:], 10, 0.07, 4).argmax(1) == y[300:])
     assert both == pytest.approx(expected, abs=1e-12) and alone > 0.9 and both > 0.6
+
+
+def test_metrics_api_refuses_labels_it_would_miscount():
+    from featcache.metrics import choose_threshold
+
+    y = np.array([0, 1, 0, 1, 1, 0])
+    p = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8], [0.4, 0.6], [0.9, 0.1]])
+    assert classification_metrics(y.astype(float), p) == classification_metrics(y, p)  # pandas' float labels
+    with pytest.raises(ValueError, match="needs 0/1 labels"):
+        choose_threshold(np.array([1, 2, 2, 1]), np.array([0.1, 0.9, 0.8, 0.3]))  # was 0.1, silently
+    with pytest.raises(ValueError, match="multi-label labels must be 0 or 1; found -1"):
+        classification_metrics(np.array([[0], [-1], [1], [0]]), np.array([[0.1], [0.7], [0.9], [0.2]]))
+    with pytest.raises(ValueError, match="30 groups for 6 rows"):
+        bootstrap_metrics(y, p, n_boot=10, groups=[str(i) for i in range(30)])
+    with pytest.raises(ValueError, match="no bootstrap interval for AUROC"):
+        bootstrap_metrics(y, p, metrics=("AUROC",), n_boot=10)
+    boot = bootstrap_metrics(np.r_[np.zeros(38, int), 1, 1], np.tile([[0.6, 0.4]], (40, 1)),
+                             metrics=("specificity", "sensitivity"), n_boot=200, seed=1)
+    assert any("sensitivity was undefined" in w and "no row of the positive class drawn" in w for w in boot.warnings)
