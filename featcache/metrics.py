@@ -497,9 +497,10 @@ def tuned_on_validation(rule: str | None) -> bool:
 
 def threshold_record(rule: str, value: float | list[float], untuned: Sequence[str] = ()) -> dict[str, Any]:
     """metrics.json's account of a decision threshold: the rule, its value, and where it came from
-    ("val"; "default" where validation had one class and the rule fell back to 0.5 for every
-    class or label; "given" for a number). `untuned` names the classes or labels left at 0.5."""
-    chosen = "given"
+    ("val"; "default" for the default 0.5, and where validation had one class and the rule fell
+    back to 0.5 for every class or label; "given" for another number). `untuned` names the classes
+    or labels left at 0.5."""
+    chosen = "default" if str(rule).strip() == DEFAULT_THRESHOLD_RULE else "given"
     if tuned_on_validation(rule):
         everywhere = not isinstance(value, list) or len(untuned) == len(value)
         chosen = "default" if untuned and everywhere else "val"
@@ -692,5 +693,7 @@ def summarize_repeats(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, 
         vals = [float(r[name]) for r in results if isinstance(r.get(name), (int, float))
                 and not isinstance(r.get(name), bool) and np.isfinite(r[name])]
         if vals:
-            out[name] = {"median": float(np.median(vals)), "std": float(np.std(vals)), "values": vals}
+            # equal values have std 0, not the 1e-16 of their mean's rounding
+            std = float(np.std(vals)) if len(set(vals)) > 1 else 0.0
+            out[name] = {"median": float(np.median(vals)), "std": std, "values": vals}
     return out

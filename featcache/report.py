@@ -115,8 +115,9 @@ def threshold_text(run: Run, block: dict[str, Any]) -> str:
     value = block.get("threshold")
     record = run.metrics.get("threshold")
     if isinstance(record, dict) and record.get("rule") and not isinstance(value, (list, dict)):
-        where = {"val": "chosen on val", "default": "one class in val: the default"}.get(record.get("chosen_on"),
-                                                                                       "given")
+        where = {"val": "chosen on val",
+                 "default": "one class in val: the default" if record.get("untuned") else "the default"}.get(
+            record.get("chosen_on"), "given")
         rule = record["rule"]
         return f"{format_cell(value)} ({rule}, {where})" if where != "given" else f"{format_cell(value)} (given)"
     return format_cell(value)

@@ -140,14 +140,18 @@ def sample_weights(cached: CachedSplits, balance: str) -> torch.Tensor | None:
 # ------------------------------------------------------------------------------------------------
 
 def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, metric: str,
-                   val_y: np.ndarray, classes: list[str]) -> list[str]:
+                   val_y: np.ndarray, classes: list[str], steps_per_epoch: int | None = None,
+                   batch_size: int | None = None) -> list[str]:
     """Notes for a head that may not have learned: validation never moved past the first epoch, or
     the chosen accuracy is below what always predicting the majority class scores."""
     notes = []
     if best_epoch == 0 and len(history) > 1:
         notes.append(f"validation {metric} never improved after the first epoch ({best:.4f} at epoch 0, stopped "
                      f"after epoch {len(history) - 1}): the head may not be learning; raise --lr (or --patience) "
-                     f"and train again.")
+                     f"and train again."
+                     + (f" An epoch here is only {steps_per_epoch} optimizer step(s) (--batch-size {batch_size}): "
+                        f"lower --batch-size for a small train split." if steps_per_epoch and steps_per_epoch <= 3
+                        else ""))
     if metric == "accuracy" and val_y.ndim == 1 and len(val_y):
         counts = np.bincount(val_y[val_y >= 0], minlength=len(classes))
         majority = counts.max() / max(counts.sum(), 1)
@@ -247,7 +251,7 @@ class HeadTrainer:
             self.notes_.append(f"the best epoch is the last one ({best_epoch}): validation was still improving "
                                f"when training stopped; raise --epochs (or --lr) and train again.")
         self.notes_ += learning_notes(history, best_epoch, best_score, cfg.metric, cached.val.y.cpu().numpy(),
-                                      cached.classes)
+                                      cached.classes, -(-len(cached.train.rows) // cfg.batch_size), cfg.batch_size)
         self.val_y_ = cached.val.y.cpu().numpy()
         self.val_proba_ = split_proba(model, cached, cached.val)
         self.test_y_ = self.test_proba_ = self.test_groups_ = None
