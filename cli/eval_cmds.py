@@ -116,7 +116,8 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
     if bootstrap:
         head = res.config["headline"]
         console.table(_ci_rows(res.headline), title=f"\nk = {head['k']}, T = {head['temperature']:g}: {bootstrap} "
-                                                    f"bootstrap resamples" + (" by group" if res.eval.groups else ""))
+                                                    f"bootstrap resamples" + (" by group" if (res.headline.get("bootstrap") or {}).get("grouped")
+                                                                         else ""))
     _finish(console, res, json_path, out_dir)
 
 

@@ -152,8 +152,8 @@ def load_cached_splits(store: FeatureStore, *, features: str, tokens: bool, choi
 
 
 def warn_single_class(cached: CachedSplits) -> None:
-    """A split with one class trains or scores trivially (accuracy 0 or 1): refuse for train, warn
-    for val (epochs cannot be ranked by anything but loss)."""
+    """A split with one class trains or scores trivially (accuracy 0 or 1, AUROC undefined): refuse
+    for train, warn for val (epochs cannot be ranked by anything but loss)."""
     if cached.multilabel:
         return
     names = cached.classes
@@ -164,8 +164,9 @@ def warn_single_class(cached: CachedSplits) -> None:
     val_classes = np.unique(cached.val.y.cpu().numpy())
     if val_classes.size < 2:
         warnings.warn(f"the validation rows ({cached.val_source}) hold a single class "
-                      f"({names[int(val_classes[0])]}): accuracy on them is 0 or 1 whatever the head, so "
-                      f"early stopping is close to arbitrary. Use --metric loss or a larger val split.",
+                      f"({names[int(val_classes[0])]}): accuracy on them is 0 or 1 whatever the head and "
+                      f"AUROC is undefined, so early stopping is close to arbitrary. Use --metric loss or a "
+                      f"larger val split.",
                       stacklevel=3)
 
 

@@ -7,6 +7,7 @@ never a crash and never a misleading 100 %.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -364,13 +365,15 @@ def _kappa(cm: np.ndarray) -> float | None:
     return float((po - pe) / (1 - pe)) if pe != 1 else None
 
 
-def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS
+def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS, pred: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(edges, count, mean confidence, accuracy) per equal-width bin of the top-1 confidence: what
-    the ECE sums and the reliability diagram draws (one implementation for both)."""
+    the ECE sums and the reliability diagram draws (one implementation for both). `pred` gives the
+    decisions when they are not the argmax (multi-label label decisions: P >= 0.5 is positive)."""
     proba = np.asarray(proba, dtype=np.float64)
     conf = proba.max(axis=1)
-    correct = (proba.argmax(axis=1) == np.asarray(y)).astype(np.float64)
+    decided = proba.argmax(axis=1) if pred is None else np.asarray(pred)
+    correct = (decided == np.asarray(y)).astype(np.float64)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
     count = np.bincount(which, minlength=bins)
@@ -407,9 +410,10 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
         raise ValueError("choosing a threshold needs both classes in the validation data; found only "
                          f"class {y[0]}.")
     candidates = np.unique(s)
-    pos, neg = y == 1, y == 0
-    sens = np.array([(s[pos] >= t).mean() for t in candidates])
-    spec = np.array([(s[neg] < t).mean() for t in candidates])
+    pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])
+    # share of positives >= t and of negatives < t at every candidate t, by binary search (O(n log n))
+    sens = (len(pos) - np.searchsorted(pos, candidates, side="left")) / len(pos)
+    spec = np.searchsorted(neg, candidates, side="left") / len(neg)
     if method == "youden":
         return float(candidates[np.argmax(sens + spec - 1)])
     if method == "sensitivity":
@@ -553,6 +557,8 @@ def scalar_metrics(names: Sequence[str], y: np.ndarray, proba: np.ndarray, *, po
     return out
 
 
+MIN_BOOTSTRAP_UNITS = 10  # fewer patients (or rows) than this: G of them give only C(2G-1, G) distinct resamples
+
 # why a metric can be undefined in a resample (Bootstrap.warnings)
 UNDEFINED_BECAUSE = {
     "sensitivity": "no row of the positive class drawn",
@@ -571,13 +577,18 @@ class Bootstrap:
     ci: dict[str, tuple[float, float]]        # metric -> (low, high)
     n_valid: dict[str, int]                   # metric -> resamples where it was defined
     n_boot: int                               # resamples drawn
-    grouped: bool                             # whole groups (patients) were resampled
+    grouped: bool                             # whole groups (patients) were resampled (some group has > 1 row)
     alpha: float = 0.05
+    n_units: int | None = None                # what was resampled: distinct groups, or rows
 
     @property
     def warnings(self) -> list[str]:
         """One line per metric undefined in more than 5 % of the resamples."""
         out = []
+        if self.n_units is not None and self.n_units < MIN_BOOTSTRAP_UNITS:
+            what = "patients (groups)" if self.grouped else "rows"
+            out.append(f"bootstrap: only {self.n_units} {what} to resample: an interval over so few is unreliable "
+                       f"(too narrow; one gives a zero-width interval), so read it as a rough range at best.")
         for m, n in self.n_valid.items():
             dropped = self.n_boot - n
             if dropped > BOOTSTRAP_WARN_DROPPED * self.n_boot:
@@ -590,7 +601,7 @@ class Bootstrap:
         """Store the intervals in a split's metrics (the one layout report reads)."""
         block["ci"] = {k: [lo, hi] for k, (lo, hi) in self.ci.items()}
         block["bootstrap"] = {"n_boot": self.n_boot, "n_valid": dict(self.n_valid), "grouped": self.grouped,
-                              "level": 1 - self.alpha, "warnings": self.warnings}
+                              "n_units": self.n_units, "level": 1 - self.alpha, "warnings": self.warnings}
         return block
 
 
@@ -632,7 +643,9 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
             if v is not None and np.isfinite(v):
                 values[m].append(float(v))
     ci = {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for m, v in values.items() if v}
-    return Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None, alpha)
+    units = len(y_true) if groups is None else len({str(g) for g in groups})
+    return Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None and units < len(y_true),
+                     alpha, units)
 
 
 def f1_class_checker(y_full: np.ndarray, pred_full: np.ndarray) -> Callable[[np.ndarray], bool]:
@@ -687,11 +700,12 @@ def summarize_repeats(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, 
     """Median ± std (population, ddof 0) of every scalar metric over repeated runs (seeds), as in
     Matsoukas et al. A metric undefined (None, NaN) in some runs is summarised over the others:
     "values" holds those, so len(values) says over how many."""
-    names = sorted({k for r in results for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    names = sorted({k for r in results for k, v in r.items()
+                    if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))})
     out = {}
     for name in names:
-        vals = [float(r[name]) for r in results if isinstance(r.get(name), (int, float))
-                and not isinstance(r.get(name), bool) and np.isfinite(r[name])]
+        vals = [float(r[name]) for r in results if isinstance(r.get(name), numbers.Real)
+                and not isinstance(r.get(name), (bool, np.bool_)) and np.isfinite(r[name])]
         if vals:
             # equal values have std 0, not the 1e-16 of their mean's rounding
             std = float(np.std(vals)) if len(set(vals)) > 1 else 0.0

@@ -303,7 +303,8 @@ def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
     if y_true.ndim == 2:  # multi-label: each label decision is a binary prediction
         flat = proba.ravel()
         edges, counts, mean_conf, mean_hit = calibration_bins(
-            (y_true > 0).ravel().astype(int), np.stack([1 - flat, flat], axis=1))
+            (y_true > 0).ravel().astype(int), np.stack([1 - flat, flat], axis=1),
+            pred=(flat >= 0.5).astype(int))  # the decision rule: exactly 0.5 is positive
         xlabel, ylabel = "confidence of each label decision", "accuracy"
     else:
         edges, counts, mean_conf, mean_hit = calibration_bins(y_true, proba)

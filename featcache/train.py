@@ -145,6 +145,10 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
     """Notes for a head that may not have learned: validation never moved past the first epoch, or
     the chosen accuracy is below what always predicting the majority class scores."""
     notes = []
+    if not math.isfinite(best):  # the selection score was undefined throughout (one class in validation)
+        return [f"validation {metric} was undefined at every epoch (validation holds a single class), so the "
+                f"kept epoch says nothing about learning; use --metric loss or a validation split with both "
+                f"classes."]
     if best_epoch == 0 and len(history) > 1:
         notes.append(f"validation {metric} never improved after the first epoch ({best:.4f} at epoch 0, stopped "
                      f"after epoch {len(history) - 1}): the head may not be learning; raise --lr (or --patience) "

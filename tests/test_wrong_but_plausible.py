@@ -602,3 +602,40 @@ def test_metrics_api_refuses_labels_it_would_miscount():
     boot = bootstrap_metrics(np.r_[np.zeros(38, int), 1, 1], np.tile([[0.6, 0.4]], (40, 1)),
                              metrics=("specificity", "sensitivity"), n_boot=200, seed=1)
     assert any("sensitivity was undefined" in w and "no row of the positive class drawn" in w for w in boot.warnings)
+
+
+def test_a_bootstrap_over_few_patients_says_so_and_unknown_ids_are_not_groups():
+    """All 120 test rows of one site (one group) gave 'by group' intervals of zero width, no warning;
+    rows without a patient id (each its own group) were reported as a grouped bootstrap."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    p = np.clip(np.c_[1 - y * 0.6 - 0.2, y * 0.6 + 0.2] + rng.normal(scale=0.2, size=(120, 2)), 0.01, 0.99)
+    p = p / p.sum(axis=1, keepdims=True)
+    one = bootstrap_metrics(y, p, metrics=("top1",), n_boot=200, groups=["site0"] * 120)
+    assert one.grouped and one.n_units == 1 and one.ci["top1"][0] == one.ci["top1"][1]
+    assert any("only 1 patients (groups) to resample" in w for w in one.warnings)
+    unique = bootstrap_metrics(y, p, metrics=("top1",), n_boot=200, groups=[f"row{i}" for i in range(120)])
+    assert not unique.grouped and unique.n_units == 120 and unique.warnings == []
+    block = unique.attach({})
+    assert block["bootstrap"]["grouped"] is False and block["bootstrap"]["n_units"] == 120
+
+
+def test_choose_threshold_is_the_loop_it_replaced_and_fast():
+    from featcache.metrics import choose_threshold
+
+    rng = np.random.default_rng(1)
+    for n in (30, 400):
+        y = rng.integers(0, 2, n)
+        s = np.round(rng.random(n), 2)  # many tied scores
+        cand = np.unique(s)
+        sens = np.array([(s[y == 1] >= t).mean() for t in cand])
+        spec = np.array([(s[y == 0] < t).mean() for t in cand])
+        assert choose_threshold(y, s, "youden") == cand[np.argmax(sens + spec - 1)]
+        assert choose_threshold(y, s, "sensitivity", 0.9) == cand[np.flatnonzero(sens >= 0.9).max()]
+
+
+def test_summarize_repeats_reads_numpy_scalars():
+    from featcache.metrics import summarize_repeats
+
+    out = summarize_repeats([{"auroc": np.float32(0.8), "n": np.int64(5)}, {"auroc": np.float32(0.9), "n": np.int64(5)}])
+    assert out["auroc"]["median"] == pytest.approx(0.85) and out["n"]["std"] == 0.0
