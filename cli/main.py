@@ -25,11 +25,43 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=file or sys.stderr)
 
 
+class _PipeSafeStream:
+    """stdout that outlives its reader: after `featcache train ... | head -1` the pipe closes while
+    the command still has a run directory to write; a broken pipe sends the rest of the output to
+    /dev/null instead of aborting the command before it saves anything."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop(self) -> None:
+        import os
+
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     import signal
+    import sys
     import warnings
 
     warnings.showwarning = _one_line_warning
+    sys.stdout = _PipeSafeStream(sys.stdout)
 
     # past the file-size limit (ulimit -f) the kernel would kill the process with SIGXFSZ in the
     # middle of an HDF5 write; ignored, the write fails with EFBIG and featcache says what is saved

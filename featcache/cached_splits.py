@@ -164,9 +164,9 @@ def warn_single_class(cached: CachedSplits) -> None:
     val_classes = np.unique(cached.val.y.cpu().numpy())
     if val_classes.size < 2:
         warnings.warn(f"the validation rows ({cached.val_source}) hold a single class "
-                      f"({names[int(val_classes[0])]}): accuracy on them is 0 or 1 whatever the head and "
-                      f"AUROC is undefined, so early stopping is close to arbitrary. Use --metric loss or a "
-                      f"larger val split.",
+                      f"({names[int(val_classes[0])]}): accuracy there only counts how often the head "
+                      f"predicts {names[int(val_classes[0])]} and AUROC is undefined, so early stopping is close "
+                      f"to arbitrary. Use --metric loss or a larger val split.",
                       stacklevel=3)
 
 

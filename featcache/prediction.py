@@ -223,7 +223,7 @@ def _training_differences(run_dir: str | os.PathLike, fingerprint: str, config: 
         return ""
 
 
-def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split: str = "test",
+def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split: str | None = None,
             threshold: float | None = None, positive_class: str | None = None) -> Predictions:
     """Probabilities and decisions of a saved head (or probe) on a split, refusing features of
     another backbone or preprocessing. The saved threshold applies unless `threshold` is given."""
@@ -237,8 +237,13 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
                              f"{_training_differences(run_dir, meta['fingerprint'], store.config)}. Predict on a "
                              f"file extracted with the same model and extraction settings (including --tokens "
                              f"and --dtype: every fingerprinted setting).")
+        fallback = None
+        if split is None:  # test, or the one split an external site's file has (often "all")
+            split = "test" if "test" in store.splits or len(store.splits) != 1 else store.splits[0]
+            fallback = split if split != "test" else None
         if split not in store.splits:
-            raise ValueError(f"{Path(features_file).name} has no split {split!r}; it has {', '.join(store.splits)}.")
+            raise ValueError(f"{Path(features_file).name} has no split {split!r}; it has {', '.join(store.splits)} "
+                             f"(pass --split).")
         view = store[split]
         rows = view.valid_index()
         left_out = view.n - len(rows)
@@ -261,6 +266,8 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
                                             Path(features_file).name)
         else:
             labels, notes = file_labels, []
+        if fallback:
+            notes = notes + [f"{Path(features_file).name} has no split 'test': predicted its only split, {fallback!r}."]
         if left_out:  # rows whose image could not be read (or not yet extracted) have no features
             notes = notes + [f"{left_out} of the {view.n} rows of split {split!r} have no features (unreadable "
                              f"images are listed by `featcache info`) and are not in the predictions."]

@@ -639,3 +639,36 @@ def test_summarize_repeats_reads_numpy_scalars():
 
     out = summarize_repeats([{"auroc": np.float32(0.8), "n": np.int64(5)}, {"auroc": np.float32(0.9), "n": np.int64(5)}])
     assert out["auroc"]["median"] == pytest.approx(0.85) and out["n"]["std"] == 0.0
+
+
+def test_a_closed_pipe_does_not_lose_the_run_directory(tmp_path):
+    """`featcache train ... --out RUN | head -1` stopped with 'Broken pipe' before RUN was written."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 8)).astype(np.float32), np.arange(200) % 2
+    write_arrays(tmp_path / "f.h5", {"train": {"cls": x[:120], "labels": y[:120]}, "val": {"cls": x[120:160],
+                 "labels": y[120:160]}, "test": {"cls": x[160:], "labels": y[160:]}}, ["a", "b"], {"model": "m"})
+    for command in (["train", "--epochs", "2"], ["probe", "--Cs", "0.1,1"]):
+        run = tmp_path / command[0]
+        proc = subprocess.Popen([sys.executable, "-m", "featcache", command[0], str(tmp_path / "f.h5"), *command[1:],
+                                 "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc.stdout.readline()  # the reader takes one line and goes, as `| head -1` does
+        proc.stdout.close()
+        assert proc.wait(timeout=300) == 0
+        assert (run / "metrics.json").exists() and (run / "head.safetensors").exists()
+
+
+def test_predict_on_an_external_file_with_one_split(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(100, 4)).astype(np.float32), np.arange(100) % 2
+    write_arrays(tmp_path / "f.h5", {"train": {"cls": x[:60], "labels": y[:60]}, "test": {"cls": x[60:], "labels": y[60:]}},
+                 ["a", "b"], {"model": "m"})
+    write_arrays(tmp_path / "site_b.h5", {"all": {"cls": x[60:]}}, ["a", "b"], {"model": "m"})
+    fc.train_head(tmp_path / "f.h5", epochs=2, out=tmp_path / "run")
+    pred = fc.predict(tmp_path / "run", tmp_path / "site_b.h5")
+    np.testing.assert_array_equal(pred.proba, fc.predict(tmp_path / "run", tmp_path / "f.h5").proba)
+    assert any("predicted its only split, 'all'" in n for n in pred.notes)
+    with pytest.raises(ValueError, match="has no split 'val'.*pass --split"):
+        fc.predict(tmp_path / "run", tmp_path / "f.h5", split="val")
