@@ -303,27 +303,11 @@ def _stacked_backward(g: _StackedLinear, x: torch.Tensor, y: torch.Tensor, loss_
     """Set .grad of the stacked parameters: the gradient each head's own loss would give it. Returns
     each head's loss on the batch (K,), as loss_fn would report it for that head alone."""
     w, b = g.params
-    logits = _batch_major_logits(x, w, b)                                              # (B, K, C)
-    dlogits = _stacked_loss_grad(logits, y, loss_fn, multilabel)
+    dlogits, loss = _stacked_loss_grad(_batch_major_logits(x, w, b), y, loss_fn, multilabel)  # (B, K, C), (K,)
     g_flat = dlogits.view(len(y), -1)                                                  # (B, K*C), no copy
     w.grad = (g_flat.T @ x).view_as(w)
     b.grad = g_flat.sum(0).view_as(b)
-    return _stacked_loss(logits.detach(), y, loss_fn, multilabel)
-
-
-def _stacked_loss(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, multilabel: bool) -> torch.Tensor:
-    """Each of K heads' loss_fn value on batch-major logits (B, K, C): the weighted cross-entropy
-    mean or the BCE-with-logits mean, for the train_loss of every configuration's history."""
-    if multilabel:
-        yk = y[:, None, :].to(logits.dtype).expand_as(logits)
-        per = nn.functional.binary_cross_entropy_with_logits(logits, yk, pos_weight=loss_fn.pos_weight,
-                                                              reduction="none")
-        return per.mean(dim=(0, 2))
-    nll = -logits.log_softmax(dim=2)[torch.arange(len(y)), :, y]                      # (B, K)
-    if loss_fn.weight is None:
-        return nll.mean(dim=0)
-    wy = loss_fn.weight[y]
-    return (nll * wy[:, None]).sum(dim=0) / wy.sum()
+    return loss
 
 
 def _validate(groups: list[_StackedLinear], cached: dict[str, CachedSplits], first: CachedSplits, metric: str,
@@ -377,26 +361,34 @@ def _stacked_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.
     return _batch_major_logits(x, w, b).transpose(0, 1)
 
 
-def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module, multilabel: bool) -> torch.Tensor:
+def _stacked_loss_grad(logits: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                       multilabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """d(loss_k)/d(logits_k) of batch-major logits (B, K, C) for K heads at once, each exactly the
     gradient loss_fn would give one head (weighted cross-entropy mean, or BCE-with-logits mean): no
-    autograd graph over K heads."""
+    autograd graph over K heads. Also each head's loss (K,), as loss_fn reports it for that head
+    alone (every configuration's train_loss history), from the same log-probabilities."""
     bsz, k, c = logits.shape
-    if multilabel:
-        p = logits.sigmoid()
-        yk = y[:, None, :]
-        pw = loss_fn.pos_weight
-        if pw is None:
-            grad = p - yk
-        else:  # d/dz of -(pw*y*log(s) + (1-y)*log(1-s)) = (pw*y + 1 - y) * s - pw*y
-            grad = (pw * yk + 1 - yk) * p - pw * yk
-        return grad / (bsz * c)
-    grad = logits.softmax(dim=2)
-    grad[torch.arange(bsz), :, y] -= 1
-    if loss_fn.weight is None:
-        return grad / bsz
-    wy = loss_fn.weight[y]
-    return grad * (wy / wy.sum())[:, None, None]
+    with torch.no_grad():
+        if multilabel:
+            p = logits.sigmoid()
+            yk = y[:, None, :]
+            pw = loss_fn.pos_weight
+            if pw is None:
+                grad = p - yk
+            else:  # d/dz of -(pw*y*log(s) + (1-y)*log(1-s)) = (pw*y + 1 - y) * s - pw*y
+                grad = (pw * yk + 1 - yk) * p - pw * yk
+            per = nn.functional.binary_cross_entropy_with_logits(logits, yk.to(logits.dtype).expand_as(logits),
+                                                                  pos_weight=pw, reduction="none")
+            return grad / (bsz * c), per.mean(dim=(0, 2))
+        logp = logits.log_softmax(dim=2)
+        rows = torch.arange(bsz, device=logits.device)
+        nll = -logp[rows, :, y]                                                        # (B, K)
+        grad = logp.exp_()                                                             # the softmax, in place
+        grad[rows, :, y] -= 1
+        if loss_fn.weight is None:
+            return grad / bsz, nll.mean(dim=0)
+        wy = loss_fn.weight[y]
+        return grad * (wy / wy.sum())[:, None, None], (nll * wy[:, None]).sum(dim=0) / wy.sum()
 
 
 def _trainer_from_state(cached: CachedSplits, cfg: TrainConfig, state: dict[str, torch.Tensor],
