@@ -469,9 +469,13 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
             chosen += [(f"best {k}", _setting(v) if k in SETTING_COLUMNS else format_cell(v))
                        for k, v in run.metrics["best"].items()
                        if not isinstance(v, (dict, list)) and k not in ("rank", "config", "best_epoch")]
+        rep = run.metrics.get("repeats")
+        seeds = rep.get("seeds") if isinstance(rep, dict) else None
+        # a --repeats run's own numbers, head and threshold are its first seed's: say so beside the medians
+        seed_note = f", seed {seeds[0]} of {len(seeds)}: the saved head" if seeds else ""
         if chosen:
-            md += ["### Chosen", "", _md_table(["what", "value"], chosen), ""]
-            hs += ["<h3>Chosen</h3>", _html_table(["what", "value"], chosen)]
+            md += [f"### Chosen{md_escape(seed_note)}", "", _md_table(["what", "value"], chosen), ""]
+            hs += [f"<h3>Chosen{html.escape(seed_note)}</h3>", _html_table(["what", "value"], chosen)]
         cfg = _config_rows(run.config)
         if cfg:
             md += ["### Configuration", "", _md_table(["key", "value"], cfg), ""]
@@ -480,7 +484,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
             block = run.metrics.get(split)
             if isinstance(block, dict):
                 vals = _scalar_metrics(block)
-                where = split_label(run, split) + _counts(block)
+                where = split_label(run, split) + _counts(block) + seed_note
                 if vals:
                     md += [f"### Metrics ({md_escape(where)})", "", _md_table(["metric", "value"], vals), ""]
                     hs += [f"<h3>Metrics ({html.escape(where)})</h3>", _html_table(["metric", "value"], vals)]

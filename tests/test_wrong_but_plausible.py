@@ -477,6 +477,7 @@ def test_a_repeats_run_in_the_report_shows_the_seeds_median_threshold(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "median of the seeds' youden thresholds" in text
     assert f"{per_seed['median']:.4g}" in text
+    assert "### Metrics (test: 80 rows, 2 classes, seed 0 of 3: the saved head)" in text  # not unlabelled
 
 
 def test_a_head_trained_on_imported_features_predicts_on_another_import_of_that_model(tmp_path):
