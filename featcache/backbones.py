@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -220,15 +221,21 @@ def interpolation_kwargs(backbone: "Backbone", pixels: "torch.Tensor") -> dict[s
     return {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other else {}
 
 
-def check_image_size(backbone: "Backbone", image_size: int) -> None:
-    """Refuse an input size the model cannot use whole: not positive, or for a transformer not a
-    multiple of its patch size (the patch embedding would drop the last image_size % patch pixels)."""
+def check_image_size(backbone: "Backbone", image_size: int, strict: bool = True) -> None:
+    """Refuse an input size that is not positive; for a transformer, one that is not a multiple of
+    its patch size (the patch embedding drops the last image_size % patch pixels) is refused when
+    `strict` (attention maps, bench), else warned about (extraction: files made at such a size
+    before this check must still resume)."""
     if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
         raise ValueError(f"--image-size must be a positive number of pixels; got {image_size!r}.")
     p = backbone.patch_size
     if not backbone.family.cnn and p and image_size % p:
-        raise ValueError(f"--image-size {image_size} is not a multiple of {backbone.name}'s patch size {p} (the model "
-                         f"would see {image_size // p * p} px); use {image_size // p * p} or {(image_size // p + 1) * p}.")
+        text = (f"--image-size {image_size} is not a multiple of {backbone.name}'s patch size {p} (the model "
+                f"would see {image_size // p * p} px); use {image_size // p * p} or {(image_size // p + 1) * p}.")
+        if strict:
+            raise ValueError(text)
+        warnings.warn(text.replace(" would see ", " sees ").replace("); use", "; the last pixels of each side are "
+                                                                          "dropped); use"), UserWarning, stacklevel=3)
 
 
 def load_backbone(model: str, revision: str | None = None, cache_dir: str | None = None,
@@ -285,7 +292,7 @@ def load_backbone(model: str, revision: str | None = None, cache_dir: str | None
     commit = getattr(config, "_commit_hash", None) or revision
     backbone = Backbone(net, processor, family, model, commit)
     if image_size is not None:
-        check_image_size(backbone, image_size)
+        check_image_size(backbone, image_size, strict=False)
         set_processor_size(processor, image_size, image_size)
     backbone.weights_id = local_weights_id(model) if local else None
     return backbone

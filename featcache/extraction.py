@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
-from featcache.sources import (UNREADABLE, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
+from featcache.sources import (DECODE_RULES, DECODE_RULES_CHANGES, UNREADABLE, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
                                load_image, read_input, row_content)
 from featcache.devices import resolve_device
 from featcache.names import CONTENT_CHARS, DTYPES
@@ -330,6 +330,7 @@ def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "data_root": str(data_root),
         "data_kind": data_kind,
+        "decode_rules": DECODE_RULES,
     })
     if not cfg.num_tokens:
         config["token_mode"] = "none"
@@ -408,6 +409,8 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
                   config: dict[str, Any], layout: FeatureLayout, classes: Sequence[str], backbone: Backbone,
                   plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
     """Create or resume one feature file and compute its missing rows (--update: rebuild it)."""
+    if not run.overwrite and Path(out).exists():
+        warn_older_decode_rules(Path(out))
     if run.update and not run.overwrite and Path(out).exists() and not same_rows(out, classes, specs):
         # the data changed since OUT was made; decided read-only, so OUT is never opened for writing
         # (an unchanged data set resumes below, exactly as without --update)
@@ -415,6 +418,21 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
     writer = StoreWriter(out, config, classes, specs, layout, overwrite=run.overwrite,
                          retry_errors=run.retry_errors)
     return _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device)
+
+
+def warn_older_decode_rules(out: Path) -> None:
+    """Say so when OUT was made under older decoding rules: its stored rows are kept (the
+    fingerprint does not change), but for some inputs new rows would follow another rule."""
+    try:
+        with FeatureStore(out) as old:
+            made_with = int(old.config.get("decode_rules", 1))
+    except (OSError, FeatureStoreError, ValueError):
+        return  # not a readable featcache file: StoreWriter says why
+    changes = [DECODE_RULES_CHANGES[v] for v in range(made_with + 1, DECODE_RULES + 1) if v in DECODE_RULES_CHANGES]
+    if changes:
+        log.warning("%s was made by an earlier featcache whose decoding differed for: %s. Its stored rows are "
+                    "kept; if your data holds such inputs, re-extract with --overwrite so every row follows one "
+                    "rule.", out.name, "; ".join(changes))
 
 
 def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: str | Path,
@@ -465,6 +483,8 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
                 f"{describe_config(config)}{config_differences(old.config, config)}. --update keeps rows of the same "
                 f"model and settings only: use another --out, or --overwrite to re-extract everything.")
         check_same_data_root(old.config, config, out)
+        # the file keeps saying which rules its oldest rows followed (warn_older_decode_rules)
+        config = {**config, "decode_rules": min(int(old.config.get("decode_rules", 1)), DECODE_RULES)}
         where = _done_rows_by_path(old)
         try:
             writer = StoreWriter(tmp, config, classes, specs, layout)

@@ -37,6 +37,10 @@ INSTALL_HINT = "pip install 'featcache[hf]'"
 log = logging.getLogger("featcache")
 
 
+class NotClassLabels(ValueError):
+    """A label-named column whose values are not class labels (a float holding fractions)."""
+
+
 class MissingDatasetsError(ImportError, ValueError):
     """`datasets` is needed but not installed (a ValueError too, so the CLI prints it cleanly)."""
 
@@ -132,14 +136,12 @@ def pick_label_column(features: Any, override: str | None, where: str, image_col
     preferred = [c for c in named if c in class_labels]
     if preferred:  # a ClassLabel named like a label is unambiguous, whatever else the split holds
         return preferred[0]
-    for c in named:
-        if _label_kind(features[c]) is None:
-            raise ValueError(f"column {c!r} of {where} is {features[c]!r}, which featcache cannot read as class "
-                             f"labels (expected a ClassLabel, an integer, an integer-valued float or a string "
-                             f"column, or a list of ClassLabel or of integers for multi-label). Cast it, e.g. "
-                             f"dataset.cast_column({c!r}, datasets.ClassLabel(names=[...])), name the label "
-                             f"column with --label-column, or drop it (dataset.remove_columns) to extract "
-                             f"without labels.")
+    unreadable = [c for c in named if _label_kind(features[c]) is None]
+    if unreadable:  # a segmentation mask, boxes, a regression target: not classes, and not refused
+        log.warning("column(s) %s of %s are not class labels (%s); they are not read as labels. Name the label "
+                    "column with --label-column, or cast it to a datasets.ClassLabel.", ", ".join(unreadable), where,
+                    ", ".join(type(features[c]).__name__ for c in unreadable))
+        named = [c for c in named if c not in unreadable]
     if class_labels and named:
         raise ValueError(f"{where} has a ClassLabel column {class_labels[0]!r} and a label column {named[0]!r}: "
                          f"which one holds the classes to evaluate is ambiguous; pick one with --label-column.")
@@ -202,8 +204,15 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
     # a split without the label column (an unlabelled test split) is unlabelled, -1
     kinds = {name: _label_kind(ds.features[label_col]) for name, ds in dsets.items()
              if label_col and label_col in ds.features}
-    names = {name: _row_names(kinds[name], dsets[name].features[label_col], dsets[name][label_col], name, label_col)
-             for name in kinds}
+    try:
+        names = {name: _row_names(kinds[name], dsets[name].features[label_col], dsets[name][label_col], name,
+                                  label_col) for name in kinds}
+    except NotClassLabels as exc:
+        if label_column is not None:
+            raise
+        # a float column named like a label that holds fractions (age, a score): not classes
+        log.warning("%s; its rows are extracted unlabelled (name a label column with --label-column).", exc)
+        label_col, kinds, names = None, {}, {}
     classes = _classes(kinds, {name: dsets[name].features[label_col] for name in kinds}, names, label_col)
     multilabel = any(k.startswith("multilabel") for k in kinds.values())
     unlabelled = [name for name in dsets if name not in kinds and len(dsets[name])]
@@ -273,9 +282,8 @@ def _row_names(kind: str, feature: Any, values: Any, split: str, column: str) ->
     split's own terms: a ClassLabel's codes through its own names, so splits saved with the names in
     another order still agree."""
     def bad(v: Any) -> ValueError:
-        return ValueError(f"split {split!r}: column {column!r} holds {v!r}, which is not a class label "
-                          f"({feature!r}); fix the value, name another column with --label-column, or "
-                          f"drop the column (dataset.remove_columns) to extract without labels.")
+        return NotClassLabels(f"split {split!r}: column {column!r} holds {v!r}, which is not a class label "
+                              f"({feature!r})")
 
     if kind == "classlabel":
         return [None if v is None or int(v) < 0 else feature.names[int(v)] for v in values]

@@ -37,13 +37,19 @@ def load_array_file(path: str | Path, labels_only: bool = False) -> dict[str, An
     elif suffix in (".pt", ".pth"):
         import torch
 
+        import pickle
+
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # weights-only unpickling refuses numpy arrays and any other object
+        except pickle.UnpicklingError as exc:  # weights-only unpickling refuses numpy arrays and any other object
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{path} holds objects other than tensors (read with torch.load(weights_only=True), "
                              f"which never runs code from the file: {reason}); save torch tensors "
                              f"(torch.save({{'features': torch.as_tensor(x)}})) or use .npz.") from None
+        except (RuntimeError, OSError, EOFError) as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"cannot read {path} as a torch file (truncated, or not made by torch.save?): "
+                             f"{reason}.") from None
         if isinstance(obj, (tuple, list)):
             raise ValueError(f"{path} holds a {type(obj).__name__} of {len(obj)} items; save a dict naming each array, "
                              f"e.g. torch.save({{'features': x, 'labels': y}}, ...), or one features tensor.")
@@ -102,8 +108,8 @@ def _to_numpy(value: Any) -> Any:
         if value.is_floating_point() and value.dtype.itemsize < 4:
             value = value.float()  # bfloat16 has no numpy dtype; float32 holds it (and float16) exactly
         return value.numpy()
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        return list(value)
+    if isinstance(value, (list, tuple)) and value and any(isinstance(v, str) for v in value):
+        return np.array(list(value), dtype=object)  # names with None / NaN holes stay as they are
     value = np.asarray(value)
     if value.dtype.kind == "S":  # byte strings (np.savez of encoded names): text, as the .h5 reader gives
         return np.array([v.decode("utf-8", "surrogateescape") for v in value.ravel()]).reshape(value.shape)
@@ -178,7 +184,9 @@ def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarra
         return y  # multi-label: write_arrays checks the cells are 0/1 (a cast here would turn 0.7 into 0)
     if y.ndim != 1:
         raise ValueError(f"split {split!r}: labels must be (N,) or (N, C); got shape {y.shape}.")
-    if y.dtype.kind == "O":  # a list with None (unlabelled) in it, from a .pt
+    if y.dtype.kind == "O":  # a list with None or NaN (unlabelled) in it, from a .pt or pandas
+        missing = [v is None or (isinstance(v, (float, np.floating)) and not np.isfinite(v)) for v in y.tolist()]
+        y = np.array([None if m else v for v, m in zip(y.tolist(), missing)], dtype=object)
         present = [v for v in y.tolist() if v is not None]
         if present and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
                            for v in present):
@@ -202,11 +210,15 @@ def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarra
 def _class_names(classes: str | None, label_arrays: list[Any]) -> list[str]:
     if classes:
         p = Path(classes)
-        if not p.is_file() and "," not in classes and (p.suffix or "/" in classes or "\\" in classes):
+        try:
+            is_file = p.is_file()
+        except OSError:  # a list of names longer than a file name can be
+            is_file = False
+        if not is_file and "," not in classes and (p.suffix or "/" in classes or "\\" in classes):
             raise FileNotFoundError(f"--classes {classes}: no such file (give a file with one class name per line, "
                                     f"or the names separated by commas).")
-        text = p.read_text(encoding="utf-8-sig") if p.is_file() else classes  # a BOM is no part of a name
-        names = [n.strip() for n in (text.splitlines() if p.is_file() else text.split(",")) if n.strip()]
+        text = p.read_text(encoding="utf-8-sig") if is_file else classes  # a BOM is no part of a name
+        names = [n.strip() for n in (text.splitlines() if is_file else text.split(",")) if n.strip()]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"--classes names {', '.join(twice)} more than once; each class needs its own name.")
@@ -216,6 +228,10 @@ def _class_names(classes: str | None, label_arrays: list[Any]) -> list[str]:
         return []
     if any(v.ndim == 2 for v in values):
         return [str(i) for i in range(values[0].shape[1])]
+    # a split with no label at all (all -1, or all empty names) names no classes, of either kind
+    values = [v for v in values if ((v >= 0).any() if v.dtype.kind in "iu" else (v != "").any())]
+    if not values:
+        return []
     kinds = {"indices" if v.dtype.kind in "iu" else "names" for v in values}
     if len(kinds) > 1:
         raise ValueError("some splits' labels are class indices and others class names: give every split the same "

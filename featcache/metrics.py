@@ -205,7 +205,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     if out["kappa"] is None:
         notes.append("Cohen's kappa undefined: truth and predictions are one and the same class (chance "
                      "agreement 1)")
-    out["ece"] = expected_calibration_error(y_true, proba)
+    # top-label ECE, the top label decided as every figure decides at 0.5 (a binary P = 0.5 is positive)
+    out["ece"] = expected_calibration_error(y_true, proba, pred=decide(proba, positive=pos))
     if c == 2:
         neg = 1 - pos
         tp, fn = cm[pos, pos], cm[pos, neg]
@@ -371,8 +372,8 @@ def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS, pre
     the ECE sums and the reliability diagram draws (one implementation for both). `pred` gives the
     decisions when they are not the argmax (multi-label label decisions: P >= 0.5 is positive)."""
     proba = np.asarray(proba, dtype=np.float64)
-    conf = proba.max(axis=1)
     decided = proba.argmax(axis=1) if pred is None else np.asarray(pred)
+    conf = proba[np.arange(len(proba)), decided]  # the decided class's probability (the max, but for ties)
     correct = (decided == np.asarray(y)).astype(np.float64)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
@@ -382,9 +383,10 @@ def calibration_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS, pre
     return edges, count, mean_conf, accuracy
 
 
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS,
+                               pred: np.ndarray | None = None) -> float:
     """Confidence-binned |accuracy - confidence|, weighted by bin size (Guo et al. 2017)."""
-    _, count, mean_conf, accuracy = calibration_bins(y, proba, bins)
+    _, count, mean_conf, accuracy = calibration_bins(y, proba, bins, pred)
     return float(np.sum(count * np.abs(accuracy - mean_conf)) / max(count.sum(), 1))
 
 
@@ -465,25 +467,27 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     elif method == "youden" and target:
         raise ValueError(f"--threshold youden takes no target (it maximises sensitivity + specificity - 1); got "
                          f"{rule!r}. For a sensitivity goal use sensitivity:TARGET.")
-    untuned: list[str] = []
+    untuned: list[str] = []       # prose for the note
+    untuned_names: list[str] = []  # the bare class / label names, for metrics.json and the head
 
-    def pick(y: np.ndarray, scores: np.ndarray, name: str) -> float:
+    def pick(y: np.ndarray, scores: np.ndarray, what: str, name: str) -> float:
         if method not in TUNED_METHODS:
             return float(rule)
         if y.min() == y.max():  # one class only in validation: nothing to tune on
-            untuned.append(f"{name} ({'no positives' if y.max() == 0 else 'no negatives'})")
+            untuned.append(f"{what} {name} ({'no positives' if y.max() == 0 else 'no negatives'})")
+            untuned_names.append(name)
             return DEFAULT_THRESHOLD
         return choose_threshold(y, scores, method, goal)
 
     if binary:
         pos = 1 if positive is None else int(positive)
-        value: float | list[float] = pick((val_y == pos).astype(int), val_proba[:, pos],
-                                          f"positive class {names[pos] if names else pos}")
+        value: float | list[float] = pick((val_y == pos).astype(int), val_proba[:, pos], "positive class",
+                                          str(names[pos]) if names else str(pos))
     else:
-        value = [pick(val_y[:, j], val_proba[:, j], f"label {names[j] if names else j}")
+        value = [pick(val_y[:, j], val_proba[:, j], "label", str(names[j]) if names else str(j))
                  for j in range(val_y.shape[1])]
     if untuned_out is not None:
-        untuned_out.extend(untuned)
+        untuned_out.extend(untuned_names)
     if untuned and notes is not None:
         notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
                      f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
@@ -643,7 +647,7 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
             if v is not None and np.isfinite(v):
                 values[m].append(float(v))
     ci = {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for m, v in values.items() if v}
-    units = len(y_true) if groups is None else len({str(g) for g in groups})
+    units = len(y_true) if groups is None else len(set(group_keys(groups)))
     return Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None and units < len(y_true),
                      alpha, units)
 
@@ -677,6 +681,20 @@ def class_checker(y_full: np.ndarray) -> Callable[[np.ndarray], bool]:
     return lambda yb: np.unique(yb).size == n_classes
 
 
+def group_keys(groups: Sequence[Any]) -> list[str]:
+    """One key per row: its patient id spelt once (stripped, 7.0 as 7), and a missing id (None, NaN,
+    "") a patient of its own, as the store's row_groups has it, never one giant patient."""
+    keys = []
+    for i, g in enumerate(groups):
+        if isinstance(g, bytes):
+            g = g.decode("utf-8", "surrogateescape")
+        if isinstance(g, (float, np.floating)):
+            g = None if not np.isfinite(g) else (str(int(g)) if float(g).is_integer() else str(g))
+        text = "" if g is None else str(g).strip()
+        keys.append(text if text else f"\0row {i}")
+    return keys
+
+
 def resample_indices(n: int, n_boot: int, groups: Sequence[Any] | None, seed: int) -> list[np.ndarray]:
     """Row indices of each bootstrap resample: rows drawn with replacement, or whole groups."""
     rng = np.random.default_rng(seed)
@@ -684,7 +702,7 @@ def resample_indices(n: int, n_boot: int, groups: Sequence[Any] | None, seed: in
         return [rng.integers(0, n, n) for _ in range(n_boot)]
     if len(groups) != n:
         raise ValueError(f"expected one group (patient id) per row: {len(groups)} groups for {n} rows.")
-    _, gid = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    _, gid = np.unique(np.asarray(group_keys(groups), dtype=str), return_inverse=True)
     members = [np.flatnonzero(gid == g) for g in range(gid.max() + 1)]
     return [np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]) for _ in range(n_boot)]
 

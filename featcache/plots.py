@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from featcache.metrics import ECE_BINS, calibration_bins
+from featcache.metrics import ECE_BINS, calibration_bins, decide
 
 PathLike = str | os.PathLike
 
@@ -292,7 +292,7 @@ def _roc_pr_bands(y: np.ndarray, score: np.ndarray, n_boot: int, groups: Sequenc
 
 
 def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
-                     title: str | None = None) -> list[Path]:
+                     title: str | None = None, positive: int | None = None) -> list[Path]:
     """Reliability diagram of the top-1 confidence, with the bin counts below: the same bins
     (metrics.ECE_BINS) and the same ECE as metrics.json. Multi-label: every (row, label)
     probability against the fraction positive; the ECE drawn is over those decisions (multi-label
@@ -307,7 +307,8 @@ def calibration_plot(y_true: np.ndarray, proba: np.ndarray, path_stem: PathLike,
             pred=(flat >= 0.5).astype(int))  # the decision rule: exactly 0.5 is positive
         xlabel, ylabel = "confidence of each label decision", "accuracy"
     else:
-        edges, counts, mean_conf, mean_hit = calibration_bins(y_true, proba)
+        edges, counts, mean_conf, mean_hit = calibration_bins(
+            y_true, proba, pred=decide(proba, positive=positive if proba.shape[1] == 2 else None))
         xlabel, ylabel = "confidence (top-1 probability)", "accuracy"
     ece = float(np.sum(counts * np.abs(mean_hit - mean_conf)) / max(counts.sum(), 1))
     filled = counts > 0
@@ -342,7 +343,7 @@ def evaluation_figures(fig_dir: Path, metrics: Mapping[str, Any], y: np.ndarray,
         n_boot = int((metrics.get("bootstrap") or {}).get("n_boot") or 0)
         roc_pr_plot(y, proba, fig_dir / "roc_pr", classes=classes, threshold=t, positive=positive,
                     title=f"{split} split" if split else None, n_boot=min(n_boot, 500), groups=groups)
-    calibration_plot(y, proba, fig_dir / "calibration", title=f"reliability diagram{where}")
+    calibration_plot(y, proba, fig_dir / "calibration", title=f"reliability diagram{where}", positive=positive)
 
 
 def sweep_heatmap_plot(rows: Sequence[Mapping[str, Any]], x: str, y: str, value: str,

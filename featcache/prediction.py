@@ -368,7 +368,7 @@ def saved_threshold_source(meta: dict[str, Any]) -> str:
     if not tuned_on_validation(rule):
         how = "the default" if rule in (None, DEFAULT_THRESHOLD_RULE) else "as given at training"
     elif untuned and (not isinstance(values, list) or len(untuned) == len(values)):
-        how = f"validation had one class ({', '.join(untuned)}), so it stayed at the default"
+        how = f"validation had one class for {', '.join(untuned)}, so it stayed at the default"
     else:
         how = "chosen on validation" + (f"; left at 0.5 for {', '.join(untuned)} (one class in validation)"
                                         if untuned else "")

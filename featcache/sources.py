@@ -471,12 +471,25 @@ def _has_dicm_magic(path: Path) -> bool:
         return False
 
 
+SIXTEEN_BIT_AS_I = ("PNG", "PPM")  # Pillow formats whose mode-I images hold 16-bit values (PGM is "PPM")
+# the version of featcache's decoding rules, recorded in each file (provenance, not fingerprint): a
+# resume or --update of a file made under older rules warns, since some inputs decode differently now
+# 2 (2026-12-01): PNG transparency keys onto black, 32-bit TIFFs and NaN floats min-max scaled over
+# finite values, DICOM VOILUTFunction applied, MPO JPEGs drafted, half-precision checkpoints run in float32
+DECODE_RULES = 2
+DECODE_RULES_CHANGES = {2: "PNGs with a transparency key colour, 32-bit integer TIFFs, float images with NaN pixels, "
+                           "DICOM with a SIGMOID or LINEAR_EXACT VOI function, multi-picture (MPO) JPEGs under "
+                           "--fast-decode, and float16/bfloat16 checkpoints (now run in float32)"}
+
+
 def to_rgb(img: "Image.Image") -> "Image.Image":
     """Any PIL mode -> 8-bit RGB: EXIF orientation applied, 16-bit scaled (not clipped), CMYK and
     palette converted, alpha composited onto black (what the pixels show without transparency)."""
     from PIL import Image, ImageOps
 
-    from_png = img.format == "PNG"  # before exif_transpose, which returns a copy without it
+    # before exif_transpose, which returns a copy without it: the formats whose 16-bit grayscale
+    # Pillow opens as mode I (PNG in older Pillow, PGM/PPM with maxval 65535) rather than I;16
+    sixteen_bit = img.format in SIXTEEN_BIT_AS_I
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(img, dtype=np.float64) * 255.0 / 65535.0
@@ -485,7 +498,7 @@ def to_rgb(img: "Image.Image") -> "Image.Image":
         arr = np.asarray(img, dtype=np.float64)
         finite = np.isfinite(arr)              # NaN / inf "no data" pixels: black, outside the range
         lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
-        if img.mode == "I" and from_png:       # a 16-bit PNG (older Pillow opens it as mode I)
+        if img.mode == "I" and sixteen_bit:    # 16-bit data: its full range, as I;16 below
             arr = arr * 255.0 / 65535.0
         elif hi > lo:                          # 32-bit integer / float data (TIFF): its own range
             arr = (arr - lo) * 255.0 / (hi - lo)

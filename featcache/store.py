@@ -38,6 +38,7 @@ ERROR_BYTES = 240  # fixed width of a per-row error reason (utf-8, truncated)
 # config keys that describe where/when a file was made rather than what is in it: recorded, but
 # not hashed, so upgrading a library or re-running elsewhere does not invalidate a cache.
 NON_IDENTITY_KEYS = ("versions", "created", "host", "data_root", "data_kind",
+                     "decode_rules",  # provenance: which decoding rules made the rows (sources.DECODE_RULES)
                      "source")  # import: the file names the arrays came from (a deployment set has others)
 
 _STR = h5py.string_dtype("utf-8")
@@ -813,6 +814,12 @@ class StoreWriter:
                                             f"changed: use --update to keep the stored rows and compute only what "
                                             f"is new, another --out, or --overwrite.")
                 if str(f[name].attrs["manifest_sha256"]) != spec.manifest_sha256:
+                    if _same_paths_and_labels(f[name], spec):
+                        raise FeatureStoreError(
+                            f"the group (patient) ids of split {name!r} differ from those {self.path} was made "
+                            f"with; its images and labels are the same (a group column read now, or ids spelt "
+                            f"another way: 7.0 is 7, a missing id its own patient). Use --update to record the "
+                            f"groups (every stored row is reused), or --overwrite.")
                     raise FeatureStoreError(
                         f"the images or labels of split {name!r} changed since {self.path} was made "
                         f"({f[name].attrs['n']} rows then, {len(spec.paths)} now). "
@@ -957,6 +964,16 @@ def _fit_bytes(text: str) -> bytes:
     if len(raw) <= ERROR_BYTES:
         return raw
     return raw[:ERROR_BYTES - 3].decode("utf-8", "ignore").encode("utf-8") + b"..."
+
+
+def _same_paths_and_labels(g: "h5py.Group", spec: SplitSpec) -> bool:
+    """Does a stored split hold exactly these paths and labels (so only its groups differ)?"""
+    if g["paths"].shape[0] != len(spec.paths):
+        return False
+    stored = [p.decode("utf-8", "surrogateescape") if isinstance(p, bytes) else str(p) for p in g["paths"][()]]
+    labels = g["labels"][()]
+    return stored == list(spec.paths) and labels.shape == np.shape(spec.labels) and bool(
+        np.array_equal(labels, np.asarray(spec.labels)))
 
 
 def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], classes: Sequence[str],

@@ -184,19 +184,20 @@ def test_a_half_precision_checkpoint_is_run_in_float32(tiny_models, tmp_path, sa
 
 def test_image_size_must_be_positive_and_a_patch_multiple(tiny_models, tmp_path):
     """0 was silently the processor's own size (recorded as 0), -14 a traceback, 30 on a patch-4
-    DINOv2 dropped the last 2 px rows and columns of every image without a word."""
+    DINOv2 dropped the last 2 px rows and columns of every image without a word (now a warning:
+    files made at such a size before must still resume)."""
     _images(tmp_path / "d", ["a/0.png"])
     model = str(tiny_models["dinov2"])
-    with pytest.raises(ValueError, match=r"--image-size 30 is not a multiple of .* patch size 4 \(the model "
-                                         r"would see 28 px\); use 28 or 32"):
-        fc.extract(model, tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=30)
+    with pytest.warns(UserWarning, match=r"--image-size 30 is not a multiple of .* patch size 4 \(the model "
+                                         r"sees 28 px; the last pixels of each side are dropped\); use 28 or 32"):
+        fc.extract(model, tmp_path / "d", tmp_path / "kept.h5", workers=0, image_size=30).close()
     for size in (0, -14):
         with pytest.raises(ValueError, match="--image-size must be a positive number of pixels"):
             fc.extract(model, tmp_path / "d", tmp_path / "f.h5", workers=0, image_size=size)
         res = CliRunner().invoke(cli, ["extract", "--model", model, "--data", str(tmp_path / "d"),
                                        "--out", str(tmp_path / "f.h5"), f"--image-size={size}"])
         assert res.exit_code == 2 and "Traceback" not in res.output and "--image-size" in res.output
-    assert not (tmp_path / "f.h5").exists()
+    assert not (tmp_path / "f.h5").exists() and (tmp_path / "kept.h5").exists()
 
 
 def test_resize_mode_warns_when_it_shrinks_the_token_count(tiny_vit, tmp_path):
@@ -428,3 +429,44 @@ def test_import_byte_string_labels_h5_labels_and_one_finding(tmp_path):
     with fc.open(tmp_path / "o.h5") as store:  # one named finding: an (N, 1) 0/1 column is that finding
         assert store.multilabel and store.classes == ["pneumonia"]
         assert store["train"].labels.tolist() == [[1], [0], [0], [1]]
+
+
+def test_import_nan_names_and_an_unlabelled_split_beside_named_ones(tmp_path):
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    torch.save({"features": torch.as_tensor(x), "labels": ["cat", float("nan"), "dog", "cat"]}, tmp_path / "a.pt")
+    np.savez(tmp_path / "t.npz", cls=x, labels=np.full(4, -1))
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'a.pt'}", "--split", f"test={tmp_path / 't.npz'}")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "o.h5") as store:  # no class "nan", and the unlabelled split is no kind of labels
+        assert store.classes == ["cat", "dog"] and store["train"].labels.tolist() == [0, -1, 1, 0]
+        assert store["test"].labels.tolist() == [-1, -1, -1, -1]
+    long = ",".join(f"finding_{i:03d}" for i in range(40))  # longer than a file name may be
+    np.savez(tmp_path / "m.npz", cls=x, labels=np.eye(40, dtype=int)[:4])
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'm.npz'}", "--classes", long)
+    assert r.exit_code == 0, r.output
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:200])
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'cut.pt'}")
+    assert r.exit_code != 0 and "cannot read" in r.output and "truncated" in r.output
+
+
+def test_resuming_a_file_of_older_decoding_rules_says_so(tiny_vit, tmp_path, caplog):
+    import h5py
+    import json as _json
+
+    _images(tmp_path / "d", ["a/0.png", "b/0.png"])
+    fc.extract(str(tiny_vit), tmp_path / "d", tmp_path / "f.h5", workers=0).close()
+    with h5py.File(tmp_path / "f.h5", "r+") as f:  # as an earlier featcache wrote it: no decode_rules
+        config = _json.loads(f.attrs["config"])
+        config.pop("decode_rules")
+        f.attrs["config"] = _json.dumps(config, sort_keys=True)
+    with caplog.at_level("WARNING", logger="featcache"):
+        fc.extract(str(tiny_vit), tmp_path / "d", tmp_path / "f.h5", workers=0).close()
+    assert "made by an earlier featcache whose decoding differed for" in caplog.text
+    caplog.clear()
+    _images(tmp_path / "d", ["a/1.png"])
+    with caplog.at_level("WARNING", logger="featcache"):
+        with fc.extract(str(tiny_vit), tmp_path / "d", tmp_path / "f.h5", workers=0, update=True) as store:
+            assert store.config.get("decode_rules", 1) == 1  # still holds rows of the older rules
+    assert "earlier featcache" in caplog.text

@@ -326,8 +326,14 @@ def test_label_columns_of_other_types_are_read_or_refused(digits_dir, tmp_path):
         discover(tmp_path / "ambiguous")
     assert discover(tmp_path / "ambiguous", label_column="domain").classes == ["web", "lab"]
     assert discover(tmp_path / "with_boxes").splits["all"].labels.tolist() == [0, 1, 1, 0]  # boxes beside it
+    masks = _dataset({"image": _bytes_of(rows), "label": _bytes_of(rows)}, {"image": image, "label": image})
+    masks.save_to_disk(str(tmp_path / "segmentation"))  # a mask named "label": not classes, not refused
+    seg = discover(tmp_path / "segmentation", image_column="image")
+    assert seg.classes == [] and seg.splits["all"].labels.tolist() == [-1, -1, -1, -1]
+    fraction = discover(tmp_path / "fraction")  # a float target (age, a score): unlabelled, with a warning
+    assert fraction.classes == [] and fraction.splits["all"].labels.tolist() == [-1, -1, -1, -1]
     with pytest.raises(ValueError, match="holds 0.5, which is not a class label"):
-        discover(tmp_path / "fraction")
+        discover(tmp_path / "fraction", label_column="label")  # asked for by name: refused
     with pytest.raises(ValueError, match="names classes differently in different splits"):
         discover(tmp_path / "int_vs_names")
 
@@ -357,3 +363,24 @@ def test_a_classlabel_group_column_is_patients_not_classes(digits_dir, tmp_path)
     source = discover(tmp_path / "g")
     assert source.classes == [] and source.splits["train"].labels.tolist() == [-1, -1]
     assert source.splits["train"].groups == ["p7", "p8"] and source.splits["test"].groups == ["p9", "p9"]
+
+
+def test_a_rerun_whose_only_change_is_the_groups_says_so(tiny_vit, digits_dir, tmp_path):
+    """A file made when the dataset's groups were not read (an earlier featcache ignored a 'group'
+    column) was refused as 'the images or labels changed'."""
+    rows = _folder_rows(digits_dir, "train")[:6]
+    _image_dataset(rows).save_to_disk(str(tmp_path / "v1"))
+    assert _extract(tiny_vit, tmp_path / "v1", tmp_path / "f.h5").exit_code == 0
+    _image_dataset(rows, group=(datasets.Value("string"), ["p1", "p1", "p2", "p2", "p3", "p3"])).save_to_disk(
+        str(tmp_path / "v2"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "v1")
+    shutil.move(str(tmp_path / "v2"), str(tmp_path / "v1"))  # the same directory, saved again with groups
+    r = _extract(tiny_vit, tmp_path / "v1", tmp_path / "f.h5")
+    assert r.exit_code != 0 and "group (patient) ids of split 'all' differ" in r.output, r.output
+    assert "--update to record the groups" in r.output
+    r = _extract(tiny_vit, tmp_path / "v1", tmp_path / "f.h5", "--update")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "f.h5") as store:
+        assert list(store["all"].groups) == ["p1", "p1", "p2", "p2", "p3", "p3"]

@@ -187,6 +187,18 @@ def test_png_transparency_key_is_alpha_too(tmp_path, mode, key):
     assert np.asarray(keyed)[2, 0].tolist() == [0, 0, 0] and np.asarray(keyed)[0, 0].tolist() == [30, 30, 30]
 
 
+def test_16bit_pgm_is_scaled_like_a_16bit_png(tmp_path):
+    """Pillow opens a 16-bit PGM as mode I: it was min-max stretched per image (0..255) while the
+    same pixels as PNG or TIFF were scaled by 65535."""
+    arr = np.array([[0, 1000, 4095, 30000]] * 4, dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "s.png")
+    Image.fromarray(arr).save(tmp_path / "s.pgm")
+    assert Image.open(tmp_path / "s.pgm").mode == "I"
+    png = np.asarray(load_image(tmp_path / "s.png"))
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "s.pgm")), png)
+    assert png[0, :, 0].tolist() == [0, 4, 16, 117]
+
+
 def test_32bit_integer_image_is_min_max_scaled(tmp_path):
     """12-bit data in an int32 TIFF spans 0..255 (it was divided by 257 as if a 16-bit PNG: 0..16)."""
     ramp = np.tile(np.arange(0, 4096, 64, dtype=np.int32), (4, 1))

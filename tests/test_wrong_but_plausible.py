@@ -450,7 +450,7 @@ def test_a_threshold_left_at_the_default_is_not_called_chosen_on_validation(tmp_
         assert r.exit_code == 0, r.output
         record = fc.load_run(run).metrics["threshold"]
         assert record["chosen_on"] == "default" and record["value"] == 0.5, record
-        assert record["untuned"] == ["positive class pos (no positives)"]
+        assert record["untuned"] == ["pos"]  # the bare class name (the note says why)
         pred = fc.predict(run, tmp_path / "f.h5")
         assert "stayed at the default" in pred.threshold_source and "chosen on validation" not in pred.threshold_source
     loud = CliRunner().invoke(cli, ["train", str(tmp_path / "f.h5"), "--epochs", "3", "--threshold", "youden"])
@@ -546,7 +546,8 @@ def test_knn_top5_keeps_the_top1_class_when_many_classes_tie():
     assert res["top1"] == 1.0 and res["top5"] == 1.0  # top5 was 0.0: ties ranked the higher classes first
 
 
-def test_an_all_zero_row_widens_only_its_own_search_and_is_flagged():
+def test_an_all_zero_row_widens_only_its_own_search_and_is_flagged(monkeypatch):
+    import featcache.knn as knn_module
     from featcache.knn import nearest_neighbours
 
     rng = np.random.default_rng(0)
@@ -554,7 +555,16 @@ def test_an_all_zero_row_widens_only_its_own_search_and_is_flagged():
     test = rng.normal(size=(50, 8)).astype(np.float32)
     alone, _ = nearest_neighbours(train, test, 5)
     test[7] = 0.0
+    searched, real_search = [], knn_module._search
+
+    def recording(train_x, test_x, k, *args):
+        searched.append((len(test_x), k))
+        return real_search(train_x, test_x, k, *args)
+
+    monkeypatch.setattr(knn_module, "_search", recording)
     sims, idx = nearest_neighbours(train, test, 5)
+    assert searched[0] == (50, 21) and all(rows == 1 for rows, _ in searched[1:]) and searched[-1][1] == 3000
+    monkeypatch.undo()
     np.testing.assert_array_equal(np.delete(sims, 7, 0), np.delete(alone, 7, 0))
     assert idx[7].tolist() == [0, 1, 2, 3, 4]  # ties in training-row order
     with pytest.warns(UserWarning, match="1 evaluated row\\(s\\) have all-zero features"):
@@ -617,11 +627,17 @@ def test_a_bootstrap_over_few_patients_says_so_and_unknown_ids_are_not_groups():
     assert any("only 1 patients (groups) to resample" in w for w in one.warnings)
     unique = bootstrap_metrics(y, p, metrics=("top1",), n_boot=200, groups=[f"row{i}" for i in range(120)])
     assert not unique.grouped and unique.n_units == 120 and unique.warnings == []
+    # rows without an id (None, NaN, "") are patients of their own, never one giant patient
+    holes = [None] * 50 + [float("nan")] * 30 + [""] * 20 + [f"p{i // 2}" for i in range(20)]
+    mixed = bootstrap_metrics(y, p, metrics=("top1",), n_boot=200, groups=holes)
+    assert mixed.grouped and mixed.n_units == 100 + 10
+    sizes = [len(i) for i in resample_indices(120, 50, holes, seed=0)]
+    assert max(sizes) < 140  # one giant "None" patient drawn once made resamples of 21 to 417 rows
     block = unique.attach({})
     assert block["bootstrap"]["grouped"] is False and block["bootstrap"]["n_units"] == 120
 
 
-def test_choose_threshold_is_the_loop_it_replaced_and_fast():
+def test_choose_threshold_is_the_loop_it_replaced():
     from featcache.metrics import choose_threshold
 
     rng = np.random.default_rng(1)
@@ -673,3 +689,23 @@ def test_predict_on_an_external_file_with_one_split(tmp_path):
     assert any("predicted its only split, 'all'" in n for n in pred.notes)
     with pytest.raises(ValueError, match="has no split 'val'.*pass --split"):
         fc.predict(tmp_path / "run", tmp_path / "f.h5", split="val")
+
+
+def test_binary_ece_decides_a_one_half_tie_as_every_figure_does():
+    """4 positives at exactly P = 0.5 are positive (top-1 1.0), but the ECE scored them by argmax:
+    wrong, so accuracy 0 in the 0.5 bin (0.155 where the run's own decisions give 0.395)."""
+    from featcache.metrics import expected_calibration_error
+
+    y = np.array([1, 1, 1, 1, 1, 1, 0, 0])
+    p1 = np.array([0.5, 0.5, 0.5, 0.5, 0.52, 0.52, 0.1, 0.1])
+    proba = np.c_[1 - p1, p1]
+    m = classification_metrics(y, proba)
+    assert m["top1"] == 1.0
+    decided = (p1 >= 0.5).astype(int)
+    conf = np.where(decided == 1, p1, 1 - p1)
+    edges = np.linspace(0, 1, 16)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, 14)
+    reference = sum(abs((decided[which == b] == y[which == b]).mean() - conf[which == b].mean()) * (which == b).sum()
+                    for b in range(15) if (which == b).any()) / len(y)
+    assert m["ece"] == pytest.approx(reference, abs=1e-12) and m["ece"] == pytest.approx(0.395, abs=1e-9)
+    assert expected_calibration_error(y, proba) != m["ece"]  # plain argmax: the tie went to the negative
