@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.backbones import Backbone, check_image_size, interpolation_kwargs, load_backbone, use_eager_attention
+from featcache.backbones import Backbone, interpolation_kwargs, load_backbone, use_eager_attention
 from featcache.sources import IMAGE_EXTENSIONS, DecodeOptions, discover, load_image
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,8 @@ IMAGE_SUFFIXES = set(IMAGE_EXTENSIONS)  # the extensions extract reads (sources.
 
 def load_attention_backbone(model: str, image_size: int | None = None) -> Backbone:
     """Load a transformer backbone with eager attention so its forward returns attention weights."""
-    backbone = load_backbone(model, image_size=image_size)
-    if image_size is not None:
-        check_image_size(backbone, image_size)  # a map over dropped pixels would be stretched over the image
+    # strict: a map over dropped pixels would be stretched over the whole image
+    backbone = load_backbone(model, image_size=image_size, strict_image_size=True)
     if backbone.family.cnn:
         raise ValueError(f"{model} is a {backbone.family.name} CNN and has no attention; attention "
                          f"maps need a ViT, DeiT, DINO or DINOv2 model.")

@@ -239,11 +239,12 @@ def check_image_size(backbone: "Backbone", image_size: int, strict: bool = True)
 
 
 def load_backbone(model: str, revision: str | None = None, cache_dir: str | None = None,
-                  image_size: int | None = None, quiet: bool = True) -> Backbone:
+                  image_size: int | None = None, quiet: bool = True, strict_image_size: bool = False) -> Backbone:
     """Load a frozen backbone and its image processor from a local directory or a hub id.
 
     The hub's own cache and offline mode (HF_HUB_OFFLINE=1) are honoured by transformers. With
-    `quiet`, transformers' own notices and weight-loading bars are hidden.
+    `quiet`, transformers' own notices and weight-loading bars are hidden. `strict_image_size` refuses an
+    `image_size` that is not a multiple of the patch size (else a warning: check_image_size).
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
     from transformers.utils import logging as hf_logging
@@ -292,7 +293,7 @@ def load_backbone(model: str, revision: str | None = None, cache_dir: str | None
     commit = getattr(config, "_commit_hash", None) or revision
     backbone = Backbone(net, processor, family, model, commit)
     if image_size is not None:
-        check_image_size(backbone, image_size, strict=False)
+        check_image_size(backbone, image_size, strict=strict_image_size)
         set_processor_size(processor, image_size, image_size)
     backbone.weights_id = local_weights_id(model) if local else None
     return backbone

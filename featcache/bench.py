@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from featcache.backbones import Backbone, check_image_size, interpolation_kwargs, load_backbone, use_eager_attention
+from featcache.backbones import Backbone, interpolation_kwargs, load_backbone, use_eager_attention
 
 
 @dataclass
@@ -85,9 +85,8 @@ def bench_model(model: str, device: torch.device, runs: int = 50, batch_size: in
                 image_size: int | None = None, warmup: int = 5, batches: int = 5) -> BenchResult:
     """Measure one backbone on random pixels at its processor's input size."""
     own_peak = device.type != "cuda" and _reset_peak_rss()
-    backbone = load_backbone(model, image_size=image_size).to(device)
-    if image_size is not None:
-        check_image_size(backbone, image_size)  # GFLOPs of a size the model does not see whole
+    # strict: GFLOPs of a size the model does not see whole would be mislabelled
+    backbone = load_backbone(model, image_size=image_size, strict_image_size=True).to(device)
     h, w = backbone.input_size()
     params = sum(p.numel() for p in backbone.model.parameters())
     one = torch.randn(1, 3, h, w, device=device)
