@@ -61,7 +61,10 @@ def main() -> None:
     import warnings
 
     warnings.showwarning = _one_line_warning
-    sys.stdout = _PipeSafeStream(sys.stdout)
+    if sys.stdout is not None:  # None when started with stdout closed (>&-): nothing to protect
+        sys.stdout = _PipeSafeStream(sys.stdout)
+    if sys.stderr is not None:  # progress bars and warnings: `2>&1 | head` must not abort a run either
+        sys.stderr = _PipeSafeStream(sys.stderr)
 
     # past the file-size limit (ulimit -f) the kernel would kill the process with SIGXFSZ in the
     # middle of an HDF5 write; ignored, the write fails with EFBIG and featcache says what is saved

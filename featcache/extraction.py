@@ -373,11 +373,22 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
                             cfg, run, device)
     dist.barrier()
     if rank == 0:
-        merge_shards(shards, out, config, source.classes, specs, layout, ranges, method=run.merge,
-                     overwrite=True)
+        # the joined file says which rules its oldest rows followed (a resumed shard may hold older ones)
+        oldest = min(_decode_rules_of(s) for s in shards)
+        merge_shards(shards, out, {**config, "decode_rules": min(oldest, DECODE_RULES)}, source.classes, specs,
+                     layout, ranges, method=run.merge, overwrite=True)
     dist.barrier()
     summary.out = Path(out)
     return summary
+
+
+def _decode_rules_of(path: Path) -> int:
+    """The decoding-rules version a feature file records (1 before featcache recorded it)."""
+    try:
+        with FeatureStore(path) as store:
+            return int(store.config.get("decode_rules", 1))
+    except (OSError, FeatureStoreError, ValueError):
+        return DECODE_RULES
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -410,7 +421,7 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
                   plan: TokenLayout, cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
     """Create or resume one feature file and compute its missing rows (--update: rebuild it)."""
     if not run.overwrite and Path(out).exists():
-        warn_older_decode_rules(Path(out))
+        warn_older_decode_rules(Path(out), config)
     if run.update and not run.overwrite and Path(out).exists() and not same_rows(out, classes, specs):
         # the data changed since OUT was made; decided read-only, so OUT is never opened for writing
         # (an unchanged data set resumes below, exactly as without --update)
@@ -420,11 +431,17 @@ def _extract_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: 
     return _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device)
 
 
-def warn_older_decode_rules(out: Path) -> None:
-    """Say so when OUT was made under older decoding rules: its stored rows are kept (the
-    fingerprint does not change), but for some inputs new rows would follow another rule."""
+def warn_older_decode_rules(out: Path, config: dict[str, Any]) -> None:
+    """Say so when OUT, which this run resumes or updates, was made under older decoding rules: its
+    stored rows are kept (the fingerprint does not change), but for some inputs new rows would
+    follow another rule. Silent for a file this run will refuse anyway (another model or setting)
+    and on every torchrun rank but the first."""
+    if distributed_rank()[0] != 0:
+        return
     try:
         with FeatureStore(out) as old:
+            if old.fingerprint != fingerprint_of(config):
+                return  # refused below, with the settings that differ
             made_with = int(old.config.get("decode_rules", 1))
     except (OSError, FeatureStoreError, ValueError):
         return  # not a readable featcache file: StoreWriter says why

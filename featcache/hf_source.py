@@ -138,10 +138,15 @@ def pick_label_column(features: Any, override: str | None, where: str, image_col
         return preferred[0]
     unreadable = [c for c in named if _label_kind(features[c]) is None]
     if unreadable:  # a segmentation mask, boxes, a regression target: not classes, and not refused
+        named = [c for c in named if c not in unreadable]
+        if class_labels and not named:  # the task is the unreadable column: never silently another one
+            raise ValueError(f"{where}: column {unreadable[0]!r} ({type(features[unreadable[0]]).__name__}) is named "
+                             f"like the label but holds no classes, and {class_labels[0]!r} is a ClassLabel: which "
+                             f"is the task is ambiguous; name the label column with --label-column "
+                             f"{class_labels[0]}, or drop the other (dataset.remove_columns).")
         log.warning("column(s) %s of %s are not class labels (%s); they are not read as labels. Name the label "
                     "column with --label-column, or cast it to a datasets.ClassLabel.", ", ".join(unreadable), where,
                     ", ".join(type(features[c]).__name__ for c in unreadable))
-        named = [c for c in named if c not in unreadable]
     if class_labels and named:
         raise ValueError(f"{where} has a ClassLabel column {class_labels[0]!r} and a label column {named[0]!r}: "
                          f"which one holds the classes to evaluate is ambiguous; pick one with --label-column.")
@@ -204,6 +209,11 @@ def from_hf_dir(root: Path, image_column: str | None = None, label_column: str |
     # a split without the label column (an unlabelled test split) is unlabelled, -1
     kinds = {name: _label_kind(ds.features[label_col]) for name, ds in dsets.items()
              if label_col and label_col in ds.features}
+    if any(k is None for k in kinds.values()):  # readable in one split, a mask or boxes in another
+        detail = ", ".join(f"{name}: {dsets[name].features[label_col]!r}" for name in kinds)
+        raise ValueError(f"column {label_col!r} of {root} is a class label in some splits and not in others "
+                         f"({detail}); save every split with the same column type, or name another with "
+                         f"--label-column.")
     try:
         names = {name: _row_names(kinds[name], dsets[name].features[label_col], dsets[name][label_col], name,
                                   label_col) for name in kinds}

@@ -39,6 +39,12 @@ def load_array_file(path: str | Path, labels_only: bool = False) -> dict[str, An
 
         import pickle
 
+        with path.open("rb") as fh:
+            head = fh.read(64)
+        if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip (or, before 1.6, a pickle)
+            lfs = head.startswith(b"version https://git-lfs")
+            raise ValueError(f"cannot read {path} as a torch file: it was not made by torch.save"
+                             + (" (a git-lfs pointer: run `git lfs pull`)." if lfs else " (truncated, or another format)."))
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:  # weights-only unpickling refuses numpy arrays and any other object
@@ -46,7 +52,7 @@ def load_array_file(path: str | Path, labels_only: bool = False) -> dict[str, An
             raise ValueError(f"{path} holds objects other than tensors (read with torch.load(weights_only=True), "
                              f"which never runs code from the file: {reason}); save torch tensors "
                              f"(torch.save({{'features': torch.as_tensor(x)}})) or use .npz.") from None
-        except (RuntimeError, OSError, EOFError) as exc:
+        except Exception as exc:  # truncated, a text or git-lfs pointer file, not made by torch.save
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"cannot read {path} as a torch file (truncated, or not made by torch.save?): "
                              f"{reason}.") from None
@@ -168,7 +174,9 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
                         overwrite=overwrite, dtype=dtype)
 
 
-UNLABELLED_NAMES = ("", "-1")  # a class-name label that marks a row unlabelled, as -1 does for indices
+# a class-name label that marks a row unlabelled, as -1 does for indices ("nan": numpy's text of a
+# NaN in an array of names, np.array(["cat", np.nan]))
+UNLABELLED_NAMES = ("", "-1", "nan", "NaN")
 
 
 def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarray:

@@ -238,8 +238,9 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
                              f"file extracted with the same model and extraction settings (including --tokens "
                              f"and --dtype: every fingerprinted setting).")
         fallback = None
-        if split is None:  # test, or the one split an external site's file has (often "all")
-            split = "test" if "test" in store.splits or len(store.splits) != 1 else store.splits[0]
+        if split is None:  # test, or the one split an external site's file has (often "all"), never train
+            only = store.splits[0] if len(store.splits) == 1 else None
+            split = only if "test" not in store.splits and only not in (None, "train", "training") else "test"
             fallback = split if split != "test" else None
         if split not in store.splits:
             raise ValueError(f"{Path(features_file).name} has no split {split!r}; it has {', '.join(store.splits)} "

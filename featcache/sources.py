@@ -477,7 +477,8 @@ SIXTEEN_BIT_AS_I = ("PNG", "PPM")  # Pillow formats whose mode-I images hold 16-
 # 2 (2026-12-01): PNG transparency keys onto black, 32-bit TIFFs and NaN floats min-max scaled over
 # finite values, DICOM VOILUTFunction applied, MPO JPEGs drafted, half-precision checkpoints run in float32
 DECODE_RULES = 2
-DECODE_RULES_CHANGES = {2: "PNGs with a transparency key colour, 32-bit integer TIFFs, float images with NaN pixels, "
+DECODE_RULES_CHANGES = {2: "PNGs with a transparency key colour, 16-bit PGM/PPM images, 32-bit integer TIFFs, "
+                           "float images with NaN pixels, "
                            "DICOM with a SIGMOID or LINEAR_EXACT VOI function, multi-picture (MPO) JPEGs under "
                            "--fast-decode, and float16/bfloat16 checkpoints (now run in float32)"}
 

@@ -446,6 +446,14 @@ def test_import_nan_names_and_an_unlabelled_split_beside_named_ones(tmp_path):
     np.savez(tmp_path / "m.npz", cls=x, labels=np.eye(40, dtype=int)[:4])
     r = _import(tmp_path, "--split", f"train={tmp_path / 'm.npz'}", "--classes", long)
     assert r.exit_code == 0, r.output
+    np.savez(tmp_path / "n.npz", cls=x, labels=np.array(["cat", np.nan, "dog", "cat"]))  # numpy writes 'nan'
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'n.npz'}")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "o.h5") as store:
+        assert store.classes == ["cat", "dog"] and store["train"].labels.tolist() == [0, -1, 1, 0]
+    (tmp_path / "pointer.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'pointer.pt'}")
+    assert r.exit_code != 0 and "cannot read" in r.output, r.output
     (tmp_path / "cut.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:200])
     r = _import(tmp_path, "--split", f"train={tmp_path / 'cut.pt'}")
     assert r.exit_code != 0 and "cannot read" in r.output and "truncated" in r.output

@@ -384,3 +384,23 @@ def test_a_rerun_whose_only_change_is_the_groups_says_so(tiny_vit, digits_dir, t
     assert r.exit_code == 0, r.output
     with fc.open(tmp_path / "f.h5") as store:
         assert list(store["all"].groups) == ["p1", "p1", "p2", "p2", "p3", "p3"]
+
+
+def test_an_unreadable_label_never_hands_the_task_to_another_column(digits_dir, tmp_path):
+    """A mask named 'label' beside a ClassLabel 'sex' extracted sex as the task (classes F/M) with a
+    warning about 'label' only; a label readable in one split and boxes in another was a traceback."""
+    rows = _folder_rows(digits_dir, "train")[:4]
+    image = datasets.Image()
+    seq = getattr(datasets, "List", datasets.Sequence)
+    _dataset({"image": _bytes_of(rows), "label": _bytes_of(rows), "sex": [0, 1, 1, 0]},
+             {"image": image, "label": image, "sex": datasets.ClassLabel(names=["F", "M"])}).save_to_disk(
+        str(tmp_path / "seg"))
+    with pytest.raises(ValueError, match="'label' .* holds no classes, and 'sex' is a ClassLabel"):
+        discover(tmp_path / "seg", image_column="image")
+    assert discover(tmp_path / "seg", image_column="image", label_column="sex").classes == ["F", "M"]
+    train = _dataset({"image": _bytes_of(rows[:2]), "label": [0, 1]}, {"image": image, "label": datasets.Value("int64")})
+    test = _dataset({"image": _bytes_of(rows[2:]), "label": [[[0.5]], [[1.5]]]},
+                    {"image": image, "label": seq(seq(datasets.Value("float32")))})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "mixed"))
+    with pytest.raises(ValueError, match="is a class label in some splits and not in others"):
+        discover(tmp_path / "mixed")

@@ -709,3 +709,27 @@ def test_binary_ece_decides_a_one_half_tie_as_every_figure_does():
                     for b in range(15) if (which == b).any()) / len(y)
     assert m["ece"] == pytest.approx(reference, abs=1e-12) and m["ece"] == pytest.approx(0.395, abs=1e-9)
     assert expected_calibration_error(y, proba) != m["ece"]  # plain argmax: the tie went to the negative
+
+
+def test_predict_never_defaults_to_a_training_split_and_the_cli_survives_closed_streams(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 4)).astype(np.float32), np.arange(60) % 2
+    write_arrays(tmp_path / "t.h5", {"train": {"cls": x, "labels": y}}, ["a", "b"], {"model": "m"})
+    write_arrays(tmp_path / "f.h5", {"train": {"cls": x[:40], "labels": y[:40]}, "test": {"cls": x[40:],
+                 "labels": y[40:]}}, ["a", "b"], {"model": "m"})
+    fc.train_head(tmp_path / "f.h5", epochs=2, out=tmp_path / "run")
+    with pytest.raises(ValueError, match="has no split 'test'; it has train"):
+        fc.predict(tmp_path / "run", tmp_path / "t.h5")  # its training rows, scored as if a test set
+    assert len(fc.predict(tmp_path / "run", tmp_path / "t.h5", split="train").paths) == 60  # asked for by name
+    # stdout closed at start (>&-): every command crashed (rc 120); stderr in the closed pipe lost the run
+    closed = subprocess.run(f"'{sys.executable}' -m featcache info '{tmp_path / 'f.h5'}' >&-", shell=True)
+    assert closed.returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "featcache", "train", str(tmp_path / "f.h5"), "--epochs", "200",
+                             "--patience", "200", "--out", str(tmp_path / "piped")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    proc.stdout.read(10)  # `2>&1 | head -c 10`: the progress bar hits the closed pipe
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0 and (tmp_path / "piped" / "metrics.json").exists()
