@@ -61,6 +61,18 @@ def _metric_rows(val: dict | None, test: dict | None) -> list[dict[str, Any]]:
     return rows
 
 
+def _ignored_val_fraction(t: Any) -> list[str]:
+    """A note when --val-fraction was given but a validation split was used (it only applies without one)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    given = ctx is not None and ctx.get_parameter_source("val_fraction") == ParameterSource.COMMANDLINE
+    if given and str(t.val_source_).startswith("split"):
+        return [f"--val-fraction was not used: validation is {t.val_source_} (it holds rows out of train only "
+                f"when there is no validation split; --val-split names another)."]
+    return []
+
+
 def _decision_line(t: Any) -> str:
     """', positive class X at threshold T' for binary heads; '' otherwise."""
     if t.positive_ is None:
@@ -112,7 +124,7 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
     if repeats > 1:
         t.extra_metrics_["repeats"] = summary
     notes = t.notes_ + (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", [])
-    echo_notes(console, notes)
+    echo_notes(console, notes + _ignored_val_fraction(t))
     if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
         value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
         console.echo(f"threshold {t.threshold_rule_} {_where_chosen(t)}: {value}")
@@ -156,7 +168,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
                            progress=not kw["quiet"], out=kw["out_dir"], threshold=threshold, **_recipe(kw))
     metric = f"val_{kw['metric']}"
     t = result.trainer
-    echo_notes(console, result.notes + t.notes_)
+    echo_notes(console, result.notes + t.notes_ + _ignored_val_fraction(t))
     console.table(result.leaderboard, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
                   title=f"{len(result.leaderboard)} {head} heads in {result.seconds:.1f}s "
                         f"({'one batched model' if result.fused else 'one after another'}), ranked by {metric}")

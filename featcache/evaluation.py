@@ -473,7 +473,9 @@ def summarize_few_shot(per_try: Sequence[dict[str, Any]]) -> list[dict[str, Any]
         row: dict[str, Any] = {"shots": n, "tries": len(rows), "n_train": n_train}
         for m in ("top1", "balanced_accuracy"):
             values = np.array([r[m] for r in rows], dtype=np.float64)
-            row[f"{m}_mean"], row[f"{m}_std"] = float(values.mean()), float(values.std())
+            # one try has no spread to speak of: n/a, not a measured 0
+            row[f"{m}_mean"], row[f"{m}_std"] = float(values.mean()), (float(values.std()) if len(values) > 1
+                                                                        else None)
         out.append(row)
     return out
 

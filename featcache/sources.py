@@ -530,7 +530,7 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
     except Exception as exc:
         raise ImageDecodeError(f"not a readable DICOM file: {exc}") from None
     if "PixelData" not in ds:
-        raise ImageDecodeError("DICOM file has no pixel data")
+        raise ImageDecodeError("DICOM file has no pixel data (or it is truncated before them)")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1 and options.frame is None:
         raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {name or Path(path).name}: pass --frame N "

@@ -733,3 +733,21 @@ def test_predict_never_defaults_to_a_training_split_and_the_cli_survives_closed_
     proc.stdout.read(10)  # `2>&1 | head -c 10`: the progress bar hits the closed pipe
     proc.stdout.close()
     assert proc.wait(timeout=300) == 0 and (tmp_path / "piped" / "metrics.json").exists()
+
+
+def test_small_honesty_notes(tmp_path):
+    """--val-fraction given beside a val split was silently unused; one few-shot try printed std 0."""
+    from featcache.evaluation import few_shot
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(90, 4)).astype(np.float32), np.arange(90) % 3
+    write_arrays(tmp_path / "f.h5", {"train": {"cls": x[:50], "labels": y[:50]}, "val": {"cls": x[50:70],
+                 "labels": y[50:70]}, "test": {"cls": x[70:], "labels": y[70:]}}, ["a", "b", "c"], {"model": "m"})
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "f.h5"), "--epochs", "2", "--val-fraction", "0.3"])
+    assert r.exit_code == 0 and "--val-fraction was not used: validation is split 'val'" in r.output, r.output
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "f.h5"), "--epochs", "2"])
+    assert "--val-fraction was not used" not in r.output
+    with fc.open(tmp_path / "f.h5") as store:
+        one = few_shot(store, method="knn", shots=(2,), tries=1)
+        two = few_shot(store, method="knn", shots=(2,), tries=2)
+    assert one.summary[0]["top1_std"] is None and isinstance(two.summary[0]["top1_std"], float)
