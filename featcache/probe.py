@@ -283,6 +283,11 @@ class LogisticProbe:
         scored = [n >= 0 and not np.isnan(sc) for sc, n in zip(scores, n_iter)]
         self.n_iter_ = {float(c): int(n) for c, n, ok in zip(cs, n_iter, scored) if ok}
         self.converged_ = {float(c): bool(v) for c, v, ok in zip(cs, converged, scored) if ok}
+        if np.all(np.isnan(scores)):  # e.g. AUROC of a validation split (or every fold) with one class
+            where = "the validation split" if self.selection_ == "val" else "every cross-validation fold"
+            raise ValueError(f"--metric {self.metric} is undefined on {where} at every C (it holds a single class), so "
+                             f"no C can be chosen by it; use --metric accuracy or loss, or a validation split with "
+                             f"both classes.")
         best = int(np.nanargmax(scores))  # first maximum: the strongest regularisation among ties
         self.best_C_ = float(cs[best])
         self.best_score_ = float(scores[best])

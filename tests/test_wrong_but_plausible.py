@@ -751,3 +751,12 @@ def test_small_honesty_notes(tmp_path):
         one = few_shot(store, method="knn", shots=(2,), tries=1)
         two = few_shot(store, method="knn", shots=(2,), tries=2)
     assert one.summary[0]["top1_std"] is None and isinstance(two.summary[0]["top1_std"], float)
+
+
+def test_probe_by_a_metric_undefined_on_validation_says_so():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    y = np.arange(120) % 2
+    probe = LogisticProbe(Cs=(0.1, 1.0), metric="auroc", refit=False)
+    with pytest.raises(ValueError, match="--metric auroc is undefined on the validation split at every C"):
+        probe.fit(x[:80], y[:80], x[80:], np.zeros(40, int))  # numpy's "All-NaN slice encountered" before
