@@ -123,8 +123,10 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
         t.add_bootstrap_ci(bootstrap)
     if repeats > 1:
         t.extra_metrics_["repeats"] = summary
-    notes = t.notes_ + (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", [])
-    echo_notes(console, notes + _ignored_val_fraction(t))
+    # every note printed is also in --json and metrics.json
+    t.notes_ += [n for n in (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", []) + _ignored_val_fraction(t)
+                 if n not in t.notes_]
+    echo_notes(console, t.notes_)
     if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
         value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
         console.echo(f"threshold {t.threshold_rule_} {_where_chosen(t)}: {value}")
@@ -165,10 +167,11 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
     console = Console(kw["quiet"], kw["json_path"])
     with warnings_as_notes(console):
         result = run_sweep(features_file, head=head, lrs=lrs, weight_decays=wds, features=feature_list,
-                           progress=not kw["quiet"], out=kw["out_dir"], threshold=threshold, **_recipe(kw))
+                           progress=not kw["quiet"], threshold=threshold, **_recipe(kw))
     metric = f"val_{kw['metric']}"
     t = result.trainer
-    echo_notes(console, result.notes + t.notes_ + _ignored_val_fraction(t))
+    result.notes += _ignored_val_fraction(t)  # every note printed is also in --json and metrics.json
+    echo_notes(console, result.notes + t.notes_)
     console.table(result.leaderboard, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
                   title=f"{len(result.leaderboard)} {head} heads in {result.seconds:.1f}s "
                         f"({'one batched model' if result.fused else 'one after another'}), ranked by {metric}")
@@ -178,11 +181,11 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
     console.echo(f"\nbest: features {result.best['features']}, lr {result.best['lr']:g}, wd "
                  f"{result.best['weight_decay']:g} (chosen on validation; test shown for it alone){_decision_line(t)}")
     console.table(_metric_rows(t.val_metrics_, t.test_metrics_))
-    write_json(kw["json_path"], {"leaderboard": result.leaderboard, "best": result.best, "val": t.val_metrics_,
-                                 "test": t.test_metrics_, "seconds": result.seconds, "fused": result.fused,
-                                 "bytes_read": result.bytes_read,
+    write_json(kw["json_path"], {**t.run_metrics(), "leaderboard": result.leaderboard, "best": result.best,
+                                 "seconds": result.seconds, "fused": result.fused, "bytes_read": result.bytes_read,
                                  "notes": result.notes + t.notes_})
     if kw["out_dir"]:
+        result.save(kw["out_dir"])
         console.note(f"wrote run directory {kw['out_dir']}")
 
 

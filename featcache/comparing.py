@@ -30,7 +30,8 @@ import numpy as np
 
 from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_arrays, few_shot, run_knn,
                                   run_probe)
-from featcache.metrics import (CLASS_AVERAGED, class_checker, decide, f1_class_checker, resample_indices,
+from featcache.metrics import (CLASS_AVERAGED, MIN_BOOTSTRAP_UNITS, class_checker, decide, f1_class_checker,
+                               group_keys, resample_indices,
                                resolve_positive, scalar_metrics)
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
@@ -90,8 +91,11 @@ class CompareResult:
         metrics["n_valid"] = self.n_valid
 
         def figures(fig_dir: Path) -> None:
-            compare_plot(self.rows, fig_dir / f"compare_{self.primary}", metric=self.primary, order=self.ranking,
-                         title=f"{self.primary} on {self.config['test_split']} (95% CI)")
+            try:
+                compare_plot(self.rows, fig_dir / f"compare_{self.primary}", metric=self.primary, order=self.ranking,
+                             title=f"{self.primary} on {self.config['test_split']} (95% CI)")
+            except ValueError:  # the metric is undefined for every file (the ranking note says so): no figure
+                pass
             for method in ("knn", "probe"):
                 curves = {f: per[method].summary for f, per in self.few_shot.items() if method in per}
                 if curves:
@@ -263,6 +267,11 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     metric_names = BINARY_METRICS if positive is not None else MULTICLASS_METRICS
     primary = metric_names[0]
     idx = resample_indices(len(test.y), bootstrap, test.groups, seed)
+    units = len(test.y) if test.groups is None else len(set(group_keys(test.groups)))
+    if units < MIN_BOOTSTRAP_UNITS:  # as metrics.Bootstrap.warnings says it for one file
+        notes.append(f"bootstrap: only {units} {'patients (groups)' if units < len(test.y) else 'rows'} to resample: "
+                     f"an interval over so few is unreliable (too narrow; one gives a zero-width interval), so read "
+                     f"it as a rough range at best.")
     point, boot = paired_bootstrap(test.y, proba, metric_names, idx, positive)
     ranking = rank(names, point, primary)
     if all(point.get((n, "probe", primary)) is None for n in names):
@@ -279,7 +288,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     config = {"model": ", ".join(str(m) for m in models), "files": [str(p.resolve()) for p in paths], "names": names,
               "models": models, "fingerprints": fingerprints, "features": features, "ks": ks,
               "temperature": float(temperature), "heads": list(heads), "bootstrap": int(bootstrap),
-              "grouped": test.groups is not None and len(set(test.groups)) < len(test.y), "seed": int(seed),
+              "grouped": units < len(test.y), "n_units": units, "seed": int(seed),
               "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split, "n_test": int(len(test.y)),
               "threshold": 0.5 if positive is not None else None, "primary_metric": primary,

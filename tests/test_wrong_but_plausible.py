@@ -4,6 +4,7 @@ predictions CSV)."""
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 
 import numpy as np
@@ -760,3 +761,37 @@ def test_probe_by_a_metric_undefined_on_validation_says_so():
     probe = LogisticProbe(Cs=(0.1, 1.0), metric="auroc", refit=False)
     with pytest.raises(ValueError, match="--metric auroc is undefined on the validation split at every C"):
         probe.fit(x[:80], y[:80], x[80:], np.zeros(40, int))  # numpy's "All-NaN slice encountered" before
+
+
+def test_machine_readable_outputs_hold_what_the_console_says(tmp_path):
+    """train printed notes its --json and metrics.json lacked; sweep --json had no threshold record;
+    compare --out crashed when its metric was undefined for every file and never warned about few
+    patients."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = np.arange(60) % 2
+    g = [f"p{i % 4}" for i in range(20)]
+    write_arrays(tmp_path / "f.h5", {"train": {"cls": x[:30], "labels": y[:30]}, "val": {"cls": x[30:40], "labels": y[30:40]},
+                                     "test": {"cls": x[40:], "labels": y[40:], "groups": g}}, ["neg", "pos"], {"model": "m"})
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", str(tmp_path / "f.h5"), "--epochs", "2", "--val-fraction", "0.2", "--bootstrap", "50",
+                            "--out", str(tmp_path / "t"), "--json", str(tmp_path / "t.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    for notes in (json.loads((tmp_path / "t.json").read_text())["notes"], fc.load_run(tmp_path / "t").metrics["notes"]):
+        assert any("--val-fraction was not used" in n for n in notes)
+        assert any("only 4 patients (groups) to resample" in n for n in notes)
+    r = runner.invoke(cli, ["sweep", str(tmp_path / "f.h5"), "--lr", "1e-3,1e-2", "--wd", "0", "--epochs", "2",
+                            "--threshold", "youden", "--out", str(tmp_path / "s"), "--json", str(tmp_path / "s.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["threshold"] == fc.load_run(tmp_path / "s").metrics["threshold"] and summary["positive_class"] == "pos"
+    one_class = {"train": {"cls": x[:30], "labels": y[:30]}, "test": {"cls": x[40:], "labels": np.zeros(20, int), "groups": g}}
+    write_arrays(tmp_path / "a.h5", one_class, ["neg", "pos"], {"model": "m"})
+    write_arrays(tmp_path / "b.h5", one_class, ["neg", "pos"], {"model": "m"})
+    r = runner.invoke(cli, ["compare", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--bootstrap", "50",
+                            "--out", str(tmp_path / "c"), "--json", str(tmp_path / "c.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "c" / "metrics.json").exists()
+    compared = json.loads((tmp_path / "c.json").read_text())
+    assert any("only 4 patients (groups) to resample" in n for n in compared["notes"])
+    assert compared["config"]["n_units"] == 4 and compared["config"]["grouped"] is True
