@@ -182,7 +182,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
                  f"{result.best['weight_decay']:g} (chosen on validation; test shown for it alone){_decision_line(t)}")
     console.table(_metric_rows(t.val_metrics_, t.test_metrics_))
     write_json(kw["json_path"], {**t.run_metrics(), "leaderboard": result.leaderboard, "best": result.best,
-                                 "seconds": result.seconds, "fused": result.fused, "bytes_read": result.bytes_read,
+                                 "sweep_seconds": result.seconds, "fused": result.fused, "bytes_read": result.bytes_read,
                                  "notes": result.notes + t.notes_})
     if kw["out_dir"]:
         result.save(kw["out_dir"])

@@ -16,7 +16,8 @@ from typing import Any, MutableMapping, Sequence
 import numpy as np
 
 from featcache.knn import knn_eval
-from featcache.metrics import (balanced_accuracy, bootstrap_metrics, choose_threshold_rule, threshold_record,
+from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
+                               threshold_record,
                                classification_metrics, decide, resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
 from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
@@ -59,6 +60,12 @@ def cached_split_arrays(store: FeatureStore, split: str, features: str, purpose:
     if split not in arrays:
         arrays[split] = load_split_arrays(store, split, features, purpose)
     return arrays[split]
+
+
+def _with_few_shot_notes(notes: list[str], few_shot: "FewShotResult | None") -> list[str]:
+    """A run's notes and its few-shot curve's (k capped, classes smaller than the shot count, whole
+    patients drawn): every note the command prints is in metrics.json too."""
+    return list(dict.fromkeys(notes + (few_shot.notes if few_shot else [])))
 
 
 def knn_inputs(store: FeatureStore, features: str, split: SplitArrays) -> SplitArrays:
@@ -107,7 +114,7 @@ class KnnResult:
         key = "val" if self.eval.name == "val" else "test"
         out = {"positive_class": None if self.positive is None else self.classes[self.positive],
                "eval_split": self.eval.name, key: self.headline, "results": self.rows,
-               "headline": self.config["headline"], "notes": self.warnings}
+               "headline": self.config["headline"], "notes": _with_few_shot_notes(self.warnings, self.few_shot)}
         return {**out, **(self.few_shot.metrics() if self.few_shot else {})}
 
     def save(self, out: str | Path) -> Path:
@@ -226,10 +233,13 @@ class ProbeResult:
                "n_iter_refit": p.n_iter_refit_, "converged_refit": p.converged_refit_,
                "val": val, "test": self.test,
                "positive_class": None if self.positive is None else self.classes[self.positive],
-               "notes": self.warnings}
+               "notes": _with_few_shot_notes(self.warnings, self.few_shot)}
         if self.threshold is not None:
             out["threshold"] = threshold_record(self.threshold_rule, self.threshold,
                                                 self.head[1].get("threshold_untuned") or ())
+        elif self.positive is not None or p.multilabel_:  # decided at the default, as train records it
+            out["threshold"] = threshold_record(DEFAULT_THRESHOLD_RULE, 0.5 if self.positive is not None
+                                                else [0.5] * len(self.classes))
         return {**out, **(self.few_shot.metrics() if self.few_shot else {})}
 
     def save(self, out: str | Path) -> Path:

@@ -117,11 +117,14 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
         order = sorted(range(len(rows)), key=lambda i: (-_finite(rows[i][metric]), i))
         leaderboard = [dict(rows[i], rank=r + 1) for r, i in enumerate(order)]
         best = leaderboard[0]
+        undefined = all(r.get(metric) is None or not math.isfinite(r[metric]) for r in leaderboard)
         trainer = trainer_of(best)
         if threshold is not None:
             trainer.apply_threshold(threshold)
-    result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True,
-                         grid_edge_notes(best, lrs, weight_decays), bytes_read, histories)
+    notes = ([f"validation {base.metric} is undefined for every configuration (validation holds a single class?): "
+              f"the ranking is the order of the grid, not a measurement; use --metric loss or accuracy."]
+             if undefined else grid_edge_notes(best, lrs, weight_decays))
+    result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True, notes, bytes_read, histories)
     if out is not None:
         result.save(out)
     return result

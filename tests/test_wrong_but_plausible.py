@@ -785,6 +785,20 @@ def test_machine_readable_outputs_hold_what_the_console_says(tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["threshold"] == fc.load_run(tmp_path / "s").metrics["threshold"] and summary["positive_class"] == "pos"
+    assert summary["seconds"] == fc.load_run(tmp_path / "s").metrics["seconds"] and summary["sweep_seconds"] > 0
+    r = runner.invoke(cli, ["probe", str(tmp_path / "f.h5"), "--Cs", "1", "--no-refit", "--shots", "20", "--tries", "2",
+                            "--json", str(tmp_path / "p.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    probe = json.loads((tmp_path / "p.json").read_text())
+    assert probe["threshold"] == {"rule": "0.5", "value": 0.5, "chosen_on": "default", "untuned": []}  # as train's
+    assert any("fewer train rows than 20 shots" in n for n in probe["notes"]), probe["notes"]
+    write_arrays(tmp_path / "v1.h5", {"train": {"cls": x[:30], "labels": y[:30]}, "val": {"cls": x[30:40],
+                 "labels": np.zeros(10, int)}}, ["neg", "pos"], {"model": "m"})
+    r = runner.invoke(cli, ["sweep", str(tmp_path / "v1.h5"), "--lr", "1e-3,1e-2", "--wd", "0", "--epochs", "2",
+                            "--metric", "auroc", "--json", str(tmp_path / "v.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    notes = json.loads((tmp_path / "v.json").read_text())["notes"]
+    assert any("undefined for every configuration" in n for n in notes) and not any("extend --lr" in n for n in notes)
     one_class = {"train": {"cls": x[:30], "labels": y[:30]}, "test": {"cls": x[40:], "labels": np.zeros(20, int), "groups": g}}
     write_arrays(tmp_path / "a.h5", one_class, ["neg", "pos"], {"model": "m"})
     write_arrays(tmp_path / "b.h5", one_class, ["neg", "pos"], {"model": "m"})
