@@ -118,11 +118,12 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
         json_path = str(Path(json_path).with_name(f"{Path(json_path).stem}.rank{rank}{Path(json_path).suffix}"))
     write_json(json_path, {"out": str(out), "rank": rank, "world": world, "resumed": summary.resumed, "rows_total": summary.rows_total,
                            "rows_done_before": summary.rows_done_before, "rows_computed": summary.rows_computed,
-                           "rows_failed": summary.rows_failed, "seconds": summary.seconds,
+                           "rows_failed": summary.rows_failed, "rows_failed_before": summary.rows_failed_before,
+                           "seconds": summary.seconds,
                            "images_per_second": summary.images_per_second if summary.rows_computed else None,
                            "updated": summary.updated, "rows_reused": summary.rows_reused,
                            "rows_dropped": summary.rows_dropped, "rows_changed": summary.rows_changed,
-                           "rows_unverified": summary.rows_unverified, "pixel_path": summary.pixel_path,
+                           "rows_unverified": summary.rows_unverified, "pixel_path": summary.pixel_path or None,
                            "draft_px": summary.draft_px,
                            "errors": [{"split": s, "path": p, "reason": r} for s, p, r in summary.errors]})
 

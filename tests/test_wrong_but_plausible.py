@@ -809,3 +809,19 @@ def test_machine_readable_outputs_hold_what_the_console_says(tmp_path):
     compared = json.loads((tmp_path / "c.json").read_text())
     assert any("only 4 patients (groups) to resample" in n for n in compared["notes"])
     assert compared["config"]["n_units"] == 4 and compared["config"]["grouped"] is True
+
+
+def test_extract_json_accounts_for_every_row_on_resume(tiny_vit, tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        (tmp_path / "d" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / "d" / "a" / f"{i}.png")
+    (tmp_path / "d" / "a" / "bad.png").write_bytes(b"not an image")
+    args = ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "f.h5"),
+            "--workers", "0", "-q", "--json", str(tmp_path / "s.json")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert CliRunner().invoke(cli, args).exit_code == 0  # resumed: nothing to do, one row unreadable before
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["rows_failed_before"] == 1 and s["pixel_path"] is None  # nothing decoded: null, not ""
+    assert s["rows_total"] == s["rows_done_before"] + s["rows_computed"] + s["rows_failed"] + s["rows_failed_before"]
