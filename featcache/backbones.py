@@ -215,10 +215,14 @@ def interpolation_kwargs(backbone: "Backbone", pixels: "torch.Tensor") -> dict[s
     """interpolate_pos_encoding=True for a ViT/DeiT input of another size than its config's (DINOv2
     interpolates by itself); at its own size nothing, since transformers' ViT interpolation
     assumes a square trained grid and a model trained at 32x48 would fail."""
-    trained = getattr(backbone.model.config, "image_size", None)
-    trained = (trained, trained) if isinstance(trained, int) else tuple(trained) if trained else None
-    other = tuple(pixels.shape[-2:]) != trained
+    other = tuple(pixels.shape[-2:]) != trained_size(backbone)
     return {"interpolate_pos_encoding": True} if backbone.family.interpolates_pos and other else {}
+
+
+def trained_size(backbone: "Backbone") -> tuple[int, int] | None:
+    """(height, width) the model's config was trained at, or None when it does not say."""
+    trained = getattr(backbone.model.config, "image_size", None)
+    return (trained, trained) if isinstance(trained, int) else tuple(trained) if trained else None
 
 
 def check_image_size(backbone: "Backbone", image_size: int, strict: bool = True) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_arrays, few_shot, run_knn,
                                   run_probe)
-from featcache.metrics import (CLASS_AVERAGED, MIN_BOOTSTRAP_UNITS, class_checker, decide, f1_class_checker,
+from featcache.metrics import (CLASS_AVERAGED, class_checker, decide, f1_class_checker, few_units_warning,
                                group_keys, resample_indices,
                                resolve_positive, scalar_metrics)
 from featcache.plots import compare_plot, few_shot_plot
@@ -268,10 +268,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     primary = metric_names[0]
     idx = resample_indices(len(test.y), bootstrap, test.groups, seed)
     units = len(test.y) if test.groups is None else len(set(group_keys(test.groups)))
-    if units < MIN_BOOTSTRAP_UNITS:  # as metrics.Bootstrap.warnings says it for one file
-        notes.append(f"bootstrap: only {units} {'patients (groups)' if units < len(test.y) else 'rows'} to resample: "
-                     f"an interval over so few is unreliable (too narrow; one gives a zero-width interval), so read "
-                     f"it as a rough range at best.")
+    notes += few_units_warning(units, units < len(test.y))  # as metrics.Bootstrap.warnings says it for one file
     point, boot = paired_bootstrap(test.y, proba, metric_names, idx, positive)
     ranking = rank(names, point, primary)
     if all(point.get((n, "probe", primary)) is None for n in names):

@@ -7,8 +7,8 @@ intervals, and a run directory (runs.write_run). The CLI only parses options and
 """
 from __future__ import annotations
 
-import warnings
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, MutableMapping, Sequence
@@ -24,7 +24,7 @@ from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_
 from featcache.prediction import array_proba, probe_head_payload
 from featcache.probe import LogisticProbe, expand_proba, resolve_cs
 from featcache.runs import write_run
-from featcache.store import FeatureStore, check_labels, parse_feature_kind, resolve_val_split
+from featcache.store import FeatureStore, check_labels, resolve_val_split
 
 
 
@@ -73,15 +73,13 @@ def knn_inputs(store: FeatureStore, features: str, split: SplitArrays) -> SplitA
     each part L2-normalised on its own, so its cosine is the mean of the parts' cosines. Raw
     concatenation would weigh each part by its squared norm: a mean patch token 20 times the CLS
     token's norm made "cls+pooled" k-NN the pooled k-NN (0.19 where cls alone gave 1.00)."""
-    parts = parse_feature_kind(features)
+    parts = store.part_columns(features)
     if len(parts) < 2:
         return split
-    widths = [store.feature_dim(p.kind) for p in parts]
-    edges = np.concatenate([[0], np.cumsum(widths)])
     x = np.asarray(split.x, dtype=np.float32).copy()  # the cached arrays are shared with other protocols
-    for a, b in zip(edges[:-1], edges[1:]):
-        norm = np.linalg.norm(x[:, a:b], axis=1, keepdims=True)
-        x[:, a:b] /= np.where(norm > 0, norm, 1.0)
+    for cols in parts:
+        norm = np.linalg.norm(x[:, cols], axis=1, keepdims=True)
+        x[:, cols] /= np.where(norm > 0, norm, 1.0)
     return dataclasses.replace(split, x=x)
 
 

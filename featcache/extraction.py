@@ -30,7 +30,7 @@ import transformers
 from tqdm.auto import tqdm
 
 import featcache
-from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size
+from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size, trained_size
 from featcache.sources import (DECODE_RULES, DECODE_RULES_CHANGES, UNREADABLE, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
                                load_image, read_input, row_content)
 from featcache.devices import resolve_device
@@ -279,8 +279,8 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
         if backbone.family.cnn:
             raise ValueError(f"--token-mode native needs a ViT-like model; {cfg.model} is a CNN. "
                              f"Use --token-mode resize.")
-        trained = getattr(backbone.model.config, "image_size", None)
-        if backbone.family.interpolates_pos and isinstance(trained, (list, tuple)) and trained[0] != trained[1]:
+        trained = trained_size(backbone)
+        if backbone.family.interpolates_pos and trained and trained[0] != trained[1]:
             raise ValueError(f"--token-mode native interpolates position embeddings, which transformers' "
                              f"{backbone.family.name} supports for a square trained grid only; {cfg.model} was trained "
                              f"at {trained[0]}x{trained[1]} px. Use --token-mode resize or grid.")
@@ -382,11 +382,16 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     return summary
 
 
+def decode_rules_of(config: dict[str, Any]) -> int:
+    """The decoding-rules version a file's config records (1: made before featcache recorded it)."""
+    return int(config.get("decode_rules", 1))
+
+
 def _decode_rules_of(path: Path) -> int:
-    """The decoding-rules version a feature file records (1 before featcache recorded it)."""
+    """The decoding-rules version of a feature file (the current one when it cannot be read)."""
     try:
         with FeatureStore(path) as store:
-            return int(store.config.get("decode_rules", 1))
+            return decode_rules_of(store.config)
     except (OSError, FeatureStoreError, ValueError):
         return DECODE_RULES
 
@@ -442,7 +447,7 @@ def warn_older_decode_rules(out: Path, config: dict[str, Any]) -> None:
         with FeatureStore(out) as old:
             if old.fingerprint != fingerprint_of(config):
                 return  # refused below, with the settings that differ
-            made_with = int(old.config.get("decode_rules", 1))
+            made_with = decode_rules_of(old.config)
     except (OSError, FeatureStoreError, ValueError):
         return  # not a readable featcache file: StoreWriter says why
     changes = [DECODE_RULES_CHANGES[v] for v in range(made_with + 1, DECODE_RULES + 1) if v in DECODE_RULES_CHANGES]
@@ -501,7 +506,7 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
                 f"model and settings only: use another --out, or --overwrite to re-extract everything.")
         check_same_data_root(old.config, config, out)
         # the file keeps saying which rules its oldest rows followed (warn_older_decode_rules)
-        config = {**config, "decode_rules": min(int(old.config.get("decode_rules", 1)), DECODE_RULES)}
+        config = {**config, "decode_rules": min(decode_rules_of(old.config), DECODE_RULES)}
         where = _done_rows_by_path(old)
         try:
             writer = StoreWriter(tmp, config, classes, specs, layout)

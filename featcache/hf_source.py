@@ -260,8 +260,13 @@ def _groups(ds: Any, column: str) -> list[str]:
     feature = ds.features[column]
     values = ds[column]
     if isinstance(feature, datasets.ClassLabel):
-        values = [None if v is None or int(v) < 0 else feature.names[int(v)] for v in values]
+        values = _code_names(feature, values)
     return [group_id(g) for g in values]
+
+
+def _code_names(feature: Any, codes: Any) -> list[str | None]:
+    """A ClassLabel column's codes as its names (None where a row has none: None or -1)."""
+    return [None if v is None or int(v) < 0 else feature.names[int(v)] for v in codes]
 
 
 def _label_column(dsets: dict[str, Any], root: Path, override: str | None, image_col: str,
@@ -296,7 +301,7 @@ def _row_names(kind: str, feature: Any, values: Any, split: str, column: str) ->
                               f"({feature!r})")
 
     if kind == "classlabel":
-        return [None if v is None or int(v) < 0 else feature.names[int(v)] for v in values]
+        return _code_names(feature, values)
     if kind.startswith("multilabel"):
         missing = [i for i, row in enumerate(values) if row is None]
         if missing:  # None is "not annotated", not "no finding"; an empty list is "no finding"

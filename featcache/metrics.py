@@ -563,6 +563,14 @@ def scalar_metrics(names: Sequence[str], y: np.ndarray, proba: np.ndarray, *, po
 
 MIN_BOOTSTRAP_UNITS = 10  # fewer patients (or rows) than this: G of them give only C(2G-1, G) distinct resamples
 
+def few_units_warning(units: int, grouped: bool) -> list[str]:
+    """The warning for a bootstrap over fewer than MIN_BOOTSTRAP_UNITS patients (or rows), or none."""
+    if units >= MIN_BOOTSTRAP_UNITS:
+        return []
+    return [f"bootstrap: only {units} {'patients (groups)' if grouped else 'rows'} to resample: an interval over "
+            f"so few is unreliable (too narrow; one gives a zero-width interval), so read it as a rough range at best."]
+
+
 # why a metric can be undefined in a resample (Bootstrap.warnings)
 UNDEFINED_BECAUSE = {
     "sensitivity": "no row of the positive class drawn",
@@ -588,11 +596,7 @@ class Bootstrap:
     @property
     def warnings(self) -> list[str]:
         """One line per metric undefined in more than 5 % of the resamples."""
-        out = []
-        if self.n_units is not None and self.n_units < MIN_BOOTSTRAP_UNITS:
-            what = "patients (groups)" if self.grouped else "rows"
-            out.append(f"bootstrap: only {self.n_units} {what} to resample: an interval over so few is unreliable "
-                       f"(too narrow; one gives a zero-width interval), so read it as a rough range at best.")
+        out = [] if self.n_units is None else few_units_warning(self.n_units, self.grouped)
         for m, n in self.n_valid.items():
             dropped = self.n_boot - n
             if dropped > BOOTSTRAP_WARN_DROPPED * self.n_boot:
@@ -684,15 +688,9 @@ def class_checker(y_full: np.ndarray) -> Callable[[np.ndarray], bool]:
 def group_keys(groups: Sequence[Any]) -> list[str]:
     """One key per row: its patient id spelt once (stripped, 7.0 as 7), and a missing id (None, NaN,
     "") a patient of its own, as the store's row_groups has it, never one giant patient."""
-    keys = []
-    for i, g in enumerate(groups):
-        if isinstance(g, bytes):
-            g = g.decode("utf-8", "surrogateescape")
-        if isinstance(g, (float, np.floating)):
-            g = None if not np.isfinite(g) else (str(int(g)) if float(g).is_integer() else str(g))
-        text = "" if g is None else str(g).strip()
-        keys.append(text if text else f"\0row {i}")
-    return keys
+    from featcache.store import group_id  # the one spelling of an id (h5py only when groups are given)
+
+    return [group_id(g) or f"\0row {i}" for i, g in enumerate(groups)]
 
 
 def resample_indices(n: int, n_boot: int, groups: Sequence[Any] | None, seed: int) -> list[np.ndarray]:

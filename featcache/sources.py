@@ -473,9 +473,8 @@ def _has_dicm_magic(path: Path) -> bool:
 
 SIXTEEN_BIT_AS_I = ("PNG", "PPM")  # Pillow formats whose mode-I images hold 16-bit values (PGM is "PPM")
 # the version of featcache's decoding rules, recorded in each file (provenance, not fingerprint): a
-# resume or --update of a file made under older rules warns, since some inputs decode differently now
-# 2 (2026-12-01): PNG transparency keys onto black, 32-bit TIFFs and NaN floats min-max scaled over
-# finite values, DICOM VOILUTFunction applied, MPO JPEGs drafted, half-precision checkpoints run in float32
+# resume or --update of a file made under older rules warns, since some inputs decode differently now;
+# DECODE_RULES_CHANGES says, per version (2: 2026-12-01), which inputs
 DECODE_RULES = 2
 DECODE_RULES_CHANGES = {2: "PNGs with a transparency key colour, 16-bit PGM/PPM images, 32-bit integer TIFFs, "
                            "float images with NaN pixels, "

@@ -460,6 +460,13 @@ class FeatureStore:
     def multilabel(self) -> bool:
         return any(self[s].multilabel for s in self.splits)
 
+    def part_columns(self, kind: str) -> list[slice]:
+        """The columns of each part of a feature kind in its concatenation (cls+pooled: the cls
+        columns, then the pooled ones)."""
+        widths = [self.feature_dim(p.kind) for p in parse_feature_kind(kind)]
+        edges = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
     def feature_dim(self, kind: str) -> int:
         """Width of a feature kind (cls + pooled widths add up)."""
         first = self[self.splits[0]]

@@ -282,11 +282,9 @@ def _load_kinds(store: FeatureStore, base: TrainConfig, device: torch.device,
             continue
         out[kind] = load_for(store, base, device, features=kind)
         parts = parse_feature_kind(kind)
-        widths = [store.feature_dim(p.kind) for p in parts]
-        offsets = np.concatenate([[0], np.cumsum(widths)])
-        for j, p in enumerate(parts):
+        for p, cols in zip(parts, store.part_columns(kind)):
             if p.kind in kinds and p.kind not in out and len(parts) > 1:
-                out[p.kind] = _column_slice(out[kind], slice(int(offsets[j]), int(offsets[j + 1])), p.kind)
+                out[p.kind] = _column_slice(out[kind], cols, p.kind)
     return out
 
 
