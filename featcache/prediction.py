@@ -27,7 +27,7 @@ from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import DEFAULT_THRESHOLD_RULE, decide, tuned_on_validation
 from featcache.runs import read_json, write_json
-from featcache.store import FeatureStore, config_differences, read_rows
+from featcache.store import FeatureStore, FeatureStoreError, config_differences, read_rows
 
 HEAD_FORMAT = "featcache-head-2"
 PREDICT_BATCH = 1024  # rows per forward in split_proba and predict (same batches -> same floats)
@@ -253,6 +253,8 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
         file_labels = _labels_of_kind(view.labels[rows], view.multilabel, multilabel, head.classes,
                                       Path(features_file).name, split)
 
+        _check_head_inputs(view, meta["features"], uses_tokens(head.spec.kind), run_dir, Path(features_file).name)
+
         def batches() -> Iterable[torch.Tensor]:
             for i in range(0, len(rows), PREDICT_BATCH):
                 r = rows[i:i + PREDICT_BATCH]
@@ -277,6 +279,25 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
     positive, t, source = _decision_rule(head, multilabel, threshold, positive_class)
     return Predictions([paths[i] for i in rows], labels, proba, head.classes, multilabel, positive, t, source,
                        describe_head(head), notes)
+
+
+def _check_head_inputs(view: Any, features: str, needs_tokens: bool, run_dir: str | os.PathLike,
+                       file_name: str) -> None:
+    """Refuse, before any batch is read, a file that lacks what the head reads (a token head on a
+    file without --tokens full, a pooled head on an import of cls only): the fingerprint pins the
+    backbone, and a hand-made or imported file can still lack a part."""
+    if needs_tokens:
+        if view.tokens is None:
+            raise ValueError(f"the head in {run_dir} reads token sequences, but split {view.name!r} of {file_name} "
+                             f"stores no tokens; predict on a file extracted with --tokens full.")
+        return
+    try:
+        view.features(features, np.zeros(0, dtype=np.int64))
+    except FeatureStoreError as exc:
+        found = str(exc).split(";")[0]
+        raise ValueError(f"the head in {run_dir} reads {features!r} features, but in {file_name} {found}. Predict on "
+                         f"a file that stores {features!r} (the one the head was trained on, or one extracted "
+                         f"the same way).") from None
 
 
 def _labels_of_kind(labels: np.ndarray, file_multilabel: bool, head_multilabel: bool, head_classes: Sequence[str],

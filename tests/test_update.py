@@ -69,6 +69,7 @@ def test_update_equals_a_fresh_extraction(tiny_vit, digits_manifest, tmp_path):
     assert summary["updated"] and summary["rows_computed"] == 6
     assert summary["rows_reused"] == len(now) - 6 and summary["rows_dropped"] == 3
     assert "updated (" in res.output and not (tmp_path / "feats.h5.updating").exists()
+    assert "already done" not in res.output  # was '0 already done' beside the reused rows
     fresh = tmp_path / "fresh.h5"
     _extract(tiny_vit, manifest, fresh)
     _assert_equal_files(out, fresh)

@@ -825,3 +825,23 @@ def test_extract_json_accounts_for_every_row_on_resume(tiny_vit, tmp_path):
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["rows_failed_before"] == 1 and s["pixel_path"] is None  # nothing decoded: null, not ""
     assert s["rows_total"] == s["rows_done_before"] + s["rows_computed"] + s["rows_failed"] + s["rows_failed_before"]
+
+
+def test_predict_says_what_a_file_lacks_for_the_head(tmp_path):
+    """A pooled head on an import of cls only said 'use --features cls' (predict has no such option);
+    a token head on a file without tokens raised AttributeError."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(60, 3, 4)).astype(np.float32), np.arange(60) % 2
+    full = {"train": {"cls": x[:40, 0], "pooled": x[:40].mean(1), "tokens": x[:40], "labels": y[:40]},
+            "test": {"cls": x[40:, 0], "pooled": x[40:].mean(1), "tokens": x[40:], "labels": y[40:]}}
+    write_arrays(tmp_path / "a.h5", full, ["neg", "pos"], {"model": "m"}).close()
+    write_arrays(tmp_path / "b.h5", {"test": {"cls": x[40:, 0], "labels": y[40:]}}, ["neg", "pos"], {"model": "m"}).close()
+    fc.train_head(tmp_path / "a.h5", features="pooled", epochs=1, out=tmp_path / "pooled")
+    fc.train_head(tmp_path / "a.h5", head="mixer", epochs=1, out=tmp_path / "mixer")
+    assert fc.open(tmp_path / "b.h5").fingerprint == fc.open(tmp_path / "a.h5").fingerprint
+    with pytest.raises(ValueError, match=r"reads 'pooled' features, but in b.h5 split 'test' has no 'pooled'") as err:
+        fc.predict(tmp_path / "pooled", tmp_path / "b.h5")
+    assert "--features" not in str(err.value)
+    with pytest.raises(ValueError, match="reads token sequences, but split 'test' of b.h5 stores no tokens"):
+        fc.predict(tmp_path / "mixer", tmp_path / "b.h5")
+    np.testing.assert_array_equal(fc.predict(tmp_path / "pooled", tmp_path / "a.h5").labels, y[40:])
