@@ -404,3 +404,21 @@ def test_an_unreadable_label_never_hands_the_task_to_another_column(digits_dir, 
     datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "mixed"))
     with pytest.raises(ValueError, match="is a class label in some splits and not in others"):
         discover(tmp_path / "mixed")
+
+
+def test_dicom_bytes_inside_a_dataset_are_skipped_with_their_reason(tiny_vit, digits_dir, tmp_path):
+    """README: DICOM bytes stored in a dataset are not decoded; the row is skipped, the others kept."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    rows = _folder_rows(digits_dir, "train")[:4]
+    ds = _image_dataset(rows)
+    image = [{"bytes": dicom, "path": "ct.dcm"}] + [{"bytes": f.read_bytes(), "path": f.name} for f, _ in rows[:3]]
+    ds = datasets.Dataset.from_dict({"image": image, "label": [0, 1, 2, 0]}, features=ds.features)
+    ds.save_to_disk(str(tmp_path / "hf"))
+    r = _extract(tiny_vit, tmp_path / "hf", tmp_path / "f.h5")
+    assert r.exit_code == 0, r.output
+    assert "3 images extracted, 1 skipped" in r.output and "DICOM bytes inside a dataset" in r.output
+    with fc.open(tmp_path / "f.h5") as f:
+        assert f["all"].done.tolist() == [False, True, True, True]
