@@ -236,7 +236,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
 @shots_options
 @click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Paired bootstrap resamples of the test rows (whole groups when the file has groups).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe, the draws and the bootstrap.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probe, the draws and the bootstrap.")
 @positive_option
 @json_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,

@@ -27,7 +27,7 @@ from featcache_cli.app import cli, json_option, print_table, quiet_option, write
               show_default=True,
               help="Multi-label stratification key: each row's rarest positive label, or its "
                    "whole 0/1 combination.")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Random seed; the same manifest and seed give the same split.")
 @json_option
 def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed, json_path):

@@ -21,8 +21,9 @@ def recipe_options(fn: Callable) -> Callable:
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per step."),
         click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs without a better validation score before stopping."),
         click.option("--metric", type=click.Choice(SELECTION_METRICS), default="accuracy", show_default=True, help="Validation metric for early stopping and for ranking a sweep."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2)."),
         click.option("--balance", type=click.Choice(BALANCE), default="weights", show_default=True, help="Imbalanced data: class-weighted loss, class-balanced batches (as the seeds), or nothing."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, batch order and the held-out validation rows."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for init, batch order and the held-out validation rows."),
         click.option("--train-split", default="train", show_default=True, help="Split to fit on."),
         click.option("--val-split", default=None, help="Validation split. Default: 'val' when the file has it, else --val-fraction of train held out (by group when the file has groups)."),
         click.option("--test-split", default=None, help="Test split. Default: 'test' when the file has it."),
@@ -42,7 +43,7 @@ def recipe_options(fn: Callable) -> Callable:
 
 
 def _recipe(kw: dict[str, Any]) -> dict[str, Any]:
-    keys = ("epochs", "batch_size", "patience", "metric", "balance", "seed", "train_split", "val_split",
+    keys = ("epochs", "batch_size", "patience", "metric", "optimizer", "balance", "seed", "train_split", "val_split",
             "test_split", "val_fraction", "hidden", "dropout", "standardize", "max_memory_gb", "device",
             "positive_class")
     return {k: kw[k] for k in keys}
@@ -97,12 +98,11 @@ def _where_chosen(t: Any) -> str:
 @click.option("--features", type=FeatureKind(), default=None, help="Input of linear / mlp heads: cls, pooled, cls+pooled, cls@N, cls@N+pooled [default: cls]. Token heads read the full tokens and refuse it.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--wd", "weight_decay", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Weight decay.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2).")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Train with seeds --seed, --seed+1, ...; report median ± std of every metric (the first seed's head is saved).")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Bootstrap resamples for 95% CIs of the test metrics (by group when the file has groups).")
 @recipe_options
 @library_errors
-def train(features_file, head, features, lr, weight_decay, optimizer, repeats, bootstrap, threshold, **kw):
+def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, threshold, **kw):
     """Train one classifier head on cached features, keeping the best validation epoch.
 
     Example: featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
@@ -114,8 +114,8 @@ def train(features_file, head, features, lr, weight_decay, optimizer, repeats, b
     if features is not None and uses_tokens(head):
         raise click.BadParameter(f"head {head!r} reads the full token sequence; --features applies to linear and "
                                  f"mlp heads only.", param_hint="--features")
-    options = dict(features=features or "cls", lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                   progress=not kw["quiet"], **_recipe(kw))
+    options = dict(features=features or "cls", lr=lr, weight_decay=weight_decay, progress=not kw["quiet"],
+                   **_recipe(kw))
     with warnings_as_notes(console):
         trainers, summary = train_repeats(features_file, repeats, head=head, threshold=threshold, **options)
     t = trainers[0]
@@ -172,7 +172,9 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
     t = result.trainer
     result.notes += _ignored_val_fraction(t)  # every note printed is also in --json and metrics.json
     echo_notes(console, result.notes + t.notes_)
-    console.table(result.leaderboard, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
+    shown = [dict(r, best_epoch=f"diverged at {r['diverged_at']}") if r["diverged_at"] is not None else r
+             for r in result.leaderboard]
+    console.table(shown, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],
                   title=f"{len(result.leaderboard)} {head} heads in {result.seconds:.1f}s "
                         f"({'one batched model' if result.fused else 'one after another'}), ranked by {metric}")
     if result.bytes_read is not None:

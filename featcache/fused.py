@@ -203,11 +203,22 @@ class HeadRecord:
     waited: int = 0
     state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    diverged_at: int | None = None        # the epoch whose train loss was inf / NaN (HeadTrainer refuses it)
+
+    @property
+    def score(self) -> float:
+        """The best validation score, NaN for a head that diverged (never ranked above a real one)."""
+        return self.best if self.diverged_at is None else math.nan
 
     def update(self, epoch: int, train_loss: float, score: float, metric: str, patience: int,
                state: Any) -> bool:
-        """Record one epoch; keep the weights when strictly better. False once patience runs out.
-        `state` is a callable giving the head's weights (only copied when they are kept)."""
+        """Record one epoch; keep the weights when strictly better. False once patience runs out or
+        the train loss is not finite. `state` is a callable giving the head's weights (only copied
+        when they are kept)."""
+        if not math.isfinite(train_loss):
+            self.history.append({"epoch": epoch, "train_loss": train_loss, f"val_{metric}": math.nan})
+            self.diverged_at = epoch
+            return False
         self.history.append({"epoch": epoch, "train_loss": train_loss, f"val_{metric}": score})
         if score > self.best or self.state is None:  # as HeadTrainer: strictly better (or the first)
             self.best, self.best_epoch, self.waited, self.state = score, epoch, 0, state()
@@ -343,7 +354,8 @@ def fused_sweep(features_file: str | Path | FeatureStore, base: TrainConfig, gri
     rows = []
     for i, g in enumerate(grid):
         record = groups[group_of[i]].records[i]
-        rows.append({**g, "config": i, "best_epoch": record.best_epoch, metric: record.best})
+        rows.append({**g, "config": i, "best_epoch": record.best_epoch, "diverged_at": record.diverged_at,
+                     metric: record.score})
     epochs = max(len(r.bytes_per_epoch) for r in groups.values())
     per_epoch = [sum(r.bytes_per_epoch[e] for r in groups.values() if e < len(r.bytes_per_epoch))
                  for e in range(epochs)]

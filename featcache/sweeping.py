@@ -91,6 +91,11 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
     after another. The best configuration is chosen by validation only; test metrics are computed
     for it alone. `threshold` (binary / multi-label) is then chosen on validation for the best head.
     """
+    for one, many in (("lr", "lrs"), ("weight_decay", "weight_decays")):
+        if one in options:  # a TrainConfig field the grid sets: taking it silently would sweep the default grid
+            raise ValueError(f"sweep() grids {one} over {many}=[...]; got {one}={options[one]!r}. Pass "
+                             f"{many}=[{options[one]!r}] to train that value only.")
+    lrs, weight_decays, features = _as_grid(lrs), _as_grid(weight_decays), _as_grid(features)
     grid = [dict(lr=float(lr), weight_decay=float(wd), features=f)
             for f, lr, wd in itertools.product(features, lrs, weight_decays)]
     if not grid:
@@ -114,20 +119,33 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
                 cfg = replace(base, **{k: row[k] for k in ("lr", "weight_decay", "features")})
                 return run.trainer(row["config"], cfg)
         metric = f"val_{base.metric}"
-        order = sorted(range(len(rows)), key=lambda i: (-_finite(rows[i][metric]), i))
+        diverged = [r for r in rows if r["diverged_at"] is not None]
+        if len(diverged) == len(rows):  # as train_head refuses a diverged head
+            raise ValueError(f"the training loss became inf or NaN for every configuration (lr {_lr_list(rows)}): "
+                             f"the heads diverged. Lower --lr, or keep --standardize on.")
+        order = sorted(range(len(rows)), key=lambda i: (rows[i]["diverged_at"] is not None, -_finite(rows[i][metric]), i))
         leaderboard = [dict(rows[i], rank=r + 1) for r, i in enumerate(order)]
         best = leaderboard[0]
         undefined = all(r.get(metric) is None or not math.isfinite(r[metric]) for r in leaderboard)
         trainer = trainer_of(best)
         if threshold is not None:
             trainer.apply_threshold(threshold)
-    notes = ([f"validation {base.metric} is undefined for every configuration (validation holds a single class?): "
-              f"the ranking is the order of the grid, not a measurement; use --metric loss or accuracy."]
-             if undefined else grid_edge_notes(best, lrs, weight_decays))
+    notes = ([f"validation {base.metric} is undefined for every configuration that trained (validation holds a "
+              f"single class?): the ranking is the order of the grid, not a measurement; use --metric loss or "
+              f"accuracy."] if undefined else grid_edge_notes(best, lrs, weight_decays))
+    if diverged:
+        notes.append(f"{len(diverged)} of {len(rows)} configurations diverged (training loss inf or NaN; lr "
+                     f"{_lr_list(diverged)}): they are ranked last and never chosen, as train refuses such a head.")
     result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True, notes, bytes_read, histories)
     if out is not None:
         result.save(out)
     return result
+
+
+def _as_grid(values: Any) -> list[Any]:
+    """A grid axis as a list: one value (a number, or a feature kind such as 'cls+pooled') is a grid
+    of one, never iterated character by character."""
+    return [values] if isinstance(values, (str, int, float)) else list(values)
 
 
 def grid_edge_notes(best: dict[str, Any], lrs: Sequence[float], weight_decays: Sequence[float]) -> list[str]:
@@ -145,6 +163,11 @@ def grid_edge_notes(best: dict[str, Any], lrs: Sequence[float], weight_decays: S
             notes.append(f"the best {name} ({best[name]:g}) is the largest in the grid: the optimum may be higher; "
                          f"extend {option} above {values[-1]:g}.")
     return notes
+
+
+def _lr_list(rows: list[dict[str, Any]]) -> str:
+    """The distinct learning rates of some configurations, smallest first."""
+    return ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in rows}))
 
 
 def _finite(x: float | None) -> float:
@@ -210,7 +233,13 @@ class _EarlyStopping:
         self.active = [True] * k
         self.state: list[dict[str, torch.Tensor] | None] = [None] * k
         self.history: list[list[dict[str, Any]]] = [[] for _ in range(k)]
+        self.diverged_at: list[int | None] = [None] * k  # the epoch whose train loss was inf / NaN
         self.patience = patience
+
+    def diverge(self, k: int, epoch: int, train_loss: float, metric: str) -> None:
+        """Stop a head whose train loss became non-finite, as HeadTrainer refuses it: recorded, never ranked."""
+        self.history[k].append({"epoch": epoch, "train_loss": train_loss, f"val_{metric}": math.nan})
+        self.diverged_at[k], self.active[k] = epoch, False
 
     def update(self, k: int, epoch: int, score: float, weight: torch.Tensor, bias: torch.Tensor) -> None:
         if not self.active[k]:
@@ -256,9 +285,11 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
         losses = {k: loss / n for g, total in zip(groups, totals) for k, loss in zip(g.members, total.tolist())}
         _validate(groups, cached, first, base.metric, epoch, stop, losses)
         bar.set_postfix(active=sum(stop.active), best=f"{max(stop.best):.4f}")
-        if not any(stop.active):
+        groups = [g for g in (_keep_active(g, stop) for g in groups) if g.members]  # stopped heads leave the stack
+        if not groups:
             break
-    rows = [{**g, "config": i, "best_epoch": stop.best_epoch[i], f"val_{base.metric}": stop.best[i]}
+    rows = [{**g, "config": i, "best_epoch": stop.best_epoch[i], "diverged_at": stop.diverged_at[i],
+             f"val_{base.metric}": stop.best[i] if stop.diverged_at[i] is None else math.nan}
             for i, g in enumerate(grid)]
 
     seconds = time.perf_counter() - start
@@ -269,6 +300,16 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
                                    stop.history[row["config"]], seconds)
 
     return rows, trainer_of, stop.history
+
+
+def _keep_active(g: _StackedLinear, stop: _EarlyStopping) -> _StackedLinear:
+    """The stack without its heads that stopped (patience spent or diverged): they train no further."""
+    keep = [j for j, k in enumerate(g.members) if stop.active[k]]
+    if len(keep) == len(g.members):
+        return g
+    idx = torch.tensor(keep, dtype=torch.long, device=g.lr.device)
+    return _StackedLinear(g.kind, [g.members[j] for j in keep], [p[idx] for p in g.params], g.lr[idx], g.wd[idx],
+                          [m[idx] for m in g.m], [v[idx] for v in g.v])
 
 
 def _load_kinds(store: FeatureStore, base: TrainConfig, device: torch.device,
@@ -321,13 +362,17 @@ def _validate(groups: list[_StackedLinear], cached: dict[str, CachedSplits], fir
             w, b = g.params
             logits = _stacked_logits(cached[g.kind].val.x, w, b)
             if metric == "accuracy" and not multilabel and logits.shape[2] > 2:  # all K at once
-                scores = (logits.argmax(dim=2) == first.val.y).double().mean(dim=1).tolist()
+                acc = (logits.argmax(dim=2) == first.val.y).double().mean(dim=1)
+                # non-finite logits score NaN, as selection_score scores them (argmax of NaN is class 0)
+                scores = torch.where(torch.isfinite(logits).all(dim=(1, 2)), acc, math.nan).tolist()
             else:
                 proba = (logits.sigmoid() if multilabel else logits.softmax(dim=2)).cpu().numpy()
                 scores = [selection_score(yv, proba[j], metric) for j in range(len(g.members))]
             for j, k in enumerate(g.members):
-                if stop.active[k]:  # as HeadTrainer.fit: an epoch is recorded until the head stops
-                    stop.history[k].append({"epoch": epoch, "train_loss": losses[k], f"val_{metric}": scores[j]})
+                if not math.isfinite(losses[k]):
+                    stop.diverge(k, epoch, losses[k], metric)
+                    continue
+                stop.history[k].append({"epoch": epoch, "train_loss": losses[k], f"val_{metric}": scores[j]})
                 stop.update(k, epoch, scores[j], w[j], b[j])
 
 

@@ -76,6 +76,9 @@ class TrainConfig:
             raise ValueError(f"lr, epochs and batch_size must be positive; got {self.lr}, {self.epochs}, {self.batch_size}.")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1); got {self.val_fraction}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            # numpy's generators (streamed batch order, held-out rows) take only non-negative seeds
+            raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}.")
 
     @property
     def input_kind(self) -> str:

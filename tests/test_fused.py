@@ -114,3 +114,75 @@ def test_fused_sweep_saves_a_usable_run(digits_feature_file, tmp_path):
     pred = predict(tmp_path / "run", digits_feature_file, split="test")
     accuracy = np.mean(pred.decisions() == pred.labels)
     assert accuracy == pytest.approx(result.trainer.test_metrics_["top1"])
+
+
+def _three_classes(tmp_path, name: str = "f.h5", majority: float = 0.8):
+    """300/100/100 rows of 16 features in 3 classes, class 0 the majority."""
+    rng = np.random.default_rng(0)
+    y = rng.choice(3, 500, p=[majority, (1 - majority) / 2, (1 - majority) / 2])
+    x = rng.normal(size=(500, 16)).astype(np.float32)
+    x[np.arange(500), y] += 1.0
+    cut = {"train": slice(0, 300), "val": slice(300, 400), "test": slice(400, 500)}
+    write_arrays(tmp_path / name, {k: {"cls": x[s], "pooled": np.abs(x[s]), "labels": y[s]} for k, s in cut.items()},
+                 ["a", "b", "c"], {"model": "m"}).close()
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])  # the analytic linear path and the vmapped one
+def test_a_diverged_configuration_is_never_chosen(tmp_path, optimizer, monkeypatch):
+    """An lr whose train loss was inf (finite one-hot probabilities) won the sweep, with a note to raise
+    --lr further; one whose weights went NaN scored the share of class 0 (argmax of NaN) on the linear
+    path, ranked first and then crashed the sweep. train_head refuses both as diverged."""
+    from featcache import sweeping
+
+    path = _three_classes(tmp_path)
+    steps = []
+    real_step = sweeping._adamw_step
+    monkeypatch.setattr(sweeping, "_adamw_step", lambda g, step: (steps.append(len(g.members)), real_step(g, step)))
+    res = fc.sweep(path, lrs=(1e-2, 1e37, 3e38), weight_decays=(0.0,), epochs=6, patience=3, batch_size=64,
+                   optimizer=optimizer)
+    by_lr = {r["lr"]: r for r in res.leaderboard}
+    assert res.best["lr"] == 1e-2 and res.best["diverged_at"] is None
+    for lr in (1e37, 3e38):
+        with pytest.raises(ValueError, match="the head diverged"):
+            fc.train_head(path, lr=lr, weight_decay=0.0, epochs=6, patience=3, batch_size=64, optimizer=optimizer)
+        assert by_lr[lr]["diverged_at"] == 0 and np.isnan(by_lr[lr]["val_accuracy"]) and by_lr[lr]["rank"] > 1
+        assert np.isnan(res.histories[by_lr[lr]["config"]][0]["val_accuracy"])
+    assert any("2 of 3 configurations diverged" in n for n in res.notes)
+    assert not any("extend --lr above" in n for n in res.notes)
+    alone = fc.train_head(path, lr=1e-2, weight_decay=0.0, epochs=6, patience=3, batch_size=64, optimizer=optimizer)
+    assert res.trainer.best_epoch_ == alone.best_epoch_ and res.trainer.best_score_ == alone.best_score_
+    if optimizer == "adamw":  # the diverged heads left the stack after epoch 0 (README: stopped heads are dropped)
+        assert steps[0] == 3 and steps[-1] == 1
+    with pytest.raises(ValueError, match="for every configuration .*the heads diverged"):
+        fc.sweep(path, lrs=(1e37,), weight_decays=(0.0,), epochs=2, batch_size=64, optimizer=optimizer)
+
+
+def test_sweep_api_refuses_single_values_it_would_ignore(tmp_path):
+    """sweep(lr=0.5) swept the default grid without a word; features='cls+pooled' was split into letters."""
+    path = _three_classes(tmp_path, majority=0.34)
+    with pytest.raises(ValueError, match=r"sweep\(\) grids lr over lrs=\[...\]; got lr=0.5. Pass lrs=\[0.5\]"):
+        fc.sweep(path, lr=0.5)
+    with pytest.raises(ValueError, match="grids weight_decay over weight_decays"):
+        fc.sweep(path, weight_decay=0.1)
+    res = fc.sweep(path, lrs=1e-2, weight_decays=0.0, features="cls+pooled", epochs=2, batch_size=64)
+    assert [(r["lr"], r["weight_decay"], r["features"]) for r in res.leaderboard] == [(1e-2, 0.0, "cls+pooled")]
+
+
+def test_sweep_cli_takes_optimizer_and_seeds_must_be_non_negative(tmp_path):
+    """README documents `sweep --optimizer adam`, which the CLI refused; --seed -1 trained in memory
+    and crashed in numpy once tokens were streamed."""
+    from click.testing import CliRunner
+
+    from featcache_cli.main import cli
+
+    path = _three_classes(tmp_path, majority=0.34)
+    r = CliRunner().invoke(cli, ["sweep", str(path), "--lr", "1e-2", "--wd", "0", "--epochs", "2", "--optimizer", "adam",
+                                 "--out", str(tmp_path / "s"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["optimizer"] == "adam"
+    for cmd in (["train", str(path)], ["sweep", str(path)]):
+        r = CliRunner().invoke(cli, cmd + ["--seed", "-1", "-q"])
+        assert r.exit_code == 2 and "--seed" in r.output
+    with pytest.raises(ValueError, match="seed must be a non-negative integer; got -1"):
+        TrainConfig(seed=-1).check()
