@@ -365,12 +365,33 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    out = Path(out)
+    if out.exists() and not run.overwrite:
+        # rank 0 replaces OUT by the joined shards at the end: refuse now what one process refuses
+        check_out_before_shards(out, config, source.classes, specs, run.update)
     ranges = [shard_ranges(specs, r, world) for r in range(world)]
     shards = [shard_path(out, r, world) for r in range(world)]
     mine = {name: _slice_rows(source.splits[name], *ranges[rank][name]) for name in specs}
     my_specs = {name: SplitSpec(paths=r.paths, labels=r.labels, groups=r.groups) for name, r in mine.items()}
-    summary = _extract_file(mine, my_specs, shards[rank], config, layout, source.classes, backbone_, plan,
-                            cfg, run, device)
+    shard = shards[rank]
+    # stored rows a rank may take over: other shards of this world (rows move between ranks when the
+    # data grows) and OUT itself when it is a standalone file (made by one process, or a copy merge)
+    sources = [p for p in shards if p != shard and p.exists()]
+    if out.exists() and not run.overwrite and not _is_virtual(out):
+        sources.append(out)
+    fresh_shard = not shard.exists() or (run.update and not same_rows(shard, source.classes, my_specs))
+    if run.overwrite or not sources or not fresh_shard:
+        summary = _extract_file(mine, my_specs, shard, config, layout, source.classes, backbone_, plan,
+                                cfg, run, device)
+    else:
+        # the first source is the one whose rows no longer in the data count as dropped: the rank's own
+        # old shard, or (rank 0 only, so that they are counted once) a file one process made
+        first = [shard] if shard.exists() else [out] if rank == 0 and out in sources else []
+        summary = _update_file(mine, my_specs, shard, config, layout, source.classes, backbone_, plan, cfg, run,
+                               device, sources=first + [p for p in sources if p not in first],
+                               current={p for spec in specs.values() for p in spec.paths}, count_dropped=bool(first))
+        if not run.update:  # a first torchrun over a file one process made: a resume of it
+            summary.updated, summary.rows_done_before, summary.rows_reused = False, summary.rows_reused, 0
     dist.barrier()
     if rank == 0:
         # the joined file says which rules its oldest rows followed (a resumed shard may hold older ones)
@@ -380,6 +401,31 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     dist.barrier()
     summary.out = Path(out)
     return summary
+
+
+def check_out_before_shards(out: Path, config: dict[str, Any], classes: Sequence[str], specs: dict[str, SplitSpec],
+                            update: bool) -> None:
+    """Refuse, before any rank computes, an OUT that one process would refuse: made with another
+    model or setting, another data root, or (without --update) other rows. Read-only."""
+    with FeatureStore(out) as old:
+        if old.fingerprint != fingerprint_of(config):
+            raise FeatureStoreError(
+                f"{out} was made with {describe_config(old.config)}, but this run asks for "
+                f"{describe_config(config)}{config_differences(old.config, config)}. Use another --out, or "
+                f"--overwrite to replace the file.")
+        check_same_data_root(old.config, config, out)
+    if not update and not same_rows(out, classes, specs):
+        raise FeatureStoreError(
+            f"the images, labels or splits changed since {out} was made. Use --update to keep the stored rows "
+            f"and compute only what is new, another --out, or --overwrite to re-extract.")
+
+
+def _is_virtual(path: Path) -> bool:
+    """True for a feature file whose datasets point into shard files (--merge virtual)."""
+    import h5py
+
+    with h5py.File(path, "r", locking=False) as f:
+        return any(isinstance(g, h5py.Group) and "cls" in g and g["cls"].is_virtual for g in f.values())
 
 
 def decode_rules_of(config: dict[str, Any]) -> int:
@@ -492,22 +538,29 @@ def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, Spli
 
 def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: Path, config: dict[str, Any],
                  layout: FeatureLayout, classes: Sequence[str], backbone: Backbone, plan: TokenLayout,
-                 cfg: ExtractConfig, run: RunOptions, device: torch.device) -> ExtractSummary:
+                 cfg: ExtractConfig, run: RunOptions, device: torch.device, sources: Sequence[Path] | None = None,
+                 current: set[str] | None = None, count_dropped: bool = True) -> ExtractSummary:
     """--update: build OUT.updating for the data as it is now, copying the stored features of every
     image still present (found by path, in whatever split it now sits) and computing the new ones,
     then replace OUT with it. OUT stays intact until the rename, and an interrupted update resumes
-    its OUT.updating, so a kill at any moment loses nothing."""
+    its OUT.updating, so a kill at any moment loses nothing.
+
+    Under torchrun a rank's shard also takes rows from `sources` (the other shards, a standalone
+    OUT; the first is the shard itself when it exists), `current` holds every path of the data (not
+    only this rank's), and only a rank's own old file counts rows as dropped (`count_dropped`)."""
     tmp = out.with_name(out.name + ".updating")
-    with FeatureStore(out) as old:
-        if old.fingerprint != fingerprint_of(config):
-            raise FeatureStoreError(
-                f"{out} was made with {describe_config(old.config)}, but this run asks for "
-                f"{describe_config(config)}{config_differences(old.config, config)}. --update keeps rows of the same "
-                f"model and settings only: use another --out, or --overwrite to re-extract everything.")
-        check_same_data_root(old.config, config, out)
+    sources = [out] if sources is None else list(sources)
+    olds = [FeatureStore(path) for path in sources]
+    try:
+        for old, path in zip(olds, sources):
+            if old.fingerprint != fingerprint_of(config):
+                raise FeatureStoreError(
+                    f"{path} was made with {describe_config(old.config)}, but this run asks for "
+                    f"{describe_config(config)}{config_differences(old.config, config)}. --update keeps rows of the "
+                    f"same model and settings only: use another --out, or --overwrite to re-extract everything.")
+            check_same_data_root(old.config, config, path)
         # the file keeps saying which rules its oldest rows followed (warn_older_decode_rules)
-        config = {**config, "decode_rules": min(decode_rules_of(old.config), DECODE_RULES)}
-        where = _done_rows_by_path(old)
+        config = {**config, "decode_rules": min([decode_rules_of(old.config) for old in olds] + [DECODE_RULES])}
         try:
             writer = StoreWriter(tmp, config, classes, specs, layout)
         except FeatureStoreError:
@@ -515,14 +568,18 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
                 raise
             tmp.unlink()  # an earlier update for data that has changed again since: start it afresh
             writer = StoreWriter(tmp, config, classes, specs, layout)
-        current = {p for spec in specs.values() for p in spec.paths}
+        current = {p for spec in specs.values() for p in spec.paths} if current is None else current
         reused = sum(writer.done_count(name) for name in specs)
         try:
-            reused += _copy_stored_rows(old, writer, specs, where)
+            for old in olds:  # each copies only rows still pending: the first source that has a path wins
+                reused += _copy_stored_rows(old, writer, specs, _done_rows_by_path(old))
         except BaseException:
             writer.close()
             raise
-        dropped = sum(1 for p in where if p not in current)
+        dropped = sum(1 for p in _done_rows_by_path(olds[0]) if p not in current) if count_dropped else 0
+    finally:
+        for old in olds:
+            old.close()
     summary = _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device, rows_done_before=0)
     os.replace(tmp, out)
     summary.out, summary.resumed, summary.updated = out, True, True

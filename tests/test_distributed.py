@@ -44,3 +44,46 @@ def test_torchrun_two_ranks_equals_single_process(merge, tiny_vit, digits_dir, t
                 np.testing.assert_allclose(getattr(m, key)[()], getattr(r, key)[()], atol=1e-5)
         if merge == "virtual":
             assert merged["train"].cls.is_virtual
+
+
+def _summaries(tmp_path, name: str) -> list[dict]:
+    import json
+
+    return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_torchrun_refuses_a_file_of_other_settings_and_resumes_or_updates_what_is_stored(tiny_vit, digits_dir, tmp_path):
+    """torchrun replaced an existing OUT made with another dtype without --overwrite (rank 0 always merged
+    with overwrite), never reused a file one process made, and an --update after images that sort first
+    were added counted rows that only moved to the next rank as 'dropped' and computed them again."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    out = tmp_path / "f.h5"
+    assert _extract(["--dtype", "float16"], out, tiny_vit, data, 1).returncode == 0
+    before = out.read_bytes()
+    refused = _extract([], out, tiny_vit, data, 2)  # float32 (the helper's dtype)
+    assert refused.returncode != 0 and "differ in: dtype" in refused.stderr and "--overwrite" in refused.stderr
+    assert out.read_bytes() == before
+    resumed = _extract(["--dtype", "float16", "--json", str(tmp_path / "r.json")], out, tiny_vit, data, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sum(s["rows_computed"] for s in _summaries(tmp_path, "r")) == 0  # the one-process file's rows, reused
+
+    rng = np.random.default_rng(0)
+    for i in range(6):  # names sorting first: every rank's share of train moves
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(data / "train" / "0" / f"-{i}.png")
+    updated = _extract(["--dtype", "float16", "--update", "--json", str(tmp_path / "u.json")], out, tiny_vit, data, 2)
+    assert updated.returncode == 0, updated.stderr[-3000:]
+    summaries = _summaries(tmp_path, "u")
+    assert sum(s["rows_computed"] for s in summaries) == 6 and sum(s["rows_dropped"] for s in summaries) == 0
+    assert sum(s["rows_reused"] for s in summaries) == 60
+    fresh = tmp_path / "fresh.h5"
+    assert _extract(["--dtype", "float16"], fresh, tiny_vit, data, 1).returncode == 0
+    with fc.open(out) as merged, fc.open(fresh) as ref:
+        for split in ref.splits:
+            assert merged[split].paths == ref[split].paths and merged[split].done.all()
+            for key in ("cls", "pooled", "tokens"):
+                np.testing.assert_array_equal(getattr(merged[split], key)[()], getattr(ref[split], key)[()])
