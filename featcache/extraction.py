@@ -65,12 +65,13 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run an extraction; none of these change the numbers stored."""
+    """How to run an extraction; none of these change the numbers stored, except amp (recorded)."""
 
     batch_size: int = 64                    # images per forward pass
     workers: int | None = None              # decoding processes; None = one per spare core
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
-    amp: bool = False                       # bf16 autocast on GPU
+    amp: bool = False                       # bf16 autocast on GPU: the exception, it moves the numbers,
+                                            # so file_config records and fingerprints it
     overwrite: bool = False                 # replace a file made with another config
     retry_errors: bool = False              # try again the inputs that failed before
     progress: bool = True                   # tqdm bar with images/s
@@ -269,11 +270,17 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
     try:
         source = backbone.layout()
     except ValueError as exc:
-        if not cfg.image_size or "doesn't match" not in str(exc):
+        if "doesn't match" not in str(exc):
             raise
-        raise ValueError(f"--image-size {cfg.image_size}: {cfg.model} runs at a fixed input size ({exc}). To run a "
-                         f"ViT at another resolution with interpolated position embeddings, use --token-mode native "
-                         f"--num-tokens N (N = prefix tokens + (side / patch size)^2).") from None
+        native = ("To run a ViT at another resolution with interpolated position embeddings, use --token-mode "
+                  "native --num-tokens N (N = prefix tokens + (side / patch size)^2).")
+        if cfg.image_size:
+            raise ValueError(f"--image-size {cfg.image_size}: {cfg.model} runs at a fixed input size ({exc}). "
+                             f"{native}") from None
+        h, w = processor_output_size(backbone.processor)
+        raise ValueError(f"{cfg.model}'s image processor makes {h}x{w} px inputs, but the model runs at a fixed input "
+                         f"size ({exc}). Pass --image-size with the size it was trained at, or save the processor "
+                         f"with that size. {native}") from None
     plan = plan_tokens(source, cfg.num_tokens, cfg.token_mode)
     if plan.mode == "native":
         if backbone.family.cnn:
@@ -312,8 +319,10 @@ def draft_side(processor: Any) -> int:
 
 
 def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_root: Path,
-                data_kind: str | None = None) -> dict[str, Any]:
-    """The config recorded in (and, minus provenance, hashed into) the feature file."""
+                data_kind: str | None = None, amp: bool = False) -> dict[str, Any]:
+    """The config recorded in (and, minus provenance, hashed into) the feature file. `amp`: the
+    forward runs under bf16 autocast (a GPU with --amp), which moves features by ~1e-2: recorded
+    as "amp": "bfloat16" and fingerprinted, absent otherwise (older files keep their fingerprint)."""
     processor = {k: v for k, v in backbone.processor.to_dict().items() if not k.startswith("_")}
     config = asdict(cfg)
     config.update({
@@ -339,6 +348,8 @@ def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_
             config.pop(key, None)
     if cfg.fast_decode:
         config["draft_px"] = draft_side(backbone.processor)
+    if amp:
+        config["amp"] = "bfloat16"
     return config
 
 
@@ -353,7 +364,7 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     backbone_, plan = backbone or prepare_backbone(cfg)
     rank, world = distributed_rank()
     device = resolve_device(run.device, rank if world > 1 else None)
-    config = file_config(cfg, backbone_, plan, Path(source.root), source.kind)
+    config = file_config(cfg, backbone_, plan, Path(source.root), source.kind, amp=run.amp and device.type == "cuda")
     layout = FeatureLayout(dim=plan.dim, tokens=plan if cfg.tokens == "full" else None, dtype=cfg.dtype,
                            blocks=cfg.blocks)
     specs = {name: SplitSpec(paths=rows.paths, labels=rows.labels, groups=rows.groups)

@@ -119,6 +119,8 @@ def _read_plan(processor: Any) -> tuple[PixelPlan | None, str]:
     crops: list[tuple[int, int]] = []
     resize = None
     if get("do_resize"):
+        if get("size") is None:
+            return None, "do_resize is on but size is None"
         size = get_size_dict(get("size"), default_to_square=bool(get("default_to_square")))
         size = {k: v for k, v in dict(size).items() if v is not None}
         if name.startswith("ConvNext"):
@@ -137,6 +139,8 @@ def _read_plan(processor: Any) -> tuple[PixelPlan | None, str]:
         else:
             return None, f"size {size} (featcache splits height+width or shortest_edge only)"
     if get("do_center_crop"):
+        if get("crop_size") is None:
+            return None, "do_center_crop is on but crop_size is None"
         crop = {k: v for k, v in dict(get_size_dict(get("crop_size"), param_name="crop_size")).items()
                 if v is not None}
         if set(crop) != {"height", "width"}:
@@ -146,7 +150,7 @@ def _read_plan(processor: Any) -> tuple[PixelPlan | None, str]:
     if get("do_normalize"):
         mean, std = _per_channel(get("image_mean")), _per_channel(get("image_std"))
         if mean is None or std is None:
-            return None, f"image_mean/std {get('image_mean')!r}/{get('image_std')!r} are not 1 or 3 values"
+            return None, f"image_mean/std {get('image_mean')!r}/{get('image_std')!r} are not a scalar or 3 values"
     rescale = float(get("rescale_factor")) if get("do_rescale") else None
     return PixelPlan(name, bool(get("do_convert_rgb")), resize, int(resample), tuple(crops), rescale,
                      mean, std), ""

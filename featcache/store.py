@@ -1143,6 +1143,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             grid = cfg.get("grid")
             if cfg.get("n_prefix") is None and not grid and cfg.get("source_num_tokens") is None:
                 layout = "not stored"  # an import: no backbone layout is known
+            elif cfg.get("token_mode") == "native" and grid:  # the backbone ran at another size: its own count
+                size = "x".join(map(str, cfg.get("input_size") or [])) or "n/a"
+                layout = (f"not stored (backbone run natively at {size} px: {cfg.get('n_prefix', 0)} prefix, grid "
+                          f"{'x'.join(map(str, grid))}, {int(cfg.get('n_prefix') or 0) + grid[0] * grid[1]} tokens; "
+                          f"{cfg.get('source_num_tokens', 'n/a')} tokens at its own size)")
             else:
                 layout = (f"not stored (backbone: {cfg.get('n_prefix', 'n/a')} prefix, grid "
                           f"{'x'.join(map(str, grid)) if grid else 'n/a'}, {cfg.get('source_num_tokens', 'n/a')} tokens)")

@@ -133,6 +133,13 @@ def test_token_mode_native_runs_at_the_matching_resolution(tiny_vit, digits_dir,
         ref = model(**proc(images=images, return_tensors="pt"), interpolate_pos_encoding=True).last_hidden_state
     np.testing.assert_allclose(s.tokens[()], ref.numpy(), atol=1e-4)
     assert store.config["input_size"] == [40, 40]
+    # without stored tokens, info read 'grid 10x10, 65 tokens' (the 32 px count beside the 40 px grid)
+    from featcache.store import describe
+
+    fc.extract(str(tiny_vit), digits_dir, tmp_path / "c.h5", num_tokens=101, token_mode="native", workers=0,
+               progress=False)
+    assert describe(tmp_path / "c.h5")["token_layout"] == ("not stored (backbone run natively at 40x40 px: 1 prefix, "
+                                                           "grid 10x10, 101 tokens; 65 tokens at its own size)")
 
 
 def make_bad_inputs(root: Path, digits_dir: Path) -> dict[str, str]:
@@ -302,3 +309,41 @@ def test_info_counts_classes_and_warns_about_missing_ones(tiny_vit, digits_dir, 
     result = CliRunner().invoke(cli, ["info", str(out)])
     assert "test class counts: 0=10, 1=10, 2=0" in result.output
     assert "warning: no rows of class 2" in result.output
+
+
+def test_amp_is_recorded_and_fingerprinted_where_it_runs(tiny_vit, digits_dir, tmp_path):
+    """bf16 autocast moves features by ~1e-2 but sat among the run options that 'change no number': an
+    --amp file looked like a float32 one, and a resume could mix both kinds of rows."""
+    from featcache.extraction import ExtractConfig, file_config, prepare_backbone
+    from featcache.store import config_differences, fingerprint_of
+
+    cfg = ExtractConfig(model=str(tiny_vit), dtype="float32")
+    backbone, plan = prepare_backbone(cfg)
+    plain, amp = file_config(cfg, backbone, plan, digits_dir), file_config(cfg, backbone, plan, digits_dir, amp=True)
+    assert "amp" not in plain and amp["amp"] == "bfloat16"  # absent when off: older files keep their fingerprint
+    assert fingerprint_of(plain) != fingerprint_of(amp) and "amp" in config_differences(plain, amp)
+    # on the CPU --amp does not run (a warning says so): the file is the float32 one
+    args = ["extract", "--model", str(tiny_vit), "--data", str(digits_dir), "--workers", "0", "-q", "--dtype", "float32"]
+    assert CliRunner().invoke(cli, args + ["--out", str(tmp_path / "a.h5"), "--amp"]).exit_code == 0
+    assert CliRunner().invoke(cli, args + ["--out", str(tmp_path / "b.h5")]).exit_code == 0
+    with fc.open(tmp_path / "a.h5") as a, fc.open(tmp_path / "b.h5") as b:
+        assert "amp" not in a.config and a.fingerprint == b.fingerprint
+
+
+def test_a_vit_whose_processor_makes_another_size_is_refused_in_featcache_words(tiny_vit, digits_dir, tmp_path):
+    """A ViT trained at 32 px saved with a 32x48 processor gave transformers' bare 'Input image size
+    doesn't match model'."""
+    import shutil
+
+    from transformers import AutoImageProcessor
+
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_vit, wide)
+    proc = AutoImageProcessor.from_pretrained(wide)
+    proc.size = {"height": 32, "width": 48}
+    proc.save_pretrained(wide)
+    args = ["extract", "--model", str(wide), "--data", str(digits_dir), "--workers", "0", "-q"]
+    r = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "a.h5")])
+    assert r.exit_code == 1 and "image processor makes 32x48 px inputs, but the model runs at a fixed input" in r.output
+    assert "--image-size" in r.output and "--token-mode native" in r.output and "Traceback" not in r.output
+    assert CliRunner().invoke(cli, args + ["--out", str(tmp_path / "b.h5"), "--image-size", "32"]).exit_code == 0

@@ -130,6 +130,25 @@ def test_unknown_processor_falls_back():
     assert plan_from_processor(padded) is None
 
 
+def test_settings_featcache_cannot_split_fall_back_with_their_reason():
+    """size=None raised transformers' 'Could not convert size input to size dict: None' from the plan;
+    a one-value mean/std list was refused as 'not 1 or 3 values'."""
+    from transformers import ViTImageProcessor
+
+    from featcache.pixels import _read_plan
+
+    cases = {"do_resize is on but size is None": dict(size=None),
+             "do_center_crop is on but crop_size is None": dict(do_center_crop=True, crop_size=None),
+             "are not a scalar or 3 values": dict(image_mean=[0.4], image_std=[0.2])}
+    for reason, settings in cases.items():
+        proc = ViTImageProcessor(**{"size": {"height": 32, "width": 32}, **settings})
+        for key, value in settings.items():  # set after construction: processors fill in defaults
+            setattr(proc, key, value)
+        plan, why = _read_plan(proc)
+        assert plan is None and reason in why, why
+        assert plan_from_processor(proc) is None
+
+
 def test_processor_that_disagrees_with_its_plan_falls_back():
     from transformers import ViTImageProcessor
 
