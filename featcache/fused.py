@@ -40,7 +40,7 @@ from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import selection_score
 from featcache.prediction import PREDICT_BATCH
 from featcache.store import FeatureStore
-from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights
+from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights, task_positive
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam/AdamW defaults, which HeadTrainer uses
 
@@ -117,7 +117,9 @@ def adam_step(stack: HeadStack, decoupled: bool) -> None:
     """torch.optim.AdamW (decoupled=True) or Adam (L2 weight decay) on every head, each with its own
     lr and weight decay: the kernel that `AdamW(fused=True)` runs for a head alone
     (torch._fused_adamw_ / _fused_adam_), called per head on its slices of the stacked tensors, so
-    the update is bit for bit the one-by-one update and reads each tensor once."""
+    given the same gradients the update is the one-by-one update exactly, and reads each tensor once
+    (the gradients themselves, computed under vmap, differ from a head alone's by float rounding,
+    ~1e-7: tests compare weights within 1e-5)."""
     names = list(stack.params)
     params = [stack.params[n].detach() for n in names]
     grads = [stack.params[n].grad for n in names]
@@ -250,11 +252,12 @@ def _validate(stacks: list[HeadStack], cached: CachedSplits, cfg: TrainConfig, r
     """Score every head on validation, update its record; per stack the positions still training."""
     probas = stacked_proba(stacks, cached, cached.val, cfg)
     yv = cached.val.y.cpu().numpy()
+    positive = task_positive(cached, cfg.positive_class)
     keeps = []
     for stack, proba, loss in zip(stacks, probas, losses):
         keep = []
         for pos, k in enumerate(stack.members):
-            score = selection_score(yv, proba[pos], cfg.metric)
+            score = selection_score(yv, proba[pos], cfg.metric, positive)
             if records[k].update(epoch, loss[pos], score, cfg.metric, cfg.patience,
                                  lambda stack=stack, pos=pos: stack.state_of(pos)):
                 keep.append(pos)

@@ -85,8 +85,10 @@ def decide(proba: np.ndarray, threshold: float | Sequence[float] | None = None, 
 # one number for model selection
 # ------------------------------------------------------------------------------------------------
 
-def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accuracy") -> float:
-    """One number to pick epochs and configs by; higher is better (loss is negated)."""
+def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accuracy",
+                    positive: int | None = None) -> float:
+    """One number to pick epochs and configs by; higher is better (loss is negated). `positive`: a
+    binary task's positive class, so an exact 0.5 is decided as the run's metrics decide it."""
     y_true = np.asarray(y_true)
     proba = np.asarray(proba, dtype=np.float64)
     if metric not in SELECTION_METRICS:
@@ -109,7 +111,7 @@ def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accura
     if metric == "auroc":
         value = _auroc(y_true, proba)[0]
         return float("nan") if value is None else value
-    pred = decide(proba)
+    pred = decide(proba, positive=positive)
     if metric == "accuracy":
         return float(np.mean(pred == y_true))
     return _balanced_accuracy(y_true, pred)

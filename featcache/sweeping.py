@@ -30,7 +30,7 @@ from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
 from featcache.runs import write_json
 from featcache.store import FeatureStore, open_features, parse_feature_kind
-from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights
+from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights, task_positive
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which HeadTrainer uses
 ADAM_EPS = 1e-8
@@ -265,6 +265,7 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
     groups = [_stack_linear(kind, [i for i, g in enumerate(grid) if g["features"] == kind], grid,
                             cached[kind].in_dim, c, base.seed, device) for kind in kinds]
     stop = _EarlyStopping(len(grid), base.patience)
+    positive = task_positive(first, base.positive_class)
     gen = torch.Generator().manual_seed(base.seed)
     n = len(first.train.rows)
     step = 0
@@ -283,7 +284,7 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
                 total += _stacked_backward(g, xs[g.kind][i:i + base.batch_size], y, loss_fn, first.multilabel) * len(y)
                 _adamw_step(g, step)
         losses = {k: loss / n for g, total in zip(groups, totals) for k, loss in zip(g.members, total.tolist())}
-        _validate(groups, cached, first, base.metric, epoch, stop, losses)
+        _validate(groups, cached, first, base.metric, epoch, stop, losses, positive)
         bar.set_postfix(active=sum(stop.active), best=f"{max(stop.best):.4f}")
         groups = [g for g in (_keep_active(g, stop) for g in groups) if g.members]  # stopped heads leave the stack
         if not groups:
@@ -353,7 +354,7 @@ def _stacked_backward(g: _StackedLinear, x: torch.Tensor, y: torch.Tensor, loss_
 
 
 def _validate(groups: list[_StackedLinear], cached: dict[str, CachedSplits], first: CachedSplits, metric: str,
-              epoch: int, stop: _EarlyStopping, losses: dict[int, float]) -> None:
+              epoch: int, stop: _EarlyStopping, losses: dict[int, float], positive: int | None) -> None:
     """Score every head on validation and update its early-stopping state and history."""
     multilabel = first.multilabel
     yv = first.val.y.cpu().numpy()
@@ -367,7 +368,7 @@ def _validate(groups: list[_StackedLinear], cached: dict[str, CachedSplits], fir
                 scores = torch.where(torch.isfinite(logits).all(dim=(1, 2)), acc, math.nan).tolist()
             else:
                 proba = (logits.sigmoid() if multilabel else logits.softmax(dim=2)).cpu().numpy()
-                scores = [selection_score(yv, proba[j], metric) for j in range(len(g.members))]
+                scores = [selection_score(yv, proba[j], metric, positive) for j in range(len(g.members))]
             for j, k in enumerate(g.members):
                 if not math.isfinite(losses[k]):
                     stop.diverge(k, epoch, losses[k], metric)

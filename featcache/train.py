@@ -170,6 +170,14 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
     return notes
 
 
+def task_positive(cached: CachedSplits, positive_class: str | None) -> int | None:
+    """A binary task's positive class index (the named one, else train's minority); None otherwise.
+    Epochs and configurations are selected deciding by it, as the run's metrics decide."""
+    if cached.multilabel:
+        return None
+    return resolve_positive(cached.classes, cached.train.y.cpu().numpy(), positive_class)
+
+
 class HeadTrainer:
     """Train one head on a feature file (scikit-learn style: parameters in, `fit` returns self).
 
@@ -202,6 +210,7 @@ class HeadTrainer:
         history, best, best_state, best_epoch, waited = [], -math.inf, None, -1, 0
         start = time.perf_counter()
         val_y = cached.val.y.cpu().numpy()
+        positive = task_positive(cached, cfg.positive_class)
         bar = tqdm(range(cfg.epochs), desc=f"train {cfg.head}", disable=not self.progress, unit="epoch")
         for epoch in bar:
             model.train()
@@ -218,7 +227,7 @@ class HeadTrainer:
                 raise ValueError(f"the training loss became {train_loss} at epoch {epoch} (lr {cfg.lr:g}): the "
                                  f"head diverged. Lower --lr, or keep --standardize on.")
             proba = split_proba(model, cached, cached.val, max(cfg.batch_size, PREDICT_BATCH))
-            score = selection_score(val_y, proba, cfg.metric)
+            score = selection_score(val_y, proba, cfg.metric, positive)
             history.append({"epoch": epoch, "train_loss": train_loss, f"val_{cfg.metric}": score})
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{score:.4f}")
             if score > best or best_state is None:  # strictly better: ties keep the earlier, simpler epoch
@@ -246,8 +255,7 @@ class HeadTrainer:
         self.input_kind_ = cached.features
         self.split_names_ = {"train": cached.train.name, "val": cached.val.name,
                              "test": cached.test.name if cached.test is not None else None}
-        train_y = cached.train.y.cpu().numpy()
-        self.positive_ = None if cached.multilabel else resolve_positive(cached.classes, train_y, cfg.positive_class)
+        self.positive_ = task_positive(cached, cfg.positive_class)
         self.threshold_: float | list[float] | None = None
         self.threshold_rule_: str | None = None
         self.threshold_untuned_: list[str] = []   # classes / labels whose rule fell back to 0.5

@@ -133,3 +133,14 @@ def test_selection_score_and_repeats():
     s = summarize_repeats([{"top1": 0.8, "auroc": 0.9}, {"top1": 0.7, "auroc": 0.95}, {"top1": 0.9, "auroc": None}])
     assert s["top1"]["median"] == pytest.approx(0.8) and s["top1"]["std"] == pytest.approx(np.std([0.8, 0.7, 0.9]))
     assert s["auroc"]["values"] == [0.9, 0.95]
+
+
+def test_selection_decides_an_exact_tie_for_the_runs_positive_class():
+    """Epochs and sweep configurations were scored deciding a binary 0.5 tie as class 1 while the run's
+    metrics decided it for the positive class (train's minority, maybe class 0): the leaderboard's
+    val_accuracy could differ from metrics.json's val top1."""
+    proba = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+    y = np.array([0, 0, 1])
+    top1 = classification_metrics(y, proba, classes=["pos", "neg"], positive=0)["top1"]
+    assert selection_score(y, proba, "accuracy", positive=0) == top1 == 1.0
+    assert selection_score(y, proba, "accuracy") == 2 / 3  # no positive class named: class 1 takes the tie
