@@ -37,9 +37,9 @@ from featcache.devices import resolve_device
 from featcache.names import CONTENT_CHARS, DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
                               to_uint8)
-from featcache.store import (FEATURE_DATASETS, FILE_STAT_WIDTH, ROW_DATASETS, FeatureLayout, FeatureStore, FeatureStoreError, SplitSpec, StoreWriter,
-                             check_same_data_root, config_differences, describe_config, fingerprint_of, merge_shards,
-                             read_rows, same_rows)
+from featcache.store import (FEATURE_DATASETS, FILE_STAT_WIDTH, READ_LOCKING, ROW_DATASETS, FeatureLayout, FeatureStore,
+                             FeatureStoreError, SplitSpec, StoreWriter, check_same_data_root, fingerprint_of,
+                             merge_shards, other_settings_error, read_rows, same_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
 log = logging.getLogger("featcache")
@@ -420,10 +420,7 @@ def check_out_before_shards(out: Path, config: dict[str, Any], classes: Sequence
     model or setting, another data root, or (without --update) other rows. Read-only."""
     with FeatureStore(out) as old:
         if old.fingerprint != fingerprint_of(config):
-            raise FeatureStoreError(
-                f"{out} was made with {describe_config(old.config)}, but this run asks for "
-                f"{describe_config(config)}{config_differences(old.config, config)}. Use another --out, or "
-                f"--overwrite to replace the file.")
+            raise other_settings_error(out, old.config, config)
         check_same_data_root(old.config, config, out)
     if not update and not same_rows(out, classes, specs):
         raise FeatureStoreError(
@@ -433,9 +430,7 @@ def check_out_before_shards(out: Path, config: dict[str, Any], classes: Sequence
 
 def _is_virtual(path: Path) -> bool:
     """True for a feature file whose datasets point into shard files (--merge virtual)."""
-    import h5py
-
-    with h5py.File(path, "r", locking=False) as f:
+    with h5py.File(path, "r", locking=READ_LOCKING) as f:
         return any(isinstance(g, h5py.Group) and "cls" in g and g["cls"].is_virtual for g in f.values())
 
 
@@ -565,10 +560,8 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
     try:
         for old, path in zip(olds, sources):
             if old.fingerprint != fingerprint_of(config):
-                raise FeatureStoreError(
-                    f"{path} was made with {describe_config(old.config)}, but this run asks for "
-                    f"{describe_config(config)}{config_differences(old.config, config)}. --update keeps rows of the "
-                    f"same model and settings only: use another --out, or --overwrite to re-extract everything.")
+                raise other_settings_error(path, old.config, config, "--update keeps rows of the same model and "
+                                           "settings only: use another --out, or --overwrite to re-extract everything.")
             check_same_data_root(old.config, config, path)
         # the file keeps saying which rules its oldest rows followed (warn_older_decode_rules)
         config = {**config, "decode_rules": min([decode_rules_of(old.config) for old in olds] + [DECODE_RULES])}

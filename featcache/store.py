@@ -56,6 +56,13 @@ def fingerprint_of(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def other_settings_error(path: str | os.PathLike, old: dict[str, Any], new: dict[str, Any],
+                         advice: str = "Use another --out, or --overwrite to replace the file.") -> "FeatureStoreError":
+    """The refusal of a feature file made with other settings than a run asks for, naming them."""
+    return FeatureStoreError(f"{path} was made with {describe_config(old)}, but this run asks for "
+                             f"{describe_config(new)}{config_differences(old, new)}. {advice}")
+
+
 def describe_config(config: dict[str, Any]) -> str:
     """One human line naming what a config extracts, for error messages."""
     parts = [str(config.get("model", "?"))]
@@ -797,10 +804,7 @@ class StoreWriter:
             check_header(f, self.path)
             old_config = json.loads(f.attrs["config"])
             if str(f.attrs["fingerprint"]) != self.fingerprint:
-                raise FeatureStoreError(
-                    f"{self.path} was made with {describe_config(old_config)}, but this run asks for "
-                    f"{describe_config(self.config)}{config_differences(old_config, self.config)}. Use another "
-                    f"--out, or --overwrite to replace the file.")
+                raise other_settings_error(self.path, old_config, self.config)
             check_same_data_root(old_config, self.config, self.path)
             old_classes = [_decode(c) for c in f["classes"][()]]
             if old_classes != list(classes):
