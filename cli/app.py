@@ -168,6 +168,22 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)), err=err)
 
 
+def per_label_rows(block: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A multi-label split's findings, one row each: positives, threshold, sensitivity, specificity,
+    AUROC, AUPRC, and their bootstrap intervals when the block has them ([] for other tasks)."""
+    entries = (block or {}).get("per_label") or []
+    with_ci = [m for m in ("auroc", "sensitivity", "specificity") if any(m in (e.get("ci") or {}) for e in entries)]
+    rows = []
+    for entry in entries:
+        row = {k: entry.get(k) for k in ("label", "positives", "threshold", "sensitivity", "specificity", "auroc",
+                                         "auprc")}
+        ci = entry.get("ci") or {}
+        for m in with_ci:
+            row[f"{m} 95% CI"] = f"[{ci[m][0]:.4f}, {ci[m][1]:.4f}]" if m in ci else ""
+        rows.append(row)
+    return rows
+
+
 def write_json(path: str | Path | None, obj: Any) -> None:
     """Write obj as JSON (runs.write_json: numpy converted, NaN as null); '-' is stdout; None: nothing."""
     if path is None:

@@ -7,7 +7,7 @@ import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               positive_option, quiet_option, warnings_as_notes, write_json)
+                               per_label_rows, positive_option, quiet_option, warnings_as_notes, write_json)
 
 # the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
 
@@ -118,6 +118,9 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
         console.table(_ci_rows(res.headline), title=f"\nk = {head['k']}, T = {head['temperature']:g}: {bootstrap} "
                                                     f"bootstrap resamples" + (" by group" if (res.headline.get("bootstrap") or {}).get("grouped")
                                                                          else ""))
+    if per_label_rows(res.headline):
+        head = res.config["headline"]
+        console.table(per_label_rows(res.headline), title=f"\nper label (k = {head['k']}, T = {head['temperature']:g})")
     _finish(console, res, json_path, out_dir)
 
 
@@ -215,6 +218,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     if res.test is not None:
         console.table(_ci_rows(res.test), title=f"\ntest metrics ({res.test['n']} {test} rows, C = {est.best_C_:g}"
                                                 f"{_positive_title(res.test)})")
+        if per_label_rows(res.test):
+            console.table(per_label_rows(res.test), title=f"\nper label ({test})")
     _finish(console, res, json_path, out_dir)
 
 

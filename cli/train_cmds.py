@@ -9,7 +9,7 @@ import click
 from featcache.metrics import tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               positive_option, quiet_option, warnings_as_notes, write_json)
+                               per_label_rows, positive_option, quiet_option, warnings_as_notes, write_json)
 
 # the library (torch) is imported inside each command, so `featcache --help` stays instant
 
@@ -83,6 +83,14 @@ def _decision_line(t: Any) -> str:
         f" ({t.threshold_rule_}, {_where_chosen(t)})" if tuned_on_validation(t.threshold_rule_) else "")
 
 
+def _per_label_table(console: Console, t: Any) -> None:
+    """Multi-label heads: each finding's sensitivity / specificity at its threshold, AUROC (and CIs)."""
+    split, block = ("test", t.test_metrics_) if t.test_metrics_ is not None else ("val", t.val_metrics_)
+    rows = per_label_rows(block)
+    if rows:
+        console.table(rows, title=f"\nper label ({split})")
+
+
 def _where_chosen(t: Any) -> str:
     """'chosen on validation', or why the rule stayed at the default (one class in validation)."""
     record = t.extra_metrics_.get("threshold") or {}
@@ -138,6 +146,7 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
     console.table(rows, title=f"seed {t.config.seed}" + (f", positive class {t.classes_[t.positive_]}"
                                                          if t.positive_ is not None else "")
                   + (f", {bootstrap} bootstrap resamples" + (" by group" if grouped else "") if bootstrap else ""))
+    _per_label_table(console, t)
     if repeats > 1:
         split = "test" if "test" in summary else "val"
         console.table([{"metric": m, "median": s["median"], "std": s["std"], "runs": len(s["values"])}
@@ -183,6 +192,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
     console.echo(f"\nbest: features {result.best['features']}, lr {result.best['lr']:g}, wd "
                  f"{result.best['weight_decay']:g} (chosen on validation; test shown for it alone){_decision_line(t)}")
     console.table(_metric_rows(t.val_metrics_, t.test_metrics_))
+    _per_label_table(console, t)
     write_json(kw["json_path"], {**t.run_metrics(), "leaderboard": result.leaderboard, "best": result.best,
                                  "sweep_seconds": result.seconds, "fused": result.fused, "bytes_read": result.bytes_read,
                                  "notes": result.notes + t.notes_})

@@ -17,7 +17,7 @@ import numpy as np
 
 from featcache.knn import knn_eval
 from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
-                               threshold_record,
+                               threshold_record, train_coverage_notes,
                                classification_metrics, decide, resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
 from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
@@ -157,10 +157,8 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
     if leak:
         notes.append(leak)
     multilabel = train.y.ndim == 2
-    positive = None if multilabel else resolve_positive(classes, train.y, positive_class)
-    if not multilabel and len(set(train.y.tolist())) < len(classes):
-        missing = [c for i, c in enumerate(classes) if i not in set(train.y.tolist())]
-        notes.append(f"the {train_split} split lacks classes {', '.join(missing)}: they can never be predicted.")
+    positive = resolve_positive(classes, train.y, positive_class, multilabel)
+    notes += train_coverage_notes(train.y, classes, train_split)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = knn_eval(train.x, train.y, ev.x, ev.y, ks=ks, temperature=tuple(temperatures), weighting=weighting,
@@ -176,7 +174,7 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
     if bootstrap:
         names = [m for m in CI_METRICS if headline.get(m) is not None]
         boot = bootstrap_metrics(ev.y, proba, metrics=names, n_boot=bootstrap, groups=ev.groups, seed=seed,
-                                 positive=positive)
+                                 positive=positive, label_names=classes)
         boot.attach(headline)
         notes += boot.warnings
     config = {**_base_config(store, "knn", features), "train_split": train_split, "eval_split": eval_split,
@@ -276,8 +274,12 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     if not multilabel and np.unique(train.y).size < 2:
         raise ValueError(f"split {train_split!r} of {store.path.name} has a single class "
                          f"({classes[int(train.y[0])]}); a probe needs at least two classes to train on.")
-    positive = None if multilabel else resolve_positive(classes, train.y, positive_class)
+    positive = resolve_positive(classes, train.y, positive_class, multilabel)
+    notes += train_coverage_notes(train.y, classes, train_split)
     rule = None if threshold in (None, "0.5") else threshold
+    if rule is not None and val is None and not _is_number(rule):  # before the CV sweep, not after it
+        raise ValueError(f"--threshold {rule} is chosen on a validation split; {store.path.name} has none (the probe "
+                         f"chose C by cross-validation). Give a number, or add a validation split.")
     if rule is not None and refit and use_val and not _is_number(rule):
         raise ValueError(f"--threshold {rule} is chosen on the validation split, but the probe is refitted on train + "
                          f"val, so no unseen rows are left to choose it on. Add --no-refit, or give a number.")
@@ -309,12 +311,12 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
 
     t_value = None
     if rule is not None:
-        if val is None:
-            raise ValueError("--threshold youden|sensitivity:T is chosen on a validation split; this file has none.")
         # on the probabilities predict will compute (the exported float32 head), not scikit-learn's
-        # float64 ones: a row that defines the threshold must not fall 2e-8 below it when deployed
-        t_value = choose_threshold_rule(rule, val.y, array_proba(exported(None), val.x), positive, notes, classes,
-                                        untuned)
+        # float64 ones: a row that defines the threshold must not fall 2e-8 below it when deployed.
+        # Without a validation split only a number gets here (refused above otherwise): used as given.
+        on = val if val is not None else train
+        t_value = choose_threshold_rule(rule, on.y, array_proba(exported(None), on.x), positive, notes, classes,
+                                        untuned, train_y=train.y)
     head = exported(t_value)
     metrics = proba = None
     if test is not None:
@@ -323,7 +325,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
         if bootstrap:
             names = [m for m in CI_METRICS if metrics.get(m) is not None]
             boot = bootstrap_metrics(test.y, proba, metrics=names, n_boot=bootstrap, groups=test.groups, seed=seed,
-                                     threshold=t_value, positive=positive)
+                                     threshold=t_value, positive=positive, label_names=classes)
             boot.attach(metrics)
             notes += boot.warnings
     return ProbeResult(config, probe, classes, positive, t_value, rule, metrics, test, proba, head, notes)

@@ -248,11 +248,10 @@ def _epoch(stacks: list[HeadStack], cached: CachedSplits, cfg: TrainConfig, loss
 
 
 def _validate(stacks: list[HeadStack], cached: CachedSplits, cfg: TrainConfig, records: dict[int, HeadRecord],
-              epoch: int, losses: list[list[float]]) -> list[list[int]]:
+              epoch: int, losses: list[list[float]], positive: int | None) -> list[list[int]]:
     """Score every head on validation, update its record; per stack the positions still training."""
     probas = stacked_proba(stacks, cached, cached.val, cfg)
     yv = cached.val.y.cpu().numpy()
-    positive = task_positive(cached, cfg.positive_class)
     keeps = []
     for stack, proba, loss in zip(stacks, probas, losses):
         keep = []
@@ -293,12 +292,13 @@ def train_group(cached: CachedSplits, base: TrainConfig, grid: list[dict[str, An
               for i in range(0, len(members), per_stack)]
     gen = torch.Generator().manual_seed(base.seed)
     records = {k: HeadRecord() for k in members}
+    positive = task_positive(cached, base.positive_class)
     per_epoch: list[int] = []
     bar = tqdm(range(base.epochs), desc=f"sweep {len(members)} {base.head} heads", disable=not progress, unit="epoch")
     for epoch in bar:
         before = loader.bytes_read()
         losses = _epoch(stacks, cached, base, loss_fn, gen, epoch, weights)
-        keeps = _validate(stacks, cached, base, records, epoch, losses)
+        keeps = _validate(stacks, cached, base, records, epoch, losses, positive)
         if cached.streamed:
             per_epoch.append(loader.bytes_read() - before)
         bar.set_postfix(active=sum(map(len, keeps)), best=f"{max(r.best for r in records.values()):.4f}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -46,9 +46,16 @@ def check_scores(proba: np.ndarray, what: str = "probabilities") -> np.ndarray:
 # decisions: one rule everywhere (tables, metrics.json, bootstrap, predict CSV)
 # ------------------------------------------------------------------------------------------------
 
-def resolve_positive(classes: Sequence[str], train_labels: np.ndarray, name: str | None = None) -> int | None:
+def resolve_positive(classes: Sequence[str], train_labels: np.ndarray, name: str | None = None,
+                     multilabel: bool = False) -> int | None:
     """Index of a binary task's positive class: `name` when given, else the training split's
-    minority class (ties: the second class). None for tasks that are not binary."""
+    minority class (ties: the second class). None for tasks that are not binary; a name given
+    for one of those is refused (it would be ignored)."""
+    if multilabel:
+        if name is not None:
+            raise ValueError(f"--positive-class applies to binary tasks; this file is multi-label (each of "
+                             f"{', '.join(classes)} is scored on its own, positive = 1). Drop --positive-class.")
+        return None
     if len(classes) != 2:
         if name is not None:
             raise ValueError(f"--positive-class applies to binary tasks; this one has {len(classes)} classes.")
@@ -431,14 +438,17 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
 def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.ndarray,
                           positive: int | None, notes: list[str] | None = None,
                           names: Sequence[str] | None = None,
-                          untuned_out: list[str] | None = None) -> float | list[float] | None:
+                          untuned_out: list[str] | None = None,
+                          train_y: np.ndarray | None = None) -> float | list[float] | None:
     """The threshold a rule gives on validation: "youden", "sensitivity:0.95" or a number in (0, 1);
     None for the default rule on a multiclass task (argmax), which refuses any other rule.
 
     Where validation has one class only (the positive class, or a label, never or always present)
     there is nothing to tune on: the threshold stays at 0.5 and a line saying so is appended to
     `notes` (label names from `names`) and the class or label is added to `untuned_out`, so no
-    one reads it as chosen on validation."""
+    one reads it as chosen on validation. The same holds where `train_y` has one class only for
+    it: the output never learned it (a probe's is a constant, whose 'best' threshold is 0 = every
+    row positive)."""
     val_y = np.asarray(val_y)
     multilabel = val_y.ndim == 2
     binary = not multilabel and val_proba.shape[1] == 2
@@ -472,28 +482,55 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     untuned: list[str] = []       # prose for the note
     untuned_names: list[str] = []  # the bare class / label names, for metrics.json and the head
 
-    def pick(y: np.ndarray, scores: np.ndarray, what: str, name: str) -> float:
+    untrained: list[str] = []
+
+    def pick(y: np.ndarray, scores: np.ndarray, what: str, name: str, seen: np.ndarray | None) -> float:
         if method not in TUNED_METHODS:
             return float(rule)
+        if seen is not None and len(seen) and seen.min() == seen.max():  # one class in train: never learned
+            untrained.append(f"{what} {name} ({'no positives' if seen.max() == 0 else 'no negatives'} in train)")
+            untuned_names.append(name)
+            return DEFAULT_THRESHOLD
         if y.min() == y.max():  # one class only in validation: nothing to tune on
             untuned.append(f"{what} {name} ({'no positives' if y.max() == 0 else 'no negatives'})")
             untuned_names.append(name)
             return DEFAULT_THRESHOLD
         return choose_threshold(y, scores, method, goal)
 
+    train_y = None if train_y is None else np.asarray(train_y)
     if binary:
         pos = 1 if positive is None else int(positive)
+        seen = None if train_y is None else (train_y[train_y >= 0] == pos).astype(int)
         value: float | list[float] = pick((val_y == pos).astype(int), val_proba[:, pos], "positive class",
-                                          str(names[pos]) if names else str(pos))
+                                          str(names[pos]) if names else str(pos), seen)
     else:
-        value = [pick(val_y[:, j], val_proba[:, j], "label", str(names[j]) if names else str(j))
-                 for j in range(val_y.shape[1])]
+        value = [pick(val_y[:, j], val_proba[:, j], "label", str(names[j]) if names else str(j),
+                      None if train_y is None else train_y[:, j]) for j in range(val_y.shape[1])]
     if untuned_out is not None:
         untuned_out.extend(untuned_names)
     if untuned and notes is not None:
         notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
                      f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
+    if untrained and notes is not None:
+        notes.append(f"--threshold {rule}: train has one class only for {', '.join(untrained)}; its output never "
+                     f"learned it, so the threshold there stays at {DEFAULT_THRESHOLD}.")
     return value
+
+
+def train_coverage_notes(train_y: np.ndarray, classes: Sequence[str], split: str = "train") -> list[str]:
+    """What the training split cannot teach: single-label classes without a row (never predicted),
+    multi-label labels never (or always) present (their output is untrained: its per-label numbers,
+    and its share of the macro averages, measure nothing learned)."""
+    y = np.asarray(train_y)
+    if y.ndim == 2:
+        one = [f"{classes[j]} (no {'positives' if y[:, j].max(initial=0) == 0 else 'negatives'})"
+               for j in range(y.shape[1]) if len(y) and y[:, j].min() == y[:, j].max()]
+        return [f"the {split} split has one class only for label(s) {', '.join(one)}: a head or probe never learns "
+                f"them, so their per-label numbers (and their share of the macro averages) measure nothing learned; "
+                f"leave them out (--label-columns) or add rows with both outcomes."] if one else []
+    present = set(y[y >= 0].tolist())
+    missing = [c for i, c in enumerate(classes) if i not in present]
+    return [f"the {split} split lacks classes {', '.join(missing)}: they can never be predicted."] if missing else []
 
 
 DEFAULT_THRESHOLD_RULE = "0.5"
@@ -594,6 +631,10 @@ class Bootstrap:
     grouped: bool                             # whole groups (patients) were resampled (some group has > 1 row)
     alpha: float = 0.05
     n_units: int | None = None                # what was resampled: distinct groups, or rows
+    # multi-label: per label (column order) its PER_LABEL_CI_METRICS intervals and valid resamples
+    per_label: list[dict[str, tuple[float, float]]] = field(default_factory=list)
+    per_label_n_valid: list[dict[str, int]] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
@@ -605,23 +646,35 @@ class Bootstrap:
                 out.append(f"bootstrap: {m} was undefined in {dropped} of {self.n_boot} resamples "
                            f"({UNDEFINED_BECAUSE.get(m, UNDEFINED_BECAUSE['*'])}); its interval uses the {n} valid "
                            f"ones and may be too narrow.")
+        for name, counts in zip(self.label_names, self.per_label_n_valid):
+            short = {m: n for m, n in counts.items() if self.n_boot - n > BOOTSTRAP_WARN_DROPPED * self.n_boot}
+            if short:
+                out.append(f"bootstrap: for label {name}, {', '.join(f'{m} was undefined in {self.n_boot - n}' for m, n in short.items())} "
+                           f"of {self.n_boot} resamples (no positive or no negative of it drawn); those intervals use "
+                           f"the valid ones and may be too narrow.")
         return out
 
     def attach(self, block: dict[str, Any]) -> dict[str, Any]:
-        """Store the intervals in a split's metrics (the one layout report reads)."""
+        """Store the intervals in a split's metrics (the one layout report reads); multi-label
+        per-label intervals go into each per_label entry's "ci"."""
         block["ci"] = {k: [lo, hi] for k, (lo, hi) in self.ci.items()}
         block["bootstrap"] = {"n_boot": self.n_boot, "n_valid": dict(self.n_valid), "grouped": self.grouped,
                               "n_units": self.n_units, "level": 1 - self.alpha, "warnings": self.warnings}
+        for entry, ci, counts in zip(block.get("per_label") or [], self.per_label, self.per_label_n_valid):
+            entry["ci"] = {k: [lo, hi] for k, (lo, hi) in ci.items()}
+            entry["n_valid"] = dict(counts)
         return block
 
 
 def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
                       metrics: Sequence[str] = ("top1", "balanced_accuracy", "auroc"), n_boot: int = 1000,
                       groups: Sequence[Any] | None = None, seed: int = 0, alpha: float = 0.05,
-                      threshold: float | Sequence[float] | None = None, positive: int | None = None) -> Bootstrap:
+                      threshold: float | Sequence[float] | None = None, positive: int | None = None,
+                      label_names: Sequence[str] | None = None) -> Bootstrap:
     """Percentile bootstrap (1 - alpha) intervals; with groups, whole groups (patients) are resampled
     so correlated images of one patient never make an interval look tighter than it is. Decisions
-    use the same rule (threshold, positive class) as the point estimate."""
+    use the same rule (threshold, positive class) as the point estimate. Multi-label: also each
+    label's AUROC, sensitivity and specificity (Bootstrap.per_label; `label_names` name them)."""
     if n_boot < 1:
         raise ValueError(f"--bootstrap must be a positive number of resamples; got {n_boot}.")
     y_true, proba = as_labels(y_true), check_scores(proba)
@@ -654,8 +707,47 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
                 values[m].append(float(v))
     ci = {m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for m, v in values.items() if v}
     units = len(y_true) if groups is None else len(set(group_keys(groups)))
-    return Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None and units < len(y_true),
+    boot = Bootstrap(ci, {m: len(v) for m, v in values.items()}, n_boot, groups is not None and units < len(y_true),
                      alpha, units)
+    if y_true.ndim == 2:
+        boot.per_label, boot.per_label_n_valid = _per_label_intervals(y_true, proba, idx_all, threshold, alpha)
+        boot.label_names = list(label_names) if label_names is not None else [str(j) for j in range(y_true.shape[1])]
+    return boot
+
+
+PER_LABEL_CI_METRICS = ("auroc", "sensitivity", "specificity")  # multi-label: intervals per finding
+
+
+def _per_label_intervals(y: np.ndarray, proba: np.ndarray, idx_all: list[np.ndarray],
+                         threshold: float | Sequence[float] | None, alpha: float
+                         ) -> tuple[list[dict[str, tuple[float, float]]], list[dict[str, int]]]:
+    """Per label, percentile intervals of its AUROC and of its sensitivity / specificity at its
+    threshold, over the same resamples as the headline intervals; a metric is undefined in a
+    resample that draws no positive (or no negative) of that label, and absent for a label that
+    has one class in the whole split (it has no point estimate either)."""
+    c = y.shape[1]
+    thresholds = np.full(c, DEFAULT_THRESHOLD) if threshold is None else np.broadcast_to(np.asarray(threshold, float), (c,))
+    cis, counts = [], []
+    for j in range(c):
+        yj, sj = y[:, j] > 0, proba[:, j]
+        pos, n = int(yj.sum()), len(yj)
+        wanted = [m for m in PER_LABEL_CI_METRICS if (m == "sensitivity" and pos) or (m == "specificity" and pos < n)
+                  or (m == "auroc" and 0 < pos < n)]
+        values: dict[str, list[float]] = {m: [] for m in wanted}
+        pred = sj >= thresholds[j]
+        for idx in idx_all:
+            yb, pb = yj[idx], pred[idx]
+            p = int(yb.sum())
+            if "sensitivity" in values and p:
+                values["sensitivity"].append(float(pb[yb].mean()))
+            if "specificity" in values and p < len(yb):
+                values["specificity"].append(float((~pb[~yb]).mean()))
+            if "auroc" in values and 0 < p < len(yb):
+                values["auroc"].append(_binary_auroc(yb.astype(int), sj[idx]))
+        cis.append({m: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
+                    for m, v in values.items() if v})
+        counts.append({m: len(v) for m, v in values.items()})
+    return cis, counts
 
 
 def f1_class_checker(y_full: np.ndarray, pred_full: np.ndarray) -> Callable[[np.ndarray], bool]:

@@ -23,6 +23,7 @@ import numpy as np
 from featcache.logistic import (CONVERGED_STOPS, DEFAULT_RTOL, DEFAULT_STEP_TOL, GramPreconditioner,
                                 LogisticFit, fit_logistic)
 from featcache.metrics import SELECTION_METRICS, classification_metrics, selection_score
+from featcache.splitting import stratify_key
 
 DEFAULT_CS = np.logspace(-6, 5, 12)
 # DINOv2's logistic-regression evaluation grid (dinov2/eval/log_regression.py): 45 values, 1e-6 ... 1e5
@@ -353,8 +354,9 @@ class LogisticProbe:
 
     def _cv_path(self, x: np.ndarray, y: np.ndarray, groups: Sequence[Any] | None,
                  cs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Mean fold score per C (StratifiedGroupKFold with groups, StratifiedKFold without)."""
-        from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+        """Mean fold score per C (StratifiedGroupKFold with groups, StratifiedKFold without;
+        multi-label rows stratified by their rarest finding)."""
+        from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
         from sklearn.preprocessing import StandardScaler
 
         if groups is not None:
@@ -372,15 +374,14 @@ class LogisticProbe:
             raise ValueError(f"cross-validation needs at least 2 folds, but the training labels allow "
                              f"only {folds} (smallest class or number of groups); pass a validation "
                              f"split instead.")
-        if self.multilabel_:  # stratification is single-label only
-            splitter = GroupKFold(folds) if groups is not None else KFold(folds, shuffle=True,
-                                                                        random_state=self.random_state)
-        elif groups is not None:
+        if groups is not None:
             splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=self.random_state)
         else:
             splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
         fold_scores, fold_iters, fold_ok = [], [], []
-        split_y = y if not self.multilabel_ else np.zeros(len(y))
+        # multi-label: folds stratified by each row's rarest finding (as train's held-out rows and
+        # `featcache split`), so a rare finding is not missing from some folds' macro averages
+        split_y = y if not self.multilabel_ else stratify_key(y)
         for tr, va in splitter.split(x, split_y, groups):
             scaler = StandardScaler().fit(x[tr])
             s, n, ok = self._path(_standardized(scaler, x[tr]), y[tr], _standardized(scaler, x[va]), y[va], cs)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from featcache.cached_splits import CachedSplits, SplitChoice, epoch_batches, load_cached_splits
 from featcache.devices import resolve_device
 from featcache.heads import HeadSpec, build_head, num_params, uses_tokens
-from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, threshold_record,
+from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, threshold_record, train_coverage_notes,
                                classification_metrics, resolve_positive, selection_score,
                                summarize_repeats)
 from featcache.plots import evaluation_figures, learning_curve_plot
@@ -167,15 +167,20 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
                          f"predicting {classes[int(counts.argmax())]!r}: with imbalanced classes (and --balance "
                          f"weights) plain accuracy picks a poor epoch; choose by --metric balanced_accuracy, or "
                          f"auroc for a binary task.")
+    if metric == "accuracy" and val_y.ndim == 2 and val_y.size:
+        none = 1.0 - float(np.mean(val_y > 0))  # every finding called absent, scored per label at 0.5
+        if best < none - 1e-12:
+            notes.append(f"the chosen validation accuracy {best:.4f} (per label, at 0.5) is below the {none:.4f} of "
+                         f"calling every finding absent: on multi-label files --metric accuracy rewards that while "
+                         f"the class weights push rare findings' scores above 0.5, so it picks a poor epoch; choose "
+                         f"by --metric auroc (or balanced_accuracy).")
     return notes
 
 
 def task_positive(cached: CachedSplits, positive_class: str | None) -> int | None:
     """A binary task's positive class index (the named one, else train's minority); None otherwise.
     Epochs and configurations are selected deciding by it, as the run's metrics decide."""
-    if cached.multilabel:
-        return None
-    return resolve_positive(cached.classes, cached.train.y.cpu().numpy(), positive_class)
+    return resolve_positive(cached.classes, cached.train.y.cpu().numpy(), positive_class, cached.multilabel)
 
 
 class HeadTrainer:
@@ -267,6 +272,8 @@ class HeadTrainer:
                                f"when training stopped; raise --epochs (or --lr) and train again.")
         self.notes_ += learning_notes(history, best_epoch, best_score, cfg.metric, cached.val.y.cpu().numpy(),
                                       cached.classes, -(-len(cached.train.rows) // cfg.batch_size), cfg.batch_size)
+        self.train_y_ = cached.train.y.cpu().numpy()
+        self.notes_ += train_coverage_notes(self.train_y_, cached.classes, cached.train.name)
         self.val_y_ = cached.val.y.cpu().numpy()
         self.val_proba_ = split_proba(model, cached, cached.val)
         self.test_y_ = self.test_proba_ = self.test_groups_ = None
@@ -292,7 +299,7 @@ class HeadTrainer:
         default 0.5 is refused there."""
         untuned: list[str] = []
         self.threshold_ = choose_threshold_rule(rule, self.val_y_, self.val_proba_, self.positive_, self.notes_,
-                                                self.classes_, untuned)
+                                                self.classes_, untuned, train_y=self.train_y_)
         self.threshold_rule_ = rule if self.threshold_ is not None else None
         self.threshold_untuned_ = untuned
         self._score()
@@ -308,7 +315,7 @@ class HeadTrainer:
         names = [m for m in CI_METRICS if self.test_metrics_.get(m) is not None]
         boot = bootstrap_metrics(self.test_y_, self.test_proba_, metrics=names, n_boot=n_boot,
                                  groups=self.test_groups_, seed=seed, threshold=self.threshold_,
-                                 positive=self.positive_)
+                                 positive=self.positive_, label_names=self.classes_)
         boot.attach(self.test_metrics_)
         return self.test_metrics_["ci"]
 
