@@ -283,7 +283,7 @@ def compare(features_files, features, ks, temperature, heads, train_split, val_s
     console.table(pairs, title=f"\npaired differences of {res.primary} (same resampled test rows for both files; "
                                f"--json has every metric)")
     if res.few_shot:
-        console.table(res.shots_rows(), ["file", "method", "shots", "tries", "top1_mean", "top1_std"],
+        console.table(res.shots_rows(), ["file", "method", "shots", "tries", "n_train", "top1_mean", "top1_std"],
                       title="\nfew-shot curves (mean ± std over tries)")
     write_json(json_path, res.to_json())
     if out_dir:

@@ -66,6 +66,10 @@ class CompareResult:
     few_shot: dict[str, dict[str, FewShotResult]] = field(default_factory=dict)  # file -> method -> result
     notes: list[str] = field(default_factory=list)
 
+    def _positive_text(self) -> str:
+        """', positive class NAME' for binary comparisons (sensitivity and AUROC are about it)."""
+        return f", positive class {self.positive_class}" if self.positive_class is not None else ""
+
     @property
     def methods(self) -> list[str]:
         return list(dict.fromkeys(r["method"] for r in self.rows))
@@ -91,11 +95,10 @@ class CompareResult:
         metrics["n_valid"] = self.n_valid
 
         def figures(fig_dir: Path) -> None:
-            try:
+            if any(r["metric"] == self.primary and r.get("value") is not None for r in self.rows):
+                # (undefined for every file, the ranking note says so: no figure)
                 compare_plot(self.rows, fig_dir / f"compare_{self.primary}", metric=self.primary, order=self.ranking,
-                             title=f"{self.primary} on {self.config['test_split']} (95% CI)")
-            except ValueError:  # the metric is undefined for every file (the ranking note says so): no figure
-                pass
+                             title=f"{self.primary} on {self.config['test_split']} (95% CI){self._positive_text()}")
             for method in ("knn", "probe"):
                 curves = {f: per[method].summary for f, per in self.few_shot.items() if method in per}
                 if curves:
@@ -103,6 +106,9 @@ class CompareResult:
                                   title=f"few-shot {method}: top-1 on {self.config['test_split']}")
 
         return write_run(out, {"kind": "compare", **self.config}, metrics, figures=figures)
+
+
+MIN_RELIABLE_BOOTSTRAP = 200  # fewer resamples: 2.5 / 97.5 % percentiles rest on a handful of extremes
 
 
 def display_names(paths: Sequence[Path]) -> list[str]:
@@ -129,6 +135,12 @@ def check_same_rows(first: tuple[str, FeatureStore, dict[str, SplitArrays]],
         # positions among the usable (done, labelled) rows; messages name each file's own row
         for i, (x, y) in enumerate(zip(pa, pb)):
             if x != y:
+                for img, holder, lacking, lacking_paths in ((x, name0, name, set(pb)), (y, name, name0, set(pa))):
+                    if img not in lacking_paths and img in set(paths_b if lacking == name else paths_a):
+                        raise ValueError(f"{img!r} (split {split!r}) is usable in {holder} but not in {lacking}, "
+                                         f"which lists it without features or without a label (not extracted yet, "
+                                         f"unreadable, or unlabelled; `featcache info {lacking}`): finish or fix "
+                                         f"that file's extraction, so that both hold the same usable rows.")
                 raise ValueError(f"{name} split {split!r} row {int(b.rows[i])} is {y!r} where {name0} has {x!r} "
                                  f"(its row {int(a.rows[i])}; usable row {i} of both); {fix}")
         if len(pa) != len(pb):
@@ -142,6 +154,17 @@ def check_same_rows(first: tuple[str, FeatureStore, dict[str, SplitArrays]],
             i = int(diff[0])
             raise ValueError(f"{name} split {split!r} row {int(b.rows[i])} ({pa[i]!r}) has label {b.y[i].tolist()} "
                              f"but {name0} has {a.y[i].tolist()}; {fix}")
+        ca, cb = store0[split].contents(a.rows), store[split].contents(b.rows)
+        if ca is not None and cb is not None:  # the bytes each row was computed from, where both recorded them
+            known = (ca != b"") & (cb != b"") & (ca != b"-") & (cb != b"-")
+            other = np.flatnonzero(known & (ca != cb))
+            if other.size:
+                i = int(other[0])
+                raise ValueError(f"{name} split {split!r} row {int(b.rows[i])} ({pa[i]!r}) was computed from other "
+                                 f"image bytes than {name0}'s row of that name ({other.size} such rows; content "
+                                 f"{cb[i].decode()[:12]} vs {ca[i].decode()[:12]}): the same file names hold other "
+                                 f"images (another copy of the data?); {fix}")
+
 
 
 def share_groups(names: Sequence[str], cached: Sequence[dict[str, SplitArrays]], splits: Sequence[str]) -> list[str]:
@@ -155,11 +178,13 @@ def share_groups(names: Sequence[str], cached: Sequence[dict[str, SplitArrays]],
             continue
         ref_name, ref = have[0]
         for name, arr in have[1:]:
-            i = next((i for i, (g0, g) in enumerate(zip(ref.groups, arr.groups)) if g0 != g), None)
+            # a row without an id is a group of its own in every file (its key names the file's own row)
+            i = next((i for i, (g0, g) in enumerate(zip(ref.groups, arr.groups)) if _group_id(g0) != _group_id(g)),
+                     None)
             if i is not None:
-                raise ValueError(f"{name} split {split!r} row {int(arr.rows[i])} is in group {arr.groups[i]!r} but "
-                                 f"{ref_name} puts the same image in group {ref.groups[i]!r}; compare resamples and "
-                                 f"draws whole groups, so every file needs the same ones: extract every backbone "
+                raise ValueError(f"{name} split {split!r} row {int(arr.rows[i])} is in {_group_text(arr.groups[i])} but "
+                                 f"{ref_name} puts the same image in {_group_text(ref.groups[i])}; compare resamples "
+                                 f"and draws whole groups, so every file needs the same ones: extract every backbone "
                                  f"with the same --group-column.")
         lacking = [n for n, c in zip(names, cached) if c[split].groups is None]
         for c in cached:
@@ -170,6 +195,16 @@ def share_groups(names: Sequence[str], cached: Sequence[dict[str, SplitArrays]],
                          f"the groups of {ref_name} are used for every file, so all are resampled and drawn by "
                          f"the same groups.")
     return notes
+
+
+def _group_id(key: str) -> str | None:
+    """A row's patient id as the file recorded it; None for a row without one (SplitView.row_groups
+    gives such a row a key of its own, made from the file's row number)."""
+    return None if key.startswith("\x00") else key
+
+
+def _group_text(key: str) -> str:
+    return "no group (no patient id)" if _group_id(key) is None else f"group {key!r}"
 
 
 def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[int] = (20,),
@@ -200,6 +235,14 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
         with_val = [n for n, store in zip(names, stores) if val_split in store.splits]
         if with_val and len(with_val) < len(names):
             without = [n for n in names if n not in with_val]
+            own = {n: resolve_val_split(store.splits) for n, store in zip(names, stores) if n in without}
+            named = {n: v for n, v in own.items() if v in stores[names.index(n)].splits}
+            if named:  # each file has a validation split, under another name
+                raise ValueError(f"{', '.join(with_val)} name{'s' if len(with_val) == 1 else ''} the validation split "
+                                 f"{val_split!r} but {', '.join(f'{n} names it {v!r}' for n, v in named.items())}; "
+                                 f"compare reads one split name in every file: give the splits one name (e.g. "
+                                 f"re-extract, or rename the HDF5 group), or --val-split none to choose the probe's "
+                                 f"C by cross-validation on {train_split!r} for all.")
             raise ValueError(f"{', '.join(with_val)} {'has' if len(with_val) == 1 else 'have'} a {val_split!r} split "
                              f"but {', '.join(without)} {'has' if len(without) == 1 else 'have'} none; compare "
                              f"evaluates every file the same way: extract every backbone from the same data, or "
@@ -230,6 +273,10 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
         classes = list(stores[0].classes)
         positive = resolve_positive(classes, cached[0][train_split].y, positive_class)
         test = cached[0][test_split]
+        absent = [c for i, c in enumerate(classes) if i not in set(np.asarray(test.y).tolist())]
+        if absent and np.asarray(test.y).ndim == 1:  # the labels are shared: one note for every file
+            notes.append(f"classes absent from {test_split!r}: {', '.join(absent)} (left out of balanced accuracy "
+                         f"and AUROC for every file; macro F1 counts them only where predicted).")
         proba: dict[tuple[str, str], np.ndarray] = {}
         fs: dict[str, dict[str, FewShotResult]] = {}
         for name, store, arrays in zip(names, stores, cached):
@@ -251,8 +298,12 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
                                         arrays=arrays)
                             for m in (("knn", "probe") if use_val else ("knn",))}
                 if not use_val:
-                    notes.append(f"{name}: no {val_split!r} split, so the few-shot curve is k-NN only (the few-shot "
-                                 f"probe chooses C on validation).")
+                    why = "--val-split none" if val_split in (None, "none") else f"no {val_split!r} split"
+                    notes.append(f"{name}: {why}, so the few-shot curve is k-NN only (the few-shot probe chooses C "
+                                 f"on validation).")
+        if not use_val:
+            notes.append(f"the probe chose C by cross-validation on {train_split!r} (no validation split used), in "
+                         f"every file alike.")
         models = [s.config.get("model") for s in stores]
         fingerprints = [s.fingerprint for s in stores]
     if "linear" in heads:
@@ -278,10 +329,18 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
                      f"of one class there), so the files are ranked "
                      + (f"by k-NN {primary}." if knn_defined else "in the order given, not by any measurement."))
     rows, pairs, n_valid = _tables(ranking, dict(zip(names, models)), point, boot, metric_names, list(proba))
-    dropped = [k for k, n in n_valid.items() if n < (1 - 0.05) * bootstrap]
+    never = [k for k, n in n_valid.items() if n == 0]
+    dropped = [k for k, n in n_valid.items() if 0 < n < (1 - 0.05) * bootstrap]
+    if never:
+        notes.append(f"bootstrap: some metrics were undefined in every one of the {bootstrap} resamples "
+                     f"({', '.join(never[:3])}{' ...' if len(never) > 3 else ''}): they have no interval.")
     if dropped:
         notes.append(f"bootstrap: some metrics were undefined in more than 5% of the {bootstrap} resamples "
                      f"({', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}); their intervals use the valid ones.")
+    if bootstrap < MIN_RELIABLE_BOOTSTRAP:
+        notes.append(f"bootstrap: {bootstrap} resamples are too few for 95% percentile intervals (their ends are the "
+                     f"extreme resamples, which need not even contain the point estimate) or for 'excludes 0'; use "
+                     f"--bootstrap 1000.")
     config = {"model": ", ".join(str(m) for m in models), "files": [str(p.resolve()) for p in paths], "names": names,
               "models": models, "fingerprints": fingerprints, "features": features, "ks": ks,
               "temperature": float(temperature), "heads": list(heads), "bootstrap": int(bootstrap),
@@ -289,6 +348,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
               "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split, "n_test": int(len(test.y)),
               "threshold": 0.5 if positive is not None else None, "primary_metric": primary,
+              "positive_class": None if positive is None else classes[positive],
               "ranking_rule": f"probe {primary} on {test_split}, best first; ties: k-NN {primary}, then the order given",
               **({"shots": sorted({int(n) for n in shots}), "tries": int(tries)} if shots else {})}
     return CompareResult(names, paths, models, ranking, rows, pairs, config, primary,
@@ -356,7 +416,7 @@ def _tables(ranking: list[str], models: dict[str, str | None], point: dict, boot
                 n_valid[f"{f}/{method}/{m}"] = int(np.isfinite(values).sum())
                 rows.append({"file": f, "model": models[f], "method": method, "metric": m,
                              "value": point[(f, method, m)], "ci": percentile_ci(values)})
-    for method in methods:
+    for method in sorted(methods, key=lambda m: m != "probe"):  # the ranking's own pairs first (tables cut)
         for m in metric_names:
             for i, a in enumerate(ranking):
                 for b in ranking[i + 1:]:

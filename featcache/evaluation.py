@@ -275,7 +275,10 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
         raise ValueError(f"split {train_split!r} of {store.path.name} has a single class "
                          f"({classes[int(train.y[0])]}); a probe needs at least two classes to train on.")
     positive = resolve_positive(classes, train.y, positive_class, multilabel)
-    notes += train_coverage_notes(train.y, classes, train_split)
+    if refit and val is not None:  # the final fit sees train + val: what it cannot learn is what both lack
+        notes += train_coverage_notes(np.concatenate([train.y, val.y]), classes, f"{train_split} + {val_split}")
+    else:
+        notes += train_coverage_notes(train.y, classes, train_split)
     rule = None if threshold in (None, "0.5") else threshold
     if rule is not None and val is None and not _is_number(rule):  # before the CV sweep, not after it
         raise ValueError(f"--threshold {rule} is chosen on a validation split; {store.path.name} has none (the probe "

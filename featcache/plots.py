@@ -449,9 +449,15 @@ def compare_plot(rows: Sequence[Mapping[str, Any]], path_stem: PathLike, metric:
             ci = r.get("ci") or [r["value"], r["value"]]
             xs.append(i - 0.4 + width * (j + 0.5))
             ys.append(r["value"])
-            lo.append(r["value"] - ci[0])
-            hi.append(ci[1] - r["value"])
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, label=method)
+            lo.append(ci[0])
+            hi.append(ci[1])
+        # each interval drawn as it is (a percentile interval need not contain its point estimate,
+        # which matplotlib's errorbar cannot show), the point on it
+        colour = f"C{j}"
+        ax.vlines(xs, lo, hi, colors=colour)
+        for edge in (lo, hi):
+            ax.hlines(edge, [x - width / 6 for x in xs], [x + width / 6 for x in xs], colors=colour)
+        ax.plot(xs, ys, "o", color=colour, label=method)
     ax.set_xticks(range(len(files)), files, rotation=20 if len(files) > 4 else 0, ha="right" if len(files) > 4 else "center")
     ax.set(ylabel=f"{metric.replace('_', ' ')} (95% CI)")
     ax.set_title(title or f"{metric} per backbone", fontsize=10)

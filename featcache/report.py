@@ -272,6 +272,9 @@ def compare_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[l
     primary = metrics.get("primary_metric")
     # pairs grow as files squared: the report shows the ranking metric's (metrics.json has all)
     pairs = [p for p in metrics.get("pairs") or [] if isinstance(p, dict) and p.get("metric") in (primary, None)]
+    pairs.sort(key=lambda p: p.get("method") != "probe")  # the ranking's own pairs first, should the table be cut
+    positive = metrics.get("positive_class")
+    about = f"; positive class {positive}" if positive else ""
 
     def ci(rec: dict[str, Any]) -> tuple[float, float] | None:
         pair = rec.get("ci")
@@ -285,9 +288,10 @@ def compare_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[l
               fmt(_num(p.get("diff")), ci(p)),
               "yes" if ci(p) and (ci(p)[0] > 0 or ci(p)[1] < 0) else "no"] for p in pairs]
     cap = 4 * MAX_TABLE_ROWS
-    return [("backbones ranked best first (value [95% CI])" + (f", first {cap} of {len(ranked)}" if len(ranked) > cap else ""),
+    return [("backbones ranked best first (value [95% CI]" + about + ")"
+             + (f", first {cap} of {len(ranked)}" if len(ranked) > cap else ""),
              ["rank", "file", "model", "method", "metric", "value"], ranked[:cap]),
-            (f"paired differences a - b of {primary} (95% CI from the same resamples)"
+            (f"paired differences a - b of {primary} (95% CI from the same resamples{about})"
              + (f", first {cap} of {len(diffs)}" if len(diffs) > cap else ""),
              ["a", "b", "method", "metric", "a - b", "CI excludes 0"], diffs[:cap])]
 

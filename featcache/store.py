@@ -337,6 +337,11 @@ class SplitView:
             idx = idx[labels[idx] >= 0]
         return self.features(kind, idx), labels[idx], idx
 
+    def contents(self, rows: np.ndarray) -> np.ndarray | None:
+        """The recorded content hashes (S32: "" not recorded, "-" unreadable) of `rows`, or None for a
+        file without them (imports, files made before they were recorded)."""
+        return read_rows(self._g["content"], np.asarray(rows)) if "content" in self._g else None
+
     def row_groups(self, rows: np.ndarray) -> list[str] | None:
         """Group ids of `rows` for resampling, held-out rows and CV folds, or None when the split has
         no groups; a row without an id (unknown patient) is a group of its own."""

@@ -268,3 +268,102 @@ def test_a_leak_in_shared_groups_is_said_of_every_file(tmp_path, digits_arrays):
     res = compare([plain, grouped], bootstrap=10)
     assert any(n.startswith("plain.h5 (no groups of their own, the same images): leakage") for n in res.notes)
     assert any(n.startswith("grouped.h5 probe: leakage") for n in res.notes)
+
+
+def test_compare_refuses_files_computed_from_other_image_bytes(tiny_vit, digits_dir, tmp_path):
+    """Two extractions of one model, the second from a copy of the data where two test images of different
+    classes had swapped contents under the same names: compare called the gap between identical backbones
+    real (only paths and labels were checked, never the recorded content hashes)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_dir, copy)
+    a, b = sorted((copy / "test" / "0").glob("*.png"))[0], sorted((copy / "test" / "1").glob("*.png"))[0]
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    for data, out in ((digits_dir, "a.h5"), (copy, "b.h5"), (digits_dir, "c.h5")):
+        r = CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(data), "--out",
+                                     str(tmp_path / out), "--workers", "0", "-q"])
+        assert r.exit_code == 0, r.output
+    with pytest.raises(ValueError, match=r"b.h5 split 'test' row \d+ \('test/0/.*'\) was computed from other image "
+                                         r"bytes than a.h5's row of that name \(2 such rows"):
+        compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20, val_split="none")
+    compare([tmp_path / "a.h5", tmp_path / "c.h5"], bootstrap=20, val_split="none")  # the same bytes: accepted
+
+
+def test_rows_without_patient_ids_are_their_own_patients_in_every_file(tmp_path, digits_arrays):
+    """The id-less rows' keys were made from each file's own row number, so an extra unusable row in one
+    file made compare refuse identical groups, printing the internal key '\\x00test:1'."""
+    x, y = digits_arrays["test"]
+    groups = ["" if i % 5 == 0 else f"p{i // 3}" for i in range(len(y))]
+    base = {s: {"cls": digits_arrays[s][0], "labels": digits_arrays[s][1],
+                "paths": [f"{s}/{i}.png" for i in range(len(digits_arrays[s][1]))]} for s in ("train", "val")}
+    test = {"cls": x, "labels": y, "paths": [f"test/{i}.png" for i in range(len(y))], "groups": groups}
+    extra = {"cls": np.vstack([x[:1], x]), "labels": np.concatenate([[-1], y]), "groups": ["q"] + groups,
+             "paths": ["test/unlabelled.png"] + test["paths"]}
+    classes = [str(c) for c in range(10)]
+    write_arrays(tmp_path / "a.h5", {**base, "test": test}, classes, {"model": "a"}).close()
+    write_arrays(tmp_path / "b.h5", {**base, "test": extra}, classes, {"model": "b"}).close()
+    res = compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20)
+    assert res.config["grouped"] is True
+    other = dict(test, groups=["" if i % 5 == 1 else f"p{i // 3}" for i in range(len(y))])
+    write_arrays(tmp_path / "c.h5", {**base, "test": other}, classes, {"model": "c"}).close()
+    with pytest.raises(ValueError, match=r"c.h5 split 'test' row 0 is in group 'p0' but a.h5 puts the same image "
+                                         r"in no group \(no patient id\)") as err:
+        compare([tmp_path / "a.h5", tmp_path / "c.h5"], bootstrap=20)
+    assert "\x00" not in str(err.value)
+
+
+def test_compare_says_what_its_numbers_rest_on(tmp_path, digits_arrays):
+    """Few resamples gave '95% CIs' excluding their own point and a vanished figure (compare_plot raised
+    on negative error bars and save swallowed it); a class absent from test, the probe's CV, the
+    positive class and a refitted probe's coverage went unsaid or were said wrongly."""
+    from featcache.plots import compare_plot
+    from featcache.report import compare_tables
+
+    rows = [{"file": "a", "method": "probe", "metric": "top1", "value": 0.77, "ci": [0.81, 0.81]}]
+    assert compare_plot(rows, tmp_path / "fig", metric="top1")[0].exists()  # an interval beside its point is drawn
+    classes = [str(c) for c in range(10)]
+    cut = {}
+    for s in ("train", "val", "test"):
+        x, y = digits_arrays[s]
+        keep = (y != 9) if s != "val" else np.ones(len(y), bool)  # class 9 only in val
+        cut[s] = {"cls": x[keep], "labels": y[keep], "paths": [f"{s}/{i}.png" for i in np.flatnonzero(keep)]}
+    for name in ("a", "b"):
+        write_arrays(tmp_path / f"{name}.h5", cut, classes, {"model": name}).close()
+    res = compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20)
+    notes = " | ".join(res.notes)
+    assert "20 resamples are too few for 95% percentile intervals" in notes
+    assert "classes absent from 'test': 9" in notes
+    assert "k-NN: the train split lacks classes 9" in notes  # true of the neighbours
+    assert "probe: the train" not in notes  # the probe is refitted on train + val, which has class 9
+    res.save(tmp_path / "run")
+    assert (tmp_path / "run" / "figures" / "compare_top1.png").exists()
+    res = compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20, val_split="none")
+    assert any("the probe chose C by cross-validation on 'train'" in n for n in res.notes)
+    metrics = {"ranking": ["a", "b"], "primary_metric": "auroc", "positive_class": "three", "rows": [],
+               "pairs": [{"a": "a", "b": "b", "method": m, "metric": "auroc", "diff": 0.1, "ci": [0.0, 0.2]}
+                         for m in ("knn", "probe")]}
+    (title_ranked, _, _), (title_pairs, _, diffs) = compare_tables(metrics)
+    assert "positive class three" in title_ranked and "positive class three" in title_pairs
+    assert diffs[0][2] == "probe"  # the ranking's own pairs first, should the table be cut
+
+
+def test_compare_names_the_real_cause_of_a_row_mismatch(tmp_path, digits_arrays):
+    """A row one file could not use (unlabelled, failed) was blamed on 'different images'; a validation
+    split named 'validation' in one file and 'val' in the other read as 'has none'."""
+    classes = [str(c) for c in range(10)]
+    splits = {s: {"cls": digits_arrays[s][0], "labels": digits_arrays[s][1].copy(),
+                  "paths": [f"{s}/{i}.png" for i in range(len(digits_arrays[s][1]))]} for s in ("train", "val", "test")}
+    write_arrays(tmp_path / "a.h5", splits, classes, {"model": "a"}).close()
+    splits["test"]["labels"][7] = -1
+    write_arrays(tmp_path / "b.h5", splits, classes, {"model": "b"}).close()
+    with pytest.raises(ValueError, match=r"'test/7.png' \(split 'test'\) is usable in a.h5 but not in b.h5, which lists "
+                                         r"it without features or without a label"):
+        compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20)
+    splits["test"]["labels"][7] = digits_arrays["test"][1][7]
+    renamed = {("validation" if s == "val" else s): v for s, v in splits.items()}
+    write_arrays(tmp_path / "c.h5", renamed, classes, {"model": "c"}).close()
+    with pytest.raises(ValueError, match=r"a.h5 names the validation split 'val' but c.h5 names it 'validation'"):
+        compare([tmp_path / "a.h5", tmp_path / "c.h5"], bootstrap=20)
