@@ -269,6 +269,7 @@ def compare(features_files, features, ks, temperature, heads, train_split, val_s
                       shots=shots, tries=tries, bootstrap=bootstrap, positive_class=positive_class, seed=seed,
                       train_split=train_split, val_split=val_split, test_split=test_split)
     echo_notes(console, res.notes)
+    console.echo("probe C chosen: " + ", ".join(f"{f} {c:g}" for f, c in res.config["probe_C"].items()))
     rank = {f: i + 1 for i, f in enumerate(res.ranking)}
     pos = f", positive class {res.positive_class} at threshold 0.5" if res.positive_class else ""
     table = [{"rank": rank[r["file"]], "file": r["file"], "model": r["model"], "method": r["method"],

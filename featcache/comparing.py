@@ -197,6 +197,12 @@ def share_groups(names: Sequence[str], cached: Sequence[dict[str, SplitArrays]],
     return notes
 
 
+def _of_file(name: str, method: str, note: str) -> str:
+    """A file's note, named; a leakage note is the same for every file (the rows and groups are
+    checked to be shared), so it is said once, of the method's splits."""
+    return f"{method}: {note}" if note.startswith("leakage:") else f"{name} {method}: {note}"
+
+
 def _group_id(key: str) -> str | None:
     """A row's patient id as the file recorded it; None for a row without one (SplitView.row_groups
     gives such a row a key of its own, made from the file's row number)."""
@@ -279,18 +285,20 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
                          f"and AUROC for every file; macro F1 counts them only where predicted).")
         proba: dict[tuple[str, str], np.ndarray] = {}
         fs: dict[str, dict[str, FewShotResult]] = {}
+        probe_c: dict[str, float] = {}        # each file's chosen C (on val, or by cross-validation)
         for name, store, arrays in zip(names, stores, cached):
             for k in ks:
                 knn = run_knn(store, train_split=train_split, eval_split=test_split, ks=(k,),
                               temperatures=(temperature,), features=features, backend=backend,
                               positive_class=positive_class, seed=seed, arrays=arrays)
                 proba[(name, "knn" if len(ks) == 1 else f"knn k={k}")] = knn.proba
-                notes += [f"{name} k-NN: {w}" for w in knn.warnings]
+                notes += [_of_file(name, "k-NN", w) for w in knn.warnings]
             probe = run_probe(store, train_split=train_split, val_split=val_split if use_val else None,
                               test_split=test_split, features=features, positive_class=positive_class, seed=seed,
                               arrays=arrays)
             proba[(name, "probe")] = probe.test_proba
-            notes += [f"{name} probe: {w}" for w in probe.warnings]
+            probe_c[name] = float(probe.probe.best_C_)
+            notes += [_of_file(name, "probe", w) for w in probe.warnings]
             if shots:
                 fs[name] = {m: few_shot(store, method=m, shots=shots, tries=tries, seed=seed, train_split=train_split,
                                         val_split=val_split, eval_split=test_split, features=features, k=ks[0],
@@ -348,7 +356,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
               "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split, "n_test": int(len(test.y)),
               "threshold": 0.5 if positive is not None else None, "primary_metric": primary,
-              "positive_class": None if positive is None else classes[positive],
+              "positive_class": None if positive is None else classes[positive], "probe_C": probe_c,
               "ranking_rule": f"probe {primary} on {test_split}, best first; ties: k-NN {primary}, then the order given",
               **({"shots": sorted({int(n) for n in shots}), "tries": int(tries)} if shots else {})}
     return CompareResult(names, paths, models, ranking, rows, pairs, config, primary,

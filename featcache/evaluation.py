@@ -325,6 +325,12 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     if test is not None:
         proba = array_proba(head, test.x)   # exactly what predict computes from the saved head
         metrics = classification_metrics(test.y, proba, classes=classes, threshold=t_value, positive=positive)
+        if not multilabel:
+            predicted = np.unique(decide(proba, threshold=t_value, positive=positive))
+            if predicted.size == 1 and np.unique(test.y).size > 1:
+                notes.append(f"the probe predicts {classes[int(predicted[0])]!r} for every {test_split} row (C = "
+                             f"{probe.best_C_:g}): at the C chosen its features separate nothing, so its accuracy is "
+                             f"that class's share; its AUROC still ranks the rows.")
         if bootstrap:
             names = [m for m in CI_METRICS if metrics.get(m) is not None]
             boot = bootstrap_metrics(test.y, proba, metrics=names, n_boot=bootstrap, groups=test.groups, seed=seed,

@@ -494,7 +494,7 @@ class FeatureStore:
         leaked = {g: s for g, s in self.leaked_groups().items() if len(used.intersection(s)) > 1}
         if not leaked:
             return None
-        example = next(iter(leaked))
+        example = min(leaked)  # the same example on every run (set order changes with the hash seed)
         return (f"leakage: {len(leaked)} group(s) appear in more than one of the splits {', '.join(sorted(used))} "
                 f"(e.g. {example!r} in {', '.join(leaked[example])}); the same patient on both sides inflates every "
                 f"number. Re-split by group (featcache split --group).")

@@ -267,7 +267,12 @@ def test_a_leak_in_shared_groups_is_said_of_every_file(tmp_path, digits_arrays):
         f["test/groups"][...] = groups
     res = compare([plain, grouped], bootstrap=10)
     assert any(n.startswith("plain.h5 (no groups of their own, the same images): leakage") for n in res.notes)
-    assert any(n.startswith("grouped.h5 probe: leakage") for n in res.notes)
+    # the rows and groups are shared, so each method's leak is said once, for every file (was once per file)
+    assert [n for n in res.notes if "leakage" in n and "plain.h5" not in n] == [
+        "k-NN: leakage: 1 group(s) appear in more than one of the splits test, train (e.g. 'train-p0' in test, train); "
+        "the same patient on both sides inflates every number. Re-split by group (featcache split --group).",
+        "probe: leakage: 1 group(s) appear in more than one of the splits test, train, val (e.g. 'train-p0' in test, "
+        "train); the same patient on both sides inflates every number. Re-split by group (featcache split --group)."]
 
 
 def test_compare_refuses_files_computed_from_other_image_bytes(tiny_vit, digits_dir, tmp_path):
@@ -367,3 +372,17 @@ def test_compare_names_the_real_cause_of_a_row_mismatch(tmp_path, digits_arrays)
     write_arrays(tmp_path / "c.h5", renamed, classes, {"model": "c"}).close()
     with pytest.raises(ValueError, match=r"a.h5 names the validation split 'val' but c.h5 names it 'validation'"):
         compare([tmp_path / "a.h5", tmp_path / "c.h5"], bootstrap=20)
+
+
+def test_compare_records_each_probes_c_and_says_when_a_probe_predicts_one_class(tmp_path, digits_arrays):
+    """compare hid each file's chosen C, and a probe whose features carry nothing (here: constant) scored
+    its one predicted class's share as top-1 without comment."""
+    good = _write(tmp_path / "good.h5", digits_arrays, groups=False)
+    flat = {s: (np.zeros_like(x), y) for s, (x, y) in digits_arrays.items()}
+    blank = _write(tmp_path / "blank.h5", flat, groups=False)
+    res = compare([good, blank], bootstrap=20)
+    assert set(res.config["probe_C"]) == {"good.h5", "blank.h5"} and all(c > 0 for c in res.config["probe_C"].values())
+    assert any(n.startswith("blank.h5 probe: the probe predicts ") and "for every test row" in n for n in res.notes)
+    assert not any(n.startswith("good.h5 probe: the probe predicts") for n in res.notes)
+    r = CliRunner().invoke(cli, ["compare", str(good), str(blank), "--bootstrap", "20", "-q"])
+    assert r.exit_code == 0 and "probe C chosen: good.h5 " in r.output
