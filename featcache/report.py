@@ -114,6 +114,17 @@ def threshold_text(run: Run, block: dict[str, Any]) -> str:
     """0.0779 (youden, chosen on val), 0.3 (given), or the bare number of an older run."""
     value = block.get("threshold")
     record = run.metrics.get("threshold")
+    if isinstance(value, list):  # multi-label: one threshold per finding, named
+        entries = next((b.get("per_label") for b in (run.metrics.get("test"), run.metrics.get("val"))
+                        if isinstance(b, dict) and isinstance(b.get("per_label"), list)), None) or []
+        labels = [e.get("label") for e in entries if isinstance(e, dict)]
+        parts = [f"{labels[j] if j < len(labels) else j} {format_cell(v)}" for j, v in enumerate(value)]
+        how = ""
+        if isinstance(record, dict) and record.get("rule"):
+            untuned = record.get("untuned") or []
+            how = f" ({record['rule']}, {'chosen on val' if record.get('chosen_on') == 'val' else record.get('chosen_on')}" \
+                  + (f"; the default for {', '.join(map(str, untuned))}" if untuned else "") + ")"
+        return ", ".join(parts) + how
     if isinstance(record, dict) and record.get("rule") and not isinstance(value, (list, dict)):
         where = {"val": "chosen on val",
                  "default": "one class in val: the default" if record.get("untuned") else "the default"}.get(
@@ -350,9 +361,13 @@ def _readable(value: Any) -> Any:
 def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     keys = [k for k in CONFIG_FIRST if k in config] + sorted(k for k in config if k not in CONFIG_FIRST)
     rows = []
+    resolved = config.get("splits") if isinstance(config.get("splits"), dict) else {}
     for key in keys:
         value = config[key]
         text = value if isinstance(value, str) else "none" if value is None else attribute_json(_readable(value))
+        if value is None and key.endswith("_split") and key[:-len("_split")] in resolved:
+            # the option left at its default (None): say what it resolved to, not "none"
+            text = f"default ({resolved[key[:-len('_split')]] or 'none'})"
         if len(text) > 120:
             text = text[:117] + "..."
         rows.append((key, text))

@@ -143,3 +143,18 @@ def test_per_label_intervals_and_the_console_table(tmp_path):
                                                 ("specificity", pos < n)) if ok}
         for m, (lo, hi) in e["ci"].items():
             assert lo <= hi and e["n_valid"][m] <= 100
+
+
+def test_report_names_each_findings_threshold(tmp_path):
+    """The report's Chosen table printed a multi-label threshold as a bare list of floats."""
+    from featcache.report import write_report
+
+    t = fc.train_head(_study(tmp_path, no_hernia_in_train=True), lr=0.02, epochs=3, metric="auroc")
+    t.apply_threshold("youden")
+    t.save(tmp_path / "run")
+    write_report([tmp_path / "run"], tmp_path / "rep")
+    page = (tmp_path / "rep" / "report.html").read_text()
+    values = t.extra_metrics_["threshold"]["value"]
+    assert (f"effusion {values[0]:.4f}, nodule {values[1]:.4f}, mass {values[2]:.4f}, hernia 0.5000 (youden, chosen "
+            f"on val; the default for ") in page
+    assert "<td>val_split</td><td>default (val)</td>" in page  # was 'none' beside the val metrics
