@@ -133,16 +133,21 @@ def check_same_rows(first: tuple[str, FeatureStore, dict[str, SplitArrays]],
         paths_b = store[split].paths
         pa, pb = [paths_a[i] for i in a.rows], [paths_b[i] for i in b.rows]
         # positions among the usable (done, labelled) rows; messages name each file's own row
-        for i, (x, y) in enumerate(zip(pa, pb)):
-            if x != y:
-                for img, holder, lacking, lacking_paths in ((x, name0, name, set(pb)), (y, name, name0, set(pa))):
-                    if img not in lacking_paths and img in set(paths_b if lacking == name else paths_a):
-                        raise ValueError(f"{img!r} (split {split!r}) is usable in {holder} but not in {lacking}, "
-                                         f"which lists it without features or without a label (not extracted yet, "
-                                         f"unreadable, or unlabelled; `featcache info {lacking}`): finish or fix "
-                                         f"that file's extraction, so that both hold the same usable rows.")
-                raise ValueError(f"{name} split {split!r} row {int(b.rows[i])} is {y!r} where {name0} has {x!r} "
-                                 f"(its row {int(a.rows[i])}; usable row {i} of both); {fix}")
+        mismatch = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), None)
+        if mismatch is not None or len(pa) != len(pb):
+            i = min(len(pa), len(pb)) if mismatch is None else mismatch
+            # a row one file lists but cannot use is named as such, not as another image
+            for img, holder, lacking, usable, listed in ((pa[i] if i < len(pa) else None, name0, name, pb, paths_b),
+                                                         (pb[i] if i < len(pb) else None, name, name0, pa, paths_a)):
+                if img is not None and img not in set(usable) and img in set(listed):
+                    raise ValueError(f"{img!r} (split {split!r}) is usable in {holder} but not in {lacking}, which "
+                                     f"lists it without features or without a label (not extracted yet, unreadable, "
+                                     f"or unlabelled; `featcache info {lacking}`): finish or fix that file's "
+                                     f"extraction, so that both hold the same usable rows.")
+        if mismatch is not None:
+            i, x, y = mismatch, pa[mismatch], pb[mismatch]
+            raise ValueError(f"{name} split {split!r} row {int(b.rows[i])} is {y!r} where {name0} has {x!r} "
+                             f"(its row {int(a.rows[i])}; usable row {i} of both); {fix}")
         if len(pa) != len(pb):
             i = min(len(pa), len(pb))
             extra = (f"{name0} row {int(a.rows[i])} is {pa[i]!r}" if len(pa) > i
@@ -187,9 +192,8 @@ def share_groups(names: Sequence[str], cached: Sequence[dict[str, SplitArrays]],
                                  f"and draws whole groups, so every file needs the same ones: extract every backbone "
                                  f"with the same --group-column.")
         lacking = [n for n, c in zip(names, cached) if c[split].groups is None]
-        for c in cached:
-            if c[split].groups is None:
-                c[split].groups = list(ref.groups)
+        for c in cached:  # every file, also one with groups of its own: its id-less rows' keys name its own
+            c[split].groups = list(ref.groups)  # row numbers, and draws and folds order groups by key
         if lacking:
             notes.append(f"split {split!r}: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no groups; "
                          f"the groups of {ref_name} are used for every file, so all are resampled and drawn by "

@@ -37,8 +37,9 @@ from featcache.devices import resolve_device
 from featcache.names import CONTENT_CHARS, DTYPES
 from featcache.pixels import (PROCESSOR_PATH, UINT8_PATH, PixelPlan, normalize_batch, plan_from_processor,
                               to_uint8)
-from featcache.store import (FEATURE_DATASETS, FILE_STAT_WIDTH, READ_LOCKING, ROW_DATASETS, FeatureLayout, FeatureStore,
-                             FeatureStoreError, SplitSpec, StoreWriter, check_same_data_root, fingerprint_of,
+from featcache.store import (CONTENT_DATASETS, FEATURE_DATASETS, FILE_STAT_WIDTH, READ_LOCKING, ROW_DATASETS, FeatureLayout, FeatureStore,
+                             FeatureStoreError, SplitSpec, StoreWriter, check_same_data, check_same_data_root,
+                             fingerprint_of,
                              merge_shards, other_settings_error, read_rows, same_rows)
 from featcache.tokens import TokenLayout, apply_token_mode, native_input_size, plan_tokens
 
@@ -388,8 +389,10 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     # stored rows a rank may take over: other shards of this world (rows move between ranks when the
     # data grows) and OUT itself when it is a standalone file (made by one process, or a copy merge)
     sources = [p for p in shards if p != shard and p.exists()]
-    if out.exists() and not run.overwrite and not _is_virtual(out):
-        sources.append(out)
+    if out.exists() and not run.overwrite:
+        behind = _virtual_sources(out)  # a virtual OUT: the shards it reads (maybe of another world size)
+        ours = {p.resolve() for p in shards}
+        sources += [p for p in behind if p not in ours and p.exists()] if behind else [out]
     fresh_shard = not shard.exists() or (run.update and not same_rows(shard, source.classes, my_specs))
     if run.overwrite or not sources or not fresh_shard:
         summary = _extract_file(mine, my_specs, shard, config, layout, source.classes, backbone_, plan,
@@ -400,7 +403,8 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
         first = [shard] if shard.exists() else [out] if rank == 0 and out in sources else []
         summary = _update_file(mine, my_specs, shard, config, layout, source.classes, backbone_, plan, cfg, run,
                                device, sources=first + [p for p in sources if p not in first],
-                               current={p for spec in specs.values() for p in spec.paths}, count_dropped=bool(first))
+                               current={p for spec in specs.values() for p in spec.paths}, count_dropped=bool(first),
+                               keep_failed=not run.update)
         if not run.update:  # a first torchrun over a file one process made: a resume of it
             summary.updated, summary.rows_done_before, summary.rows_reused = False, summary.rows_reused, 0
     dist.barrier()
@@ -422,16 +426,19 @@ def check_out_before_shards(out: Path, config: dict[str, Any], classes: Sequence
         if old.fingerprint != fingerprint_of(config):
             raise other_settings_error(out, old.config, config)
         check_same_data_root(old.config, config, out)
-    if not update and not same_rows(out, classes, specs):
-        raise FeatureStoreError(
-            f"the images, labels or splits changed since {out} was made. Use --update to keep the stored rows "
-            f"and compute only what is new, another --out, or --overwrite to re-extract.")
+        if not update:
+            check_same_data(old.h5, out, classes, specs)
 
 
-def _is_virtual(path: Path) -> bool:
-    """True for a feature file whose datasets point into shard files (--merge virtual)."""
+def _virtual_sources(path: Path) -> list[Path]:
+    """The shard files a --merge virtual feature file reads its rows from ([] for a standalone file)."""
+    found: dict[Path, None] = {}
     with h5py.File(path, "r", locking=READ_LOCKING) as f:
-        return any(isinstance(g, h5py.Group) and "cls" in g and g["cls"].is_virtual for g in f.values())
+        for g in f.values():
+            if isinstance(g, h5py.Group) and "cls" in g and g["cls"].is_virtual:
+                for source in g["cls"].virtual_sources():
+                    found[(path.parent / source.file_name).resolve()] = None
+    return list(found)
 
 
 def decode_rules_of(config: dict[str, Any]) -> int:
@@ -545,7 +552,8 @@ def _fill(writer: StoreWriter, split_rows: dict[str, Any], specs: dict[str, Spli
 def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: Path, config: dict[str, Any],
                  layout: FeatureLayout, classes: Sequence[str], backbone: Backbone, plan: TokenLayout,
                  cfg: ExtractConfig, run: RunOptions, device: torch.device, sources: Sequence[Path] | None = None,
-                 current: set[str] | None = None, count_dropped: bool = True) -> ExtractSummary:
+                 current: set[str] | None = None, count_dropped: bool = True,
+                 keep_failed: bool = False) -> ExtractSummary:
     """--update: build OUT.updating for the data as it is now, copying the stored features of every
     image still present (found by path, in whatever split it now sits) and computing the new ones,
     then replace OUT with it. OUT stays intact until the rename, and an interrupted update resumes
@@ -577,6 +585,9 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
         try:
             for old in olds:  # each copies only rows still pending: the first source that has a path wins
                 reused += _copy_stored_rows(old, writer, specs, _done_rows_by_path(old))
+            if keep_failed and not run.retry_errors:  # a resume (not --update): known-unreadable stays so
+                for old in olds:
+                    _copy_failed_rows(old, writer, specs)
         except BaseException:
             writer.close()
             raise
@@ -621,6 +632,26 @@ def _copy_stored_rows(old: FeatureStore, writer: StoreWriter, specs: dict[str, S
                 writer.write(name, new_rows, **arrays)
                 copied += len(chunk)
     return copied
+
+
+def _copy_failed_rows(old: FeatureStore, writer: StoreWriter, specs: dict[str, SplitSpec]) -> None:
+    """Record as unreadable the pending rows whose image the old file recorded as unreadable (its
+    reason and content), so a resume does not retry them unless --retry-errors, as in place."""
+    failed: dict[str, tuple[str, int, str]] = {}
+    for split in old.splits:
+        view = old[split]
+        reasons, paths, done = view.error_reasons, view.paths, view.done
+        for r in np.flatnonzero((reasons != "") & ~done):
+            failed.setdefault(paths[r], (split, int(r), str(reasons[r])))
+    for name, spec in specs.items():
+        pending = set(writer.pending_rows(name).tolist())
+        hits = [(i, failed[p]) for i, p in enumerate(spec.paths) if i in pending and p in failed]
+        for old_split in {s for _, (s, _, _) in hits}:
+            mine = [(i, r, why) for i, (s, r, why) in hits if s == old_split]
+            g = old[old_split]._g
+            rows = np.array([r for _, r, _ in mine], dtype=np.int64)
+            writer.write_errors(name, [i for i, _, _ in mine], [why for _, _, why in mine],
+                                **{k: read_rows(g[k], rows) if k in g else None for k in CONTENT_DATASETS})
 
 
 def _extract_items(items: list[tuple[int, int, Path]], split_names: Sequence[str],

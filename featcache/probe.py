@@ -382,6 +382,8 @@ class LogisticProbe:
         # multi-label: folds stratified by each row's rarest finding (as train's held-out rows and
         # `featcache split`), so a rare finding is not missing from some folds' macro averages
         split_y = y if not self.multilabel_ else stratify_key(y)
+        if self.multilabel_ and np.unique(split_y, return_counts=True)[1].max() < folds:
+            split_y = np.zeros(len(y))  # too few rows per finding to stratify by: plain (group) folds
         for tr, va in splitter.split(x, split_y, groups):
             scaler = StandardScaler().fit(x[tr])
             s, n, ok = self._path(_standardized(scaler, x[tr]), y[tr], _standardized(scaler, x[va]), y[va], cs)

@@ -646,6 +646,43 @@ def same_rows(path: str | os.PathLike, classes: Sequence[str], splits: dict[str,
         return all(store[name].manifest_sha256 == spec.manifest_sha256 for name, spec in splits.items())
 
 
+def check_same_data(f: h5py.File, path: str | os.PathLike, classes: Sequence[str],
+                    splits: dict[str, SplitSpec]) -> None:
+    """Refuse a feature file (open, read or write) made for other data than a run now has: other
+    classes, a split gone or new, other images or labels, or only other group ids (said as such:
+    --update records them and reuses every row)."""
+    old_classes = [_decode(c) for c in f["classes"][()]]
+    if old_classes != list(classes):
+        raise FeatureStoreError(
+            f"{path} has classes {old_classes}, but the data now has {list(classes)}. "
+            f"Use --update to keep the stored rows and compute only what is new, another --out, or "
+            f"--overwrite to re-extract.")
+    stale = sorted(k for k in f.keys() if k != "classes" and k not in splits)
+    if stale:
+        raise FeatureStoreError(
+            f"{path} has split(s) {', '.join(stale)} that the data no longer has (it has "
+            f"{', '.join(splits)}); the data changed: use --update to drop their rows and keep the rest, "
+            f"another --out, or --overwrite.")
+    for name, spec in splits.items():
+        if name not in f:
+            raise FeatureStoreError(f"{path} has no split {name!r} (it has "
+                                    f"{', '.join(k for k in f.keys() if k != 'classes')}); the data "
+                                    f"changed: use --update to keep the stored rows and compute only what "
+                                    f"is new, another --out, or --overwrite.")
+        if str(f[name].attrs["manifest_sha256"]) != spec.manifest_sha256:
+            if _same_paths_and_labels(f[name], spec):
+                raise FeatureStoreError(
+                    f"the group (patient) ids of split {name!r} differ from those {path} was made "
+                    f"with; its images and labels are the same (a group column read now, or ids spelt "
+                    f"another way: 7.0 is 7, a missing id its own patient). Use --update to record the "
+                    f"groups (every stored row is reused), or --overwrite.")
+            raise FeatureStoreError(
+                f"the images or labels of split {name!r} changed since {path} was made "
+                f"({f[name].attrs['n']} rows then, {len(spec.paths)} now). "
+                f"Use --update to keep the stored rows and compute only what is new, another --out, or "
+                f"--overwrite to re-extract.")
+
+
 class FileBusyError(FeatureStoreError):
     """Another process holds the file's write lock."""
 
@@ -811,36 +848,7 @@ class StoreWriter:
             if str(f.attrs["fingerprint"]) != self.fingerprint:
                 raise other_settings_error(self.path, old_config, self.config)
             check_same_data_root(old_config, self.config, self.path)
-            old_classes = [_decode(c) for c in f["classes"][()]]
-            if old_classes != list(classes):
-                raise FeatureStoreError(
-                    f"{self.path} has classes {old_classes}, but the data now has {list(classes)}. "
-                    f"Use --update to keep the stored rows and compute only what is new, another --out, or "
-                    f"--overwrite to re-extract.")
-            stale = sorted(k for k in f.keys() if k != "classes" and k not in splits)
-            if stale:
-                raise FeatureStoreError(
-                    f"{self.path} has split(s) {', '.join(stale)} that the data no longer has (it has "
-                    f"{', '.join(splits)}); the data changed: use --update to drop their rows and keep the rest, "
-                    f"another --out, or --overwrite.")
-            for name, spec in splits.items():
-                if name not in f:
-                    raise FeatureStoreError(f"{self.path} has no split {name!r} (it has "
-                                            f"{', '.join(k for k in f.keys() if k != 'classes')}); the data "
-                                            f"changed: use --update to keep the stored rows and compute only what "
-                                            f"is new, another --out, or --overwrite.")
-                if str(f[name].attrs["manifest_sha256"]) != spec.manifest_sha256:
-                    if _same_paths_and_labels(f[name], spec):
-                        raise FeatureStoreError(
-                            f"the group (patient) ids of split {name!r} differ from those {self.path} was made "
-                            f"with; its images and labels are the same (a group column read now, or ids spelt "
-                            f"another way: 7.0 is 7, a missing id its own patient). Use --update to record the "
-                            f"groups (every stored row is reused), or --overwrite.")
-                    raise FeatureStoreError(
-                        f"the images or labels of split {name!r} changed since {self.path} was made "
-                        f"({f[name].attrs['n']} rows then, {len(spec.paths)} now). "
-                        f"Use --update to keep the stored rows and compute only what is new, another --out, or "
-                        f"--overwrite to re-extract.")
+            check_same_data(f, self.path, classes, splits)
         except Exception:
             f.close()
             raise

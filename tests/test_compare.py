@@ -312,6 +312,19 @@ def test_rows_without_patient_ids_are_their_own_patients_in_every_file(tmp_path,
     write_arrays(tmp_path / "b.h5", {**base, "test": extra}, classes, {"model": "b"}).close()
     res = compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20)
     assert res.config["grouped"] is True
+    # an extra unusable train row: b's id-less train rows get keys of other row numbers, but both files
+    # must be drawn by one grouping (the same few-shot draws, the same curves)
+    tx, ty = digits_arrays["train"]
+    tgroups = ["" if i % 3 == 0 else f"t{i // 4}" for i in range(len(ty))]
+    train = {"cls": tx, "labels": ty, "paths": [f"train/{i:04d}.png" for i in range(len(ty))], "groups": tgroups}
+    train_b = {"cls": np.vstack([tx[:1], tx]), "labels": np.concatenate([[-1], ty]), "groups": ["q"] + tgroups,
+               "paths": ["train/-unlabelled.png"] + train["paths"]}
+    write_arrays(tmp_path / "d.h5", {"train": train, "test": test}, classes, {"model": "d"}).close()
+    write_arrays(tmp_path / "e.h5", {"train": train_b, "test": test}, classes, {"model": "e"}).close()
+    res = compare([tmp_path / "d.h5", tmp_path / "e.h5"], bootstrap=20, shots=(1, 2), tries=3, val_split="none")
+    assert res.few_shot["d.h5"]["knn"].summary == res.few_shot["e.h5"]["knn"].summary
+    assert res.rows[0]["value"] == next(r["value"] for r in res.rows if r["file"] != res.rows[0]["file"]
+                                        and r["method"] == res.rows[0]["method"] and r["metric"] == res.rows[0]["metric"])
     other = dict(test, groups=["" if i % 5 == 1 else f"p{i // 3}" for i in range(len(y))])
     write_arrays(tmp_path / "c.h5", {**base, "test": other}, classes, {"model": "c"}).close()
     with pytest.raises(ValueError, match=r"c.h5 split 'test' row 0 is in group 'p0' but a.h5 puts the same image "
@@ -368,6 +381,12 @@ def test_compare_names_the_real_cause_of_a_row_mismatch(tmp_path, digits_arrays)
                                          r"it without features or without a label"):
         compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20)
     splits["test"]["labels"][7] = digits_arrays["test"][1][7]
+    last = len(splits["test"]["labels"]) - 1
+    splits["test"]["labels"][last] = -1  # the last row: the usable rows differ in number only
+    write_arrays(tmp_path / "b.h5", splits, classes, {"model": "b"}, overwrite=True).close()
+    with pytest.raises(ValueError, match=rf"'test/{last}.png' \(split 'test'\) is usable in a.h5 but not in b.h5"):
+        compare([tmp_path / "a.h5", tmp_path / "b.h5"], bootstrap=20)
+    splits["test"]["labels"][last] = digits_arrays["test"][1][last]
     renamed = {("validation" if s == "val" else s): v for s, v in splits.items()}
     write_arrays(tmp_path / "c.h5", renamed, classes, {"model": "c"}).close()
     with pytest.raises(ValueError, match=r"a.h5 names the validation split 'val' but c.h5 names it 'validation'"):

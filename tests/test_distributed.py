@@ -87,3 +87,34 @@ def test_torchrun_refuses_a_file_of_other_settings_and_resumes_or_updates_what_i
             assert merged[split].paths == ref[split].paths and merged[split].done.all()
             for key in ("cls", "pooled", "tokens"):
                 np.testing.assert_array_equal(getattr(merged[split], key)[()], getattr(ref[split], key)[()])
+
+
+def test_torchrun_keeps_known_unreadable_rows_and_reads_a_virtual_out_of_another_world_size(tiny_vit, digits_dir,
+                                                                                             tmp_path):
+    """torchrun over a one-process file retried its unreadable image without --retry-errors (only finished
+    rows were taken over), and at another world size over a --merge virtual OUT computed every row again."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    (data / "train" / "0" / "zz_broken.png").write_bytes(b"not a png")
+    out = tmp_path / "f.h5"
+    assert _extract([], out, tiny_vit, data, 1).returncode == 0
+    two = _extract(["--merge", "virtual", "--json", str(tmp_path / "two.json")], out, tiny_vit, data, 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    summaries = _summaries(tmp_path, "two")
+    assert sum(s["rows_computed"] for s in summaries) == 0 and sum(s["rows_failed"] for s in summaries) == 0
+    assert sum(s["rows_failed_before"] for s in summaries) == 1 and sum(s["rows_done_before"] for s in summaries) == 60
+    with fc.open(out) as f:
+        assert f["train"].cls.is_virtual and f["train"].errors[0][0] == "train/0/zz_broken.png"
+    three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m",
+                            "featcache", "extract", "--model", str(tiny_vit), "--data", str(data), "--out", str(out),
+                            "--workers", "0", "--batch-size", "8", "--dtype", "float32", "--tokens", "full", "--quiet",
+                            "--json", str(tmp_path / "three.json")], capture_output=True, text=True, timeout=300)
+    assert three.returncode == 0, three.stderr[-3000:]
+    import json
+
+    counts = [json.loads((tmp_path / f"three.rank{r}.json").read_text()) for r in range(3)]
+    assert sum(s["rows_computed"] for s in counts) == 0 and sum(s["rows_done_before"] for s in counts) == 60
+    with fc.open(out) as merged, fc.open(tmp_path / "f.shard-00000-of-00002.h5") as old:
+        np.testing.assert_array_equal(merged["test"].cls[:len(old["test"].cls)], old["test"].cls[()])

@@ -158,3 +158,16 @@ def test_report_names_each_findings_threshold(tmp_path):
     assert (f"effusion {values[0]:.4f}, nodule {values[1]:.4f}, mass {values[2]:.4f}, hernia 0.5000 (youden, chosen "
             f"on val; the default for ") in page
     assert "<td>val_split</td><td>default (val)</td>" in page  # was 'none' beside the val metrics
+
+
+def test_a_small_multi_label_train_split_still_cross_validates(tmp_path):
+    """Stratifying folds by the rarest finding crashed scikit-learn ('n_splits=5 cannot be greater than the
+    number of members in each class') when every finding had fewer rows than folds; such a split gets
+    plain group folds."""
+    rng = np.random.default_rng(2)
+    y = np.eye(4, dtype=np.int64)[np.arange(16) % 4]  # 4 rows of each finding, 5 folds
+    x = rng.normal(size=(16, 6)).astype(np.float32) + y @ rng.normal(size=(4, 6)).astype(np.float32)
+    write_arrays(tmp_path / "s.h5", {"train": {"cls": x, "labels": y}, "test": {"cls": x, "labels": y}}, FINDINGS,
+                 {"model": "m"}).close()
+    res = fc.run_probe(fc.open(tmp_path / "s.h5"), Cs=[0.1, 1.0], refit=False, cv=5)
+    assert res.probe.best_C_ in (0.1, 1.0)
