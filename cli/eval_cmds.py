@@ -26,6 +26,12 @@ def _ci_rows(block: dict) -> list[dict]:
     return rows
 
 
+def seed_option(fn):
+    """--seed of the bootstrap resamples and the few-shot draws (knn, probe; compare has its own)."""
+    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Seed of the bootstrap resamples and the few-shot draws (and the probe's CV folds).")(fn)
+
+
 def shots_options(fn):
     """--shots and --tries: few-shot curves (DINOv2's n_per_class / n_tries)."""
     fn = click.option("--tries", type=click.IntRange(min=1), default=5, show_default=True,
@@ -78,13 +84,14 @@ def _positive_title(block: dict) -> str:
               help="Bootstrap resamples for 95% CIs of the headline k (grouped by patient when the file has groups).")
 @positive_option
 @shots_options
+@seed_option
 @json_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory for `featcache report` (config.json, metrics.json, figures/).")
 @quiet_option
 @library_errors
 def knn(features_file, train_split, eval_split, ks, temperature, weighting, features, backend, bootstrap,
-        positive_class, shots, tries, json_path, out_dir, quiet):
+        positive_class, shots, tries, seed, json_path, out_dir, quiet):
     """k-NN accuracy of cached features (DINO's weighted vote), every k and T from one search.
 
     Example: featcache knn feats.h5 --train-split train --eval-split test --k 10,20,100,200
@@ -102,14 +109,14 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
     with FeatureStore(features_file) as store:
         res = run_knn(store, train_split=train_split, eval_split=eval_split, ks=ks, temperatures=temperature,
                       weighting=weighting, features=features, backend=backend, bootstrap=bootstrap,
-                      positive_class=positive_class, arrays=arrays)
+                      positive_class=positive_class, seed=seed, arrays=arrays)
         if shots:
             res.few_shot = few_shot(store, method="knn", shots=shots, tries=tries, train_split=train_split,
                                     eval_split=eval_split, features=features, k=ks[0], temperature=temperature[0],
                                     weighting=weighting, backend=backend, positive_class=positive_class,
-                                    arrays=arrays)
+                                    seed=seed, arrays=arrays)
     echo_notes(console, res.warnings)
-    columns = ["k", "temperature"] + [c for c in ("top1", "top5", "balanced_accuracy", "auroc", "micro_auroc", "auprc")
+    columns = ["k"] + (["temperature"] if weighting == "distance" else []) + [c for c in ("top1", "top5", "balanced_accuracy", "auroc", "micro_auroc", "auprc")
                                        if any(c in r for r in res.rows)] + ["k_used"]
     console.table(res.rows, columns, title=f"k-NN ({weighting}, {features}): {res.config['n_train']} {train_split} rows "
                                            f"-> {res.config['n_eval']} {eval_split} rows{_positive_title(res.headline)}")
@@ -157,6 +164,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
               help="lbfgs iterations per C.")
 @positive_option
 @shots_options
+@seed_option
 @json_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory: config.json, metrics.json, figures/, and the fitted probe (head.safetensors + "
@@ -164,7 +172,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 @quiet_option
 @library_errors
 def probe(features_file, train_split, val_split, test_split, kind, cs, metric, class_weight, cv, no_refit,
-          bootstrap, threshold, max_iter, positive_class, shots, tries, json_path, out_dir, quiet):
+          bootstrap, threshold, max_iter, positive_class, shots, tries, seed, json_path, out_dir, quiet):
     """Logistic-regression probe of cached features: standardise, sweep C (warm-started), pick C on
     validation, refit on train + val, evaluate on test; --out saves a probe predict can apply.
 
@@ -201,11 +209,12 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
             res = run_probe(store, train_split=train_split, val_split=val, test_split=test, features=kind, Cs=cs,
                             metric=metric, class_weight=None if class_weight == "none" else class_weight, cv=cv,
                             refit=not no_refit, bootstrap=bootstrap, max_iter=max_iter,
-                            positive_class=positive_class, threshold=threshold, progress=not quiet, arrays=arrays)
+                            positive_class=positive_class, threshold=threshold, progress=not quiet, seed=seed,
+                            arrays=arrays)
             if shots:
                 res.few_shot = few_shot(store, method="probe", shots=shots, tries=tries, train_split=train_split,
                                         val_split=val, eval_split=test, features=kind, Cs=cs, metric=metric,
-                                        max_iter=max_iter, positive_class=positive_class, arrays=arrays)
+                                        max_iter=max_iter, positive_class=positive_class, seed=seed, arrays=arrays)
     echo_notes(console, res.warnings)
     est = res.probe
     where = "val" if est.selection_ == "val" else f"{est.cv_folds_}-fold CV"

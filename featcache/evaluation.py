@@ -493,8 +493,9 @@ def summarize_few_shot(per_try: Sequence[dict[str, Any]]) -> list[dict[str, Any]
         for m in ("top1", "balanced_accuracy"):
             values = np.array([r[m] for r in rows], dtype=np.float64)
             # one try has no spread to speak of: n/a, not a measured 0
-            row[f"{m}_mean"], row[f"{m}_std"] = float(values.mean()), (float(values.std()) if len(values) > 1
-                                                                        else None)
+            # (equal values have std 0 exactly, not numpy's 1e-17 of rounding, as summarize_repeats)
+            row[f"{m}_mean"] = float(values.mean())
+            row[f"{m}_std"] = None if len(values) < 2 else 0.0 if len(set(values.tolist())) == 1 else float(values.std())
         out.append(row)
     return out
 

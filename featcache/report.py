@@ -440,6 +440,9 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         raise ValueError("no run directories given; pass one or more RUN_DIRs written with --out.")
     runs = [load_run(p) for p in run_dirs]
     if positive_class is not None:
+        if not any(r.positive_class is not None for r in runs):
+            raise ValueError(f"--positive-class {positive_class}: none of these runs is a binary task (they have no "
+                             f"positive class to check); drop --positive-class.")
         other = [f"{r.path.name} ({r.positive_class})" for r in runs
                  if r.positive_class is not None and r.positive_class != positive_class]
         if other:

@@ -138,3 +138,25 @@ def test_cli_knn_table_json_and_run_dir(digits_feature_file, digits_arrays, tmp_
     assert not (tmp_path / "run" / "figures" / "calibration.png").exists()  # vote shares are no probabilities
     bad = runner.invoke(cli, ["knn", str(digits_feature_file), "--eval-split", "holdout"])
     assert bad.exit_code != 0 and "it has: test, train, val" in bad.output
+
+
+def test_knn_and_probe_take_a_seed_and_uniform_votes_show_no_temperature(digits_feature_file, tmp_path):
+    """The README said few-shot draws are 'seeded by seed', but knn and probe had no --seed; a uniform
+    vote printed a temperature column of 0.07 it does not use; equal few-shot tries had std 1e-17."""
+    from featcache.evaluation import few_shot
+    from featcache.store import FeatureStore
+
+    outs = {}
+    for seed in (0, 0, 5):
+        r = CliRunner().invoke(cli, ["knn", str(digits_feature_file), "--k", "5", "--shots", "1", "--tries", "2",
+                                     "--bootstrap", "30", "--seed", str(seed), "--json", "-", "-q"])
+        assert r.exit_code == 0, r.output
+        outs.setdefault(seed, []).append(r.output)
+    assert outs[0][0] == outs[0][1] and outs[0][0] != outs[5][0]
+    r = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", "1", "--no-refit", "--seed", "3", "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["knn", str(digits_feature_file), "--k", "5", "--weighting", "uniform", "-q"])
+    assert r.exit_code == 0 and "temperature" not in r.output.splitlines()[0]
+    with FeatureStore(digits_feature_file) as store:  # every try draws all rows: equal values, std exactly 0
+        fs = few_shot(store, method="knn", shots=(10_000,), tries=3, k=5)
+    assert fs.summary[0]["top1_std"] == 0.0

@@ -239,6 +239,8 @@ def test_report_never_shows_one_runs_numbers_or_figures_as_anothers(tmp_path):
     assert "0.0779 (youden, chosen on val)" in page
     assert "| auroc | n/a |" in md and "AUROC undefined: one class present" in md
     assert "### Per label" in md and "| nodule | n/a | 0.2500 |" in md
+    with pytest.raises(ValueError, match="--positive-class malignant: none of these runs is a binary task"):
+        write_report([a, multi], tmp_path / "r2", positive_class="malignant")  # was accepted, checking nothing
 
 
 def test_knn_results_table_keeps_each_ks_interval(tmp_path):

@@ -68,6 +68,8 @@ def test_update_equals_a_fresh_extraction(tiny_vit, digits_manifest, tmp_path):
     summary = json.loads((tmp_path / "u.json").read_text())
     assert summary["updated"] and summary["rows_computed"] == 6
     assert summary["rows_reused"] == len(now) - 6 and summary["rows_dropped"] == 3
+    assert summary["rows_total"] == sum(summary[k] for k in ("rows_done_before", "rows_reused", "rows_computed",
+                                                             "rows_failed", "rows_failed_before"))  # README
     assert "updated (" in res.output and not (tmp_path / "feats.h5.updating").exists()
     assert "already done" not in res.output  # was '0 already done' beside the reused rows
     fresh = tmp_path / "fresh.h5"
