@@ -204,7 +204,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True))
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
-@click.option("--split", default=None, help="Split to predict [default: test, or the file's only split].")
+@click.option("--split", default=None, help="Split to predict [default: test, or the file's only split unless it is train].")
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to write: image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Binary / multi-label decision threshold [default: the one saved with the head (chosen on validation), else 0.5].")
 @positive_option

@@ -174,7 +174,8 @@ def feature_stats(cached: CachedSplits, device: torch.device) -> tuple[torch.Ten
     """Per-feature mean and std of the training inputs (over rows, and tokens for token heads)."""
     if cached.train.x is not None:
         x = cached.train.x.reshape(-1, cached.train.x.shape[-1])
-        return x.mean(0), unit_where_constant(x.std(0))
+        mean = x.mean(0)
+        return mean, unit_where_constant(x.std(0), mean)
     total = sq = None
     count = 0
     for x, _ in TokenBlockLoader(cached.store.path, cached.train.name, "tokens", rows=cached.train.rows,
@@ -185,17 +186,21 @@ def feature_stats(cached: CachedSplits, device: torch.device) -> tuple[torch.Ten
         count += x.shape[0]
     mean = total / count
     std = ((sq / count - mean * mean).clamp(min=0) * count / max(count - 1, 1)).sqrt()
-    return mean.float().to(device), unit_where_constant(std.float()).to(device)
+    return mean.float().to(device), unit_where_constant(std.float(), mean.float()).to(device)
 
 
-CONSTANT_STD = 1e-6  # a train std at or below this is a constant feature (a dead unit)
+# a train std within float32 rounding of the mean's magnitude is a constant feature (a dead unit)
+CONSTANT_RELATIVE_STD = 1e-6
 
 
-def unit_where_constant(std: torch.Tensor) -> torch.Tensor:
-    """Std 1 for features constant on train (scikit-learn's StandardScaler does the same): dividing
-    by a clamped 1e-6 turned any other value at val/test time into a z-score of ~1e4 that a weight
-    never trained on decided the prediction."""
-    return torch.where(std > CONSTANT_STD, std, torch.ones_like(std))
+def unit_where_constant(std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Std 1 for features constant on train, as scikit-learn's StandardScaler does: dividing by a
+    clamped 1e-6 turned any other value at val/test time into a z-score of ~1e4 that a weight never
+    trained on decided the prediction. Constant means a spread no larger than rounding makes of the
+    mean (relative 1e-6, float32 eps ~1.2e-7), never a fixed absolute size: a real feature of
+    std 2e-7 around 0 (small-norm backbones) is scaled, as StandardScaler scales it."""
+    constant = (std == 0) | (std <= CONSTANT_RELATIVE_STD * mean.abs())
+    return torch.where(constant, torch.ones_like(std), std)
 
 
 def epoch_batches(cached: CachedSplits, split: SplitData, batch_size: int, gen: torch.Generator, epoch: int,

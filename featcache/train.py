@@ -113,6 +113,16 @@ def loss_for(cached: CachedSplits, balance: str) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def batch_weight(loss_fn: nn.Module, y: torch.Tensor) -> float:
+    """What a batch's mean loss is a mean over: the summed class weights of its rows for a weighted
+    cross-entropy (whose mean divides by them), else its rows. An epoch's train loss weighs each
+    batch by it, so it is the weighted loss over the epoch's rows (not a mean of batch means)."""
+    weight = getattr(loss_fn, "weight", None)
+    if weight is not None and y.dim() == 1:
+        return float(weight[y].sum())
+    return float(len(y))
+
+
 def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse class frequency, normalised to mean one over the classes present."""
     counts = torch.bincount(y, minlength=num_classes).float()
@@ -152,10 +162,11 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
         return [f"validation {metric} was undefined at every epoch (validation holds a single class), so the "
                 f"kept epoch says nothing about learning; use --metric loss or a validation split with both "
                 f"classes."]
-    if best_epoch == 0 and len(history) > 1:
-        notes.append(f"validation {metric} never improved after the first epoch ({best:.4f} at epoch 0, stopped "
-                     f"after epoch {len(history) - 1}): the head may not be learning; raise --lr (or --patience) "
-                     f"and train again."
+    perfect = best >= (0.0 if metric == "loss" else 1.0) - 1e-12  # nothing left to improve on
+    if best_epoch == 0 and len(history) > 1 and not perfect:
+        notes.append(f"validation {metric} never improved after the first epoch ({best:.4f} at epoch 0, not "
+                     f"bettered in the {len(history) - 1} epoch(s) after): the head may not be learning; raise "
+                     f"--lr (or --patience) and train again."
                      + (f" An epoch here is only {steps_per_epoch} optimizer step(s) (--batch-size {batch_size}): "
                         f"lower --batch-size for a small train split." if steps_per_epoch and steps_per_epoch <= 3
                         else ""))
@@ -164,9 +175,9 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
         majority = counts.max() / max(counts.sum(), 1)
         if best < majority - 1e-12:
             notes.append(f"the chosen validation accuracy {best:.4f} is below the {majority:.4f} of always "
-                         f"predicting {classes[int(counts.argmax())]!r}: with imbalanced classes (and --balance "
-                         f"weights) plain accuracy picks a poor epoch; choose by --metric balanced_accuracy, or "
-                         f"auroc for a binary task.")
+                         f"predicting {classes[int(counts.argmax())]!r}: with imbalanced classes plain accuracy "
+                         f"picks a poor epoch (the more so when --balance trades majority-class accuracy for the "
+                         f"rare classes); choose by --metric balanced_accuracy, or auroc for a binary task.")
     if metric == "accuracy" and val_y.ndim == 2 and val_y.size:
         none = 1.0 - float(np.mean(val_y > 0))  # every finding called absent, scored per label at 0.5
         if best < none - 1e-12:
@@ -225,8 +236,9 @@ class HeadTrainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(y)
-                seen += len(y)
+                w = batch_weight(loss_fn, y)
+                total += loss.item() * w
+                seen += w
             train_loss = total / max(seen, 1)
             if not math.isfinite(train_loss):
                 raise ValueError(f"the training loss became {train_loss} at epoch {epoch} (lr {cfg.lr:g}): the "

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import featcache as fc
@@ -274,6 +275,27 @@ def test_a_head_that_did_not_learn_is_flagged(tmp_path):
     assert not any("never improved" in n or "always predicting" in n for n in good.notes_)
 
 
+def test_a_feature_of_tiny_scale_is_standardised_not_taken_for_constant(tmp_path):
+    """Any train std at or below an absolute 1e-6 was 'constant' (std 1): the one informative feature of a
+    small-norm backbone (std 2e-7) stayed at 1e-7 and the head scored AUROC 0.47, where StandardScaler
+    + logistic regression reach 0.95. Constant now means within rounding of the mean."""
+    from featcache.cached_splits import unit_where_constant
+
+    std = unit_where_constant(torch.tensor([2.2e-7, 0.0, 1e-9, 3.0]), torch.tensor([0.0, 5.0, 100.0, 1.0]))
+    assert std.tolist() == [pytest.approx(2.2e-7), 1.0, 1.0, 3.0]
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in (("train", 200), ("val", 60), ("test", 60)):
+        y = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        x[:, 0] = (rng.normal(size=n) + 4 * y) * 1e-7
+        splits[name] = {"cls": x, "labels": y}
+    write_arrays(tmp_path / "tiny.h5", splits, ["n", "p"], {"model": "m"}).close()
+    t = fc.train_head(tmp_path / "tiny.h5", lr=1e-2, epochs=40, batch_size=32)
+    assert float(t.feature_std_[0]) == pytest.approx(np.std(splits["train"]["cls"][:, 0], ddof=1), rel=1e-3)
+    assert t.test_metrics_["auroc"] > 0.9
+
+
 def test_a_feature_constant_on_train_is_not_blown_up_at_test_time(tmp_path):
     """A dead unit (0 on every train row, 0.01 on some test rows) is standardised with std 1, as
     scikit-learn's StandardScaler does, not divided by a clamped 1e-6 into z-scores of 1e4 that
@@ -331,3 +353,38 @@ def test_a_sweeps_best_head_is_flagged_like_a_head_trained_alone(tmp_path):
         assert any("always predicting 'neg'" in n for n in notes), (head, notes)
         if head == "mlp":  # the fused mlp sweep keeps the best configuration's history
             assert any("never improved after the first epoch" in n for n in notes), notes
+
+
+def test_weighted_train_loss_is_the_epochs_weighted_loss(tmp_path):
+    """With class weights each batch's mean loss divides by its rows' weights; the epoch's train_loss
+    averaged those means by row count, which is neither the weighted nor the plain epoch loss."""
+    from torch import nn
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.2).astype(np.int64)
+    x = (rng.normal(size=(300, 5)) + y[:, None]).astype(np.float32)
+    write_arrays(tmp_path / "w.h5", {"train": {"cls": x[:200], "labels": y[:200]}, "val": {"cls": x[200:], "labels": y[200:]}},
+                 ["a", "b"], {"model": "m"}).close()
+    t = fc.train_head(tmp_path / "w.h5", lr=1e-12, epochs=1, batch_size=32)  # weights do not move in one epoch
+    xs = torch.from_numpy(x[:200])
+    z = (xs - xs.mean(0)) / xs.std(0)
+    torch.manual_seed(0)
+    head = nn.Linear(5, 2)
+    counts = np.bincount(y[:200], minlength=2)
+    weight = torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32)
+    ref = nn.CrossEntropyLoss(weight=weight)(head(z), torch.from_numpy(y[:200])).item()
+    assert t.history_[0]["train_loss"] == pytest.approx(ref, rel=1e-5)
+    res = fc.sweep(tmp_path / "w.h5", lrs=1e-12, weight_decays=0.0, epochs=1, batch_size=32)  # the fused path alike
+    assert res.histories[0][0]["train_loss"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_a_perfect_first_epoch_is_not_called_a_head_that_does_not_learn(tmp_path):
+    """Validation accuracy 1.0 at epoch 0 cannot be bettered, yet the note said 'may not be learning; raise --lr'."""
+    rng = np.random.default_rng(1)
+    y = np.arange(200) % 2
+    x = (rng.normal(size=(200, 4)) * 0.1 + 5 * y[:, None]).astype(np.float32)
+    write_arrays(tmp_path / "easy.h5", {"train": {"cls": x[:150], "labels": y[:150]}, "val": {"cls": x[150:], "labels": y[150:]}},
+                 ["a", "b"], {"model": "m"}).close()
+    t = fc.train_head(tmp_path / "easy.h5", lr=1e-2, epochs=5, patience=2)
+    assert t.best_epoch_ == 0 and t.best_score_ == 1.0
+    assert not any("never improved" in n for n in t.notes_), t.notes_
