@@ -94,8 +94,35 @@ class FeatureKind(click.ParamType):
         return str(value)
 
 
+def checked_output_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --json or predictions path checked before any work: never a feature file or a run's own file."""
+    if value is None or value == "-":
+        return value
+    from featcache.runs import check_output_file
+
+    try:
+        check_output_file(value, f"{param.opts[0]} output")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def checked_run_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A run directory --out checked before any work: new, empty, or an earlier run (replaced whole)."""
+    if value is None:
+        return value
+    from featcache.runs import check_run_target
+
+    try:
+        check_run_target(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def json_option(fn: Callable) -> Callable:
     return click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+                        callback=checked_output_file,
                         help="Write the printed numbers as JSON to this file ('-' for standard output; the "
                              "tables then go to standard error).")(fn)
 

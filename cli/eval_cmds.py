@@ -7,7 +7,8 @@ import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               per_label_rows, positive_option, quiet_option, warnings_as_notes, write_json)
+                               checked_run_dir, per_label_rows, positive_option, quiet_option,
+                               warnings_as_notes, write_json)
 
 # the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
 
@@ -86,7 +87,7 @@ def _positive_title(block: dict) -> str:
 @shots_options
 @seed_option
 @json_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=checked_run_dir,
               help="Run directory for `featcache report` (config.json, metrics.json, figures/).")
 @quiet_option
 @library_errors
@@ -166,7 +167,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 @shots_options
 @seed_option
 @json_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=checked_run_dir,
               help="Run directory: config.json, metrics.json, figures/, and the fitted probe (head.safetensors + "
                    "head.json) that `featcache predict` applies.")
 @quiet_option
@@ -253,7 +254,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probe, the draws and the bootstrap.")
 @positive_option
 @json_option
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=checked_run_dir,
               help="Run directory (kind compare) for `featcache report`: metrics.json and figures/.")
 @quiet_option
 @library_errors

@@ -9,7 +9,8 @@ import click
 from featcache.metrics import tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               per_label_rows, positive_option, quiet_option, warnings_as_notes, write_json)
+                               checked_output_file, checked_run_dir, per_label_rows, positive_option, quiet_option,
+                               warnings_as_notes, write_json)
 
 # the library (torch) is imported inside each command, so `featcache --help` stays instant
 
@@ -36,7 +37,7 @@ def recipe_options(fn: Callable) -> Callable:
         click.option("--threshold", type=ThresholdRule(), default="0.5", show_default=True, help="Binary / multi-label decision threshold: a number, or youden / sensitivity:0.95 chosen on validation. Saved with the head; predict applies it."),
         positive_option,
         json_option,
-        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Run directory: config.json, metrics.json, history.json, head.safetensors + head.json, figures/."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=checked_run_dir, help="Run directory: config.json, metrics.json, history.json, head.safetensors + head.json, figures/."),
         quiet_option,
     ]
     return functools.reduce(lambda f, opt: opt(f), reversed(options), fn)
@@ -205,7 +206,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
 @click.argument("run_dir", type=click.Path(exists=True))
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default=None, help="Split to predict [default: test, or the file's only split unless it is train].")
-@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="CSV to write: image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), callback=checked_output_file, help="CSV to write: image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Binary / multi-label decision threshold [default: the one saved with the head (chosen on validation), else 0.5].")
 @positive_option
 @quiet_option

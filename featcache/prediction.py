@@ -26,7 +26,7 @@ from torch import nn
 from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import DEFAULT_THRESHOLD_RULE, decide, tuned_on_validation
-from featcache.runs import read_json, write_json
+from featcache.runs import check_output_file, read_json, write_json
 from featcache.store import FeatureStore, FeatureStoreError, config_differences, read_rows
 
 HEAD_FORMAT = "featcache-head-2"
@@ -130,6 +130,9 @@ def load_head(run_dir: str | os.PathLike) -> SavedHead:
     torch's weights-only unpickler (which refuses any object that could run code)."""
     path = Path(run_dir)
     if path.is_dir() and (path / "head.safetensors").is_file():
+        if not (path / "metrics.json").is_file():
+            raise ValueError(f"{path} has a head but no metrics.json: it is not a finished run (interrupted, or written "
+                             f"by hand); re-run the command that wrote it.")
         return _load_safetensors(path)
     legacy = path / "best.pt" if path.is_dir() else path
     if legacy.is_file() and legacy.suffix == ".pt":
@@ -149,10 +152,19 @@ def _load_safetensors(run_dir: Path) -> SavedHead:
     meta = read_json(meta_path)
     if meta.get("format") != HEAD_FORMAT:
         raise ValueError(f"{meta_path} is format {meta.get('format')!r}; this featcache reads {HEAD_FORMAT!r}.")
+    missing = [k for k in ("spec", "classes", "fingerprint", "features") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks {', '.join(missing)}; it was not written by featcache (or was edited): "
+                         f"re-run the command that wrote the run.")
+    weights = run_dir / "head.safetensors"
+    recorded = meta.get("weights_sha256")
+    if recorded and hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+        raise ValueError(f"{weights} is not the file {meta_path} was written with (its sha256 differs from the "
+                         f"recorded weights_sha256): the run directory mixes two runs; re-run the command that wrote it.")
     try:
-        tensors = load_file(str(run_dir / "head.safetensors"))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{run_dir / 'head.safetensors'} is not a readable safetensors file ({exc}).") from exc
+        raise ValueError(f"{weights} is not a readable safetensors file ({exc}).") from exc
     state = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
     return _build(meta, state, tensors.get("standardize.mean"), tensors.get("standardize.std"), run_dir)
 
@@ -175,12 +187,30 @@ def _load_legacy(path: Path) -> SavedHead:
 
 def _build(meta: dict[str, Any], state: dict[str, torch.Tensor], mean: torch.Tensor | None,
            std: torch.Tensor | None, where: Path) -> SavedHead:
-    spec = HeadSpec(**meta["spec"])
+    try:
+        spec = HeadSpec(**meta["spec"])
+    except TypeError as exc:
+        raise ValueError(f"the head spec in {where} is not one featcache writes ({exc}).") from None
     model = build_head(spec)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"the weights in {where} do not fit a {spec.kind} head of its own spec ({exc}).") from exc
+    if len(meta["classes"]) != spec.num_classes:
+        raise ValueError(f"the head in {where} scores {spec.num_classes} classes but names {len(meta['classes'])} "
+                         f"({', '.join(map(str, meta['classes']))}); the run directory is damaged.")
+    standardized = bool((meta.get("recipe") or {}).get("standardize")) or meta.get("source") == "probe"
+    if (mean is None) != (std is None) or (mean is None and standardized):
+        raise ValueError(f"the head in {where} was trained on standardised features but its standardisation "
+                         f"(mean and std) is missing; the run directory is damaged.")
+    if mean is not None:
+        width = spec.in_dim
+        if tuple(mean.shape) != (width,) or tuple(std.shape) != (width,):
+            raise ValueError(f"the standardisation in {where} has shapes {tuple(mean.shape)} / {tuple(std.shape)}; the "
+                             f"head reads {width} features per {'token' if uses_tokens(spec.kind) else 'row'}.")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"the standardisation in {where} holds a non-finite mean or a std that is not positive; "
+                             f"the run directory is damaged.")
     return SavedHead(model.eval(), spec, meta, mean, std)
 
 
@@ -406,10 +436,11 @@ def exact_text(value: float) -> str:
 
 def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
     """image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction."""
-    out = Path(out)
+    out = check_output_file(out, "predictions CSV")
     out.parent.mkdir(parents=True, exist_ok=True)
     classes, proba, decided = pred.classes, pred.proba, pred.decisions()
-    with out.open("w", newline="") as fh:
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # written aside: a kill never leaves half a CSV
+    with tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         if pred.multilabel:
             w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + [f"label_{c}" for c in classes]
@@ -424,6 +455,7 @@ def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
             w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + ["label", "prediction"])
             for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
                 w.writerow([p, *map(exact_text, pr), classes[lab] if lab >= 0 else "", classes[d]])
+    os.replace(tmp, out)
     return out
 
 

@@ -79,6 +79,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
         return Path("-")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and _is_hdf5(path):
+        raise ValueError(f"{path} is an HDF5 file (a feature file?); writing JSON there would destroy it.")
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may share a path
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -100,28 +102,102 @@ def read_json(path: Path) -> dict[str, Any]:
 # writing
 # ----------------------------------------------------------------------------------------------
 
+RUN_FILES = ("config.json", "metrics.json")  # what makes a directory a run directory
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """An output file (--json, a predictions CSV) that may be written: never a feature file or a
+    run directory's own files, which the write would destroy (a CSV over feats.h5 exited 0)."""
+    path = Path(path)
+    if str(path) == "":
+        raise ValueError(f"the {what} path is empty; give a file name.")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file name for the {what}.")
+    if path.name in RUN_FILES + ("head.json", "history.json", "sweep_history.json"):
+        raise ValueError(f"{path} is a run directory's own file; write the {what} elsewhere.")
+    if path.is_file() and _is_hdf5(path):
+        raise ValueError(f"{path} is an HDF5 file (a feature file?); writing the {what} there would destroy it. "
+                         f"Give another file name.")
+    return path
+
+
+def _is_hdf5(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(8) == HDF5_SIGNATURE
+
+
+def check_run_target(out: str | os.PathLike) -> Path:
+    """Where a run directory may be written: absent, empty, or an earlier run directory (replaced
+    whole). A file, or a folder of other things, is refused before anything is computed."""
+    out = Path(out)
+    if str(out) == "":
+        raise ValueError("--out is empty; give a directory for the run.")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory; give a directory (new, or an earlier run "
+                         f"to replace).")
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in RUN_FILES):
+        raise ValueError(f"--out {out} holds other files and is not a run directory (no config.json or "
+                         f"metrics.json); give a new or empty directory, or an earlier run to replace.")
+    return out
+
+
 def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str, Any], *,
               history: list[dict[str, Any]] | None = None,
               head: tuple[dict[str, Any], dict[str, Any]] | None = None,
-              figures: Callable[[Path], None] | None = None) -> Path:
+              figures: Callable[[Path], None] | None = None,
+              extra_json: dict[str, Any] | None = None) -> Path:
     """Write one run directory: config.json, metrics.json, optional history.json, the deployable
-    head (``(tensors, metadata)`` for prediction.save_head) and figures (a callback that draws into
-    RUN/figures). metrics.json is written last, so a directory with it is a finished run."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    head (``(tensors, metadata)`` for prediction.save_head), figures (a callback that draws into
+    RUN/figures) and other JSON files (`extra_json`: name -> object, e.g. sweep_history.json).
+
+    Everything goes into a fresh RUN.writing-<pid> first (metrics.json last) and is then put in
+    RUN's place by renames, so RUN is never a mix of two runs: an earlier run there (of any kind)
+    is replaced whole, a kill leaves the earlier run or the new one (in the instant between the
+    two renames, the earlier one as .RUN.replaced-<pid>), and of two writers of one RUN one run
+    stays, complete, while the other writer says so."""
+    import shutil
+
+    out = check_run_target(out)
     kind = config.get("kind")
     if kind not in RUN_KINDS:
         raise ValueError(f"run kind must be one of {', '.join(RUN_KINDS)}; got {kind!r}.")
-    write_json(out / "config.json", config)
-    if history is not None:
-        write_json(out / "history.json", history)
-    if head is not None:
-        from featcache.prediction import save_head  # torch + safetensors: only when a head is saved
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write_json(tmp / "config.json", config)
+        if history is not None:
+            write_json(tmp / "history.json", history)
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
+        if head is not None:
+            from featcache.prediction import save_head  # torch + safetensors: only when a head is saved
 
-        save_head(out, *head)
-    if figures is not None:
-        figures(out / "figures")
-    write_json(out / "metrics.json", {"kind": kind, **metrics})
+            save_head(tmp, *head)
+        if figures is not None:
+            figures(tmp / "figures")
+        write_json(tmp / "metrics.json", {"kind": kind, **metrics})
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        try:
+            os.replace(out, old)  # the earlier run, aside until the new one is in place
+        except FileNotFoundError:
+            pass  # no earlier run (or another writer just moved it)
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:  # another process put its run there between the two renames
+            raise ValueError(f"another process wrote the run directory {out} at the same moment; its run is "
+                             f"there, complete. Re-run this command to replace it ({exc.strerror}).") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -174,5 +250,5 @@ def load_run(path: str | os.PathLike) -> Run:
     fig_dir = path / "figures"
     # a figure that is a symlink could point anywhere on the machine: a report copies only real files
     figures = sorted(p for p in fig_dir.glob("*") if p.suffix.lower() in (".png", ".svg")
-                     and p.is_file() and not p.is_symlink()) if fig_dir.is_dir() else []
+                     and p.is_file() and not p.is_symlink()) if fig_dir.is_dir() and not fig_dir.is_symlink() else []
     return Run(path=path, name=path.resolve().name, config=config, metrics=metrics, figures=figures)

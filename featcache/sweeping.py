@@ -28,7 +28,6 @@ from featcache.fused import fused_sweep
 from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
-from featcache.runs import write_json
 from featcache.store import FeatureStore, open_features, parse_feature_kind
 from featcache.train import HeadTrainer, TrainConfig, batch_weight, load_for, loss_for, sample_weights, task_positive
 
@@ -61,11 +60,9 @@ class SweepResult:
         extra = {"leaderboard": self.leaderboard, "best": self.best, "fused": self.fused,
                  "sweep_seconds": self.seconds, "bytes_read": self.bytes_read,
                  "notes": self.trainer.notes_ + self.notes}
-        run = self.trainer.save(out, kind="sweep", config={"grid_size": len(self.leaderboard)}, metrics=extra,
-                                extra_figures=lambda d: sweep_figures(d, self.leaderboard, heat, metric, self.best))
-        if self.histories:
-            write_json(run / "sweep_history.json", self.history_rows())
-        return run
+        return self.trainer.save(out, kind="sweep", config={"grid_size": len(self.leaderboard)}, metrics=extra,
+                                 extra_figures=lambda d: sweep_figures(d, self.leaderboard, heat, metric, self.best),
+                                 extra_json={"sweep_history.json": self.history_rows()} if self.histories else None)
 
 
 def sweep_figures(fig_dir: Path, leaderboard: list[dict[str, Any]], heat: tuple[str, str], metric: str,

@@ -357,7 +357,8 @@ class HeadTrainer:
                             multilabel=self.multilabel_, source="train", recipe=asdict(self.config))
 
     def save(self, out: str | Path, kind: str = "train", config: dict[str, Any] | None = None,
-             metrics: dict[str, Any] | None = None, extra_figures: Callable[[Path], None] | None = None) -> Path:
+             metrics: dict[str, Any] | None = None, extra_figures: Callable[[Path], None] | None = None,
+             extra_json: dict[str, Any] | None = None) -> Path:
         """Write the run directory (runs.write_run): config, metrics, history, head, figures."""
         if self.test_proba_ is not None:
             split, block, y, proba = self.split_names_["test"], self.test_metrics_, self.test_y_, self.test_proba_
@@ -378,7 +379,7 @@ class HeadTrainer:
 
         return write_run(out, {**self.run_config(), **(config or {}), "kind": kind},
                          {**self.run_metrics(), **(metrics or {})}, history=self.history_,
-                         head=self.head_payload(), figures=figures)
+                         head=self.head_payload(), figures=figures, extra_json=extra_json)
 
 
 def train_repeats(features_file: str | Path, repeats: int, head: str = "linear", threshold: str | None = None,

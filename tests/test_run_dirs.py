@@ -1,0 +1,136 @@
+"""Run directories as files on disk: replaced whole, never mixed; outputs that would destroy a feature
+file or a run refused before any work; damaged or mixed heads refused by predict."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featcache as fc
+from featcache.runs import write_run
+from featcache.store import write_arrays
+from featcache_cli.main import cli
+
+
+@pytest.fixture()
+def small(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 2
+    x = (rng.normal(size=(120, 4)) + y[:, None]).astype(np.float32)
+    path = tmp_path / "f.h5"
+    write_arrays(path, {"train": {"cls": x[:80], "labels": y[:80]}, "val": {"cls": x[80:100], "labels": y[80:100]},
+                        "test": {"cls": x[100:], "labels": y[100:]}}, ["a", "b"], {"model": "m"}).close()
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_a_run_replaces_an_earlier_run_whole(small, tmp_path):
+    """knn into a train run's directory kept the train head, history and figures beside the knn metrics:
+    predict then applied the old head to a 'knn' run, and the report showed its learning curve."""
+    run = tmp_path / "run"
+    assert _run("train", small, "--epochs", "2", "--out", run, "-q").exit_code == 0
+    assert (run / "head.safetensors").exists() and (run / "history.json").exists()
+    assert _run("knn", small, "--k", "5", "--out", run, "-q").exit_code == 0
+    assert not (run / "head.safetensors").exists() and not (run / "history.json").exists()
+    assert json.loads((run / "metrics.json").read_text())["kind"] == "knn"
+    assert not (run / "figures" / "learning_curve.png").exists()
+    r = _run("predict", run, small, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 1 and "holds no saved head" in r.output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []  # nothing left aside
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.png").write_bytes((run / "metrics.json").read_bytes())
+    shutil.rmtree(run / "figures")
+    (run / "figures").symlink_to(elsewhere, target_is_directory=True)  # a figures folder pointing outside the run
+    assert fc.load_run(run).figures == []
+
+
+def test_a_failed_write_leaves_the_earlier_run_as_it_was(small, tmp_path):
+    run = tmp_path / "run"
+    assert _run("train", small, "--epochs", "2", "--out", run, "-q").exit_code == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    def broken(fig_dir):
+        raise RuntimeError("killed while drawing")
+
+    with pytest.raises(RuntimeError):
+        write_run(run, {"kind": "knn"}, {"test": {}}, figures=broken)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
+
+
+def test_outputs_that_would_destroy_data_are_refused_before_any_work(small, tmp_path):
+    """predict --out feats.h5 overwrote the feature file with a CSV (exit 0); --json onto the feature file
+    or a run's metrics.json replaced them; an --out full of other files took the run files in."""
+    run = tmp_path / "run"
+    assert _run("train", small, "--epochs", "2", "--out", run, "-q").exit_code == 0
+    feature_bytes = small.read_bytes()
+    r = _run("predict", run, small, "--out", small)
+    assert r.exit_code == 2 and "is an HDF5 file" in r.output
+    r = _run("knn", small, "--json", small)
+    assert r.exit_code == 2 and "is an HDF5 file" in r.output
+    r = _run("knn", small, "--json", run / "metrics.json")
+    assert r.exit_code == 2 and "is a run directory's own file" in r.output
+    assert small.read_bytes() == feature_bytes
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = _run("train", small, "--epochs", "2", "--out", mine, "-q")
+    assert r.exit_code == 2 and "holds other files and is not a run directory" in r.output
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "metrics.json").exists()
+    r = _run("predict", run, small, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 0 and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_predict_refuses_damaged_or_mixed_heads(small, tmp_path):
+    """A head.json of another run beside these weights, a class list of the wrong length, a zero std, a
+    missing key and a run without metrics.json were applied (or gave tracebacks)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    assert _run("train", small, "--epochs", "2", "--out", run, "-q").exit_code == 0
+    probe = tmp_path / "probe"
+    assert _run("probe", small, "--Cs", "1", "--out", probe, "-q").exit_code == 0
+
+    def damaged(name, edit_meta=None, edit_tensors=None, drop=None):
+        d = tmp_path / name
+        shutil.copytree(run, d)
+        if edit_meta:
+            meta = json.loads((d / "head.json").read_text())
+            edit_meta(meta)
+            (d / "head.json").write_text(json.dumps(meta))
+        if edit_tensors:
+            tensors = load_file(str(d / "head.safetensors"))
+            edit_tensors(tensors)
+            save_file(tensors, str(d / "head.safetensors"))
+            meta = json.loads((d / "head.json").read_text())
+            import hashlib
+
+            meta["weights_sha256"] = hashlib.sha256((d / "head.safetensors").read_bytes()).hexdigest()
+            (d / "head.json").write_text(json.dumps(meta))
+        if drop:
+            (d / drop).unlink()
+        return d
+
+    mixed = damaged("mixed")
+    shutil.copy(probe / "head.json", mixed / "head.json")
+    cases = {
+        mixed: "is not the file",
+        damaged("classes", edit_meta=lambda m: m.update(classes=["a", "b", "c"])): "scores 2 classes but names 3",
+        damaged("zero_std", edit_tensors=lambda t: t.update({"standardize.std": t["standardize.std"] * 0})):
+            "a std that is not positive",
+        damaged("no_mean", edit_tensors=lambda t: [t.pop("standardize.mean"), t.pop("standardize.std")]):
+            r"standardisation \(mean and std\) is missing",
+        damaged("no_key", edit_meta=lambda m: m.pop("features")): "lacks features",
+        damaged("unfinished", drop="metrics.json"): "not a finished run",
+    }
+    for d, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            fc.predict(d, small)
+    assert fc.predict(run, small).proba.shape == (20, 2)
