@@ -160,7 +160,8 @@ def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str,
     stays, complete, while the other writer says so."""
     import shutil
 
-    out = check_run_target(out)
+    given = check_run_target(out)
+    out = given.resolve()  # "." or "runs/x/..": renames need the directory's own name
     kind = config.get("kind")
     if kind not in RUN_KINDS:
         raise ValueError(f"run kind must be one of {', '.join(RUN_KINDS)}; got {kind!r}.")
@@ -198,7 +199,7 @@ def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return out
+    return given
 
 
 # ----------------------------------------------------------------------------------------------
