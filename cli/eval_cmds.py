@@ -117,7 +117,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
                                     weighting=weighting, backend=backend, positive_class=positive_class,
                                     seed=seed, arrays=arrays)
     echo_notes(console, res.warnings)
-    columns = ["k"] + (["temperature"] if weighting == "distance" else []) + [c for c in ("top1", "top5", "balanced_accuracy", "auroc", "micro_auroc", "auprc")
+    columns = ["k"] + (["temperature"] if weighting == "distance" or len(temperature) > 1 else []) + [c for c in ("top1", "top5", "balanced_accuracy", "auroc", "micro_auroc", "auprc")
                                        if any(c in r for r in res.rows)] + ["k_used"]
     console.table(res.rows, columns, title=f"k-NN ({weighting}, {features}): {res.config['n_train']} {train_split} rows "
                                            f"-> {res.config['n_eval']} {eval_split} rows{_positive_title(res.headline)}")

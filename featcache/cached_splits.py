@@ -171,36 +171,33 @@ def warn_single_class(cached: CachedSplits) -> None:
 
 
 def feature_stats(cached: CachedSplits, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std of the training inputs (over rows, and tokens for token heads)."""
+    """Per-feature mean and std (ddof 1) of the training inputs (over rows, and tokens for token
+    heads); std 1 where a feature is constant on train."""
     if cached.train.x is not None:
         x = cached.train.x.reshape(-1, cached.train.x.shape[-1])
-        mean = x.mean(0)
-        return mean, unit_where_constant(x.std(0), mean)
-    total = sq = None
+        return x.mean(0), unit_where_constant(x.std(0), x.amax(0) == x.amin(0))
+    total = sq = lo = hi = None
     count = 0
     for x, _ in TokenBlockLoader(cached.store.path, cached.train.name, "tokens", rows=cached.train.rows,
                                  batch_size=1024, shuffle=False):
         x = x.reshape(-1, x.shape[-1]).double()
         total = x.sum(0) if total is None else total + x.sum(0)
         sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+        lo = x.amin(0) if lo is None else torch.minimum(lo, x.amin(0))
+        hi = x.amax(0) if hi is None else torch.maximum(hi, x.amax(0))
         count += x.shape[0]
     mean = total / count
     std = ((sq / count - mean * mean).clamp(min=0) * count / max(count - 1, 1)).sqrt()
-    return mean.float().to(device), unit_where_constant(std.float(), mean.float()).to(device)
+    return mean.float().to(device), unit_where_constant(std.float(), hi == lo).to(device)
 
 
-# a train std within float32 rounding of the mean's magnitude is a constant feature (a dead unit)
-CONSTANT_RELATIVE_STD = 1e-6
-
-
-def unit_where_constant(std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Std 1 for features constant on train, as scikit-learn's StandardScaler does: dividing by a
-    clamped 1e-6 turned any other value at val/test time into a z-score of ~1e4 that a weight never
-    trained on decided the prediction. Constant means a spread no larger than rounding makes of the
-    mean (relative 1e-6, float32 eps ~1.2e-7), never a fixed absolute size: a real feature of
-    std 2e-7 around 0 (small-norm backbones) is scaled, as StandardScaler scales it."""
-    constant = (std == 0) | (std <= CONSTANT_RELATIVE_STD * mean.abs())
-    return torch.where(constant, torch.ones_like(std), std)
+def unit_where_constant(std: torch.Tensor, constant: torch.Tensor) -> torch.Tensor:
+    """Std 1 for features constant on train (every train value the same: `constant`), as
+    scikit-learn's StandardScaler does: dividing by a clamped 1e-6 turned any other value at
+    val/test time into a z-score of ~1e4 that a weight never trained on decided the prediction.
+    Constant is exact equality, never a size: a real feature of std 2e-7 around 0 (small-norm
+    backbones) or of two values 1000.000 and 1000.001 is scaled, as StandardScaler scales it."""
+    return torch.where(constant | (std == 0), torch.ones_like(std), std)
 
 
 def epoch_batches(cached: CachedSplits, split: SplitData, batch_size: int, gen: torch.Generator, epoch: int,

@@ -179,7 +179,7 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
         notes += boot.warnings
     config = {**_base_config(store, "knn", features), "train_split": train_split, "eval_split": eval_split,
               "weighting": weighting, "ks": [int(k) for k in ks], "temperatures": [float(t) for t in temperatures],
-              "headline": {"k": head_k, "temperature": head_t}, "bootstrap": bootstrap,
+              "headline": {"k": head_k, "temperature": head_t}, "bootstrap": bootstrap, "seed": int(seed),
               "n_train": int(len(train.y)), "n_eval": int(len(ev.y))}
     curve = {t: {k: {m: v for m, v in r.items() if m != "proba"} for k, r in per_k.items()} for t, per_k in res.items()}
     return KnnResult(config, rows, curve, headline, proba, ev, classes, positive, notes)
@@ -302,7 +302,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     config = {**_base_config(store, "probe", features), "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split if use_test else None,
               "Cs": [float(c) for c in cs], "metric": metric, "class_weight": class_weight, "cv": cv,
-              "refit": refit, "bootstrap": bootstrap, "max_iter": max_iter,
+              "refit": refit, "bootstrap": bootstrap, "seed": int(seed), "max_iter": max_iter,
               "n_train": int(len(train.y)), "n_val": int(len(val.y)) if val else 0,
               "n_test": int(len(test.y)) if test else 0}
     untuned: list[str] = []

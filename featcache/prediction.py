@@ -437,6 +437,8 @@ def exact_text(value: float) -> str:
 def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
     """image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction."""
     out = check_output_file(out, "predictions CSV")
+    if out.is_symlink():  # write through the link, as a plain open() would: the link stays a link
+        out = Path(os.path.realpath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     classes, proba, decided = pred.classes, pred.proba, pred.decisions()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # written aside: a kill never leaves half a CSV

@@ -18,12 +18,13 @@ layout (docs/architecture.md, "Run directories"):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -103,21 +104,22 @@ def read_json(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 RUN_FILES = ("config.json", "metrics.json")  # what makes a directory a run directory
-
-
+# every file a run directory of featcache holds (replaced by a new run; anything else there is kept)
+OWN_FILES = ("metrics.json", "config.json", "history.json", "sweep_history.json", "head.json", "head.safetensors")
+WRITING_LOCK = ".featcache-writing"  # a run being written: holds the writer's pid
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
     """An output file (--json, a predictions CSV) that may be written: never a feature file or a
-    run directory's own files, which the write would destroy (a CSV over feats.h5 exited 0)."""
+    run directory's own file, which the write would destroy (a CSV over feats.h5 exited 0)."""
     path = Path(path)
     if str(path) == "":
         raise ValueError(f"the {what} path is empty; give a file name.")
     if path.is_dir():
         raise ValueError(f"{path} is a directory; give a file name for the {what}.")
-    if path.name in RUN_FILES + ("head.json", "history.json", "sweep_history.json"):
-        raise ValueError(f"{path} is a run directory's own file; write the {what} elsewhere.")
+    if path.name in OWN_FILES and any((path.parent / name).is_file() for name in RUN_FILES):
+        raise ValueError(f"{path} is a file of the run directory {path.parent}; write the {what} elsewhere.")
     if path.is_file() and _is_hdf5(path):
         raise ValueError(f"{path} is an HDF5 file (a feature file?); writing the {what} there would destroy it. "
                          f"Give another file name.")
@@ -130,17 +132,13 @@ def _is_hdf5(path: Path) -> bool:
 
 
 def check_run_target(out: str | os.PathLike) -> Path:
-    """Where a run directory may be written: absent, empty, or an earlier run directory (replaced
-    whole). A file, or a folder of other things, is refused before anything is computed."""
+    """Where a run directory may be written: not an empty path, not a file."""
     out = Path(out)
     if str(out) == "":
         raise ValueError("--out is empty; give a directory for the run.")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run directory; give a directory (new, or an earlier run "
                          f"to replace).")
-    if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in RUN_FILES):
-        raise ValueError(f"--out {out} holds other files and is not a run directory (no config.json or "
-                         f"metrics.json); give a new or empty directory, or an earlier run to replace.")
     return out
 
 
@@ -153,53 +151,76 @@ def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str,
     head (``(tensors, metadata)`` for prediction.save_head), figures (a callback that draws into
     RUN/figures) and other JSON files (`extra_json`: name -> object, e.g. sweep_history.json).
 
-    Everything goes into a fresh RUN.writing-<pid> first (metrics.json last) and is then put in
-    RUN's place by renames, so RUN is never a mix of two runs: an earlier run there (of any kind)
-    is replaced whole, a kill leaves the earlier run or the new one (in the instant between the
-    two renames, the earlier one as .RUN.replaced-<pid>), and of two writers of one RUN one run
-    stays, complete, while the other writer says so."""
+    An earlier run's own files there (OWN_FILES, figures/) are removed first, metrics.json first,
+    and the new ones written with metrics.json last: RUN never mixes two runs, and a kill leaves a
+    directory without metrics.json, which report and predict refuse as unfinished. Other files in
+    RUN (a --json summary, notes, the feature file) are kept. One writer at a time (WRITING_LOCK)."""
     import shutil
 
-    given = check_run_target(out)
-    out = given.resolve()  # "." or "runs/x/..": renames need the directory's own name
+    out = check_run_target(out)
     kind = config.get("kind")
     if kind not in RUN_KINDS:
         raise ValueError(f"run kind must be one of {', '.join(RUN_KINDS)}; got {kind!r}.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        write_json(tmp / "config.json", config)
+    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        for name in OWN_FILES:  # metrics.json first: from here on RUN reads as unfinished
+            (out / name).unlink(missing_ok=True)
+        fig_dir = out / "figures"
+        if fig_dir.is_symlink():
+            fig_dir.unlink()
+        elif fig_dir.is_dir():
+            shutil.rmtree(fig_dir)
+        write_json(out / "config.json", config)
         if history is not None:
-            write_json(tmp / "history.json", history)
+            write_json(out / "history.json", history)
         for name, obj in (extra_json or {}).items():
-            write_json(tmp / name, obj)
+            write_json(out / name, obj)
         if head is not None:
             from featcache.prediction import save_head  # torch + safetensors: only when a head is saved
 
-            save_head(tmp, *head)
+            save_head(out, *head)
         if figures is not None:
-            figures(tmp / "figures")
-        write_json(tmp / "metrics.json", {"kind": kind, **metrics})
-        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
+            figures(fig_dir)
+        write_json(out / "metrics.json", {"kind": kind, **metrics})
+    return out
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """RUN/.featcache-writing while a run is written: a second writer is refused in one line (two
+    interleaved writers mixed two runs' files); a lock whose process is gone (killed) is taken over."""
+    lock = out / WRITING_LOCK
+    for _ in range(2):
         try:
-            os.replace(out, old)  # the earlier run, aside until the new one is in place
-        except FileNotFoundError:
-            pass  # no earlier run (or another writer just moved it)
-        try:
-            os.replace(tmp, out)
-        except OSError as exc:  # another process put its run there between the two renames
-            raise ValueError(f"another process wrote the run directory {out} at the same moment; its run is "
-                             f"there, complete. Re-run this command to replace it ({exc.strerror}).") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return given
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise ValueError(f"another process (pid {pid}) is writing the run directory {out} right now; wait "
+                                 f"for it, or use another --out.") from None
+            lock.unlink(missing_ok=True)  # left by a killed writer
+    else:
+        raise ValueError(f"could not take the writing lock {lock}; remove it if no featcache process is running.")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,4 +159,8 @@ def test_knn_and_probe_take_a_seed_and_uniform_votes_show_no_temperature(digits_
     assert r.exit_code == 0 and "temperature" not in r.output.splitlines()[0]
     with FeatureStore(digits_feature_file) as store:  # every try draws all rows: equal values, std exactly 0
         fs = few_shot(store, method="knn", shots=(10_000,), tries=3, k=5)
-    assert fs.summary[0]["top1_std"] == 0.0
+        assert fs.summary[0]["top1_std"] == 0.0
+        from featcache.evaluation import run_knn, run_probe
+
+        assert run_knn(store, ks=(5,), seed=4).config["seed"] == 4  # recorded: CIs and draws depend on it
+        assert run_probe(store, Cs=[1.0], refit=False, seed=4).config["seed"] == 4

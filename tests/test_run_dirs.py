@@ -51,23 +51,50 @@ def test_a_run_replaces_an_earlier_run_whole(small, tmp_path):
     assert fc.load_run(run).figures == []
 
 
-def test_a_failed_write_leaves_the_earlier_run_as_it_was(small, tmp_path):
+def test_an_interrupted_write_reads_as_unfinished_never_as_a_mix(small, tmp_path):
+    """A kill while drawing figures left a new config and head beside the old run's metrics.json, which
+    report and predict took for a finished run."""
     run = tmp_path / "run"
     assert _run("train", small, "--epochs", "2", "--out", run, "-q").exit_code == 0
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
 
     def broken(fig_dir):
         raise RuntimeError("killed while drawing")
 
     with pytest.raises(RuntimeError):
         write_run(run, {"kind": "knn"}, {"test": {}}, figures=broken)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
+    assert not (run / "metrics.json").exists() and not (run / "head.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="not a finished run directory"):
+        fc.load_run(run)
+    assert _run("knn", small, "--k", "5", "--out", run, "-q").exit_code == 0  # a re-run finishes it
+    assert fc.load_run(run).kind == "knn"
+
+
+def test_other_files_in_a_run_directory_are_kept_and_writers_take_turns(small, tmp_path):
+    """Replacing a run removes only featcache's own files: a --json summary written inside RUN, notes and
+    the very feature file the run reads stay. A second writer is refused while the first writes."""
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "NOTES.md").write_text("keep me")
+    feats = run / "feats.h5"
+    shutil.copy(small, feats)
+    for _ in range(2):
+        r = _run("knn", feats, "--k", "5", "--out", run, "--json", run / "summary.json", "-q")
+        assert r.exit_code == 0, r.output
+    assert {"NOTES.md", "feats.h5", "summary.json", "metrics.json", "config.json"} <= {p.name for p in run.iterdir()}
+    assert (run / "NOTES.md").read_text() == "keep me" and feats.read_bytes() == small.read_bytes()
+    (run / ".featcache-writing").write_text(str(os.getpid()))  # this process: alive, writing
+    with pytest.raises(ValueError, match=r"another process \(pid \d+\) is writing the run directory"):
+        write_run(run, {"kind": "knn"}, {"test": {}})
+    (run / ".featcache-writing").write_text("999999999")  # a killed writer's lock is taken over
+    write_run(run, {"kind": "knn"}, {"test": {}})
+    assert not (run / ".featcache-writing").exists()
 
 
 def test_outputs_that_would_destroy_data_are_refused_before_any_work(small, tmp_path):
     """predict --out feats.h5 overwrote the feature file with a CSV (exit 0); --json onto the feature file
-    or a run's metrics.json replaced them; an --out full of other files took the run files in."""
+    or a run's metrics.json replaced them; a CSV through a symlink must reach the linked file."""
     run = tmp_path / "run"
     assert _run("train", small, "--epochs", "2", "--out", run, "-q").exit_code == 0
     feature_bytes = small.read_bytes()
@@ -76,16 +103,17 @@ def test_outputs_that_would_destroy_data_are_refused_before_any_work(small, tmp_
     r = _run("knn", small, "--json", small)
     assert r.exit_code == 2 and "is an HDF5 file" in r.output
     r = _run("knn", small, "--json", run / "metrics.json")
-    assert r.exit_code == 2 and "is a run directory's own file" in r.output
+    assert r.exit_code == 2 and "is a file of the run directory" in r.output
     assert small.read_bytes() == feature_bytes
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep me")
-    r = _run("train", small, "--epochs", "2", "--out", mine, "-q")
-    assert r.exit_code == 2 and "holds other files and is not a run directory" in r.output
-    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "metrics.json").exists()
-    r = _run("predict", run, small, "--out", tmp_path / "p.csv")
-    assert r.exit_code == 0 and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    results = tmp_path / "results"
+    results.mkdir()
+    assert _run("knn", small, "--k", "5", "--json", results / "metrics.json", "-q").exit_code == 0  # not a run dir
+    (tmp_path / "shared.csv").write_text("old")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "shared.csv")
+    r = _run("predict", run, small, "--out", tmp_path / "link.csv")
+    assert r.exit_code == 0 and (tmp_path / "link.csv").is_symlink()
+    assert (tmp_path / "shared.csv").read_text().startswith("image_path,probability")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_predict_refuses_damaged_or_mixed_heads(small, tmp_path):

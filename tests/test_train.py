@@ -278,10 +278,11 @@ def test_a_head_that_did_not_learn_is_flagged(tmp_path):
 def test_a_feature_of_tiny_scale_is_standardised_not_taken_for_constant(tmp_path):
     """Any train std at or below an absolute 1e-6 was 'constant' (std 1): the one informative feature of a
     small-norm backbone (std 2e-7) stayed at 1e-7 and the head scored AUROC 0.47, where StandardScaler
-    + logistic regression reach 0.95. Constant now means within rounding of the mean."""
+    + logistic regression reach 0.95; a relative rule then took two values 1000.000 / 1000.001 for
+    constant. Constant now means every train value equal."""
     from featcache.cached_splits import unit_where_constant
 
-    std = unit_where_constant(torch.tensor([2.2e-7, 0.0, 1e-9, 3.0]), torch.tensor([0.0, 5.0, 100.0, 1.0]))
+    std = unit_where_constant(torch.tensor([2.2e-7, 0.0, 1e-9, 3.0]), torch.tensor([False, False, True, False]))
     assert std.tolist() == [pytest.approx(2.2e-7), 1.0, 1.0, 3.0]
     rng = np.random.default_rng(0)
     splits = {}
@@ -289,10 +290,15 @@ def test_a_feature_of_tiny_scale_is_standardised_not_taken_for_constant(tmp_path
         y = rng.integers(0, 2, n)
         x = rng.normal(size=(n, 8)).astype(np.float32)
         x[:, 0] = (rng.normal(size=n) + 4 * y) * 1e-7
+        x[:, 1] = np.where(y == 1, np.float32(1000.001), np.float32(1000.0))  # two values on a large offset
+        x[:, 2] = -7.77  # truly constant: std 1
         splits[name] = {"cls": x, "labels": y}
     write_arrays(tmp_path / "tiny.h5", splits, ["n", "p"], {"model": "m"}).close()
     t = fc.train_head(tmp_path / "tiny.h5", lr=1e-2, epochs=40, batch_size=32)
-    assert float(t.feature_std_[0]) == pytest.approx(np.std(splits["train"]["cls"][:, 0], ddof=1), rel=1e-3)
+    train_x = splits["train"]["cls"]
+    for j in (0, 1):  # as StandardScaler (ddof 1 here), not taken for constant
+        assert float(t.feature_std_[j]) == pytest.approx(np.std(train_x[:, j].astype(np.float64), ddof=1), rel=1e-3)
+    assert float(t.feature_std_[2]) == 1.0
     assert t.test_metrics_["auroc"] > 0.9
 
 
