@@ -29,7 +29,7 @@ from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
 from featcache.store import FeatureStore, open_features, parse_feature_kind
-from featcache.train import HeadTrainer, TrainConfig, batch_weight, load_for, loss_for, sample_weights, task_positive
+from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights, task_positive
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which HeadTrainer uses
 ADAM_EPS = 1e-8
@@ -274,15 +274,18 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
         xs = _epoch_views(cached, kinds, order)                      # one gather per epoch, shared by all K
         ys = first.train.y[order]
         totals = [torch.zeros(len(g.members), dtype=torch.float64, device=device) for g in groups]
-        seen = 0.0
+        # each batch's loss weighs by what its mean divides by (train.batch_weight), kept on the
+        # device: no host sync per batch
+        row_w = (loss_fn.weight[ys] if getattr(loss_fn, "weight", None) is not None and ys.dim() == 1
+                 else torch.ones(n, device=device))
         for i in range(0, n, base.batch_size):
             y = ys[i:i + base.batch_size]
             step += 1
-            w = batch_weight(loss_fn, y)
-            seen += w
+            w = row_w[i:i + base.batch_size].sum()
             for g, total in zip(groups, totals):
                 total += _stacked_backward(g, xs[g.kind][i:i + base.batch_size], y, loss_fn, first.multilabel) * w
                 _adamw_step(g, step)
+        seen = float(row_w.sum())
         losses = {k: loss / seen for g, total in zip(groups, totals) for k, loss in zip(g.members, total.tolist())}
         _validate(groups, cached, first, base.metric, epoch, stop, losses, positive)
         bar.set_postfix(active=sum(stop.active), best=f"{max(stop.best):.4f}")
