@@ -227,5 +227,8 @@ def predict(run_dir, features_file, split, out_csv, threshold, positive_class, q
     if pred.positive is not None:
         rule = f" (positive class {pred.classes[pred.positive]}, threshold {pred.threshold:.4g}: {pred.threshold_source})"
     elif pred.multilabel:
-        rule = f" (thresholds: {pred.threshold_source})"
+        t = 0.5 if pred.threshold is None else pred.threshold
+        values = (", ".join(f"{c} {v:.4g}" for c, v in zip(pred.classes, t)) if isinstance(t, (list, tuple))
+                  else f"{t:.4g} for every label")
+        rule = f" (thresholds {values}: {pred.threshold_source})"
     click.echo(f"wrote {len(pred.paths)} predictions to {out_csv}{rule}")

@@ -171,3 +171,17 @@ def test_a_small_multi_label_train_split_still_cross_validates(tmp_path):
                  {"model": "m"}).close()
     res = fc.run_probe(fc.open(tmp_path / "s.h5"), Cs=[0.1, 1.0], refit=False, cv=5)
     assert res.probe.best_C_ in (0.1, 1.0)
+
+
+def test_predict_says_which_thresholds_it_applied(tmp_path):
+    """A multi-label predict with --threshold 0.3 printed '(thresholds: --threshold)' without the value."""
+    path = _study(tmp_path)
+    t = fc.train_head(path, lr=0.02, epochs=2, metric="auroc")
+    t.apply_threshold("youden")
+    t.save(tmp_path / "run")
+    r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "p.csv"),
+                                 "--threshold", "0.3", "-q"])
+    assert r.exit_code == 0 and "(thresholds 0.3 for every label: --threshold)" in r.output, r.output
+    r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "p.csv"), "-q"])
+    values = t.extra_metrics_["threshold"]["value"]
+    assert r.exit_code == 0 and f"(thresholds effusion {values[0]:.4g}, nodule " in r.output, r.output
