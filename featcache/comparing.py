@@ -35,7 +35,7 @@ from featcache.metrics import (CLASS_AVERAGED, class_checker, decide, f1_class_c
                                resolve_positive, scalar_metrics)
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
-from featcache.store import FeatureStore, resolve_val_split
+from featcache.store import OWN_GROUP, FeatureStore, resolve_val_split
 
 MIN_FILES, MAX_FILES = 2, 20
 COMPARE_HEADS = ("linear",)
@@ -210,7 +210,7 @@ def _of_file(name: str, method: str, note: str) -> str:
 def _group_id(key: str) -> str | None:
     """A row's patient id as the file recorded it; None for a row without one (SplitView.row_groups
     gives such a row a key of its own, made from the file's row number)."""
-    return None if key.startswith("\x00") else key
+    return None if key.startswith(OWN_GROUP) else key
 
 
 def _group_text(key: str) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from featcache.knn import knn_eval
 from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
-                               threshold_record, train_coverage_notes,
+                               population_std, threshold_record, train_coverage_notes,
                                classification_metrics, decide, resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
 from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
@@ -493,9 +493,8 @@ def summarize_few_shot(per_try: Sequence[dict[str, Any]]) -> list[dict[str, Any]
         for m in ("top1", "balanced_accuracy"):
             values = np.array([r[m] for r in rows], dtype=np.float64)
             # one try has no spread to speak of: n/a, not a measured 0
-            # (equal values have std 0 exactly, not numpy's 1e-17 of rounding, as summarize_repeats)
             row[f"{m}_mean"] = float(values.mean())
-            row[f"{m}_std"] = None if len(values) < 2 else 0.0 if len(set(values.tolist())) == 1 else float(values.std())
+            row[f"{m}_std"] = population_std(values.tolist()) if len(values) > 1 else None
         out.append(row)
     return out
 

@@ -40,7 +40,7 @@ from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import selection_score
 from featcache.prediction import PREDICT_BATCH
 from featcache.store import FeatureStore
-from featcache.train import HeadTrainer, TrainConfig, batch_weight, load_for, loss_for, sample_weights, task_positive
+from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, row_weights, sample_weights, task_positive
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam/AdamW defaults, which HeadTrainer uses
 
@@ -239,11 +239,12 @@ def _epoch(stacks: list[HeadStack], cached: CachedSplits, cfg: TrainConfig, loss
     seen = 0
     for x, y in epoch_batches(cached, cached.train, cfg.batch_size, gen, epoch, True, weights, cfg.seed):
         state = _rng_state(device) if len(stacks) > 1 else None
+        w = float(row_weights(loss_fn, y).sum())
         for stack, total in zip(stacks, totals):
             if state is not None:
                 _set_rng_state(state, device)
-            total += train_step(stack, loss_fn, x, y, cfg.optimizer == "adamw").double().cpu() * batch_weight(loss_fn, y)
-        seen += batch_weight(loss_fn, y)
+            total += train_step(stack, loss_fn, x, y, cfg.optimizer == "adamw").double().cpu() * w
+        seen += w
     return [(t / max(seen, 1)).tolist() for t in totals]
 
 

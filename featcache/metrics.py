@@ -782,9 +782,9 @@ def class_checker(y_full: np.ndarray) -> Callable[[np.ndarray], bool]:
 def group_keys(groups: Sequence[Any]) -> list[str]:
     """One key per row: its patient id spelt once (stripped, 7.0 as 7), and a missing id (None, NaN,
     "") a patient of its own, as the store's row_groups has it, never one giant patient."""
-    from featcache.store import group_id  # the one spelling of an id (h5py only when groups are given)
+    from featcache.store import row_keys  # the one spelling of an id (h5py only when groups are given)
 
-    return [group_id(g) or f"\0row {i}" for i, g in enumerate(groups)]
+    return row_keys(groups)
 
 
 def resample_indices(n: int, n_boot: int, groups: Sequence[Any] | None, seed: int) -> list[np.ndarray]:
@@ -817,7 +817,11 @@ def summarize_repeats(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, 
         vals = [float(r[name]) for r in results if isinstance(r.get(name), numbers.Real)
                 and not isinstance(r.get(name), (bool, np.bool_)) and np.isfinite(r[name])]
         if vals:
-            # equal values have std 0, not the 1e-16 of their mean's rounding
-            std = float(np.std(vals)) if len(set(vals)) > 1 else 0.0
-            out[name] = {"median": float(np.median(vals)), "std": std, "values": vals}
+            out[name] = {"median": float(np.median(vals)), "std": population_std(vals), "values": vals}
     return out
+
+
+def population_std(values: Sequence[float]) -> float:
+    """The std (ddof 0) of repeated runs or tries; equal values have std 0 exactly, not the 1e-16 of
+    their mean's rounding."""
+    return float(np.std(values)) if len(set(values)) > 1 else 0.0

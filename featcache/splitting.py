@@ -30,7 +30,7 @@ import numpy as np
 
 from featcache.sources import (DEFAULT_GROUP_COLUMN, binary_cell, is_binary_column, read_manifest,
                                refuse_nearly_binary)
-from featcache.store import group_id
+from featcache.store import row_keys
 
 SPLIT_NAMES = ("train", "val", "test")
 NO_LABEL = "(none)"   # key of a multi-label row with no positive label
@@ -71,7 +71,7 @@ def _group_codes(groups: np.ndarray | Sequence | None, n: int) -> np.ndarray:
     """Integer group id per row; each row is its own group when groups is None."""
     if groups is None:
         return np.arange(n)
-    g = np.asarray([group_id(v) or f"\x00row {i}" for i, v in enumerate(groups)], dtype=object)  # unknown: alone
+    g = np.asarray(row_keys(groups), dtype=object)  # a row without an id: a group of its own
     if len(g) != n:
         raise ValueError(f"groups has {len(g)} entries but labels has {n}; give one group per row.")
     _, codes = np.unique(g, return_inverse=True)
@@ -193,8 +193,7 @@ def summarize_split(labels: np.ndarray | Sequence, groups: np.ndarray | Sequence
     """Rows, groups and class counts per split (multi-label: positives per label column)."""
     split = np.asarray(split, dtype=object)
     arr = np.asarray(labels)
-    g = (np.asarray([group_id(v) or f"\x00row {i}" for i, v in enumerate(groups)], dtype=object)
-         if groups is not None else None)
+    g = np.asarray(row_keys(groups), dtype=object) if groups is not None else None
     if arr.ndim == 2:
         classes = list(class_names) if class_names is not None else [str(i) for i in range(arr.shape[1])]
     else:

@@ -156,6 +156,15 @@ def group_id(value: Any) -> str:
     return str(value).strip()
 
 
+# the key of a row without a patient id starts so: a group of its own (ids are stripped text, never so)
+OWN_GROUP = "\x00"
+
+
+def row_keys(groups: Sequence[Any]) -> list[str]:
+    """One grouping key per row: its patient id spelt once (group_id), a missing id a group of its own."""
+    return [group_id(g) or f"{OWN_GROUP}row {i}" for i, g in enumerate(groups)]
+
+
 def manifest_hash(paths: Sequence[str], labels: np.ndarray, groups: Sequence[str] | None) -> str:
     """A stable hash of a split's rows, so resume can tell the dataset has not changed."""
     h = hashlib.sha256()
@@ -348,7 +357,7 @@ class SplitView:
         groups = self.groups
         if groups is None:
             return None
-        return [groups[i] or f"\x00{self.name}:{int(i)}" for i in rows]
+        return [groups[i] or f"{OWN_GROUP}{self.name}:{int(i)}" for i in rows]
     def table(self) -> "pandas.DataFrame":
         """The split's rows as a pandas DataFrame, for your own analysis (needs pandas).
 

@@ -29,7 +29,7 @@ from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
 from featcache.store import FeatureStore, open_features, parse_feature_kind
-from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, sample_weights, task_positive
+from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, row_weights, sample_weights, task_positive
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which HeadTrainer uses
 ADAM_EPS = 1e-8
@@ -274,10 +274,7 @@ def _fused_linear_sweep(store: FeatureStore, base: TrainConfig, grid: list[dict[
         xs = _epoch_views(cached, kinds, order)                      # one gather per epoch, shared by all K
         ys = first.train.y[order]
         totals = [torch.zeros(len(g.members), dtype=torch.float64, device=device) for g in groups]
-        # each batch's loss weighs by what its mean divides by (train.batch_weight), kept on the
-        # device: no host sync per batch
-        row_w = (loss_fn.weight[ys] if getattr(loss_fn, "weight", None) is not None and ys.dim() == 1
-                 else torch.ones(n, device=device))
+        row_w = row_weights(loss_fn, ys)  # each batch weighs by its sum, kept on the device (no sync per batch)
         for i in range(0, n, base.batch_size):
             y = ys[i:i + base.batch_size]
             step += 1

@@ -113,14 +113,14 @@ def loss_for(cached: CachedSplits, balance: str) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def batch_weight(loss_fn: nn.Module, y: torch.Tensor) -> float:
-    """What a batch's mean loss is a mean over: the summed class weights of its rows for a weighted
-    cross-entropy (whose mean divides by them), else its rows. An epoch's train loss weighs each
-    batch by it, so it is the weighted loss over the epoch's rows (not a mean of batch means)."""
+def row_weights(loss_fn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """What a batch's mean loss divides by, per row: its class weight for a weighted cross-entropy,
+    else 1. An epoch's train loss weighs each batch by their sum, so it is the weighted loss over the
+    epoch's rows (not a mean of batch means)."""
     weight = getattr(loss_fn, "weight", None)
     if weight is not None and y.dim() == 1:
-        return float(weight[y].sum())
-    return float(len(y))
+        return weight[y]
+    return torch.ones(len(y), device=y.device)
 
 
 def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -236,7 +236,7 @@ class HeadTrainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                w = batch_weight(loss_fn, y)
+                w = float(row_weights(loss_fn, y).sum())
                 total += loss.item() * w
                 seen += w
             train_loss = total / max(seen, 1)
