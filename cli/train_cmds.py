@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from featcache.metrics import tuned_on_validation
+from featcache.metrics import threshold_provenance, tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                checked_output_file, checked_run_dir, per_label_rows, positive_option, quiet_option,
@@ -81,7 +81,7 @@ def _decision_line(t: Any) -> str:
         return ""
     thr = t.threshold_ if t.threshold_ is not None else 0.5
     return f"; positive class {t.classes_[t.positive_]}, threshold {thr:.4g}" + (
-        f" ({t.threshold_rule_}, {_where_chosen(t)})" if tuned_on_validation(t.threshold_rule_) else "")
+        f" ({_where_chosen(t)})" if tuned_on_validation(t.threshold_rule_) else "")
 
 
 def _per_label_table(console: Console, t: Any) -> None:
@@ -93,12 +93,8 @@ def _per_label_table(console: Console, t: Any) -> None:
 
 
 def _where_chosen(t: Any) -> str:
-    """'chosen on validation', or why the rule stayed at the default (one class in validation)."""
-    record = t.extra_metrics_.get("threshold") or {}
-    if record.get("chosen_on") == "default":
-        return "left at the default (validation has one class)"
-    untuned = record.get("untuned") or []
-    return "chosen on validation" + (f"; 0.5 for {', '.join(untuned)}" if untuned else "")
+    """Where the head's threshold came from, in the words predict and the report use."""
+    return threshold_provenance(t.threshold_rule_, t.threshold_, t.threshold_untuned_)
 
 
 @cli.command()
@@ -138,7 +134,7 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
     echo_notes(console, t.notes_)
     if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
         value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
-        console.echo(f"threshold {t.threshold_rule_} {_where_chosen(t)}: {value}")
+        console.echo(f"threshold ({_where_chosen(t)}): {value}")
     console.echo(f"{head} head, {t.num_params_:,} parameters; best epoch {t.best_epoch_} "
                  f"(val {t.config.metric} {t.best_score_:.4f}); validation: {t.val_source_}"
                  + ("; tokens streamed from disk" if t.streamed_ else "") + _decision_line(t))

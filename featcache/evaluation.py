@@ -21,7 +21,7 @@ from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootst
                                classification_metrics, decide, resample_indices, resolve_positive)
 from featcache.names import CI_METRICS
 from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
-from featcache.prediction import array_proba, probe_head_payload
+from featcache.prediction import array_proba, probe_head_payload, saved_untuned
 from featcache.probe import LogisticProbe, expand_proba, resolve_cs
 from featcache.runs import write_run
 from featcache.store import FeatureStore, check_labels, resolve_val_split
@@ -231,8 +231,7 @@ class ProbeResult:
                "positive_class": None if self.positive is None else self.classes[self.positive],
                "notes": _with_few_shot_notes(self.warnings, self.few_shot)}
         if self.threshold is not None:
-            out["threshold"] = threshold_record(self.threshold_rule, self.threshold,
-                                                self.head[1].get("threshold_untuned") or ())
+            out["threshold"] = threshold_record(self.threshold_rule, self.threshold, saved_untuned(self.head[1]))
         elif self.positive is not None or p.multilabel_:  # decided at the default, as train records it
             out["threshold"] = threshold_record(DEFAULT_THRESHOLD_RULE, 0.5 if self.positive is not None
                                                 else [0.5] * len(self.classes))
@@ -305,7 +304,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
               "refit": refit, "bootstrap": bootstrap, "seed": int(seed), "max_iter": max_iter,
               "n_train": int(len(train.y)), "n_val": int(len(val.y)) if val else 0,
               "n_test": int(len(test.y)) if test else 0}
-    untuned: list[str] = []
+    untuned: dict[str, str] = {}
 
     def exported(threshold: float | list[float] | None) -> tuple[dict[str, Any], dict[str, Any]]:
         return probe_head_payload(probe, classes=classes, fingerprint=store.fingerprint,

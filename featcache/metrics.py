@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -438,14 +439,15 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, method: str = "youd
 def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.ndarray,
                           positive: int | None, notes: list[str] | None = None,
                           names: Sequence[str] | None = None,
-                          untuned_out: list[str] | None = None,
+                          untuned_out: dict[str, str] | None = None,
                           train_y: np.ndarray | None = None) -> float | list[float] | None:
     """The threshold a rule gives on validation: "youden", "sensitivity:0.95" or a number in (0, 1);
     None for the default rule on a multiclass task (argmax), which refuses any other rule.
 
     Where validation has one class only (the positive class, or a label, never or always present)
     there is nothing to tune on: the threshold stays at 0.5 and a line saying so is appended to
-    `notes` (label names from `names`) and the class or label is added to `untuned_out`, so no
+    `notes` (label names from `names`) and the class or label is added to `untuned_out` (name ->
+    why: "no positives in validation"), so no
     one reads it as chosen on validation. The same holds where `train_y` has one class only for
     it: the output never learned it (a probe's is a constant, whose 'best' threshold is 0 = every
     row positive)."""
@@ -480,20 +482,20 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
         raise ValueError(f"--threshold youden takes no target (it maximises sensitivity + specificity - 1); got "
                          f"{rule!r}. For a sensitivity goal use sensitivity:TARGET.")
     untuned: list[str] = []       # prose for the note
-    untuned_names: list[str] = []  # the bare class / label names, for metrics.json and the head
 
     untrained: list[str] = []
+    reasons: dict[str, str] = {}   # the bare class / label names -> why, for metrics.json and the head
 
     def pick(y: np.ndarray, scores: np.ndarray, what: str, name: str, seen: np.ndarray | None) -> float:
         if method not in TUNED_METHODS:
             return float(rule)
         if seen is not None and len(seen) and seen.min() == seen.max():  # one class in train: never learned
-            untrained.append(f"{what} {name} ({'no positives' if seen.max() == 0 else 'no negatives'} in train)")
-            untuned_names.append(name)
+            reasons[name] = f"{'no positives' if seen.max() == 0 else 'no negatives'} in train"
+            untrained.append(f"{what} {name} ({reasons[name]})")
             return DEFAULT_THRESHOLD
         if y.min() == y.max():  # one class only in validation: nothing to tune on
             untuned.append(f"{what} {name} ({'no positives' if y.max() == 0 else 'no negatives'})")
-            untuned_names.append(name)
+            reasons[name] = f"{'no positives' if y.max() == 0 else 'no negatives'} in validation"
             return DEFAULT_THRESHOLD
         return choose_threshold(y, scores, method, goal)
 
@@ -507,7 +509,7 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
         value = [pick(val_y[:, j], val_proba[:, j], "label", str(names[j]) if names else str(j),
                       None if train_y is None else train_y[:, j]) for j in range(val_y.shape[1])]
     if untuned_out is not None:
-        untuned_out.extend(untuned_names)
+        untuned_out.update(reasons)
     if untuned and notes is not None:
         notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
                      f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
@@ -542,16 +544,36 @@ def tuned_on_validation(rule: str | None) -> bool:
     return rule is not None and str(rule).strip().partition(":")[0] in TUNED_METHODS
 
 
-def threshold_record(rule: str, value: float | list[float], untuned: Sequence[str] = ()) -> dict[str, Any]:
+def threshold_record(rule: str, value: float | list[float],
+                     untuned: Mapping[str, str] | Sequence[str] = ()) -> dict[str, Any]:
     """metrics.json's account of a decision threshold: the rule, its value, and where it came from
     ("val"; "default" for the default 0.5, and where validation had one class and the rule fell
     back to 0.5 for every class or label; "given" for another number). `untuned` names the classes
-    or labels left at 0.5."""
+    or labels left at 0.5 (a mapping to why for each: one class in train or validation, recorded as
+    `untuned_why`)."""
     chosen = "default" if str(rule).strip() == DEFAULT_THRESHOLD_RULE else "given"
     if tuned_on_validation(rule):
         everywhere = not isinstance(value, list) or len(untuned) == len(value)
         chosen = "default" if untuned and everywhere else "val"
-    return {"rule": rule, "value": value, "chosen_on": chosen, "untuned": list(untuned)}
+    return {"rule": rule, "value": value, "chosen_on": chosen, "untuned": list(untuned),
+            "untuned_why": dict(untuned) if isinstance(untuned, Mapping) else {}}
+
+
+def threshold_provenance(rule: str | None, value: float | list[float] | None,
+                         untuned: Mapping[str, str] | Sequence[str] = ()) -> str:
+    """Where a decision threshold came from, in the one wording train, predict and the report print:
+    "the default", "given", "youden, chosen on validation", "youden, chosen on validation; the
+    default 0.5 for hernia (no positives in train)" or, where nothing could be tuned anywhere,
+    "youden: the default 0.5 for pos (no positives in validation)". Runs written before reasons
+    were recorded say "nothing to tune on"."""
+    rule = DEFAULT_THRESHOLD_RULE if rule is None else str(rule).strip()
+    if not tuned_on_validation(rule):
+        return "the default" if rule == DEFAULT_THRESHOLD_RULE else "given"
+    why = untuned if isinstance(untuned, Mapping) else {}
+    left = ", ".join(f"{n} ({why.get(n) or 'nothing to tune on'})" for n in untuned)
+    if untuned and (not isinstance(value, list) or len(untuned) == len(value)):
+        return f"{rule}: the default {DEFAULT_THRESHOLD:g} for {left}"
+    return f"{rule}, chosen on validation" + (f"; the default {DEFAULT_THRESHOLD:g} for {left}" if untuned else "")
 
 
 _SCALARS: dict[str, Callable[[np.ndarray, np.ndarray, int | None], float | None]] = {

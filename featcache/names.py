@@ -11,6 +11,8 @@ from __future__ import annotations
 FEATURE_KINDS = ("cls", "pooled", "cls+pooled")
 # heads of heads.HEADS (linear/mlp read feature kinds, mixer/attn read full tokens)
 HEAD_NAMES = ("linear", "mlp", "mixer", "attn")
+# TrainConfig settings only some head kinds read (the others record them without effect)
+HEAD_ONLY_SETTINGS = {"hidden": ("mlp",), "dropout": ("mlp", "attn")}
 # one number to select epochs, configurations and C by (higher is better; loss is negated)
 SELECTION_METRICS = ("accuracy", "balanced_accuracy", "auroc", "loss")
 # how a head meets imbalanced classes: weighted loss, class-balanced batches, nothing

@@ -17,7 +17,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 
 from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
-from featcache.metrics import DEFAULT_THRESHOLD_RULE, decide, tuned_on_validation
+from featcache.metrics import DEFAULT_THRESHOLD_RULE, decide, threshold_provenance, tuned_on_validation
 from featcache.runs import check_output_file, read_json, write_json
 from featcache.store import FeatureStore, FeatureStoreError, config_differences, read_rows
 
@@ -78,8 +78,10 @@ def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], finger
                  features: str, mean: torch.Tensor | None, std: torch.Tensor | None,
                  threshold: float | list[float] | None, threshold_rule: str | None, positive: int | None,
                  multilabel: bool, source: str, recipe: dict[str, Any],
-                 threshold_untuned: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) that save_head writes and load_head reads back."""
+                 threshold_untuned: Mapping[str, str] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) that save_head writes and load_head reads back. `threshold_untuned`: the
+    classes / labels whose threshold rule fell back to 0.5, and why."""
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if mean is not None:  # float64 statistics (a probe's scaler) stay float64: see standardize
         cast = (lambda t: t.double()) if mean.dtype == torch.float64 else (lambda t: t.float())
@@ -88,8 +90,8 @@ def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], finger
     meta = {"format": HEAD_FORMAT, "spec": spec.as_dict(), "classes": list(classes), "fingerprint": fingerprint,
             "model": model_name, "features": features, "multilabel": multilabel, "source": source,
             "positive_class": None if positive is None else classes[positive],
-            "threshold": threshold, "threshold_rule": threshold_rule, "threshold_untuned": list(threshold_untuned),
-            "recipe": recipe}
+            "threshold": threshold, "threshold_rule": threshold_rule, "threshold_untuned": list(threshold_untuned or {}),
+            "threshold_untuned_why": dict(threshold_untuned or {}), "recipe": recipe}
     return tensors, meta
 
 
@@ -411,20 +413,22 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
     return positive, 0.5, "default 0.5"
 
 
+def saved_untuned(meta: dict[str, Any]) -> dict[str, str]:
+    """A saved head's classes / labels whose threshold rule fell back to 0.5 -> why ("" for heads
+    saved before the reason was recorded)."""
+    why = meta.get("threshold_untuned_why") or {}
+    return {str(n): str(why.get(n, "")) for n in meta.get("threshold_untuned") or []}
+
+
 def saved_threshold_source(meta: dict[str, Any]) -> str:
-    """Where a head's saved threshold came from, as predict reports it: chosen on validation, left
-    at 0.5 where validation had one class, the default, or a number given at training."""
-    rule, untuned = meta.get("threshold_rule"), list(meta.get("threshold_untuned") or [])
-    values = meta.get("threshold")
-    shown = ", ".join(f"{v:.4g}" for v in values) if isinstance(values, list) else None
+    """Where a head's saved threshold came from, as predict reports it, in the words train and the
+    report use (metrics.threshold_provenance), then the saved values of a multi-label head."""
+    rule, values = meta.get("threshold_rule"), meta.get("threshold")
+    how = threshold_provenance(rule, values, saved_untuned(meta))
     if not tuned_on_validation(rule):
-        how = "the default" if rule in (None, DEFAULT_THRESHOLD_RULE) else "as given at training"
-    elif untuned and (not isinstance(values, list) or len(untuned) == len(values)):
-        how = f"validation had one class for {', '.join(untuned)}, so it stayed at the default"
-    else:
-        how = "chosen on validation" + (f"; left at 0.5 for {', '.join(untuned)} (one class in validation)"
-                                        if untuned else "")
-    return f"saved ({rule or DEFAULT_THRESHOLD_RULE}, {how}" + (f": {shown})" if shown else ")")
+        how = f"{rule or DEFAULT_THRESHOLD_RULE}, {how}"
+    shown = ", ".join(f"{v:.4g}" for v in values) if isinstance(values, list) else None
+    return f"saved ({how}" + (f": {shown})" if shown else ")")
 
 
 def exact_text(value: float) -> str:
@@ -464,7 +468,8 @@ def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
 def probe_head_payload(probe: Any, *, classes: list[str], fingerprint: str, model_name: str | None, features: str,
                        threshold: float | list[float] | None, threshold_rule: str | None, positive: int | None,
                        recipe: dict[str, Any],
-                       threshold_untuned: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                       threshold_untuned: Mapping[str, str] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A fitted LogisticProbe as a featcache linear head: the scaler becomes the standardisation and
     the logistic regression(s) one (C, D) weight matrix, so predict treats probes and heads alike.
 

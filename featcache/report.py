@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from featcache.metrics import threshold_provenance
+from featcache.names import HEAD_ONLY_SETTINGS
 from featcache.runs import Run, attribute_json, load_run
 
 # metrics shown in the comparison table, in this order, when any run has them
@@ -111,27 +113,21 @@ def split_label(run: Run, split: str | None) -> str:
 
 
 def threshold_text(run: Run, block: dict[str, Any]) -> str:
-    """0.0779 (youden, chosen on val), 0.3 (given), or the bare number of an older run."""
+    """0.0779 (youden, chosen on validation), 0.3 (given), in the words train and predict print
+    (metrics.threshold_provenance); the bare number of an older run."""
     value = block.get("threshold")
     record = run.metrics.get("threshold")
+    how = ""
+    if isinstance(record, dict) and record.get("rule") and not isinstance(value, dict):
+        why = record.get("untuned_why") or {}
+        untuned = {str(n): str(why.get(n, "")) for n in record.get("untuned") or []}
+        how = f" ({threshold_provenance(record['rule'], record.get('value', value), untuned)})"
     if isinstance(value, list):  # multi-label: one threshold per finding, named
         entries = next((b.get("per_label") for b in (run.metrics.get("test"), run.metrics.get("val"))
                         if isinstance(b, dict) and isinstance(b.get("per_label"), list)), None) or []
         labels = [e.get("label") for e in entries if isinstance(e, dict)]
-        parts = [f"{labels[j] if j < len(labels) else j} {format_cell(v)}" for j, v in enumerate(value)]
-        how = ""
-        if isinstance(record, dict) and record.get("rule"):
-            untuned = record.get("untuned") or []
-            how = f" ({record['rule']}, {'chosen on val' if record.get('chosen_on') == 'val' else record.get('chosen_on')}" \
-                  + (f"; the default for {', '.join(map(str, untuned))}" if untuned else "") + ")"
-        return ", ".join(parts) + how
-    if isinstance(record, dict) and record.get("rule") and not isinstance(value, (list, dict)):
-        where = {"val": "chosen on val",
-                 "default": "one class in val: the default" if record.get("untuned") else "the default"}.get(
-            record.get("chosen_on"), "given")
-        rule = record["rule"]
-        return f"{format_cell(value)} ({rule}, {where})" if where != "given" else f"{format_cell(value)} (given)"
-    return format_cell(value)
+        return ", ".join(f"{labels[j] if j < len(labels) else j} {format_cell(v)}" for j, v in enumerate(value)) + how
+    return format_cell(value) + how
 
 
 def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
@@ -359,7 +355,12 @@ def _readable(value: Any) -> Any:
 
 
 def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """A run's settings as (key, text); a head's settings its kind does not read (a linear head's
+    hidden width and dropout) are left out, so the table lists what shaped the run."""
+    head = config.get("head")
+    unused = {k for k, kinds in HEAD_ONLY_SETTINGS.items() if isinstance(head, str) and head not in kinds}
     keys = [k for k in CONFIG_FIRST if k in config] + sorted(k for k in config if k not in CONFIG_FIRST)
+    keys = [k for k in keys if k not in unused]
     rows = []
     resolved = config.get("splits") if isinstance(config.get("splits"), dict) else {}
     for key in keys:

@@ -275,7 +275,7 @@ class HeadTrainer:
         self.positive_ = task_positive(cached, cfg.positive_class)
         self.threshold_: float | list[float] | None = None
         self.threshold_rule_: str | None = None
-        self.threshold_untuned_: list[str] = []   # classes / labels whose rule fell back to 0.5
+        self.threshold_untuned_: dict[str, str] = {}   # classes / labels whose rule fell back to 0.5 -> why
         leak = store.leakage_note([cached.train.name, cached.val.name, cached.test.name if cached.test else None])
         self.notes_: list[str] = [leak] if leak else []
         # whether the kept head learned: here for a head trained alone and for a sweep's best alike
@@ -309,7 +309,7 @@ class HeadTrainer:
         "sensitivity:0.95" or a number), then recompute val and test metrics at it. Multi-label
         labels each get their own threshold. Multiclass tasks decide by argmax: any rule but the
         default 0.5 is refused there."""
-        untuned: list[str] = []
+        untuned: dict[str, str] = {}
         self.threshold_ = choose_threshold_rule(rule, self.val_y_, self.val_proba_, self.positive_, self.notes_,
                                                 self.classes_, untuned, train_y=self.train_y_)
         self.threshold_rule_ = rule if self.threshold_ is not None else None

@@ -156,7 +156,8 @@ def test_report_names_each_findings_threshold(tmp_path):
     page = (tmp_path / "rep" / "report.html").read_text()
     values = t.extra_metrics_["threshold"]["value"]
     assert (f"effusion {values[0]:.4f}, nodule {values[1]:.4f}, mass {values[2]:.4f}, hernia 0.5000 (youden, chosen "
-            f"on val; the default for ") in page
+            f"on validation; the default 0.5 for nodule (no positives in validation), hernia (no positives in "
+            f"train))") in page  # the wording train and predict print, each finding's reason named
     assert "<td>val_split</td><td>default (val)</td>" in page  # was 'none' beside the val metrics
 
 
@@ -185,3 +186,27 @@ def test_predict_says_which_thresholds_it_applied(tmp_path):
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(path), "--out", str(tmp_path / "p.csv"), "-q"])
     values = t.extra_metrics_["threshold"]["value"]
     assert r.exit_code == 0 and f"(thresholds effusion {values[0]:.4g}, nodule " in r.output, r.output
+
+
+def test_train_predict_and_report_say_where_a_threshold_came_from_in_the_same_words(tmp_path):
+    """The train console said 'threshold youden chosen on validation; 0.5 for hernia', predict
+    'saved (youden, chosen on validation; left at 0.5 for hernia (one class in validation))' — for a
+    finding that had no positive in *train* — and the report '(youden, chosen on val; the default for
+    hernia)': three accounts of one threshold, one of them wrong about why."""
+    from featcache.report import write_report
+
+    path = _study(tmp_path, no_hernia_in_train=True)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", str(path), "--epochs", "3", "--lr", "0.02", "--threshold", "youden",
+                                 "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    record = fc.load_run(run).metrics["threshold"]
+    assert record["untuned_why"]["hernia"] == "no positives in train"
+    assert all(record["untuned_why"][n].startswith("no positives in ") for n in record["untuned"])
+    why = ", ".join(f"{n} ({record['untuned_why'][n]})" for n in record["untuned"])
+    words = f"youden, chosen on validation; the default 0.5 for {why}"
+    assert f"threshold ({words}): " in r.output
+    pred = fc.predict(run, path)
+    assert pred.threshold_source.startswith(f"saved ({words}: ")
+    write_report([run], tmp_path / "rep")
+    assert f"({words})</td>" in (tmp_path / "rep" / "report.html").read_text()

@@ -236,7 +236,7 @@ def test_report_never_shows_one_runs_numbers_or_figures_as_anothers(tmp_path):
     assert "| best lr | 0.00125 |" in md
     page = paths["html"].read_text()
     assert "<td>test (median of 3 seeds)</td><td>n/a</td><td>n/a</td><td>0.9100</td>" in page  # not seed 0's 0.70
-    assert "0.0779 (youden, chosen on val)" in page
+    assert "0.0779 (youden, chosen on validation)" in page
     assert "| auroc | n/a |" in md and "AUROC undefined: one class present" in md
     assert "### Per label" in md and "| nodule | n/a | 0.2500 |" in md
     with pytest.raises(ValueError, match="--positive-class malignant: none of these runs is a binary task"):
@@ -251,3 +251,26 @@ def test_knn_results_table_keeps_each_ks_interval(tmp_path):
         {"k": 20, "temperature": 0.07, "top1": 0.975, "top1_ci": [0.9611, 0.9889]}]}, kind="knn")
     md = write_report([run], tmp_path / "r")["md"].read_text()
     assert "| 10 | 0.07 | 0.9806 [0.9666, 0.9944] |" in md and "| 20 | 0.07 | 0.9750 [0.9611, 0.9889] |" in md
+
+
+def test_report_lists_only_the_settings_a_head_kind_reads(digits_feature_file, tmp_path):
+    """A linear head's Configuration table listed hidden 512 and dropout 0.1, which it never had."""
+    import re
+
+    import featcache as fc
+    from featcache.report import write_report
+
+    for head in ("linear", "mlp"):
+        fc.train_head(digits_feature_file, head=head, epochs=1, hidden=16, dropout=0.25).save(tmp_path / head)
+    write_report([tmp_path / "linear", tmp_path / "mlp"], tmp_path / "rep")
+    page = (tmp_path / "rep" / "report.html").read_text()
+    sections = {h: page[page.index(f"<h2 id='{h}'>"):].split("<h2 id=")[1] for h in ("linear", "mlp")}
+
+    def config(section: str) -> str:
+        start = section.index("<h3>Configuration</h3>")
+        return section[start:section.index("</table>", start)]
+
+    assert "<td>lr</td>" in config(sections["linear"])
+    assert not re.search(r"<td>(hidden|dropout)</td>", config(sections["linear"]))
+    assert "<td>hidden</td><td>16</td>" in config(sections["mlp"])
+    assert "<td>dropout</td><td>0.25</td>" in config(sections["mlp"])

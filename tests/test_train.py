@@ -237,7 +237,7 @@ def test_threshold_chosen_on_validation_is_applied_to_test(tmp_path):
     ref = classification_metrics(t.test_y_, t.test_proba_, threshold=chosen)
     assert t.test_metrics_["specificity"] == pytest.approx(ref["specificity"])
     r = CliRunner().invoke(cli, ["train", str(path), "--epochs", "10", "--lr", "1e-2", "--threshold", "youden", "--quiet"])
-    assert r.exit_code == 0 and "threshold youden chosen on validation" in r.output
+    assert r.exit_code == 0 and "threshold (youden, chosen on validation): " in r.output
 
 
 def test_arrays_in_equal_the_same_arrays_imported_into_a_file(digits_arrays, tmp_path):

@@ -160,10 +160,11 @@ def test_a_given_threshold_is_not_reported_as_chosen_on_validation(tmp_path):
     assert res.exit_code == 0, res.output
     assert "chosen on validation" not in res.output
     metrics = fc.load_run(run).metrics
-    assert metrics["threshold"] == {"rule": "0.3", "value": 0.3, "chosen_on": "given", "untuned": []}
+    assert metrics["threshold"] == {"rule": "0.3", "value": 0.3, "chosen_on": "given", "untuned": [],
+                                    "untuned_why": {}}
     out = CliRunner().invoke(cli, ["predict", str(run), str(path), "--out", str(tmp_path / "p.csv")])
     assert out.exit_code == 0, out.output
-    assert "threshold 0.3: saved (0.3, as given at training)" in out.output
+    assert "threshold 0.3: saved (0.3, given)" in out.output
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,11 +453,13 @@ def test_a_threshold_left_at_the_default_is_not_called_chosen_on_validation(tmp_
         record = fc.load_run(run).metrics["threshold"]
         assert record["chosen_on"] == "default" and record["value"] == 0.5, record
         assert record["untuned"] == ["pos"]  # the bare class name (the note says why)
+        assert record["untuned_why"] == {"pos": "no positives in validation"}
         pred = fc.predict(run, tmp_path / "f.h5")
-        assert "stayed at the default" in pred.threshold_source and "chosen on validation" not in pred.threshold_source
+        assert "chosen on validation" not in pred.threshold_source
+        assert pred.threshold_source == "saved (youden: the default 0.5 for pos (no positives in validation))"
     loud = CliRunner().invoke(cli, ["train", str(tmp_path / "f.h5"), "--epochs", "3", "--threshold", "youden"])
     assert loud.exit_code == 0 and "chosen on validation" not in loud.output, loud.output
-    assert "left at the default (validation has one class)" in loud.output
+    assert "(youden: the default 0.5 for pos (no positives in validation))" in loud.output
 
 
 def test_a_repeats_run_in_the_report_shows_the_seeds_median_threshold(tmp_path):
@@ -790,7 +793,8 @@ def test_machine_readable_outputs_hold_what_the_console_says(tmp_path):
                             "--json", str(tmp_path / "p.json"), "-q"])
     assert r.exit_code == 0, r.output
     probe = json.loads((tmp_path / "p.json").read_text())
-    assert probe["threshold"] == {"rule": "0.5", "value": 0.5, "chosen_on": "default", "untuned": []}  # as train's
+    assert probe["threshold"] == {"rule": "0.5", "value": 0.5, "chosen_on": "default", "untuned": [],
+                                  "untuned_why": {}}  # as train's
     assert any("fewer train rows than 20 shots" in n for n in probe["notes"]), probe["notes"]
     write_arrays(tmp_path / "v1.h5", {"train": {"cls": x[:30], "labels": y[:30]}, "val": {"cls": x[30:40],
                  "labels": np.zeros(10, int)}}, ["neg", "pos"], {"model": "m"})
