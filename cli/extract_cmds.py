@@ -19,8 +19,8 @@ def _window(value: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise click.BadParameter(f"expected CENTRE,WIDTH such as 40,400; got {value!r}",
                                  param_hint="--window") from None
-    if width <= 0:
-        raise click.BadParameter(f"the window width must be positive; got {width}", param_hint="--window")
+    if width < 1:  # DICOM's LINEAR window is at least 1 wide (PS3.3 C.11.2.1.2.1)
+        raise click.BadParameter(f"the window width must be >= 1; got {width:g}", param_hint="--window")
     return centre, width
 
 

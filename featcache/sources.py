@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -474,12 +474,15 @@ def _has_dicm_magic(path: Path) -> bool:
 SIXTEEN_BIT_AS_I = ("PNG", "PPM")  # Pillow formats whose mode-I images hold 16-bit values (PGM is "PPM")
 # the version of featcache's decoding rules, recorded in each file (provenance, not fingerprint): a
 # resume or --update of a file made under older rules warns, since some inputs decode differently now;
-# DECODE_RULES_CHANGES says, per version (2: 2026-12-01), which inputs
-DECODE_RULES = 2
+# DECODE_RULES_CHANGES says, per version (2 and 3: 2026-12-01), which inputs
+DECODE_RULES = 3
 DECODE_RULES_CHANGES = {2: "PNGs with a transparency key colour, 16-bit PGM/PPM images, 32-bit integer TIFFs, "
                            "float images with NaN pixels, "
                            "DICOM with a SIGMOID or LINEAR_EXACT VOI function, multi-picture (MPO) JPEGs under "
-                           "--fast-decode, and float16/bfloat16 checkpoints (now run in float32)"}
+                           "--fast-decode, and float16/bfloat16 checkpoints (now run in float32)",
+                    3: "DICOM with an 8-bit VOI LUT of more than 256 entries (was wrapped), Enhanced multi-frame "
+                       "DICOM under --frame (its functional groups' rescale and window now apply), JPEG 2000 colour "
+                       "DICOM (YBR_RCT/YBR_ICT, was an error) and DICOM with empty window tags (was an error)"}
 
 
 def to_rgb(img: "Image.Image") -> "Image.Image":
@@ -516,24 +519,36 @@ def to_rgb(img: "Image.Image") -> "Image.Image":
 def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), name: str | None = None
                ) -> "Image.Image":
     """DICOM -> 8-bit RGB: modality LUT, then VOI LUT / window (or options.window), MONOCHROME1
-    inverted; without any window the full range of the rescaled data maps to 0..255."""
+    inverted; without any window the full range of the rescaled data maps to 0..255. An Enhanced
+    multi-frame file's per-frame (or shared) rescale and window apply to the chosen frame. Anything
+    pydicom cannot apply is an ImageDecodeError with a one-line reason (the errors table's)."""
     from PIL import Image
 
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut
     except ImportError:
         raise ImageDecodeError("pydicom is not installed: pip install 'featcache[dicom]'") from None
+    label = name or (Path(path).name if isinstance(path, (str, Path)) else "the file")
     try:
         ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError:
+        raise ImageDecodeError("not a DICOM Part 10 file (no 'DICM' preamble or file meta information): save "
+                               "it as a standard DICOM file") from None
     except Exception as exc:
-        raise ImageDecodeError(f"not a readable DICOM file: {exc}") from None
+        raise ImageDecodeError(f"not a readable DICOM file: {_one_line(exc)}") from None
     if "PixelData" not in ds:
-        raise ImageDecodeError("DICOM file has no pixel data (or it is truncated before them)")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+        raise ImageDecodeError(f"DICOM {other[0]} (float pixels, e.g. a parametric map) is not supported" if other
+                               else "DICOM file has no pixel data (or it is truncated before them)")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(f"DICOM NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number") from None
     if frames > 1 and options.frame is None:
-        raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {name or Path(path).name}: pass --frame N "
-                               f"to pick one")
+        raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {label}: pass --frame N to pick one")
+    if frames > 1 and not 0 <= options.frame < frames:
+        raise ImageDecodeError(f"--frame {options.frame} out of range: {label} has {frames} frames")
     if hasattr(ds, "pixel_array_options"):
         # pydicom >= 3 converts YBR to RGB by default; the stored values are converted once, below
         ds.pixel_array_options(as_rgb=False)
@@ -541,14 +556,33 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
         arr = ds.pixel_array
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(ts, "name", ts)
-        reason = " ".join(str(exc).split())  # one line for the errors table
-        raise ImageDecodeError(f"cannot decode DICOM pixel data (transfer syntax {name}): {reason}") from None
+        raise ImageDecodeError(f"cannot decode DICOM pixel data (transfer syntax {getattr(ts, 'name', ts)}): "
+                               f"{_one_line(exc)}") from None
     if frames > 1:
-        if not 0 <= options.frame < frames:
-            raise ImageDecodeError(f"--frame {options.frame} out of range: {path.name} has {frames} frames")
         arr = arr[options.frame]
+        _frame_functional_groups(ds, options.frame)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        if photometric == "PALETTE COLOR" or photometric in COLOUR_PHOTOMETRICS or arr.ndim == 3:
+            return Image.fromarray(_dicom_colour(arr, ds, photometric), "RGB")
+        out = _dicom_grey(apply_modality_lut(arr, ds).astype(np.float64), ds, options)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # a malformed LUT or tag: the file's problem, said in one line
+        raise ImageDecodeError(f"DICOM pixel pipeline failed ({type(exc).__name__}): {_one_line(exc)}") from None
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return Image.fromarray(out, "L").convert("RGB")
+
+
+# photometric interpretations whose decoded samples are RGB or YBR_FULL-family colour. YBR_RCT /
+# YBR_ICT (JPEG 2000) are RGB once decoded: the decoder undoes the component transform (PS3.5 8.2.4).
+COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+
+
+def _dicom_colour(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
+    """Colour DICOM as 8-bit RGB: YBR_FULL(_422) converted once, 8-bit samples as stored, deeper
+    ones scaled by BitsStored; PALETTE COLOR through the file's colour table."""
     if photometric == "PALETTE COLOR":  # stored values are indices into the file's colour table
         from pydicom.pixels import apply_color_lut
 
@@ -556,33 +590,101 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
             rgb = apply_color_lut(arr, ds)
             bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
         except Exception as exc:
-            raise ImageDecodeError(f"PALETTE COLOR DICOM whose colour table cannot be applied: {exc}") from None
+            raise ImageDecodeError(f"PALETTE COLOR DICOM whose colour table cannot be applied: {_one_line(exc)}"
+                                   ) from None
         if bits <= 8:
-            return Image.fromarray(np.ascontiguousarray(rgb.astype(np.uint8)), "RGB")
-        return Image.fromarray(_scale_to_uint8(rgb.astype(np.float64), (0.0, float(2 ** bits - 1))), "RGB")
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or arr.ndim == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+            return np.ascontiguousarray(rgb.astype(np.uint8))
+        return _scale_to_uint8(rgb.astype(np.float64), (0.0, float(2 ** bits - 1)))
+    if photometric not in COLOUR_PHOTOMETRICS:
+        raise ImageDecodeError(f"DICOM photometric interpretation {photometric} is not supported (expected "
+                               f"MONOCHROME1/2, PALETTE COLOR or one of {', '.join(COLOUR_PHOTOMETRICS)})")
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ImageDecodeError(f"{photometric} DICOM with pixel array of shape {arr.shape} (expected rows x "
+                               f"columns x 3)")
+    if photometric.startswith("YBR_FULL"):
+        from pydicom.pixels import convert_color_space
 
-            arr = convert_color_space(arr, photometric, "RGB")
-        if arr.dtype == np.uint8:  # 8-bit colour is shown as stored, never stretched to its own min..max
-            return Image.fromarray(np.ascontiguousarray(arr), "RGB")
-        bits = int(getattr(ds, "BitsStored", 8 * arr.dtype.itemsize))
-        return Image.fromarray(_scale_to_uint8(arr.astype(np.float64), (0.0, float(2 ** bits - 1))), "RGB")
-    data = apply_modality_lut(arr, ds).astype(np.float64)
+        arr = convert_color_space(arr, photometric, "RGB")
+    if arr.dtype == np.uint8:  # 8-bit colour is shown as stored, never stretched to its own min..max
+        return np.ascontiguousarray(arr)
+    bits = int(getattr(ds, "BitsStored", 8 * arr.dtype.itemsize))
+    return _scale_to_uint8(arr.astype(np.float64), (0.0, float(2 ** bits - 1)))
+
+
+def _dicom_grey(data: np.ndarray, ds: Any, options: DecodeOptions) -> np.ndarray:
+    """Modality values -> 0..255: --window, else the file's VOI LUT, else its window, else its own
+    min..max (an empty VOI LUT sequence or window tag counts as absent)."""
     if options.window is not None:
         centre, width = options.window
-        out = _window(data, centre, width)
-    elif "VOILUTSequence" in ds:
-        out = _scale_to_uint8(apply_voi_lut(data, ds).astype(np.float64), _voi_range(ds))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        return _window(data, centre, width)
+    if ds.get("VOILUTSequence"):
+        return _voi_lut(data, ds)
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre not in (None, "") and width not in (None, ""):
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-        out = _window(data, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+        return _window(data, _first(centre), _first(width), function)
+    return _scale_to_uint8(data, None)
+
+
+def _voi_lut(data: np.ndarray, ds: Any) -> np.ndarray:
+    """The file's first VOI LUT (PS3.3 C.11.2.1.2): a value below the first mapped one takes the first
+    entry, one past the table the last, and the entries' bit depth maps onto 0..255. Indexed here in
+    int64 (pydicom 3.0 indexes in the entries' own dtype: an 8-bit LUT of 4,096 entries wrapped)."""
+    item = ds.VOILUTSequence[0]
+    count, first, bits = (int(v) for v in item.LUTDescriptor)
+    count = count or 2 ** 16
+    if bits not in (8, *range(10, 17)):
+        raise ImageDecodeError(f"DICOM VOI LUT with {bits} bits per entry (expected 8 or 10-16)")
+    lut = _lut_entries(item, ds, count, bits)
+    index = np.clip(np.floor(data) - first, 0, count - 1).astype(np.int64)
+    return _scale_to_uint8(lut[index].astype(np.float64), (0.0, float(2 ** bits - 1)))
+
+
+def _lut_entries(item: Any, ds: Any, count: int, bits: int) -> np.ndarray:
+    """A LUT item's LUTData as `count` integers: US values as pydicom parsed them, OW bytes as
+    16-bit words in the file's byte order (8-bit entries packed two to a word where the data hold
+    `count` bytes)."""
+    element = item["LUTData"]
+    if element.VR == "OW" or isinstance(element.value, (bytes, bytearray)):
+        raw = bytes(element.value)
+        little = getattr(ds, "original_encoding", (None, True))[1]
+        if little is None:
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            little = True if ts is None else bool(ts.is_little_endian)
+        if bits == 8 and len(raw) in (count, count + 1):
+            lut = np.frombuffer(raw[:count], dtype=np.uint8)
+        else:
+            lut = np.frombuffer(raw[:2 * (len(raw) // 2)], dtype="<u2" if little else ">u2")
     else:
-        out = _scale_to_uint8(data, None)
-    if photometric == "MONOCHROME1":
-        out = 255 - out
-    return Image.fromarray(out, "L").convert("RGB")
+        value = element.value
+        lut = np.atleast_1d(np.asarray(value if value is not None else [], dtype=np.int64))
+    if len(lut) < count:
+        raise ImageDecodeError(f"DICOM VOI LUT holds {len(lut)} entries; its descriptor says {count}")
+    return lut[:count].astype(np.int64)
+
+
+def _frame_functional_groups(ds: Any, frame: int) -> None:
+    """Enhanced multi-frame files keep rescale and window in functional groups, per frame or shared
+    (PS3.3 C.7.6.16.2.9 Pixel Value Transformation, C.7.6.16.2.10 Frame VOI LUT): the chosen frame's
+    values (else the shared ones) are set at the top level, where the modality and VOI steps read them."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    groups = ([per_frame[frame]] if frame < len(per_frame) else []) + ([shared[0]] if shared else [])
+    for sequence, keys in (("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
+                           ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction"))):
+        for group in groups:
+            items = group.get(sequence)
+            if items:
+                for key in keys:
+                    if key in items[0]:
+                        setattr(ds, key, items[0][key].value)
+                break
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for the errors table (a malformed tag can hold kilobytes)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # DICOM VOILUTFunction values (PS3.3 C.11.2.1.3)
@@ -597,6 +699,9 @@ def _window(data: np.ndarray, centre: float, width: float, function: str = "LINE
     if function != "LINEAR" and width <= 0:
         raise ImageDecodeError(f"DICOM window width {width:g} must be > 0 for VOILUTFunction {function}: "
                                f"pass --window C,W")
+    if function == "LINEAR" and width < 1:  # PS3.3 C.11.2.1.2.1: a LINEAR window is at least 1 wide
+        raise ImageDecodeError(f"DICOM window width {width:g} must be >= 1 for a LINEAR window: pass "
+                               f"--window C,W with W >= 1")
     if function == "SIGMOID":
         with np.errstate(over="ignore"):  # exp overflow far below the centre is 0, as it should be
             out = 1.0 / (1.0 + np.exp(-4.0 * (data - centre) / width))

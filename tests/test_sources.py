@@ -384,6 +384,139 @@ def test_palette_colour_dicom_applies_its_colour_table():
     np.testing.assert_allclose(out, ref, atol=0.5 + 1e-9)  # rounding to 8 bits only
 
 
+def _write_dicom(path: Path, arr: np.ndarray, bits_stored: int | None = None, frames: bool = False,
+                 photometric: str = "MONOCHROME2", **tags) -> Path:
+    """A minimal uncompressed DICOM Part 10 file of `arr` (frames on axis 0 when `frames`)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "OT"
+    ds.Rows, ds.Columns = arr.shape[-2:] if photometric.startswith("MONO") else arr.shape[-3:-1]
+    ds.SamplesPerPixel = 1 if photometric.startswith("MONO") else 3
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = arr.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    if frames:
+        ds.NumberOfFrames = arr.shape[0]
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = arr.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def _linear_window(x: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 onto 0..255, written from the standard."""
+    x = np.asarray(x, np.float64)
+    y = ((x - (centre - 0.5)) / (width - 1) + 0.5) * 255
+    y = np.where(x <= centre - 0.5 - (width - 1) / 2, 0, np.where(x > centre - 0.5 + (width - 1) / 2, 255, y))
+    return np.round(y)
+
+
+def test_an_8bit_voi_lut_of_4096_entries_is_indexed_not_wrapped(tmp_path):
+    """A 12-bit image with a 4,096-entry, 8-bit display LUT (CR/DX): pydicom 3.0's apply_voi_lut
+    indexes in the entries' uint8, so 256 -> entry 0 and 1000 -> entry 232: a saw-tooth image, no error."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    values = np.array([[0, 255, 256, 1000, 2048, 4095]], dtype=np.uint16)
+    lut = np.arange(4096) // 16
+    for first, expected in ((0, lut[values]), (1000, lut[np.clip(values.astype(int) - 1000, 0, 4095)])):
+        item = Dataset()
+        item.LUTDescriptor = [4096, first, 8]
+        item.add_new(0x00283006, "US", [int(v) for v in lut])  # LUTData
+        path = _write_dicom(tmp_path / f"voi{first}.dcm", values, bits_stored=12, VOILUTSequence=Sequence([item]))
+        out = np.asarray(load_image(path))[..., 0]
+        np.testing.assert_array_equal(out, expected)  # PS3.3 C.11.2.1.2: LUT[clamp(x - first)], 8 bits = 0..255
+    assert expected.tolist() == [[0, 0, 0, 0, 65, 193]]
+
+
+def test_an_enhanced_multiframe_dicom_frame_gets_its_functional_groups_rescale_and_window(tmp_path):
+    """Enhanced CT/MR keep rescale and window per frame or shared (PS3.3 C.7.6.16.2.9/.10); with
+    --frame N the frame was stretched over its own min..max instead (up to 173 grey levels off)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    stored = np.random.default_rng(3).integers(0, 4096, (3, 8, 8)).astype(np.uint16)
+
+    def group(**values) -> Dataset:
+        d = Dataset()
+        for k, v in values.items():
+            setattr(d, k, v)
+        return d
+
+    shared = group(PixelValueTransformationSequence=Sequence([group(RescaleIntercept=-1024, RescaleSlope=1,
+                                                                    RescaleType="HU")]),
+                   FrameVOILUTSequence=Sequence([group(WindowCenter=40, WindowWidth=400)]))
+    per_frame = [group(), group(FrameVOILUTSequence=Sequence([group(WindowCenter=500, WindowWidth=1000)])), group()]
+    path = _write_dicom(tmp_path / "enhanced.dcm", stored, bits_stored=12, frames=True,
+                        SharedFunctionalGroupsSequence=Sequence([shared]),
+                        PerFrameFunctionalGroupsSequence=Sequence(per_frame))
+    for frame, (centre, width) in ((0, (40, 400)), (1, (500, 1000)), (2, (40, 400))):
+        out = np.asarray(load_image(path, DecodeOptions(frame=frame)))[..., 0]
+        np.testing.assert_array_equal(out, _linear_window(stored[frame].astype(np.float64) - 1024, centre, width))
+
+
+def test_jpeg2000_colour_dicom_is_rgb_once_decoded():
+    """YBR_RCT / YBR_ICT samples are RGB after a JPEG 2000 decode (PS3.5 8.2.4): every such file was
+    lost to 'Conversion from YBR_RCT to RGB is not supported'."""
+    src = Path(get_testdata_file("examples_jpeg2k.dcm", download=False))
+    ds = pydicom.dcmread(src)
+    try:
+        reference = ds.pixel_array  # pydicom's own decode (RGB)
+    except Exception:
+        pytest.skip("no JPEG 2000 decoder here")
+    assert ds.PhotometricInterpretation == "YBR_RCT"
+    np.testing.assert_array_equal(np.asarray(load_image(src)), reference)
+
+
+def test_empty_window_tags_and_an_empty_voi_lut_sequence_count_as_absent(tmp_path):
+    from pydicom.sequence import Sequence
+
+    stored = np.random.default_rng(0).integers(100, 4000, (8, 8)).astype(np.uint16)
+    plain = np.asarray(load_image(_write_dicom(tmp_path / "plain.dcm", stored, 12)))
+    empty = _write_dicom(tmp_path / "empty.dcm", stored, 12, WindowCenter=None, WindowWidth=None)
+    np.testing.assert_array_equal(np.asarray(load_image(empty)), plain)  # was a TypeError
+    windowed = _write_dicom(tmp_path / "win.dcm", stored, 12, WindowCenter=2000, WindowWidth=1000,
+                            VOILUTSequence=Sequence([]))
+    np.testing.assert_array_equal(np.asarray(load_image(windowed))[..., 0], _linear_window(stored, 2000, 1000))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # pydicom, reading badVR.dcm
+def test_malformed_dicom_gets_one_line_reasons_on_both_read_paths(tmp_path):
+    """extract decodes the bytes it hashed (load_image(data=...)): an out-of-range --frame raised
+    AttributeError there, a NumberOfFrames '1A' a ValueError, YBR_PARTIAL a NotImplementedError,
+    and a file without the DICM preamble advised 'force=True', which no option passes."""
+    stored = np.zeros((2, 4, 4), np.uint16)
+    cases = [(_write_dicom(tmp_path / "mf.dcm", stored, 12, frames=True), DecodeOptions(frame=5),
+              "--frame 5 out of range: mf.dcm has 2 frames"),
+             (Path(get_testdata_file("badVR.dcm", download=False)), DecodeOptions(),  # pydicom's own
+              "NumberOfFrames '1A' is not a number"),
+             (_write_dicom(tmp_path / "ybr.dcm", np.zeros((4, 4, 3), np.uint8), photometric="YBR_PARTIAL_422"),
+              DecodeOptions(), "photometric interpretation YBR_PARTIAL_422 is not supported"),
+             (_write_dicom(tmp_path / "w0.dcm", stored[0], 12, WindowCenter=100, WindowWidth=0), DecodeOptions(),
+              "window width 0 must be >= 1 for a LINEAR window")]
+    nometa = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    nometa.save_as(tmp_path / "nometa.dcm", enforce_file_format=False, little_endian=True, implicit_vr=False)
+    raw = (tmp_path / "nometa.dcm").read_bytes()
+    if raw[128:132] == b"DICM":  # pydicom wrote a preamble anyway: strip it to a bare dataset
+        (tmp_path / "nometa.dcm").write_bytes(raw[132 + 12 + int.from_bytes(raw[140:144], "little"):])
+    cases.append((tmp_path / "nometa.dcm", DecodeOptions(), "not a DICOM Part 10 file"))
+    for path, options, message in cases:
+        for data in (None, path.read_bytes()):
+            with pytest.raises(ImageDecodeError) as info:
+                load_image(path, options, data=data)
+            assert message in str(info.value) and "\n" not in str(info.value), (path.name, str(info.value))
+
+
 def test_decoding_the_bytes_read_once_equals_decoding_the_file(tmp_path):
     """The extractor's workers read each input once, hash those bytes and decode them
     (read_input + load_image(data=...)): the pixels, and every refusal, equal load_image(path)."""
