@@ -416,10 +416,13 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], wrap: bool = False) -> str:
+    """A table that scrolls sideways rather than break a number; `wrap`: its last column is prose
+    (a key/value table's values, e.g. a threshold's provenance) and wraps within the page."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    kind = "scroll wrap" if wrap else "scroll"
+    return f"<div class='{kind}'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -427,7 +430,8 @@ table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;
 text-align:left;font-size:0.9em}th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}
 figure{display:inline-block;margin:0.5em;vertical-align:top}figure img{max-width:760px;width:100%;border:1px solid #eee}
 figcaption{font-size:0.85em;color:#555}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}
-.scroll{overflow-x:auto;max-width:100%}.scroll td{white-space:nowrap}"""
+.scroll{overflow-x:auto;max-width:100%}.scroll td{white-space:nowrap}
+.wrap td:last-child{white-space:normal;overflow-wrap:anywhere}"""
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -498,11 +502,11 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         seed_note = f", seed {seeds[0]} of {len(seeds)}: the saved head" if seeds else ""
         if chosen:
             md += [f"### Chosen{md_escape(seed_note)}", "", _md_table(["what", "value"], chosen), ""]
-            hs += [f"<h3>Chosen{html.escape(seed_note)}</h3>", _html_table(["what", "value"], chosen)]
+            hs += [f"<h3>Chosen{html.escape(seed_note)}</h3>", _html_table(["what", "value"], chosen, wrap=True)]
         cfg = _config_rows(run.config)
         if cfg:
             md += ["### Configuration", "", _md_table(["key", "value"], cfg), ""]
-            hs += ["<h3>Configuration</h3>", _html_table(["key", "value"], cfg)]
+            hs += ["<h3>Configuration</h3>", _html_table(["key", "value"], cfg, wrap=True)]
         for split in ("val", "test"):
             block = run.metrics.get(split)
             if isinstance(block, dict):

@@ -209,4 +209,7 @@ def test_train_predict_and_report_say_where_a_threshold_came_from_in_the_same_wo
     pred = fc.predict(run, path)
     assert pred.threshold_source.startswith(f"saved ({words}: ")
     write_report([run], tmp_path / "rep")
-    assert f"({words})</td>" in (tmp_path / "rep" / "report.html").read_text()
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert f"({words})</td>" in page
+    chosen = page[page.index("<h3>Chosen</h3>"):]  # prose values wrap (the cell made the table scroll sideways)
+    assert chosen.split("<table>")[0].split() == ["<h3>Chosen</h3>", "<div", "class='scroll", "wrap'>"] and ".wrap td:last-child{white-space:normal" in page
