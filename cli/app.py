@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -39,9 +40,13 @@ class CommaList(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> list:
         if isinstance(value, list):
             return value
-        items = [v.strip() for v in str(value).split(",") if v.strip()]
-        if not items:
-            self.fail(f"expected comma-separated {self.cast.__name__} values; got {value!r}", param, ctx)
+        items = [v.strip() for v in str(value).split(",")]
+        kind = getattr(self.cast, "__name__", "value")
+        if not any(items):
+            self.fail(f"expected comma-separated {kind} values; got {value!r}", param, ctx)
+        if not all(items):  # '10,,200' is a typo for 10,100,200 more often than a list of two
+            self.fail(f"empty item at position {items.index('') + 1} of {value!r}: expected comma-separated "
+                      f"{kind} values, e.g. 10,20", param, ctx)
         try:
             out = [self.cast.convert(v, param, ctx) if isinstance(self.cast, click.ParamType) else self.cast(v)
                    for v in items]
@@ -53,9 +58,39 @@ class CommaList(click.ParamType):
             if bad:
                 self.fail(f"accepts {', '.join(self.choices)} (comma-separated); got {', '.join(map(repr, bad))}",
                           param, ctx)
+        if self.cast is float and not all(math.isfinite(v) for v in out):
+            self.fail(f"every value must be a finite number; got {value!r}", param, ctx)
         if self.minimum is not None and any(v < self.minimum for v in out):
             self.fail(f"every value must be at least {self.minimum:g}; got {value!r}", param, ctx)
         return out
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan passes every bound check: --lr nan reached
+    torch's 'Invalid learning rate' after loading the data, and a sweep trained its whole grid)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        out = super().convert(value, param, ctx)
+        if out is not None and not math.isfinite(out):
+            self.fail(f"expected a finite number; got {value!r}", param, ctx)
+        return out
+
+
+class CGrid(click.ParamType):
+    """--Cs: a named grid (default, dinov2) or comma-separated positive numbers."""
+
+    name = "list|default|dinov2"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from featcache.probe import NAMED_CS
+
+        if not isinstance(value, str) or value.strip().lower() in NAMED_CS:
+            return value.strip().lower() if isinstance(value, str) else value
+        values = CommaList(float).convert(value, param, ctx)
+        if any(v <= 0 for v in values):
+            self.fail(f"every C must be > 0; got {value!r}. Use e.g. --Cs 0.01,0.1,1,10 or a named grid "
+                      f"({', '.join(NAMED_CS)})", param, ctx)
+        return values
 
 
 class ThresholdRule(click.ParamType):
@@ -92,6 +127,21 @@ class FeatureKind(click.ParamType):
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         return str(value)
+
+
+def given(name: str) -> bool:
+    """Whether option `name` was given on the command line (not left at its default)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+def unused_head_settings(head: str) -> list[str]:
+    """Notes for head settings given on the command line that this head kind does not read
+    (--hidden / --dropout for a linear head): the run would look tuned in them."""
+    from featcache.names import HEAD_ONLY_SETTINGS
+
+    return [f"--{key} was not used: the {head} head does not read it (only {' and '.join(kinds)} heads do)."
+            for key, kinds in HEAD_ONLY_SETTINGS.items() if head not in kinds and given(key)]
 
 
 def checked_output_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
+from featcache_cli.app import (CGrid, CommaList, Console, given, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                checked_run_dir, per_label_rows, positive_option, quiet_option,
                                warnings_as_notes, write_json)
 
@@ -31,6 +31,13 @@ def seed_option(fn):
     """--seed of the bootstrap resamples and the few-shot draws (knn, probe; compare has its own)."""
     return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                         help="Seed of the bootstrap resamples and the few-shot draws (and the probe's CV folds).")(fn)
+
+
+def tries_need_shots(shots: Any) -> None:
+    """--tries without --shots does nothing: refuse it, so no one reads one draw as repeated ones."""
+    if shots is None and given("tries"):
+        raise click.UsageError("--tries applies to few-shot curves: add --shots (e.g. --shots 1,2,5,10) or drop "
+                               "--tries.")
 
 
 def shots_options(fn):
@@ -82,7 +89,9 @@ def _positive_title(block: dict) -> str:
 @click.option("--backend", type=click.Choice(KNN_BACKENDS), default="auto", show_default=True,
               help="Search backend; auto uses faiss on CPU when installed, torch (GPU when there is one) otherwise.")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Bootstrap resamples for 95% CIs of the headline k (grouped by patient when the file has groups).")
+              help="95% CIs of the headline k (0: none): this many bootstrap resamples (whole patients when the "
+                   "file has groups) for AUROC and balanced accuracy; top-1, sensitivity and specificity get "
+                   "Wilson score intervals.")
 @positive_option
 @shots_options
 @seed_option
@@ -103,6 +112,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
     from featcache.store import FeatureStore
 
     console = Console(quiet, json_path)
+    tries_need_shots(shots)
     if min(temperature) <= 0:
         raise click.BadParameter(f"the temperature must be positive (DINO uses 0.07); got {min(temperature):g}",
                                  param_hint="--temperature")
@@ -123,9 +133,8 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
                                            f"-> {res.config['n_eval']} {eval_split} rows{_positive_title(res.headline)}")
     if bootstrap:
         head = res.config["headline"]
-        console.table(_ci_rows(res.headline), title=f"\nk = {head['k']}, T = {head['temperature']:g}: {bootstrap} "
-                                                    f"bootstrap resamples" + (" by group" if (res.headline.get("bootstrap") or {}).get("grouped")
-                                                                         else ""))
+        console.table(_ci_rows(res.headline), title=f"\nk = {head['k']}, T = {head['temperature']:g}: "
+                                                    f"{(res.headline.get('bootstrap') or {}).get('describe', '')}")
     if per_label_rows(res.headline):
         head = res.config["headline"]
         console.table(per_label_rows(res.headline), title=f"\nper label (k = {head['k']}, T = {head['temperature']:g})")
@@ -144,7 +153,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
                    "'none'; a split named here that the file lacks is an error).")
 @click.option("--features", "kind", type=FeatureKind(), default="cls",
               show_default=True, help="Which cached features to probe: cls, pooled, cls+pooled, cls@N, cls@N+pooled.")
-@click.option("--Cs", "cs", default=None,
+@click.option("--Cs", "cs", type=CGrid(), default=None,
               help="C values (inverse L2 strength), comma-separated, or a named grid: default, dinov2 "
                    "(DINOv2's 45 values, 1e-6 ... 1e5) [default: 12 values, 1e-6 ... 1e5].")
 @click.option("--metric", type=click.Choice(SELECTION_METRICS), default="accuracy", show_default=True,
@@ -156,8 +165,9 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
 @click.option("--no-refit", is_flag=True, help="Keep the model fitted on train only (default: refit on "
                                                 "train + val at the chosen C).")
 @click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0, None),
-              help="Bootstrap resamples of the test split for 95% confidence intervals (0: none; "
-                   "resamples whole groups when the split has them).")
+              help="95% CIs of the test metrics (0: none): this many bootstrap resamples (whole groups when "
+                   "the split has them) for AUROC, balanced accuracy and macro F1; top-1, sensitivity and "
+                   "specificity get Wilson score intervals.")
 @click.option("--threshold", type=ThresholdRule(), default="0.5", show_default=True,
               help="Binary / multi-label decision threshold: a number, or youden / sensitivity:0.95 chosen on "
                    "validation (needs --no-refit, so validation rows stay unseen). Saved with the probe.")
@@ -185,6 +195,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     from featcache.store import FeatureStore
 
     console = Console(quiet, json_path)
+    tries_need_shots(shots)
     val = None if val_split.lower() == "none" else val_split
     test = None if test_split.lower() == "none" else test_split
     if shots and not test:
@@ -197,8 +208,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
         val = resolve_val_split(store.splits, val)  # "val" also finds a file's one validation/valid/dev split
         for option, name in (("val_split", val), ("test_split", test)):
             # a split named on the command line must exist: a typo would silently change the protocol
-            given = ctx.get_parameter_source(option) != click.core.ParameterSource.DEFAULT
-            if given and name and name not in store.splits:
+            named = ctx.get_parameter_source(option) != click.core.ParameterSource.DEFAULT
+            if named and name and name not in store.splits:
                 raise click.UsageError(f"--{option.replace('_', '-')} {name!r}: {store.path.name} has no such split "
                                        f"(it has {', '.join(store.splits)}); give one of those, or none.")
         if val and val not in store.splits:
@@ -216,9 +227,12 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
                 res.few_shot = few_shot(store, method="probe", shots=shots, tries=tries, train_split=train_split,
                                         val_split=val, eval_split=test, features=kind, Cs=cs, metric=metric,
                                         max_iter=max_iter, positive_class=positive_class, seed=seed, arrays=arrays)
-    echo_notes(console, res.warnings)
     est = res.probe
-    where = "val" if est.selection_ == "val" else f"{est.cv_folds_}-fold CV"
+    if given("cv") and est.selection_ == "val":  # every note printed is also in --json and metrics.json
+        res.warnings.append(f"--cv {cv} was not used: C was chosen on split {res.config['val_split']!r} (--val-split "
+                            f"none cross-validates on {train_split!r}).")
+    echo_notes(console, res.warnings)
+    where = repr(res.config["val_split"]) if est.selection_ == "val" else f"{est.cv_folds_}-fold CV"
     score_name = f"{where} {metric}"
     console.table([{"C": f"{c:g}", score_name: s, "lbfgs_iter": est.n_iter_.get(c),
                     "converged": "yes" if est.converged_.get(c, True) else "NO"} for c, s in est.scores_.items()],
@@ -269,6 +283,7 @@ def compare(features_files, features, ks, temperature, heads, train_split, val_s
     from featcache.comparing import MAX_FILES, MIN_FILES
     from featcache.comparing import compare as run_compare
 
+    tries_need_shots(shots)
     if not MIN_FILES <= len(features_files) <= MAX_FILES:
         raise click.UsageError(f"compare takes {MIN_FILES} to {MAX_FILES} feature files; got {len(features_files)}.")
     if temperature <= 0:

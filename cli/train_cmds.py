@@ -8,7 +8,7 @@ import click
 
 from featcache.metrics import threshold_provenance, tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CommaList, Console, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
+from featcache_cli.app import (CommaList, Console, FiniteFloatRange, given, unused_head_settings, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
                                checked_output_file, checked_run_dir, per_label_rows, positive_option, quiet_option,
                                warnings_as_notes, write_json)
 
@@ -28,11 +28,11 @@ def recipe_options(fn: Callable) -> Callable:
         click.option("--train-split", default="train", show_default=True, help="Split to fit on."),
         click.option("--val-split", default=None, help="Validation split. Default: 'val' when the file has it, else --val-fraction of train held out (by group when the file has groups)."),
         click.option("--test-split", default=None, help="Test split. Default: 'test' when the file has it."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of train held out when there is no validation split."),
+        click.option("--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of train held out when there is no validation split."),
         click.option("--hidden", type=click.IntRange(min=1), default=512, show_default=True, help="mlp head: hidden width."),
-        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="mlp / attn heads: dropout."),
+        click.option("--dropout", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="mlp / attn heads: dropout."),
         click.option("--standardize/--no-standardize", default=True, show_default=True, help="z-score each feature with the train split's mean and std (saved with the head; predict applies it)."),
-        click.option("--max-memory-gb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True, help="Token caches bigger than this are streamed from disk by contiguous blocks."),
+        click.option("--max-memory-gb", type=FiniteFloatRange(min=0, min_open=True), default=4.0, show_default=True, help="Token caches bigger than this are streamed from disk by contiguous blocks."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--threshold", type=ThresholdRule(), default="0.5", show_default=True, help="Binary / multi-label decision threshold: a number, or youden / sensitivity:0.95 chosen on validation. Saved with the head; predict applies it."),
         positive_option,
@@ -63,16 +63,14 @@ def _metric_rows(val: dict | None, test: dict | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _ignored_val_fraction(t: Any) -> list[str]:
-    """A note when --val-fraction was given but a validation split was used (it only applies without one)."""
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context(silent=True)
-    given = ctx is not None and ctx.get_parameter_source("val_fraction") == ParameterSource.COMMANDLINE
-    if given and str(t.val_source_).startswith("split"):
-        return [f"--val-fraction was not used: validation is {t.val_source_} (it holds rows out of train only "
-                f"when there is no validation split; --val-split names another)."]
-    return []
+def _unused_options(t: Any) -> list[str]:
+    """A note when --val-fraction was given but a validation split was used (it only applies without
+    one), and for head settings this head kind does not read."""
+    notes = unused_head_settings(t.config.head)
+    if given("val_fraction") and str(t.val_source_).startswith("split"):
+        notes.append(f"--val-fraction was not used: validation is {t.val_source_} (it holds rows out of train "
+                     f"only when there is no validation split; --val-split names another).")
+    return notes
 
 
 def _decision_line(t: Any) -> str:
@@ -101,10 +99,10 @@ def _where_chosen(t: Any) -> str:
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="linear / mlp on cls or pooled; mixer (the seeds' token mixer) / attn (attention pooling) on full tokens.")
 @click.option("--features", type=FeatureKind(), default=None, help="Input of linear / mlp heads: cls, pooled, cls+pooled, cls@N, cls@N+pooled [default: cls]. Token heads read the full tokens and refuse it.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
-@click.option("--wd", "weight_decay", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Weight decay.")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--wd", "weight_decay", type=FiniteFloatRange(min=0), default=1e-4, show_default=True, help="Weight decay.")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Train with seeds --seed, --seed+1, ...; report median ± std of every metric (the first seed's head is saved).")
-@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Bootstrap resamples for 95% CIs of the test metrics (by group when the file has groups).")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="95% CIs of the test metrics (0: none): this many bootstrap resamples (whole groups when the file has them) for AUROC, balanced accuracy and macro F1; top-1, sensitivity and specificity get Wilson score intervals.")
 @recipe_options
 @library_errors
 def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, threshold, **kw):
@@ -129,7 +127,7 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
     if repeats > 1:
         t.extra_metrics_["repeats"] = summary
     # every note printed is also in --json and metrics.json
-    t.notes_ += [n for n in (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", []) + _ignored_val_fraction(t)
+    t.notes_ += [n for n in (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", []) + _unused_options(t)
                  if n not in t.notes_]
     echo_notes(console, t.notes_)
     if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
@@ -139,10 +137,10 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
                  f"(val {t.config.metric} {t.best_score_:.4f}); validation: {t.val_source_}"
                  + ("; tokens streamed from disk" if t.streamed_ else "") + _decision_line(t))
     rows = _metric_rows(t.val_metrics_, t.test_metrics_)
-    grouped = bool(((t.test_metrics_ or {}).get("bootstrap") or {}).get("grouped"))
+    intervals = ((t.test_metrics_ or {}).get("bootstrap") or {}).get("describe")
     console.table(rows, title=f"seed {t.config.seed}" + (f", positive class {t.classes_[t.positive_]}"
                                                          if t.positive_ is not None else "")
-                  + (f", {bootstrap} bootstrap resamples" + (" by group" if grouped else "") if bootstrap else ""))
+                  + (f"; {intervals}" if bootstrap and intervals else ""))
     _per_label_table(console, t)
     if repeats > 1:
         split = "test" if "test" in summary else "val"
@@ -176,7 +174,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
                            progress=not kw["quiet"], threshold=threshold, **_recipe(kw))
     metric = f"val_{kw['metric']}"
     t = result.trainer
-    result.notes += _ignored_val_fraction(t)  # every note printed is also in --json and metrics.json
+    result.notes += _unused_options(t)  # every note printed is also in --json and metrics.json
     echo_notes(console, result.notes + t.notes_)
     shown = [dict(r, best_epoch=f"diverged at {r['diverged_at']}") if r["diverged_at"] is not None else r
              for r in result.leaderboard]
@@ -203,7 +201,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default=None, help="Split to predict [default: test, or the file's only split unless it is train].")
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), callback=checked_output_file, help="CSV to write: image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Binary / multi-label decision threshold [default: the one saved with the head (chosen on validation), else 0.5].")
+@click.option("--threshold", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=None, help="Binary / multi-label decision threshold [default: the one saved with the head (chosen on validation), else 0.5].")
 @positive_option
 @quiet_option
 @library_errors

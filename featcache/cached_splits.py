@@ -18,7 +18,8 @@ import torch
 from featcache.loader import TokenBlockLoader
 from featcache.splitting import holdout_split
 from featcache.names import VAL_SPLIT
-from featcache.store import FeatureStore, check_finite, check_labels, read_rows, resolve_val_split
+from featcache.store import (FeatureStore, check_distinct_splits, check_finite, check_labels, read_rows,
+                             resolve_val_split)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def resolve_split_names(store: FeatureStore, choice: SplitChoice) -> tuple[str, 
     test = choice.test or ("test" if "test" in store.splits else None)
     if test and test not in store.splits:
         raise ValueError(f"no split {test!r} to test on; {store.path.name} has {have}.")
+    check_distinct_splits(choice.train, val, test)
     return choice.train, val, test
 
 

@@ -35,7 +35,7 @@ from featcache.metrics import (CLASS_AVERAGED, class_checker, decide, f1_class_c
                                resolve_positive, scalar_metrics)
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
-from featcache.store import OWN_GROUP, FeatureStore, resolve_val_split
+from featcache.store import OWN_GROUP, FeatureStore, check_distinct_splits, resolve_val_split
 
 MIN_FILES, MAX_FILES = 2, 20
 COMPARE_HEADS = ("linear",)
@@ -259,6 +259,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
                              f"--val-split none to choose the probe's C by cross-validation on {train_split!r} "
                              f"for all.")
         use_val = bool(with_val)
+        check_distinct_splits(train_split, val_split if use_val else None, test_split)
         splits = [train_split] + ([val_split] if use_val else []) + [test_split]
         cached: list[dict[str, SplitArrays]] = []
         for name, store in zip(names, stores):

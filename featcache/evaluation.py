@@ -18,13 +18,13 @@ import numpy as np
 from featcache.knn import knn_eval
 from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
                                population_std, threshold_record, train_coverage_notes,
-                               classification_metrics, decide, resample_indices, resolve_positive)
+                               classification_metrics, decide, group_keys, proportion_interval, resolve_positive)
 from featcache.names import CI_METRICS
 from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
 from featcache.prediction import array_proba, probe_head_payload, saved_untuned
 from featcache.probe import LogisticProbe, expand_proba, resolve_cs
 from featcache.runs import write_run
-from featcache.store import FeatureStore, check_labels, resolve_val_split
+from featcache.store import FeatureStore, check_distinct_splits, check_labels, resolve_val_split
 
 
 
@@ -165,7 +165,7 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
                        num_classes=len(classes), backend=backend, return_proba=True, positive=positive)
     notes += [str(w.message) for w in caught]
     if bootstrap and not multilabel:
-        add_curve_cis(res, ev, bootstrap, seed, positive)
+        add_curve_cis(res, ev, positive)
     rows = [{"k": k, "temperature": t, **{m: v for m, v in r.items() if m not in ("proba", "temperature")}}
             for t, per_k in res.items() for k, r in per_k.items()]
     head_k, head_t = list(ks)[0], float(list(temperatures)[0])
@@ -185,15 +185,14 @@ def run_knn(store: FeatureStore, *, train_split: str = "train", eval_split: str 
     return KnnResult(config, rows, curve, headline, proba, ev, classes, positive, notes)
 
 
-def add_curve_cis(res: dict, ev: SplitArrays, n_boot: int, seed: int, positive: int | None) -> None:
-    """top1_ci of every (T, k), from the same resamples (whole groups when the split has them) as
-    the headline's bootstrap, for the CI band of the k-NN curve."""
-    resamples = resample_indices(len(ev.y), n_boot, ev.groups, seed)
+def add_curve_cis(res: dict, ev: SplitArrays, positive: int | None) -> None:
+    """top1_ci of every (T, k) for the CI band of the k-NN curve: the Wilson interval the
+    headline's top-1 gets (metrics.proportion_interval; patients by design effect)."""
+    keys = None if ev.groups is None else group_keys(ev.groups)
     for per_k in res.values():
         for row in per_k.values():
-            hit = (decide(row["proba"], positive=positive) == ev.y).astype(np.float64)
-            values = [hit[idx].mean() for idx in resamples]
-            row["top1_ci"] = [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+            hit = decide(row["proba"], positive=positive) == ev.y
+            row["top1_ci"] = list(proportion_interval(hit, keys))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,10 +258,11 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     val at the best C, and evaluate the deployable head once on the test split. `arrays` (split
     name -> SplitArrays of `features`) reuses splits already read."""
     notes: list[str] = []
-    train = cached_split_arrays(store, train_split, features, "training the probe", arrays)
     val_split = resolve_val_split(store.splits, val_split)
     use_val = bool(val_split) and val_split in store.splits
     use_test = bool(test_split) and test_split in store.splits
+    check_distinct_splits(train_split, val_split if use_val else None, test_split if use_test else None)
+    train = cached_split_arrays(store, train_split, features, "training the probe", arrays)
     val = cached_split_arrays(store, val_split, features, "choosing C", arrays) if use_val else None
     test = cached_split_arrays(store, test_split, features, "testing", arrays) if use_test else None
     leak = store.leakage_note([train_split, val_split if use_val else None, test_split if use_test else None])

@@ -78,7 +78,9 @@ def _check_cs(Cs: Any) -> np.ndarray:
         Cs = NAMED_CS[Cs.lower()]
     cs = np.asarray(DEFAULT_CS if Cs is None else Cs, dtype=np.float64).ravel()
     if cs.size == 0 or not np.all(np.isfinite(cs)) or np.any(cs <= 0):
-        raise ValueError(f"Cs must be positive finite numbers (e.g. np.logspace(-6, 5, 12)); got {Cs!r}.")
+        shown = ", ".join(f"{c:g}" for c in cs) if cs.size else "none"
+        raise ValueError(f"Cs must be positive finite numbers (e.g. 0.01, 0.1, 1, 10, or a named grid: "
+                         f"{', '.join(NAMED_CS)}); got {shown}.")
     return np.unique(cs)
 
 
@@ -370,6 +372,9 @@ class LogisticProbe:
             folds = min(folds, int(np.bincount(np.unique(y, return_inverse=True)[1]).min()))
         if groups is not None:
             folds = min(folds, n_groups)
+        if 2 <= folds < int(self.cv):
+            warnings.warn(f"cv={self.cv} folds are more than the training labels allow (smallest class or number "
+                          f"of groups): C is chosen by {folds}-fold cross-validation.")
         if folds < 2:
             raise ValueError(f"cross-validation needs at least 2 folds, but the training labels allow "
                              f"only {folds} (smallest class or number of groups); pass a validation "

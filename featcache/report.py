@@ -199,9 +199,9 @@ def _scalar_metrics(block: dict[str, Any]) -> list[tuple[str, str]]:
     boot = block.get("bootstrap")
     if isinstance(boot, dict) and boot.get("n_boot"):
         valid = boot.get("n_valid") or {}
-        fewest = min(valid.values()) if valid else boot["n_boot"]
-        out.append(("bootstrap", f"{boot['n_boot']} resamples{' of whole groups' if boot.get('grouped') else ''}, "
-                                 f"at least {fewest} valid per metric"))
+        fewest = f", at least {min(valid.values())} valid resamples per bootstrapped metric" if valid else ""
+        how = boot.get("describe") or f"{boot['n_boot']} resamples{' of whole groups' if boot.get('grouped') else ''}"
+        out.append(("intervals", how + fewest))  # runs written before Wilson intervals: their resamples
     return out
 
 
@@ -459,9 +459,10 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     header, rows = comparison_rows(runs)
     def intro(escape: Callable[[str], str]) -> str:
         text = (f"{len(runs)} run(s). Numbers are on the test split when the run has one (else val); "
-                f"[low, high] is a 95 % percentile bootstrap interval when the run computed one (a value without "
-                f"one has none: compare intervals only between runs that have them); each run's section gives "
-                f"its resamples and whether whole groups were drawn.")
+                f"[low, high] is a 95 % interval when the run computed one — a Wilson score interval for top-1, "
+                f"sensitivity and specificity, a percentile bootstrap one for the rest (a value without one has "
+                f"none: compare intervals only between runs that have them); each run's section says how its "
+                f"intervals were made and whether whole groups (patients) were drawn.")
         positives = sorted({str(r.positive_class) for r in runs if r.positive_class is not None})
         if len(positives) > 1:
             text += (f" Warning: the binary runs do not share a positive class ({escape(', '.join(positives))}), "

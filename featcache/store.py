@@ -392,6 +392,27 @@ class SplitView:
         return f"<SplitView {self.name!r}: {int(self.done.sum())}/{self.n} rows done>"
 
 
+# why one split may not play two roles, per pair of roles
+_SHARED_ROLE_WHY = {
+    ("train_split", "val_split"): "epochs (or C) would be chosen on the rows the model learns from",
+    ("train_split", "test_split"): "the test metrics would be of the rows the model learned from",
+    ("val_split", "test_split"): "the model would be chosen (and, refitted on train + val, fitted) on the rows "
+                                 "it is scored on",
+}
+
+
+def check_distinct_splits(train_split: str | None, val_split: str | None, test_split: str | None) -> None:
+    """Refuse one split in two roles: numbers scored on rows the model was fitted or chosen on would
+    be reported as held-out ones (test metrics of the training rows), with nothing to tell them apart."""
+    roles = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
+    for (a, b), why in _SHARED_ROLE_WHY.items():
+        if roles[a] and roles[a] == roles[b]:
+            raise ValueError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} are both {roles[a]!r}: {why}. "
+                             f"Give each its own split" + (" (--val-split none holds validation rows out of train, "
+                                                           "or cross-validates the probe)" if "val_split" in (a, b)
+                                                           else "") + ".")
+
+
 def resolve_val_split(splits: Sequence[str], requested: str | None = VAL_SPLIT) -> str | None:
     """The validation split to use: `requested` when the file has it; for the default name "val",
     otherwise the one split named validation, valid or dev (Hugging Face datasets and many folders

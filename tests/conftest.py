@@ -153,3 +153,27 @@ def render_digits(root: Path, per_class: int = 10, classes: tuple[int, ...] = (0
 def digits_dir(tmp_path_factory) -> Path:
     """60 real digit images (classes 0, 1, 2) as root/train|test/<class>/*.png."""
     return render_digits(tmp_path_factory.mktemp("digits_images"))
+
+
+def wilson_by_patient(hits, patients=None, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Reference Wilson score interval (Wilson 1927) of a share of hits, written out loop by loop:
+    with patients, n is divided by the design effect (Kish) of the ratio estimator's variance over
+    patients, floored at 1; a share of 0 or 1 counts each patient once."""
+    hits = [float(h) for h in hits]
+    n, p = len(hits), sum(hits) / len(hits)
+    n_eff = float(n)
+    if patients is not None and len(set(patients)) < n:
+        ids = sorted(set(patients))
+        m = len(ids)
+        if 0 < p < 1 and m > 1:
+            var = 0.0
+            for g in ids:
+                rows = [h for h, q in zip(hits, patients) if q == g]
+                var += (sum(rows) - p * len(rows)) ** 2
+            var *= m / (m - 1) / n ** 2
+            n_eff = n / max(var / (p * (1 - p) / n), 1.0)
+        else:
+            n_eff = float(m)
+    centre = (p + z * z / (2 * n_eff)) / (1 + z * z / n_eff)
+    half = z / (1 + z * z / n_eff) * (p * (1 - p) / n_eff + z * z / (4 * n_eff ** 2)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -69,11 +69,11 @@ def test_dinov2_grid_in_one_fused_sweep(tiny_models, digits_dir, tmp_path):
                progress=False).close()
     kinds = ("cls", "cls+pooled", "cls@2", "cls@2+pooled")
     result = fc.sweep(path, lrs=(1e-3, 1e-2), weight_decays=(0.0,), features=kinds, epochs=6, patience=6,
-                      val_split="train", test_split="test")
+                      val_fraction=0.3, test_split="test")
     assert result.fused and {r["features"] for r in result.leaderboard} == set(kinds)
     for row in result.leaderboard:
         alone = fc.train_head(path, lr=row["lr"], weight_decay=0.0, features=row["features"], epochs=6, patience=6,
-                              val_split="train", test_split="test")
+                              val_fraction=0.3, test_split="test")
         assert alone.best_epoch_ == row["best_epoch"]
         assert abs(alone.best_score_ - row["val_accuracy"]) <= 1e-9
     for cmd in (["knn", "--features", "cls@2+pooled", "--train-split", "train", "--eval-split", "test", "--k", "5"],

@@ -433,3 +433,65 @@ def test_report_skips_symlinked_figures(tmp_path):
     for name in ("report.md", "report.html"):
         text = (tmp_path / "report" / name).read_text()
         assert "evil" not in text and "real.png" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI review (2026-12-01): one split in two roles, non-finite numbers, options that do nothing
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,roles", [
+    (["probe", "--val-split", "test", "--test-split", "test", "--Cs", "1"], ("val-split", "test-split", "test")),
+    (["probe", "--test-split", "train", "--Cs", "1"], ("train-split", "test-split", "train")),
+    (["train", "--val-split", "train", "--epochs", "1"], ("train-split", "val-split", "train")),
+    (["sweep", "--val-split", "test", "--test-split", "test", "--epochs", "1", "--lr", "1e-3", "--wd", "0"],
+     ("val-split", "test-split", "test")),
+])
+def test_one_split_in_two_roles_is_refused(digits_feature_file, argv, roles, monkeypatch):
+    """`probe --val-split test --test-split test` chose C on the test rows, refitted on train + test
+    and reported the result as test metrics (exit 0); train/sweep early-stopped on their own rows."""
+    import featcache.probe as probe_module
+
+    monkeypatch.setattr(probe_module.LogisticProbe, "fit", lambda *a, **k: pytest.fail("fitted before refusing"))
+    r = CliRunner().invoke(cli, [argv[0], str(digits_feature_file), *argv[1:], "-q"])
+    a, b, name = roles
+    assert r.exit_code == 1 and f"--{a} and --{b} are both {name!r}" in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_compare_refuses_one_split_in_two_roles(digits_feature_file, tmp_path):
+    other = tmp_path / "copy.h5"
+    shutil.copy(digits_feature_file, other)
+    r = CliRunner().invoke(cli, ["compare", str(digits_feature_file), str(other), "--val-split", "test", "-q"])
+    assert r.exit_code == 1 and "--val-split and --test-split are both 'test'" in r.output, r.output
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--lr", "nan"], "expected a finite number"),
+    (["sweep", "--lr", "1e-3,nan"], "every value must be a finite number"),
+    (["knn", "--temperature", "nan"], "every value must be a finite number"),
+    (["knn", "--k", "10,,20"], "empty item at position 2 of '10,,20'"),
+    (["probe", "--Cs", "0"], "every C must be > 0"),
+    (["probe", "--Cs", "abc"], "expected comma-separated float values"),
+    (["knn", "--tries", "3"], "--tries applies to few-shot curves: add --shots"),
+    (["probe", "--tries", "3"], "--tries applies to few-shot curves: add --shots"),
+])
+def test_bad_numbers_and_idle_options_are_usage_errors_before_any_work(digits_feature_file, argv, message):
+    """--lr nan reached torch's 'Invalid learning rate: nan' (sweep trained its whole grid first and
+    blamed divergence), --Cs 0 printed 'got array([0.])', --k 10,,20 ran k = 10 and 20, --tries
+    without --shots was ignored."""
+    r = CliRunner().invoke(cli, [argv[0], str(digits_feature_file), *argv[1:], "-q"])
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_settings_a_run_does_not_use_are_named(digits_feature_file, tmp_path):
+    """--hidden / --dropout on a linear head and --cv beside a validation split did nothing, silently."""
+    r = CliRunner().invoke(cli, ["train", str(digits_feature_file), "--epochs", "1", "--hidden", "64", "--dropout",
+                                 "0.3", "--out", str(tmp_path / "t")])
+    assert r.exit_code == 0, r.output
+    notes = fc.load_run(tmp_path / "t").metrics["notes"]
+    for key in ("hidden", "dropout"):
+        note = f"--{key} was not used: the linear head does not read it"
+        assert note in r.output and any(n.startswith(note) for n in notes)
+    r = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", "1", "--cv", "3", "--json", "-", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "--cv 3 was not used: C was chosen on split 'val'" in json.dumps(json.loads(r.stdout)["notes"])

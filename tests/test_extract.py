@@ -286,15 +286,16 @@ def test_multilabel_manifest_end_to_end(tiny_vit, digits_dir, tmp_path):
     files = sorted((digits_dir / "train").rglob("*.png"))[:24]
     lines = ["path,effusion,nodule,split"]
     for i, f in enumerate(files):
-        lines.append(f"{f},{int(f.parent.name == '1')},{int(f.parent.name == '2')},{'train' if i % 4 else 'test'}")
+        split = "test" if i % 4 == 0 else "val" if i % 4 == 1 else "train"
+        lines.append(f"{f},{int(f.parent.name == '1')},{int(f.parent.name == '2')},{split}")
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     store = fc.extract(str(tiny_vit), tmp_path / "m.csv", tmp_path / "ml.h5", workers=0, progress=False)
     assert store.multilabel and store.classes == ["effusion", "nodule"]
-    assert store["train"].labels.shape == (18, 2) and store["train"].labels.dtype == np.uint8
-    t = fc.train_head(tmp_path / "ml.h5", lr=1e-2, epochs=5, val_split="test")
+    assert store["train"].labels.shape == (12, 2) and store["train"].labels.dtype == np.uint8
+    t = fc.train_head(tmp_path / "ml.h5", lr=1e-2, epochs=5)
     assert t.test_metrics_["multilabel"] and len(t.test_metrics_["per_label"]) == 2
-    s = fc.sweep(tmp_path / "ml.h5", lrs=(1e-3, 1e-2), weight_decays=(0.0,), epochs=5, val_split="test")
-    alone = fc.train_head(tmp_path / "ml.h5", lr=s.best["lr"], weight_decay=0.0, epochs=5, val_split="test")
+    s = fc.sweep(tmp_path / "ml.h5", lrs=(1e-3, 1e-2), weight_decays=(0.0,), epochs=5)
+    alone = fc.train_head(tmp_path / "ml.h5", lr=s.best["lr"], weight_decay=0.0, epochs=5)
     assert alone.best_score_ == pytest.approx(s.best["val_accuracy"], abs=0.005)
 
 

@@ -144,3 +144,70 @@ def test_selection_decides_an_exact_tie_for_the_runs_positive_class():
     top1 = classification_metrics(y, proba, classes=["pos", "neg"], positive=0)["top1"]
     assert selection_score(y, proba, "accuracy", positive=0) == top1 == 1.0
     assert selection_score(y, proba, "accuracy") == 2 / 3  # no positive class named: class 1 takes the tie
+
+
+# ------------------------------------------------------------------ honest intervals of proportions
+
+def test_sensitivity_of_few_positives_gets_an_interval_that_covers():
+    """A test set of 4 positives whose true sensitivity is 0.878: the percentile bootstrap gave
+    [1, 1] whenever all 4 were found (59 % of test sets), so its 95 % interval held the truth in
+    about 41 % of them. Wilson's holds it in more than 90 %: exact coverage, summed over the
+    binomial outcomes (no simulation noise)."""
+    from scipy.stats import binom, binomtest
+
+    from featcache.metrics import bootstrap_metrics
+
+    true = 0.878
+    coverage = 0.0
+    for found in range(5):
+        y = np.array([1] * 4 + [0] * 36)
+        pred = np.array([1] * found + [0] * (4 - found) + [0] * 36)
+        proba = np.c_[1 - pred, pred].astype(float)
+        boot = bootstrap_metrics(y, proba, metrics=("sensitivity",), n_boot=200, positive=1)
+        lo, hi = boot.ci["sensitivity"]
+        assert (lo, hi) == pytest.approx(tuple(binomtest(found, 4).proportion_ci(method="wilson")), abs=1e-12)
+        assert boot.methods == {"sensitivity": "wilson"} and boot.n_valid == {}
+        coverage += binom.pmf(found, 4, true) * (lo <= true <= hi)
+    assert coverage > 0.90
+
+
+def test_patients_never_make_a_proportions_interval_narrower():
+    """Every image twice (two views of one patient, identical outcomes): 40 rows carry the
+    information of 20, and the interval by patient is no narrower than the Wilson interval of the
+    20 patients (the design effect; the same as the loop reference in conftest)."""
+    from scipy.stats import binomtest
+
+    from featcache.metrics import proportion_interval
+    from tests.conftest import wilson_by_patient
+
+    hits = np.array([1] * 14 + [0] * 6, bool)
+    patients = [f"p{i}" for i in range(20)]
+    twice = proportion_interval(np.repeat(hits, 2), np.repeat(patients, 2).tolist())
+    alone = binomtest(14, 20).proportion_ci(method="wilson")
+    rows_as_independent = binomtest(28, 40).proportion_ci(method="wilson")
+    assert twice[1] - twice[0] >= alone.high - alone.low > rows_as_independent.high - rows_as_independent.low
+    assert twice == pytest.approx(wilson_by_patient(np.repeat(hits, 2), np.repeat(patients, 2).tolist()), abs=1e-12)
+    # patients of one image each: plain Wilson; all found in 3 patients of 2 images: n counts patients
+    assert proportion_interval(hits, patients) == pytest.approx(tuple(binomtest(14, 20).proportion_ci(method="wilson")))
+    assert proportion_interval(np.ones(6, bool), ["a", "a", "b", "b", "c", "c"]) == pytest.approx(
+        tuple(binomtest(3, 3).proportion_ci(method="wilson")))
+
+
+def test_zero_width_bootstrap_intervals_and_scarce_classes_are_named():
+    """4 positives perfectly separated: AUROC's bootstrap interval was [1, 1] with no warning."""
+    from featcache.metrics import bootstrap_metrics
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 36 + [1] * 4)
+    score = np.where(y == 1, 3.0, 0.0) + rng.uniform(0, 0.5, 40)
+    p = 1 / (1 + np.exp(-(score - 1.5)))
+    boot = bootstrap_metrics(y, np.c_[1 - p, p], metrics=("auroc", "sensitivity"), n_boot=300, positive=1,
+                             label_names=["normal", "pneumonia"])
+    assert boot.ci["auroc"] == (1.0, 1.0) and boot.ci["sensitivity"][0] < 0.6
+    text = " ".join(boot.warnings)
+    assert "the auroc interval [1, 1] has zero width" in text
+    assert "fewer than 10 rows of pneumonia (4 rows)" in text
+    block = boot.attach({})
+    assert block["bootstrap"]["methods"] == {"sensitivity": "wilson", "auroc": "bootstrap"}
+    assert block["bootstrap"]["describe"] == ("95 % intervals: Wilson score for sensitivity; 300 bootstrap "
+                                              "resamples for auroc")

@@ -45,7 +45,7 @@ def test_bootstrap_of_balanced_accuracy_drops_resamples_without_a_rare_class():
     ref = [balanced_accuracy_score(y[idx], p[idx].argmax(1)) for idx in kept]
     assert 0 < len(kept) < 400
     assert boot.n_valid["balanced_accuracy"] == boot.n_valid["auroc"] == len(kept)
-    assert boot.n_valid["top1"] == 400  # top-1 is defined on any resample
+    assert "top1" not in boot.n_valid and boot.methods["top1"] == "wilson"  # a proportion: no resamples needed
     assert boot.ci["balanced_accuracy"] == pytest.approx((np.quantile(ref, 0.025), np.quantile(ref, 0.975)))
     point = classification_metrics(y, p)["balanced_accuracy"]
     assert boot.ci["balanced_accuracy"][0] <= point <= boot.ci["balanced_accuracy"][1]
@@ -626,8 +626,9 @@ def test_a_bootstrap_over_few_patients_says_so_and_unknown_ids_are_not_groups():
     y = rng.integers(0, 2, 120)
     p = np.clip(np.c_[1 - y * 0.6 - 0.2, y * 0.6 + 0.2] + rng.normal(scale=0.2, size=(120, 2)), 0.01, 0.99)
     p = p / p.sum(axis=1, keepdims=True)
-    one = bootstrap_metrics(y, p, metrics=("top1",), n_boot=200, groups=["site0"] * 120)
-    assert one.grouped and one.n_units == 1 and one.ci["top1"][0] == one.ci["top1"][1]
+    one = bootstrap_metrics(y, p, metrics=("top1", "auroc"), n_boot=200, groups=["site0"] * 120)
+    assert one.grouped and one.n_units == 1 and one.ci["auroc"][0] == one.ci["auroc"][1]
+    assert one.ci["top1"][1] - one.ci["top1"][0] > 0.7  # Wilson at one patient: about as wide as one row's
     assert any("only 1 patients (groups) to resample" in w for w in one.warnings)
     unique = bootstrap_metrics(y, p, metrics=("top1",), n_boot=200, groups=[f"row{i}" for i in range(120)])
     assert not unique.grouped and unique.n_units == 120 and unique.warnings == []
