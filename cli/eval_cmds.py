@@ -27,10 +27,13 @@ def _ci_rows(block: dict) -> list[dict]:
     return rows
 
 
-def seed_option(fn):
+def seed_option(fn=None, *, cv: bool = False):
     """--seed of the bootstrap resamples and the few-shot draws (knn, probe; compare has its own)."""
-    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                        help="Seed of the bootstrap resamples and the few-shot draws (and the probe's CV folds).")(fn)
+    def add(f):
+        return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                            help="Seed of the bootstrap resamples and the few-shot draws"
+                                 + (" (and of the CV folds)." if cv else "."))(f)
+    return add(fn) if fn is not None else add
 
 
 def tries_need_shots(shots: Any) -> None:
@@ -116,6 +119,9 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
     if min(temperature) <= 0:
         raise click.BadParameter(f"the temperature must be positive (DINO uses 0.07); got {min(temperature):g}",
                                  param_hint="--temperature")
+    if weighting == "uniform" and given("temperature"):  # one identical row per temperature otherwise
+        raise click.UsageError("--temperature weights the distance vote; --weighting uniform is a plain majority "
+                               "and reads no temperature: drop one of them.")
     arrays: dict = {}  # each split read once, shared by the evaluation and the few-shot draws
     with FeatureStore(features_file) as store:
         res = run_knn(store, train_split=train_split, eval_split=eval_split, ks=ks, temperatures=temperature,
@@ -175,7 +181,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
               help="lbfgs iterations per C.")
 @positive_option
 @shots_options
-@seed_option
+@seed_option(cv=True)
 @json_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, callback=checked_run_dir,
               help="Run directory: config.json, metrics.json, figures/, and the fitted probe (head.safetensors + "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -9,6 +10,13 @@ import click
 from featcache.names import DTYPES, TOKEN_MODES
 from featcache.store import FeatureStoreError
 from featcache_cli.app import cli, json_option, print_table, quiet_option, write_json
+
+
+def _nonempty(value: str, option: str, expected: str) -> str:
+    """An option that names something (a model, an output file) must not be empty."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter(f"is empty; give {expected}", param_hint=option)
+    return value
 
 
 def _window(value: str | None) -> tuple[float, float] | None:
@@ -25,16 +33,16 @@ def _window(value: str | None) -> tuple[float, float] | None:
 
 
 @cli.command()
-@click.option("--model", "-m", required=True, help="Hub id (facebook/dino-vits16) or a local directory made with save_pretrained.")
+@click.option("--model", "-m", required=True, callback=lambda ctx, param, v: _nonempty(v, "--model", "a hub id such as facebook/dino-vits16 or a local directory made with save_pretrained"), help="Hub id (facebook/dino-vits16) or a local directory made with save_pretrained.")
 @click.option("--data", "-d", required=True, type=click.Path(exists=True), help="Image folder (root/class/x or root/split/class/x), a CSV manifest (path,label[,split][,group]), or a directory written by datasets' save_to_disk (needs featcache[hf]).")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Feature file to write (HDF5). An existing file of the same config is resumed.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), callback=lambda ctx, param, v: _nonempty(v, "--out", "a file name such as feats.h5"), help="Feature file to write (HDF5). An existing file of the same config is resumed.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit); the resolved commit is recorded in the file.")
 @click.option("--tokens", type=click.Choice(["none", "full"]), default="none", show_default=True, help="none: store cls and pooled only; full: also the whole last_hidden_state.")
-@click.option("--num-tokens", type=int, default=None, help="Token count to store, e.g. 257 (197 -> 257 as in the seed). Default: the backbone's own.")
+@click.option("--num-tokens", type=click.IntRange(min=1), default=None, help="Token count to store, e.g. 257 (197 -> 257 as in the seed). Default: the backbone's own.")
 @click.option("--token-mode", type=click.Choice(TOKEN_MODES), default="resize", show_default=True, help="How to reach --num-tokens: resize the token axis (seed recipe), resize the patch grid, or run at the native resolution.")
 @click.option("--blocks", type=click.IntRange(min=1), default=None, metavar="N", help="Also store the CLS token and mean patch token of the last N blocks after the final norm (DINOv2's linear evaluation; feature kinds cls@N, cls@N+pooled). ViT, DeiT, DINOv2 only.")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the processor's output size in pixels (square; for a transformer a multiple of its patch size).")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage dtype of the features.")
@@ -44,7 +52,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--image-column", default=None, help="Hugging Face datasets directory: the Image column to read, when it has several.")
 @click.option("--label-column", default=None, help="Column holding the label: in a CSV manifest (default: label), or in a datasets directory (default: its ClassLabel column, else label/labels/target).")
 @click.option("--window", default=None, help="DICOM window CENTRE,WIDTH overriding the files' own VOI LUT, e.g. 40,400.")
-@click.option("--frame", type=int, default=None, help="DICOM frame to use from multi-frame files (otherwise refused).")
+@click.option("--frame", type=click.IntRange(min=0), default=None, help="DICOM frame to use from multi-frame files (otherwise refused).")
 @click.option("--fast-decode", is_flag=True, help="Decode JPEGs in libjpeg's draft mode (DCT-domain downscaling by 1/2, 1/4 or 1/8) down to the processor's resize target before resizing: several times faster on large photos, slightly different pixels (recorded in the file's fingerprint; README '--fast-decode').")
 @click.option("--merge", type=click.Choice(["copy", "virtual"]), default="copy", show_default=True, help="Under torchrun: join the per-rank shard files by copying, or as HDF5 virtual datasets pointing at the shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with another model or settings.")
@@ -72,8 +80,12 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                                       run_extraction, saved_rows_line)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    if batch_size < 1:
-        raise click.BadParameter(f"must be at least 1; got {batch_size}", param_hint="--batch-size")
+    if update and overwrite:
+        raise click.UsageError("--update keeps the stored features and --overwrite replaces the file: give one of them.")
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > cores:
+        click.echo(f"warning: --workers {workers} exceeds the {cores} CPU cores; using {cores}.", err=True)
+        workers = cores
     cfg = ExtractConfig(model=model, revision=revision, tokens=tokens, num_tokens=num_tokens,
                         token_mode=token_mode, dtype=dtype, image_size=image_size,
                         window=_window(window), frame=frame, blocks=blocks, fast_decode=fast_decode)
@@ -129,7 +141,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
 
 
 @cli.command("import")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Feature file to write.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), callback=lambda ctx, param, v: _nonempty(v, "--out", "a file name such as feats.h5"), help="Feature file to write.")
 @click.option("--split", "splits", multiple=True, required=True, metavar="NAME=FILE", help="Features of one split: .npy (N, D), .npz or .pt (arrays cls/features, pooled, tokens, labels, paths, groups), or .h5/.hdf5 with a features dataset (thingsvision). Repeat per split.")
 @click.option("--labels", "label_files", multiple=True, metavar="NAME=FILE", help="Labels of a split when its feature file has none: .npy, .pt, or a text file with one label per line.")
 @click.option("--paths", "path_files", multiple=True, metavar="NAME=FILE", help="Text file with one image path per row of a split.")
@@ -165,6 +177,9 @@ def _pairs(values, option: str) -> dict[str, str]:
         if "=" not in v:
             raise click.BadParameter(f"expected NAME=FILE such as train=train.npz; got {v!r}", param_hint=option)
         name, file = v.split("=", 1)
+        if not name.strip() or not file.strip():
+            raise click.BadParameter(f"the {'split name before' if not name.strip() else 'file after'} '=' is empty; "
+                                     f"expected NAME=FILE such as train=train.npz; got {v!r}", param_hint=option)
         if name.strip() in pairs:
             raise click.BadParameter(f"split {name.strip()!r} is given twice ({pairs[name.strip()]} and "
                                      f"{file.strip()}); give each split once", param_hint=option)

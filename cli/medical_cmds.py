@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from featcache_cli.app import cli, json_option, print_table, quiet_option, write_json
+from featcache_cli.app import FiniteFloatRange, cli, json_option, print_table, quiet_option, write_json
 
 
 @cli.command("split")
@@ -17,9 +17,9 @@ from featcache_cli.app import cli, json_option, print_table, quiet_option, write
 @click.option("--label", default="label", show_default=True,
               help="Label column (class names or ids), or comma-separated 0/1 columns for "
                    "multi-label. When absent, all 0/1 columns are taken as multi-label.")
-@click.option("--val", default=0.1, show_default=True, type=float,
+@click.option("--val", default=0.1, show_default=True, type=FiniteFloatRange(0, 1, max_open=True),
               help="Fraction of rows for validation (approximate: whole groups move).")
-@click.option("--test", default=0.2, show_default=True, type=float,
+@click.option("--test", default=0.2, show_default=True, type=FiniteFloatRange(0, 1, max_open=True),
               help="Fraction of rows for test (approximate: whole groups move).")
 @click.option("--stratify/--no-stratify", default=True, show_default=True,
               help="Keep class proportions in every split (else balance row counts only).")
@@ -40,8 +40,13 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
 
     Example: featcache split manifest.csv --group patient_id --val 0.1 --test 0.2 --stratify --seed 0 --out split_manifest.csv
     """
+    from pathlib import Path
+
     from featcache.splitting import split_manifest
 
+    if Path(out).resolve() == Path(manifest).resolve():
+        raise click.BadParameter(f"is the input manifest {manifest}: writing the split there would replace it; give "
+                                 f"another file", param_hint="--out")
     try:
         summary = split_manifest(manifest, out, group=group, label=label, val=val, test=test,
                                  stratify=stratify, seed=seed, multilabel=multilabel)
@@ -83,14 +88,14 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
 @click.option("--layer", default=-1, show_default=True, type=int,
               help="Layer whose attention to draw (-1: the last).")
 @click.option("--per-head", is_flag=True, help="Also draw every head's map (<image>_heads.png).")
-@click.option("--max-images", default=32, show_default=True, type=int,
+@click.option("--max-images", default=32, show_default=True, type=click.IntRange(min=0),
               help="Draw at most this many images (the first readable ones in order); 0 for all.")
-@click.option("--grid-cols", default=8, show_default=True, type=int,
+@click.option("--grid-cols", default=8, show_default=True, type=click.IntRange(min=1),
               help="Images per row in grid.png (and heads per row with --per-head).")
 @click.option("--split", default=None, help="Only images of this split of the data source.")
-@click.option("--image-size", default=None, type=int,
+@click.option("--image-size", default=None, type=click.IntRange(min=1),
               help="Resize inputs to this many pixels square (a multiple of the patch size).")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True,
               help="torch device: auto (cuda when available), cpu, cuda, cuda:1, mps.")
 @quiet_option

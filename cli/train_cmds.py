@@ -90,6 +90,21 @@ def _per_label_table(console: Console, t: Any) -> None:
         console.table(rows, title=f"\nper label ({split})")
 
 
+def _probability(value: str | None) -> float | None:
+    """predict's --threshold: a number in (0, 1); a rule is chosen at training time, not here."""
+    if value is None:
+        return None
+    try:
+        p = float(value)
+    except ValueError:
+        raise click.BadParameter(f"predict applies a number in (0, 1); rules such as youden or sensitivity:0.95 are "
+                                 f"chosen on validation at training time (train / probe / sweep --threshold) and "
+                                 f"saved with the head; got {value!r}", param_hint="--threshold") from None
+    if not 0 < p < 1:  # also refuses nan
+        raise click.BadParameter(f"must be a number in (0, 1); got {value!r}", param_hint="--threshold")
+    return p
+
+
 def _where_chosen(t: Any) -> str:
     """Where the head's threshold came from, in the words predict and the report use."""
     return threshold_provenance(t.threshold_rule_, t.threshold_, t.threshold_untuned_)
@@ -201,8 +216,8 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default=None, help="Split to predict [default: test, or the file's only split unless it is train].")
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), callback=checked_output_file, help="CSV to write: image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
-@click.option("--threshold", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=None, help="Binary / multi-label decision threshold [default: the one saved with the head (chosen on validation), else 0.5].")
-@positive_option
+@click.option("--threshold", default=None, metavar="P", callback=lambda ctx, param, v: _probability(v), help="Binary / multi-label decision threshold, a number in (0, 1) [default: the one saved with the head, else 0.5]. Rules such as youden are chosen on validation at training time (train / probe / sweep --threshold).")
+@click.option("--positive-class", default=None, metavar="NAME", help="Binary heads: the class whose probability is written and thresholded [default: the positive class saved with the head]; another class does not use the saved threshold.")
 @quiet_option
 @library_errors
 def predict(run_dir, features_file, split, out_csv, threshold, positive_class, quiet):

@@ -172,6 +172,11 @@ def check_same_rows(first: tuple[str, FeatureStore, dict[str, SplitArrays]],
 
 
 
+def _role(split: str, train_split: str, test_split: str) -> str:
+    """The option that named a split, for an error message."""
+    return "train-split" if split == train_split else "test-split" if split == test_split else "val-split"
+
+
 def share_groups(names: Sequence[str], cached: Sequence[dict[str, SplitArrays]], splits: Sequence[str]) -> list[str]:
     """One grouping (patients) of every used split for all files, since the bootstrap resamples
     and the few-shot draws take whole groups: files whose groups differ are refused, and files
@@ -266,8 +271,12 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
             arrays: dict[str, SplitArrays] = {}
             for split in splits:
                 if split not in store.splits:
+                    having = [n for n, s in zip(names, stores) if split in s.splits]
+                    if not having:
+                        raise ValueError(f"no file has a split {split!r} (option --{_role(split, train_split, test_split)}"
+                                         f"); they have {', '.join(store.splits)}.")
                     raise ValueError(f"{name} has no split {split!r} (it has {', '.join(store.splits)}), but "
-                                     f"{names[0]} has; compare needs the same images in the same splits.")
+                                     f"{having[0]} has; compare needs the same images in the same splits.")
                 cached_split_arrays(store, split, features, "compare", arrays)
             if arrays[train_split].y.ndim == 2:
                 raise ValueError(f"{name} is multi-label; compare ranks single-label tasks (top-1, or AUROC of "

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import featcache
 from featcache.backbones import Backbone, load_backbone, processor_output_size, set_processor_size, trained_size
-from featcache.sources import (DECODE_RULES, DECODE_RULES_CHANGES, UNREADABLE, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
+from featcache.sources import (DECODE_RULES, DECODE_RULES_CHANGES, IMAGE_EXTENSIONS, UNREADABLE, DecodeOptions, ImageDecodeError, RowContent, discover, file_stat,
                                load_image, read_input, row_content)
 from featcache.devices import resolve_device
 from featcache.names import CONTENT_CHARS, DTYPES
@@ -354,6 +354,21 @@ def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_
     return config
 
 
+NOT_DICOM_SUFFIXES = frozenset(IMAGE_EXTENSIONS) - {".dcm", ".dicom"}
+
+
+def check_dicom_options(cfg: ExtractConfig, source: Any) -> None:
+    """Refuse --window / --frame for data without DICOM files: they would change no pixel but enter
+    the fingerprint, so a later run without them would be refused as 'other settings'."""
+    if cfg.window is None and cfg.frame is None:
+        return
+    paths = [p for rows in source.splits.values() for p in rows.paths]
+    if source.kind == "hf" or (paths and all(Path(str(p)).suffix.lower() in NOT_DICOM_SUFFIXES for p in paths)):
+        given = " and ".join(o for o, v in (("--window", cfg.window), ("--frame", cfg.frame)) if v is not None)
+        raise ValueError(f"{given} appl{'ies' if ' and ' not in given else 'y'} to DICOM files, but every input here "
+                         f"is another format (.png, .jpg, ...): drop {'it' if ' and ' not in given else 'them'}.")
+
+
 def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: RunOptions = RunOptions(),
                    backbone: tuple[Backbone, TokenLayout] | None = None, **source_options: Any) -> ExtractSummary:
     """Extract features of every image under `data` into `out`, resuming what is already done.
@@ -362,6 +377,7 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     its own shard file, then rank 0 joins the shards into `out` (run.merge: copy or virtual).
     """
     source = discover(data, **source_options)
+    check_dicom_options(cfg, source)
     backbone_, plan = backbone or prepare_backbone(cfg)
     rank, world = distributed_rank()
     device = resolve_device(run.device, rank if world > 1 else None)

@@ -410,6 +410,9 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
     saved = head.meta.get("threshold")
     if saved is not None and positive == saved_pos:
         return positive, float(saved), saved_threshold_source(head.meta)
+    if saved is not None:  # a threshold on P(saved class) means nothing for another positive class
+        return positive, 0.5, (f"default 0.5; the saved threshold {float(saved):.4g} is on P({classes[saved_pos]}) "
+                               f"and does not apply to positive class {classes[positive]} (pass --threshold)")
     return positive, 0.5, "default 0.5"
 
 

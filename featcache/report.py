@@ -451,6 +451,12 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         other = [f"{r.path.name} ({r.positive_class})" for r in runs
                  if r.positive_class is not None and r.positive_class != positive_class]
         if other:
+            known = {str(e.get("class")) for r in runs for split in ("val", "test")
+                     if isinstance(r.metrics.get(split), dict)
+                     for e in r.metrics[split].get("per_class") or [] if isinstance(e, dict)}
+            if known and positive_class not in known:
+                raise ValueError(f"--positive-class {positive_class!r} is not a class of these runs (their classes: "
+                                 f"{', '.join(sorted(known))}).")
             raise ValueError(f"--positive-class {positive_class}: these runs used another positive class: "
                              f"{', '.join(other)}. Re-run them with --positive-class {positive_class}.")
     _unique_names(runs)

@@ -184,9 +184,19 @@ def discover(data: str | Path, *, split: str | None = None, label_columns: Seque
                              f".csv with columns path,label[,split][,group].")
         source = _from_csv(data, label_columns, path_column, label_column or DEFAULT_LABEL_COLUMN, split_column, group_column)
     elif hf_source.is_hf_dataset_dir(data):
+        if label_columns:
+            raise ValueError(f"--label-columns (multi-label 0/1 columns) reads a CSV manifest; {data} is a datasets "
+                             f"directory: drop it, or write a manifest with one 0/1 column per finding.")
         source = hf_source.from_hf_dir(data, image_column=image_column, label_column=label_column,
                                        group_column=group_column)
     else:
+        given = [f"--{name}" for name, value in (("label-columns", label_columns), ("label-column", label_column),
+                                                 ("group-column", group_column)) if value]
+        if given:  # a folder's labels are its class folders; nothing would read these columns
+            raise ValueError(f"{', '.join(given)} read{'s' if len(given) == 1 else ''} columns of a CSV manifest or a "
+                             f"datasets directory, but {data} is an image folder (labels come from its class "
+                             f"folders, and it has no patient ids): drop {'it' if len(given) == 1 else 'them'}, or "
+                             f"pass a manifest (path,label[,split][,group]).")
         source = _from_folder(data, exts)
     if split is not None:
         if split not in source.splits:

@@ -495,3 +495,81 @@ def test_settings_a_run_does_not_use_are_named(digits_feature_file, tmp_path):
     r = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", "1", "--cv", "3", "--json", "-", "-q"])
     assert r.exit_code == 0, r.output
     assert "--cv 3 was not used: C was chosen on split 'val'" in json.dumps(json.loads(r.stdout)["notes"])
+
+
+@pytest.mark.parametrize("extra,message,code", [
+    (["--update", "--overwrite"], "--update keeps the stored features and --overwrite replaces the file", 2),
+    (["--window", "40,400"], "--window applies to DICOM files, but every input here is another format", 1),
+    (["--frame", "0"], "--frame applies to DICOM files", 1),
+    (["--label-columns", "a,b"], "--label-columns reads columns of a CSV manifest or a datasets directory", 1),
+    (["--group-column", "patient"], "but {data} is an image folder", 1),
+    (["--frame", "-1"], "-1 is not in the range x>=0", 2),
+    (["--batch-size", "0"], "0 is not in the range x>=1", 2),
+])
+def test_extract_refuses_options_that_would_do_nothing(tiny_vit, digits_dir, tmp_path, extra, message, code):
+    """On an image folder --label-columns / --group-column were ignored (no patient ids, exit 0), and
+    --window / --frame on PNGs changed no pixel but entered the fingerprint: the same command without
+    them was then refused as 'other settings'. --update --overwrite silently overwrote."""
+    out = tmp_path / "f.h5"
+    r = CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(digits_dir), "--out", str(out),
+                                 "--workers", "0", "-q", *extra])
+    assert r.exit_code == code and message.format(data=digits_dir) in " ".join(r.output.split()), r.output
+    assert not out.exists()
+
+
+def test_empty_names_and_pairs_are_usage_errors(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["extract", "--model", "", "--data", str(tmp_path), "--out", str(tmp_path / "f.h5")])
+    assert r.exit_code == 2 and "--model: is empty; give a hub id" in r.output, r.output
+    r = runner.invoke(cli, ["extract", "--model", "m", "--data", str(tmp_path), "--out", ""])
+    assert r.exit_code == 2 and "--out: is empty; give a file name" in r.output, r.output
+    np.savez(tmp_path / "train.npz", cls=np.zeros((4, 3), np.float32), labels=np.array([0, 1, 0, 1]))
+    r = runner.invoke(cli, ["import", "--out", str(tmp_path / "i.h5"), "--split", f"={tmp_path / 'train.npz'}"])
+    assert r.exit_code == 2 and "the split name before '=' is empty" in r.output, r.output
+
+
+def test_split_refuses_to_write_over_its_input(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(20)))
+    before = manifest.read_text()
+    r = CliRunner().invoke(cli, ["split", str(manifest), "--out", str(manifest)])
+    assert r.exit_code == 2 and "is the input manifest" in r.output and manifest.read_text() == before
+    r = CliRunner().invoke(cli, ["split", str(manifest), "--out", str(tmp_path / "s.csv"), "--val", "nan"])
+    assert r.exit_code == 2 and "expected a finite number" in r.output
+
+
+def test_knn_uniform_refuses_a_temperature_it_would_not_read(digits_feature_file):
+    r = CliRunner().invoke(cli, ["knn", str(digits_feature_file), "--weighting", "uniform", "--temperature",
+                                 "0.1,0.2", "--k", "5", "-q"])
+    assert r.exit_code == 2 and "reads no temperature" in r.output, r.output
+
+
+def test_predict_says_why_a_saved_threshold_does_not_apply(tmp_path):
+    """predict --positive-class <the other class> dropped the saved threshold to 0.5 and said only
+    'default 0.5'; predict --threshold youden said "'youden' is not a valid float range"."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    path = write_arrays(tmp_path / "b.h5", {"train": {"cls": x[:60], "labels": y[:60]},
+                                            "val": {"cls": x[60:90], "labels": y[60:90]},
+                                            "test": {"cls": x[90:], "labels": y[90:]}}, ["neg", "pos"],
+                        {"model": "m"}).path
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", str(path), "--epochs", "3", "--threshold", "youden", "--out", str(run), "-q"])
+    assert r.exit_code == 0, r.output
+    pred = fc.predict(run, path, positive_class="neg")
+    assert pred.threshold == 0.5 and "does not apply to positive class neg (pass --threshold)" in pred.threshold_source
+    assert "is on P(pos)" in pred.threshold_source
+    r = CliRunner().invoke(cli, ["predict", str(run), str(path), "--threshold", "youden", "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 2 and "rules such as youden" in r.output and "chosen on validation at training" in r.output
+    from featcache.report import write_report  # report told the user to re-run with a class that does not exist
+
+    with pytest.raises(ValueError, match=r"--positive-class 'nope' is not a class of these runs \(their classes: neg, pos\)"):
+        write_report([run], tmp_path / "rep", positive_class="nope")
+
+
+def test_report_and_compare_name_a_missing_class_or_split_plainly(digits_feature_file, tmp_path):
+    other = tmp_path / "copy.h5"
+    shutil.copy(digits_feature_file, other)
+    r = CliRunner().invoke(cli, ["compare", str(digits_feature_file), str(other), "--test-split", "nope", "-q"])
+    assert r.exit_code == 1 and "no file has a split 'nope' (option --test-split)" in r.output, r.output
