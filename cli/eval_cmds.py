@@ -270,7 +270,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
 @click.option("--test-split", default="test", show_default=True, help="Split every method is scored on.")
 @shots_options
 @click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Paired bootstrap resamples of the test rows (whole groups when the file has groups).")
+              help="Paired bootstrap resamples of the test rows (whole groups when the file has groups); at "
+                   "least 1, since compare's differences between files are bootstrapped.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probe, the draws and the bootstrap.")
 @positive_option
 @json_option

@@ -23,7 +23,7 @@ def recipe_options(fn: Callable) -> Callable:
         click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs without a better validation score before stopping."),
         click.option("--metric", type=click.Choice(SELECTION_METRICS), default="accuracy", show_default=True, help="Validation metric for early stopping and for ranking a sweep."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True, help="AdamW (decoupled decay) or Adam (L2)."),
-        click.option("--balance", type=click.Choice(BALANCE), default="weights", show_default=True, help="Imbalanced data: class-weighted loss, class-balanced batches (as the seeds), or nothing."),
+        click.option("--balance", type=click.Choice(BALANCE), default="weights", show_default=True, help="Imbalanced data: class-weighted loss, class-balanced batches, or nothing."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed for init, batch order and the held-out validation rows."),
         click.option("--train-split", default="train", show_default=True, help="Split to fit on."),
         click.option("--val-split", default=None, help="Validation split. Default: 'val' when the file has it, else --val-fraction of train held out (by group when the file has groups)."),
@@ -112,7 +112,7 @@ def _where_chosen(t: Any) -> str:
 
 @cli.command()
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
-@click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="linear / mlp on cls or pooled; mixer (the seeds' token mixer) / attn (attention pooling) on full tokens.")
+@click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="linear / mlp on cls or pooled; mixer (token mixing: Linear over the token axis, Model2/Model3 of the original study) / attn (attention pooling) on full tokens.")
 @click.option("--features", type=FeatureKind(), default=None, help="Input of linear / mlp heads: cls, pooled, cls+pooled, cls@N, cls@N+pooled [default: cls]. Token heads read the full tokens and refuse it.")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--wd", "weight_decay", type=FiniteFloatRange(min=0), default=1e-4, show_default=True, help="Weight decay.")
@@ -123,7 +123,7 @@ def _where_chosen(t: Any) -> str:
 def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, threshold, **kw):
     """Train one classifier head on cached features, keeping the best validation epoch.
 
-    Example: featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
+    Example (a file extracted with --tokens full): featcache train feats.h5 --head mixer --lr 1e-3 --epochs 50 --out runs/mixer
     """
     from featcache.heads import uses_tokens
     from featcache.train import train_repeats

@@ -968,6 +968,9 @@ def summarize_repeats(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, 
 
 
 def population_std(values: Sequence[float]) -> float:
-    """The std (ddof 0) of repeated runs or tries; equal values have std 0 exactly, not the 1e-16 of
-    their mean's rounding."""
-    return float(np.std(values)) if len(set(values)) > 1 else 0.0
+    """The std (ddof 0) of repeated runs or tries; values equal up to float rounding (the same balanced
+    accuracy summed in another order) have std 0 exactly, not the 1e-17 of their rounding."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2 or np.ptp(values) <= 8 * np.finfo(np.float64).eps * max(1.0, float(np.abs(values).max())):
+        return 0.0
+    return float(np.std(values))

@@ -211,3 +211,11 @@ def test_zero_width_bootstrap_intervals_and_scarce_classes_are_named():
     assert block["bootstrap"]["methods"] == {"sensitivity": "wilson", "auroc": "bootstrap"}
     assert block["bootstrap"]["describe"] == ("95 % intervals: Wilson score for sensitivity; 300 bootstrap "
                                               "resamples for auroc")
+
+
+def test_population_std_of_values_equal_up_to_rounding_is_zero():
+    """knn few-shot printed balanced_accuracy_std 9.93e-17 for tries of one and the same score."""
+    from featcache.metrics import population_std
+
+    assert 0.1 + 0.2 != 0.3 and population_std([0.1 + 0.2, 0.3, 0.3]) == 0.0
+    assert population_std([0.5, 0.6]) == pytest.approx(0.05) and population_std([0.7]) == 0.0
