@@ -561,6 +561,12 @@ def threshold_record(rule: str, value: float | list[float],
             "untuned_why": dict(untuned) if isinstance(untuned, Mapping) else {}}
 
 
+def untuned_reasons(names: Sequence[str] | None, why: Mapping[str, str] | None) -> dict[str, str]:
+    """A saved record's untuned classes / labels -> why ("" for runs saved before reasons were kept),
+    from its two keys (metrics.json untuned / untuned_why; head.json threshold_untuned / _why)."""
+    return {str(n): str((why or {}).get(n, "")) for n in names or []}
+
+
 def threshold_provenance(rule: str | None, value: float | list[float] | None,
                          untuned: Mapping[str, str] | Sequence[str] = ()) -> str:
     """Where a decision threshold came from, in the one wording train, predict and the report print:
@@ -737,7 +743,9 @@ class Bootstrap:
 
     @property
     def warnings(self) -> list[str]:
-        """One line per metric undefined in more than 5 % of the resamples."""
+        """Lines for what makes these intervals less than they seem: too few patients (rows) to
+        resample, classes with fewer than MIN_CLASS_UNITS of them, zero-width bootstrap intervals,
+        and metrics undefined in more than 5 % of the resamples."""
         out = [] if self.n_units is None else few_units_warning(self.n_units, self.grouped)
         if self.scarce and (any(h == "bootstrap" for h in self.methods.values())
                             or any("auroc" in ci for ci in self.per_label)):
@@ -801,10 +809,10 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
     keys = None if groups is None else group_keys(groups)
     wilson: dict[str, tuple[float, float]] = {}
     if y_true.ndim == 1:
-        pred = decide(proba, threshold=threshold, positive=positive if proba.shape[1] == 2 else None)
+        pos = (1 if positive is None else int(positive)) if proba.shape[1] == 2 else None  # as classification_metrics
+        pred = decide(proba, threshold=threshold, positive=pos)
         for m in metrics:
-            rows = _proportion_hits(m, y_true, pred, positive if proba.shape[1] == 2 else None) \
-                if m in PROPORTION_METRICS else None
+            rows = _proportion_hits(m, y_true, pred, pos) if m in PROPORTION_METRICS else None
             if rows is not None:
                 interval = proportion_interval(rows[1][rows[0]], None if keys is None else
                                                [k for k, r in zip(keys, rows[0]) if r], alpha)

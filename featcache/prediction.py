@@ -25,7 +25,8 @@ from torch import nn
 
 from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
-from featcache.metrics import DEFAULT_THRESHOLD_RULE, decide, threshold_provenance, tuned_on_validation
+from featcache.metrics import (DEFAULT_THRESHOLD_RULE, decide, threshold_provenance, tuned_on_validation,
+                               untuned_reasons)
 from featcache.runs import check_output_file, read_json, write_json
 from featcache.store import FeatureStore, FeatureStoreError, config_differences, read_rows
 
@@ -419,8 +420,7 @@ def _decision_rule(head: SavedHead, multilabel: bool, threshold: float | None,
 def saved_untuned(meta: dict[str, Any]) -> dict[str, str]:
     """A saved head's classes / labels whose threshold rule fell back to 0.5 -> why ("" for heads
     saved before the reason was recorded)."""
-    why = meta.get("threshold_untuned_why") or {}
-    return {str(n): str(why.get(n, "")) for n in meta.get("threshold_untuned") or []}
+    return untuned_reasons(meta.get("threshold_untuned"), meta.get("threshold_untuned_why"))
 
 
 def saved_threshold_source(meta: dict[str, Any]) -> str:

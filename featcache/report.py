@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from featcache.metrics import threshold_provenance
+from featcache.metrics import threshold_provenance, untuned_reasons
 from featcache.names import HEAD_ONLY_SETTINGS
 from featcache.runs import Run, attribute_json, load_run
 
@@ -119,8 +119,7 @@ def threshold_text(run: Run, block: dict[str, Any]) -> str:
     record = run.metrics.get("threshold")
     how = ""
     if isinstance(record, dict) and record.get("rule") and not isinstance(value, dict):
-        why = record.get("untuned_why") or {}
-        untuned = {str(n): str(why.get(n, "")) for n in record.get("untuned") or []}
+        untuned = untuned_reasons(record.get("untuned"), record.get("untuned_why"))
         how = f" ({threshold_provenance(record['rule'], record.get('value', value), untuned)})"
     if isinstance(value, list):  # multi-label: one threshold per finding, named
         entries = next((b.get("per_label") for b in (run.metrics.get("test"), run.metrics.get("val"))
