@@ -246,8 +246,9 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
                         f"features ({kind}), selection on {where}")
     console.echo(f"best C: {est.best_C_:g}  ({score_name} {est.best_score_:.4f})")
     if res.test is not None:
+        intervals = (res.test.get("bootstrap") or {}).get("describe")
         console.table(_ci_rows(res.test), title=f"\ntest metrics ({res.test['n']} {test} rows, C = {est.best_C_:g}"
-                                                f"{_positive_title(res.test)})")
+                                                f"{_positive_title(res.test)})" + (f"; {intervals}" if intervals else ""))
         if per_label_rows(res.test):
             console.table(per_label_rows(res.test), title=f"\nper label ({test})")
     _finish(console, res, json_path, out_dir)

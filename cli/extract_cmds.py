@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def _window(value: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise click.BadParameter(f"expected CENTRE,WIDTH such as 40,400; got {value!r}",
                                  param_hint="--window") from None
+    if not (math.isfinite(centre) and math.isfinite(width)):
+        raise click.BadParameter(f"expected finite numbers CENTRE,WIDTH such as 40,400; got {value!r}",
+                                 param_hint="--window")
     if width < 1:  # DICOM's LINEAR window is at least 1 wide (PS3.3 C.11.2.1.2.1)
         raise click.BadParameter(f"the window width must be >= 1; got {width:g}", param_hint="--window")
     return centre, width

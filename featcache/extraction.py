@@ -357,11 +357,21 @@ def file_config(cfg: ExtractConfig, backbone: Backbone, plan: TokenLayout, data_
 NOT_DICOM_SUFFIXES = frozenset(IMAGE_EXTENSIONS) - {".dcm", ".dicom"}
 
 
-def check_dicom_options(cfg: ExtractConfig, source: Any) -> None:
+def check_dicom_options(cfg: ExtractConfig, source: Any, out: str | Path | None = None) -> None:
     """Refuse --window / --frame for data without DICOM files: they would change no pixel but enter
-    the fingerprint, so a later run without them would be refused as 'other settings'."""
+    the fingerprint, so a later run without them would be refused as 'other settings'. A file made
+    before this check with the same options (`out`) is still resumed and updated with them."""
     if cfg.window is None and cfg.frame is None:
         return
+    if out is not None and Path(out).is_file():
+        try:
+            with FeatureStore(out) as old:
+                window = old.config.get("window")
+                if (tuple(window) if window is not None else None) == (tuple(cfg.window) if cfg.window else None) \
+                        and old.config.get("frame") == cfg.frame:
+                    return
+        except (FeatureStoreError, OSError):
+            pass  # not a readable featcache file: the writer says so later
     paths = [p for rows in source.splits.values() for p in rows.paths]
     if source.kind == "hf" or (paths and all(Path(str(p)).suffix.lower() in NOT_DICOM_SUFFIXES for p in paths)):
         given = " and ".join(o for o, v in (("--window", cfg.window), ("--frame", cfg.frame)) if v is not None)
@@ -377,7 +387,7 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
     its own shard file, then rank 0 joins the shards into `out` (run.merge: copy or virtual).
     """
     source = discover(data, **source_options)
-    check_dicom_options(cfg, source)
+    check_dicom_options(cfg, source, out)
     backbone_, plan = backbone or prepare_backbone(cfg)
     rank, world = distributed_rank()
     device = resolve_device(run.device, rank if world > 1 else None)

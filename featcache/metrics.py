@@ -510,8 +510,10 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     else:
         value = [pick(val_y[:, j], val_proba[:, j], "label", str(names[j]) if names else str(j),
                       None if train_y is None else train_y[:, j]) for j in range(val_y.shape[1])]
-    if untuned_out is not None:
+    if isinstance(untuned_out, dict):
         untuned_out.update(reasons)
+    elif untuned_out is not None:  # a list of names, as before the reasons were kept
+        untuned_out.extend(reasons)
     if untuned and notes is not None:
         notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
                      f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
@@ -555,10 +557,14 @@ def threshold_record(rule: str, value: float | list[float],
     `untuned_why`)."""
     chosen = "default" if str(rule).strip() == DEFAULT_THRESHOLD_RULE else "given"
     if tuned_on_validation(rule):
-        everywhere = not isinstance(value, list) or len(untuned) == len(value)
-        chosen = "default" if untuned and everywhere else "val"
+        chosen = "default" if _untuned_everywhere(value, untuned) else "val"
     return {"rule": rule, "value": value, "chosen_on": chosen, "untuned": list(untuned),
             "untuned_why": dict(untuned) if isinstance(untuned, Mapping) else {}}
+
+
+def _untuned_everywhere(value: float | list[float] | None, untuned: Sequence[str] | Mapping[str, str]) -> bool:
+    """Whether a tuned rule fell back to the default for its one class or for every label."""
+    return bool(untuned) and (not isinstance(value, list) or len(untuned) == len(value))
 
 
 def untuned_reasons(names: Sequence[str] | None, why: Mapping[str, str] | None) -> dict[str, str]:
@@ -579,7 +585,7 @@ def threshold_provenance(rule: str | None, value: float | list[float] | None,
         return "the default" if rule == DEFAULT_THRESHOLD_RULE else "given"
     why = untuned if isinstance(untuned, Mapping) else {}
     left = ", ".join(f"{n} ({why.get(n) or 'nothing to tune on'})" for n in untuned)
-    if untuned and (not isinstance(value, list) or len(untuned) == len(value)):
+    if _untuned_everywhere(value, untuned):
         return f"{rule}: the default {DEFAULT_THRESHOLD:g} for {left}"
     return f"{rule}, chosen on validation" + (f"; the default {DEFAULT_THRESHOLD:g} for {left}" if untuned else "")
 
@@ -755,8 +761,10 @@ class Bootstrap:
                        f"balanced-accuracy intervals from so few undercover (at 4 positives a nominal 95 % interval "
                        f"held the true AUROC in 69-86 % of simulated test sets) and no interval is honest there; "
                        f"report the counts beside the numbers.")
-        for m in self.flat:
-            lo, hi = self.ci[m]
+        flat = [(m, self.ci[m]) for m in self.flat] + [
+            (f"label {name} auroc", ci["auroc"]) for name, ci in zip(self.label_names, self.per_label)
+            if "auroc" in ci and ci["auroc"][0] == ci["auroc"][1]]
+        for m, (lo, hi) in flat:
             out.append(f"bootstrap: the {m} interval [{lo:.4g}, {hi:.4g}] has zero width: every resample gave "
                        f"the same value (e.g. a perfect separation of few positives), which says nothing about "
                        f"how uncertain it is; more test rows are needed for an interval.")

@@ -92,7 +92,8 @@ def head_payload(model: nn.Module, spec: HeadSpec, *, classes: list[str], finger
             "model": model_name, "features": features, "multilabel": multilabel, "source": source,
             "positive_class": None if positive is None else classes[positive],
             "threshold": threshold, "threshold_rule": threshold_rule, "threshold_untuned": list(threshold_untuned or {}),
-            "threshold_untuned_why": dict(threshold_untuned or {}), "recipe": recipe}
+            "threshold_untuned_why": dict(threshold_untuned) if isinstance(threshold_untuned, Mapping) else {},
+            "recipe": recipe}
     return tensors, meta
 
 

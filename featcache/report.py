@@ -199,8 +199,11 @@ def _scalar_metrics(block: dict[str, Any]) -> list[tuple[str, str]]:
     if isinstance(boot, dict) and boot.get("n_boot"):
         valid = boot.get("n_valid") or {}
         fewest = f", at least {min(valid.values())} valid resamples per bootstrapped metric" if valid else ""
-        how = boot.get("describe") or f"{boot['n_boot']} resamples{' of whole groups' if boot.get('grouped') else ''}"
-        out.append(("intervals", how + fewest))  # runs written before Wilson intervals: their resamples
+        how = boot.get("describe") or (f"{boot['n_boot']} percentile-bootstrap resamples"
+                                       f"{' of whole groups' if boot.get('grouped') else ''} for every metric "
+                                       f"(a run written before top-1, sensitivity and specificity got Wilson "
+                                       f"intervals)")
+        out.append(("intervals", how + fewest))
     return out
 
 
@@ -464,10 +467,11 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     header, rows = comparison_rows(runs)
     def intro(escape: Callable[[str], str]) -> str:
         text = (f"{len(runs)} run(s). Numbers are on the test split when the run has one (else val); "
-                f"[low, high] is a 95 % interval when the run computed one — a Wilson score interval for top-1, "
-                f"sensitivity and specificity, a percentile bootstrap one for the rest (a value without one has "
-                f"none: compare intervals only between runs that have them); each run's section says how its "
-                f"intervals were made and whether whole groups (patients) were drawn.")
+                f"[low, high] is a 95 % interval when the run computed one (a value without one has none: "
+                f"compare intervals only between runs that have them, and made the same way); each run's "
+                f"section says how its intervals were made (since 2026-12-01 train, probe and knn give top-1, "
+                f"sensitivity and specificity Wilson score intervals and bootstrap the rest; compare bootstraps "
+                f"every metric, paired) and whether whole groups (patients) were drawn.")
         positives = sorted({str(r.positive_class) for r in runs if r.positive_class is not None})
         if len(positives) > 1:
             text += (f" Warning: the binary runs do not share a positive class ({escape(', '.join(positives))}), "

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import hashlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -490,8 +491,8 @@ DECODE_RULES_CHANGES = {2: "PNGs with a transparency key colour, 16-bit PGM/PPM 
                            "float images with NaN pixels, "
                            "DICOM with a SIGMOID or LINEAR_EXACT VOI function, multi-picture (MPO) JPEGs under "
                            "--fast-decode, and float16/bfloat16 checkpoints (now run in float32)",
-                    3: "DICOM with an 8-bit VOI LUT of more than 256 entries (was wrapped), Enhanced multi-frame "
-                       "DICOM under --frame (its functional groups' rescale and window now apply), JPEG 2000 colour "
+                    3: "DICOM with an 8-bit VOI LUT of more than 256 entries (was wrapped), Enhanced DICOM (its "
+                       "functional groups' rescale and window now apply, per frame under --frame), JPEG 2000 colour "
                        "DICOM (YBR_RCT/YBR_ICT, was an error) and DICOM with empty window tags (was an error)"}
 
 
@@ -570,7 +571,8 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
                                f"{_one_line(exc)}") from None
     if frames > 1:
         arr = arr[options.frame]
-        _frame_functional_groups(ds, options.frame)
+    if ds.get("PerFrameFunctionalGroupsSequence") or ds.get("SharedFunctionalGroupsSequence"):
+        _frame_functional_groups(ds, options.frame if frames > 1 else 0)  # Enhanced IODs, one frame too
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     try:
         if photometric == "PALETTE COLOR" or photometric in COLOUR_PHOTOMETRICS or arr.ndim == 3:
@@ -703,6 +705,8 @@ VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # DICOM VOILUTFunction va
 def _window(data: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """A DICOM window mapped onto 0..255: the file's VOILUTFunction (LINEAR, PS3.3 C.11.2.1.2.1;
     LINEAR_EXACT and SIGMOID, C.11.2.1.3), so pixels are what a conformant viewer shows."""
+    if not (math.isfinite(centre) and math.isfinite(width)):
+        raise ImageDecodeError(f"DICOM window centre {centre:g} / width {width:g} must be finite numbers")
     if function not in VOI_FUNCTIONS:
         raise ImageDecodeError(f"unknown DICOM VOILUTFunction {function!r} (expected one of "
                                f"{', '.join(VOI_FUNCTIONS)}): pass --window C,W to window it linearly")
@@ -730,12 +734,6 @@ def _first(value) -> float:
         return float(value[0])
     except TypeError:
         return float(value)
-
-
-def _voi_range(ds) -> tuple[float, float]:
-    """The output range of a VOI LUT sequence: its entries' bit depth."""
-    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-    return 0.0, float(2 ** bits - 1)
 
 
 def _scale_to_uint8(data: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:

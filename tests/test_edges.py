@@ -573,3 +573,26 @@ def test_report_and_compare_name_a_missing_class_or_split_plainly(digits_feature
     shutil.copy(digits_feature_file, other)
     r = CliRunner().invoke(cli, ["compare", str(digits_feature_file), str(other), "--test-split", "nope", "-q"])
     assert r.exit_code == 1 and "no file has a split 'nope' (option --test-split)" in r.output, r.output
+
+
+def test_a_file_made_with_window_before_the_check_is_still_resumed(tiny_vit, digits_dir, tmp_path, monkeypatch):
+    """A file extracted before --window was refused for PNG data records the window in its
+    fingerprint: refusing it now left only --overwrite (re-extract everything)."""
+    import featcache.extraction as extraction
+
+    out = tmp_path / "old.h5"
+    argv = ["extract", "--model", str(tiny_vit), "--data", str(digits_dir), "--out", str(out), "--workers", "0", "-q",
+            "--window", "40,400"]
+    with monkeypatch.context() as m:  # the code before the check
+        m.setattr(extraction, "check_dicom_options", lambda *a, **k: None)
+        assert CliRunner().invoke(cli, argv).exit_code == 0
+    r = CliRunner().invoke(cli, argv)
+    assert r.exit_code == 0 and "resumed" in r.output, r.output
+    r = CliRunner().invoke(cli, [*argv[:-1], "40,nan"])
+    assert r.exit_code == 2 and "expected finite numbers CENTRE,WIDTH" in r.output, r.output
+
+
+def test_probe_console_says_how_its_intervals_were_made(digits_feature_file):
+    r = CliRunner().invoke(cli, ["probe", str(digits_feature_file), "--Cs", "1", "--bootstrap", "50"])
+    assert r.exit_code == 0, r.output
+    assert "95 % intervals: Wilson score for top1; 50 bootstrap resamples for balanced_accuracy" in r.output

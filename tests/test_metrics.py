@@ -219,3 +219,22 @@ def test_population_std_of_values_equal_up_to_rounding_is_zero():
 
     assert 0.1 + 0.2 != 0.3 and population_std([0.1 + 0.2, 0.3, 0.3]) == 0.0
     assert population_std([0.5, 0.6]) == pytest.approx(0.05) and population_std([0.7]) == 0.0
+
+
+def test_a_zero_width_per_label_auroc_is_named_and_old_callers_lists_still_work():
+    """Multi-label: a finding of 3 patients perfectly separated got AUROC [1, 1] with no zero-width
+    line; choose_threshold_rule(untuned_out=[]) raised AttributeError after reasons were added."""
+    from featcache.metrics import bootstrap_metrics, choose_threshold_rule
+
+    rng = np.random.default_rng(2)
+    y = np.zeros((60, 2), int)
+    y[:6, 0] = 1
+    y[:30, 1] = 1
+    proba = np.c_[np.where(y[:, 0] == 1, 0.9, 0.1), np.clip(0.3 * y[:, 1] + rng.random(60) * 0.7, 0, 1)]
+    boot = bootstrap_metrics(y, proba, metrics=("macro_auroc",), n_boot=200, groups=[f"p{i // 2}" for i in range(60)],
+                             label_names=["rare", "common"])
+    assert boot.per_label[0]["auroc"] == (1.0, 1.0)
+    assert any("the label rare auroc interval [1, 1] has zero width" in w for w in boot.warnings)
+    names: list[str] = []
+    value = choose_threshold_rule("youden", np.zeros(10, int), np.full((10, 2), 0.5), 1, None, ["neg", "pos"], names)
+    assert value == 0.5 and names == ["pos"]

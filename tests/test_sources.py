@@ -465,6 +465,24 @@ def test_an_enhanced_multiframe_dicom_frame_gets_its_functional_groups_rescale_a
         np.testing.assert_array_equal(out, _linear_window(stored[frame].astype(np.float64) - 1024, centre, width))
 
 
+def test_a_single_frame_enhanced_dicom_gets_its_functional_groups_too(tmp_path):
+    """NumberOfFrames 1 with rescale and window only in the functional groups was stretched over its
+    own range (up to 100 grey levels off); as a 3-frame file it decoded right."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    stored = np.random.default_rng(5).integers(0, 4096, (1, 8, 8)).astype(np.uint16)
+    pvt, voi, group = Dataset(), Dataset(), Dataset()
+    pvt.RescaleIntercept, pvt.RescaleSlope = -100, 2
+    voi.WindowCenter, voi.WindowWidth = 300, 400
+    group.PixelValueTransformationSequence, group.FrameVOILUTSequence = Sequence([pvt]), Sequence([voi])
+    path = _write_dicom(tmp_path / "one.dcm", stored, 12, frames=True, PerFrameFunctionalGroupsSequence=Sequence([group]))
+    out = np.asarray(load_image(path))[..., 0]
+    np.testing.assert_array_equal(out, _linear_window(stored[0] * 2.0 - 100, 300, 400))
+    with pytest.raises(ImageDecodeError, match="must be finite"):
+        load_image(path, DecodeOptions(window=(40.0, float("nan"))))
+
+
 def test_jpeg2000_colour_dicom_is_rgb_once_decoded():
     """YBR_RCT / YBR_ICT samples are RGB after a JPEG 2000 decode (PS3.5 8.2.4): every such file was
     lost to 'Conversion from YBR_RCT to RGB is not supported'."""
