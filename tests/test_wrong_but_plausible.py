@@ -615,8 +615,11 @@ def test_metrics_api_refuses_labels_it_would_miscount():
     with pytest.raises(ValueError, match="no bootstrap interval for AUROC"):
         bootstrap_metrics(y, p, metrics=("AUROC",), n_boot=10)
     boot = bootstrap_metrics(np.r_[np.zeros(38, int), 1, 1], np.tile([[0.6, 0.4]], (40, 1)),
-                             metrics=("specificity", "sensitivity"), n_boot=200, seed=1)
-    assert any("sensitivity was undefined" in w and "no row of the positive class drawn" in w for w in boot.warnings)
+                             metrics=("specificity", "sensitivity", "auroc"), n_boot=200, seed=1)
+    # sensitivity of 2 positives is a Wilson interval (needs no resample); AUROC's resamples without
+    # a positive are dropped and said so, with why
+    assert boot.methods["sensitivity"] == "wilson" and boot.ci["sensitivity"] == pytest.approx((0.0, 0.6576), abs=1e-4)
+    assert any("auroc was undefined" in w and "e.g. no positive row" in w for w in boot.warnings), boot.warnings
 
 
 def test_a_bootstrap_over_few_patients_says_so_and_unknown_ids_are_not_groups():
