@@ -238,3 +238,19 @@ def test_a_zero_width_per_label_auroc_is_named_and_old_callers_lists_still_work(
     names: list[str] = []
     value = choose_threshold_rule("youden", np.zeros(10, int), np.full((10, 2), 0.5), 1, None, ["neg", "pos"], names)
     assert value == 0.5 and names == ["pos"]
+
+
+def test_resamples_are_drawn_again_from_the_seed_on_every_pass():
+    """The resamples were held as one list (10,000 of 50,000 rows: 4 GB); each pass over them now
+    draws the same rows again from the seed, as numpy's generator drew the list."""
+    from featcache.metrics import resample_indices
+
+    rng = np.random.default_rng(7)
+    expected = [rng.integers(0, 30, 30) for _ in range(5)]
+    resamples = resample_indices(30, 5, None, 7)
+    assert len(resamples) == 5 and not isinstance(resamples, list)
+    for _ in range(2):
+        assert all(np.array_equal(a, b) for a, b in zip(resamples, expected))
+    grouped = resample_indices(6, 4, ["a", "a", "b", "c", "c", "c"], 1)
+    first, second = [list(map(tuple, grouped)) for _ in range(2)]
+    assert first == second and all(len(ix) >= 1 for ix in first)
