@@ -6,8 +6,8 @@ from typing import Any
 import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CGrid, CommaList, Console, given, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               checked_run_dir, per_label_rows, positive_option, quiet_option,
+from featcache_cli.app import (CGrid, CommaList, Console, FeatureKind, ThresholdRule, checked_run_dir, cli, echo_notes,
+                               given, json_option, library_errors, per_label_rows, positive_option, quiet_option,
                                warnings_as_notes, write_json)
 
 # the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
@@ -207,15 +207,13 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     if shots and not test:
         raise click.UsageError("--shots evaluates the few-shot probes on the test split; give --test-split NAME.")
     arrays: dict = {}  # each split read once, shared by the probe and the few-shot draws
-    ctx = click.get_current_context()
     from featcache.store import resolve_val_split
 
     with FeatureStore(features_file) as store:
         val = resolve_val_split(store.splits, val)  # "val" also finds a file's one validation/valid/dev split
         for option, name in (("val_split", val), ("test_split", test)):
             # a split named on the command line must exist: a typo would silently change the protocol
-            named = ctx.get_parameter_source(option) != click.core.ParameterSource.DEFAULT
-            if named and name and name not in store.splits:
+            if given(option) and name and name not in store.splits:
                 raise click.UsageError(f"--{option.replace('_', '-')} {name!r}: {store.path.name} has no such split "
                                        f"(it has {', '.join(store.splits)}); give one of those, or none.")
         if val and val not in store.splits:

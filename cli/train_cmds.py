@@ -8,9 +8,9 @@ import click
 
 from featcache.metrics import threshold_provenance, tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CommaList, Console, FiniteFloatRange, given, unused_head_settings, FeatureKind, ThresholdRule, cli, echo_notes, json_option, library_errors,
-                               checked_output_file, checked_run_dir, per_label_rows, positive_option, quiet_option,
-                               warnings_as_notes, write_json)
+from featcache_cli.app import (CommaList, Console, FeatureKind, FiniteFloatRange, ThresholdRule, checked_output_file,
+                               checked_run_dir, cli, echo_notes, given, json_option, library_errors, per_label_rows,
+                               positive_option, quiet_option, unused_head_settings, warnings_as_notes, write_json)
 
 # the library (torch) is imported inside each command, so `featcache --help` stays instant
 

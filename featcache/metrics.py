@@ -668,12 +668,16 @@ UNDEFINED_BECAUSE = {
 PROPORTION_METRICS = ("top1", "sensitivity", "specificity")
 
 
-def proportion_interval(hits: np.ndarray, keys: Sequence[str] | None = None, alpha: float = 0.05
-                        ) -> tuple[float, float] | None:
-    """Wilson score interval (Wilson 1927) of the share of true `hits`; with `keys` (one patient id
-    per row) its sample size is divided by the clusters' design effect (Kish; the ratio estimator's
-    linearised variance over patients, never taken below independent rows'). A share of 0 or 1,
-    whose design effect cannot be estimated, counts each patient once. None without rows."""
+def proportion_interval(hits: np.ndarray, keys: Sequence[str] | None = None, alpha: float = 0.05,
+                        rows: np.ndarray | None = None) -> tuple[float, float] | None:
+    """Wilson score interval (Wilson 1927) of the share of true `hits` (of the `rows` mask only, when
+    given); with `keys` (one patient id per row) its sample size is divided by the clusters' design
+    effect (Kish; the ratio estimator's linearised variance over patients, never taken below
+    independent rows'). A share of 0 or 1, whose design effect cannot be estimated, counts each
+    patient once. None without rows."""
+    if rows is not None:
+        hits = np.asarray(hits)[rows]
+        keys = None if keys is None else [k for k, r in zip(keys, rows) if r]
     hits = np.asarray(hits, dtype=np.float64)
     n = len(hits)
     if n == 0:
@@ -822,8 +826,7 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
         for m in metrics:
             rows = _proportion_hits(m, y_true, pred, pos) if m in PROPORTION_METRICS else None
             if rows is not None:
-                interval = proportion_interval(rows[1][rows[0]], None if keys is None else
-                                               [k for k, r in zip(keys, rows[0]) if r], alpha)
+                interval = proportion_interval(rows[1], keys, alpha, rows=rows[0])
                 if interval is not None:
                     wilson[m] = interval
     metrics = [m for m in metrics if m not in wilson]
@@ -901,8 +904,7 @@ def _per_label_intervals(y: np.ndarray, proba: np.ndarray, idx_all: Iterable[np.
         pred = proba[:, j] >= thresholds[j]
         ci: dict[str, tuple[float, float]] = {}
         for m, rows, hits in (("sensitivity", yj, pred), ("specificity", ~yj, ~pred)):
-            interval = proportion_interval(hits[rows], None if keys is None else
-                                           [k for k, r in zip(keys, rows) if r], alpha) if rows.any() else None
+            interval = proportion_interval(hits, keys, alpha, rows=rows)
             if interval is not None:
                 ci[m] = interval
         values = aurocs.get(j, [])
