@@ -25,7 +25,8 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 from featcache.sources import (SINGLE_SPLIT, DataSource, DecodeOptions, ImageDecodeError, RowContent, SplitRows,
-                               bytes_content, decode_image_bytes, load_image, row_content)
+                               bytes_content, decode_image_bytes, label_name, load_image, row_content,
+                               warn_unlabelled_markers)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -313,7 +314,8 @@ def _row_names(kind: str, feature: Any, values: Any, split: str, column: str) ->
             return [[inner.names[int(c)] for c in row if int(c) >= 0] for row in values]
         return [[str(int(c)) for c in row if int(c) >= 0] for row in values]
     if kind == "str":
-        return [None if v is None or not str(v).strip() else str(v).strip() for v in values]
+        warn_unlabelled_markers(values, f"split {split!r} column {column!r}")
+        return [label_name(v) for v in values]
     out: list[Any] = []
     for v in values:
         if v is None or (kind == "float" and not np.isfinite(v)) or int(v) < 0:

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
+from featcache.names import UNLABELLED_NAMES
+from featcache.sources import warn_unlabelled_markers
 from featcache.store import READ_LOCKING, FeatureStore, write_arrays
 
 # names accepted for each role inside an .npz / .pt dict, first match wins
@@ -174,11 +176,6 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
                         overwrite=overwrite, dtype=dtype)
 
 
-# a class-name label that marks a row unlabelled, as -1 does for indices ("nan": numpy's text of a
-# NaN in an array of names, np.array(["cat", np.nan]))
-UNLABELLED_NAMES = ("", "-1", "nan", "NaN")
-
-
 def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarray:
     """One label array per split in one of three forms: (N,) int64 class indices (-1 unlabelled),
     (N,) str class names ("" unlabelled), or (N, C) 0/1 multi-label. A column vector (N, 1) is one
@@ -212,6 +209,7 @@ def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarra
     if y.dtype.kind in "iu":
         return y.astype(np.int64)
     names = np.array([str(v).strip() for v in y.tolist()], dtype=object)
+    warn_unlabelled_markers(names.tolist(), f"split {split!r}")
     return np.where(np.isin(names, UNLABELLED_NAMES), "", names).astype(str)
 
 

@@ -23,6 +23,10 @@ TOKEN_MODES = ("resize", "grid", "native")
 # the default validation split, and the other names a folder or a Hugging Face dataset gives it
 VAL_SPLIT = "val"
 VAL_ALIASES = ("validation", "valid", "dev")
+# class names that mark a row unlabelled wherever labels are read as text (manifest cells, Hugging
+# Face string columns, imported names), as -1 does for class indices ("nan": numpy's text of a NaN
+# in an array of names)
+UNLABELLED_NAMES = ("", "-1", "nan", "NaN")
 # storage dtype of features
 DTYPES = ("float16", "float32")
 # hex digits kept per row of the sha256 of its input bytes (a feature file's `content`; 128 bits)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from featcache.names import CONTENT_CHARS
+from featcache.names import CONTENT_CHARS, UNLABELLED_NAMES
 
 log = logging.getLogger("featcache")
 
@@ -319,8 +319,9 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
             raise ValueError(f"{path} has no label column(s) {', '.join(missing)}; columns: {', '.join(columns)}.")
         classes = list(label_columns)
     else:
-        names = {r.get(label_column, "").strip() for r in records} - {""}
-        classes = sorted(names)
+        cells = [r.get(label_column, "") for r in records]
+        warn_unlabelled_markers(cells, f"{path.name} column {label_column!r}")
+        classes = sorted({c for c in map(label_name, cells) if c is not None})
     index = {c: i for i, c in enumerate(classes)}
     seen: dict[str, int] = {}
     for line, r in enumerate(records, start=2):
@@ -340,7 +341,7 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
         if multilabel:
             labels = np.array([[binary_cell(r.get(c, ""), path, c) for c in label_columns] for r in rows], dtype=np.uint8)
         else:
-            labels = np.array([index.get(r.get(label_column, "").strip(), -1) for r in rows], dtype=np.int64)
+            labels = np.array([index.get(label_name(r.get(label_column, "")), -1) for r in rows], dtype=np.int64)
         groups = [r.get(group_column, "").strip() for r in rows] if group_column in columns else None
         if groups is not None and "" in groups:
             log.warning("%s: %d row(s) of split %s have no %r: each is taken as a patient of its own (resampled, "
@@ -349,6 +350,23 @@ def _from_csv(path: Path, label_columns: Sequence[str] | None, path_column: str,
         splits[name] = SplitRows(paths=rel, files=files, labels=labels.reshape(len(rows), -1) if multilabel else labels,
                                  groups=groups)
     return DataSource(root, classes, splits, multilabel=multilabel, kind="csv")
+
+
+def label_name(value: Any) -> str | None:
+    """A label read as text (a manifest cell, a string column) as its class name, or None for a
+    row it marks unlabelled: empty, or one of names.UNLABELLED_NAMES ("-1" is unlabelled as the
+    index -1 is, so one dataset reads alike as a manifest, a Hugging Face dataset or an import)."""
+    name = "" if value is None else str(value).strip()
+    return None if name in UNLABELLED_NAMES else name
+
+
+def warn_unlabelled_markers(values: Sequence[Any], where: str) -> None:
+    """Say how many rows a non-empty marker ("-1", "nan") leaves unlabelled: a dataset that means
+    "-1" as a class finds out here rather than from a missing class."""
+    marked = [str(v).strip() for v in values if v is not None and str(v).strip() and label_name(v) is None]
+    if marked:
+        log.warning("%s: %d row(s) labelled %s are read as unlabelled (as -1 is everywhere in featcache); rename "
+                    "the class if it is one.", where, len(marked), " / ".join(repr(m) for m in dict.fromkeys(marked)))
 
 
 NEARLY_BINARY_BAD = 0.1  # a column 0/1 but for at most this share of cells (or one) is a finding with typos

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from featcache.sources import (DEFAULT_GROUP_COLUMN, binary_cell, is_binary_column, read_manifest,
+from featcache.sources import (DEFAULT_GROUP_COLUMN, binary_cell, is_binary_column, label_name, read_manifest,
                                refuse_nearly_binary)
 from featcache.store import row_keys
 
@@ -230,12 +230,12 @@ def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str |
 
     ``label`` names one column (class names or ids) or several comma-separated 0/1 columns
     (multi-label). When it is None or "label" is absent, every other column holding only 0/1
-    values is taken as a multi-label column. Empty label cells count as one more class,
-    "(unlabelled)", so unlabelled rows are spread over the splits too.
+    values is taken as a multi-label column. Empty label cells (and "-1", as extract reads them)
+    count as one more class, "(unlabelled)", so unlabelled rows are spread over the splits too.
     """
     wanted = [c.strip() for c in label.split(",") if c.strip()] if label else []
     if len(wanted) == 1 and wanted[0] in columns:
-        values = [(r.get(wanted[0]) or "").strip() or UNLABELLED for r in rows]
+        values = [label_name(r.get(wanted[0])) or UNLABELLED for r in rows]
         return np.asarray(values, dtype=object), wanted
     if len(wanted) > 1:
         absent = [c for c in wanted if c not in columns]

@@ -422,3 +422,37 @@ def test_dicom_bytes_inside_a_dataset_are_skipped_with_their_reason(tiny_vit, di
     assert "3 images extracted, 1 skipped" in r.output and "DICOM bytes inside a dataset" in r.output
     with fc.open(tmp_path / "f.h5") as f:
         assert f["all"].done.tolist() == [False, True, True, True]
+
+
+def test_minus_one_and_nan_names_are_unlabelled_in_every_source(digits_dir, tmp_path, caplog):
+    """A text label "-1" (or "nan") marks a row unlabelled in a manifest, a Hugging Face string
+    column and an import alike, as the index -1 does: it used to be a class "-1" in the first two
+    (a binary task became three classes, "-1" sorting first as class 0) and unlabelled in the third."""
+    from featcache.importing import import_features
+    from tests.conftest import write_manifest
+
+    rows = _folder_rows(digits_dir, "train")[:6]
+    text = ["cat", "-1", "dog", "nan", " cat ", ""]
+    expected = [0, -1, 1, -1, 0, -1]
+    manifest = write_manifest(tmp_path / "m.csv", [(str(f), t, "train") for (f, _), t in zip(rows, text)])
+    with caplog.at_level("WARNING"):
+        csv_source = discover(manifest)
+    assert csv_source.classes == ["cat", "dog"]
+    assert csv_source.splits["train"].labels.tolist() == expected
+    assert "2 row(s) labelled '-1' / 'nan' are read as unlabelled" in caplog.text
+
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": f.read_bytes(), "path": f.name} for f, _ in rows], "label": text},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")}))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        hf_source = discover(tmp_path / "hf")
+    assert hf_source.classes == ["cat", "dog"]
+    assert hf_source.splits["train"].labels.tolist() == expected
+    assert "2 row(s) labelled '-1' / 'nan' are read as unlabelled" in caplog.text
+
+    np.save(tmp_path / "x.npy", np.zeros((6, 4), np.float32))
+    np.savez(tmp_path / "y.npz", labels=np.array(text))
+    with import_features(tmp_path / "i.h5", {"train": tmp_path / "x.npy"}, labels={"train": tmp_path / "y.npz"}) as s:
+        assert s.classes == ["cat", "dog"] and s["train"].labels.tolist() == expected
