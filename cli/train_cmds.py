@@ -110,6 +110,25 @@ def _where_chosen(t: Any) -> str:
     return threshold_provenance(t.threshold_rule_, t.threshold_, t.threshold_untuned_)
 
 
+def bootstrap_option(fn: Callable) -> Callable:
+    """--bootstrap of train and sweep (the head trained, or the sweep's best head)."""
+    return click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="95% CIs of the test metrics (0: none): this many bootstrap resamples (whole groups when "
+                             "the file has them) for AUROC, balanced accuracy and macro F1; top-1, sensitivity and "
+                             "specificity get Wilson score intervals.")(fn)
+
+
+def _attach_intervals(t: Any, bootstrap: int) -> str:
+    """Give the trained head's test metrics their intervals (when asked) and the bootstrap's
+    warnings as notes; the words that say how the intervals were made, for a table's title."""
+    if not bootstrap:
+        return ""
+    t.add_bootstrap_ci(bootstrap)
+    boot = (t.test_metrics_ or {}).get("bootstrap") or {}
+    t.notes_ += [n for n in boot.get("warnings", []) if n not in t.notes_]
+    return f"; {boot['describe']}" if boot.get("describe") else ""
+
+
 @cli.command()
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--head", type=click.Choice(HEAD_NAMES), default="linear", show_default=True, help="linear / mlp on cls or pooled; mixer (token mixing: Linear over the token axis, Model2/Model3 of the original study) / attn (attention pooling) on full tokens.")
@@ -117,7 +136,7 @@ def _where_chosen(t: Any) -> str:
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--wd", "weight_decay", type=FiniteFloatRange(min=0), default=1e-4, show_default=True, help="Weight decay.")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Train with seeds --seed, --seed+1, ...; report median ± std of every metric (the first seed's head is saved).")
-@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="95% CIs of the test metrics (0: none): this many bootstrap resamples (whole groups when the file has them) for AUROC, balanced accuracy and macro F1; top-1, sensitivity and specificity get Wilson score intervals.")
+@bootstrap_option
 @recipe_options
 @library_errors
 def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, threshold, **kw):
@@ -137,13 +156,11 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
     with warnings_as_notes(console):
         trainers, summary = train_repeats(features_file, repeats, head=head, threshold=threshold, **options)
     t = trainers[0]
-    if bootstrap:
-        t.add_bootstrap_ci(bootstrap)
+    intervals = _attach_intervals(t, bootstrap)
     if repeats > 1:
         t.extra_metrics_["repeats"] = summary
     # every note printed is also in --json and metrics.json
-    t.notes_ += [n for n in (t.test_metrics_ or {}).get("bootstrap", {}).get("warnings", []) + _unused_options(t)
-                 if n not in t.notes_]
+    t.notes_ += [n for n in _unused_options(t) if n not in t.notes_]
     echo_notes(console, t.notes_)
     if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
         value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
@@ -152,10 +169,8 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
                  f"(val {t.config.metric} {t.best_score_:.4f}); validation: {t.val_source_}"
                  + ("; tokens streamed from disk" if t.streamed_ else "") + _decision_line(t))
     rows = _metric_rows(t.val_metrics_, t.test_metrics_)
-    intervals = ((t.test_metrics_ or {}).get("bootstrap") or {}).get("describe")
     console.table(rows, title=f"seed {t.config.seed}" + (f", positive class {t.classes_[t.positive_]}"
-                                                         if t.positive_ is not None else "")
-                  + (f"; {intervals}" if bootstrap and intervals else ""))
+                                                         if t.positive_ is not None else "") + intervals)
     _per_label_table(console, t)
     if repeats > 1:
         split = "test" if "test" in summary else "val"
@@ -174,9 +189,10 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
 @click.option("--lr", "lrs", type=CommaList(float, minimum=1e-12), default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="Learning rates, comma-separated.")
 @click.option("--wd", "wds", type=CommaList(float, minimum=0), default="0,1e-4,1e-2", show_default=True, help="Weight decays, comma-separated.")
 @click.option("--features", "feature_list", type=CommaList(FeatureKind()), default="cls", show_default=True, help="Feature choices, comma-separated: cls, pooled, cls+pooled, cls@N, cls@N+pooled (e.g. DINOv2's grid: cls,cls+pooled,cls@4,cls@4+pooled).")
+@bootstrap_option
 @recipe_options
 @library_errors
-def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
+def sweep(features_file, head, lrs, wds, feature_list, bootstrap, threshold, **kw):
     """Train a grid of heads at once and rank them on validation; test metrics for the best only.
 
     Example: featcache sweep feats.h5 --lr 1e-4,3e-4,1e-3,3e-3 --wd 0,1e-4,1e-2 --features cls,pooled,cls+pooled
@@ -189,6 +205,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
                            progress=not kw["quiet"], threshold=threshold, **_recipe(kw))
     metric = f"val_{kw['metric']}"
     t = result.trainer
+    intervals = _attach_intervals(t, bootstrap)  # of the best head's test metrics, chosen on validation
     result.notes += _unused_options(t)  # every note printed is also in --json and metrics.json
     echo_notes(console, result.notes + t.notes_)
     shown = [dict(r, best_epoch=f"diverged at {r['diverged_at']}") if r["diverged_at"] is not None else r
@@ -201,7 +218,7 @@ def sweep(features_file, head, lrs, wds, feature_list, threshold, **kw):
                      f"all heads")
     console.echo(f"\nbest: features {result.best['features']}, lr {result.best['lr']:g}, wd "
                  f"{result.best['weight_decay']:g} (chosen on validation; test shown for it alone){_decision_line(t)}")
-    console.table(_metric_rows(t.val_metrics_, t.test_metrics_))
+    console.table(_metric_rows(t.val_metrics_, t.test_metrics_), title=intervals.lstrip("; ") or None)
     _per_label_table(console, t)
     write_json(kw["json_path"], {**t.run_metrics(), "leaderboard": result.leaderboard, "best": result.best,
                                  "sweep_seconds": result.seconds, "fused": result.fused, "bytes_read": result.bytes_read,

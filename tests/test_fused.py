@@ -186,3 +186,27 @@ def test_sweep_cli_takes_optimizer_and_seeds_must_be_non_negative(tmp_path):
         assert r.exit_code == 2 and "--seed" in r.output
     with pytest.raises(ValueError, match="seed must be a non-negative integer; got -1"):
         TrainConfig(seed=-1).check()
+
+
+def test_sweep_cli_bootstrap_gives_the_best_head_intervals(tmp_path):
+    """sweep --bootstrap: the best head's test metrics get the intervals train gives (sweep had no
+    way to ask for them); top-1's is the Wilson interval of its own test decisions."""
+    from click.testing import CliRunner
+
+    from featcache_cli.main import cli
+    from tests.conftest import wilson_by_patient
+
+    path = _three_classes(tmp_path)
+    r = CliRunner().invoke(cli, ["sweep", str(path), "--lr", "1e-3,1e-2", "--wd", "0", "--epochs", "3",
+                                 "--bootstrap", "200", "--out", str(tmp_path / "run"), "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "s.json").read_text())
+    pred = predict(tmp_path / "run", path, split="test")
+    hits = (pred.decisions() == pred.labels).astype(float)
+    for record in (metrics, summary):
+        ci = record["test"]["ci"]
+        assert ci["top1"] == pytest.approx(wilson_by_patient(hits), abs=1e-9)
+        assert ci["auroc"][0] < record["test"]["auroc"] < ci["auroc"][1]
+        assert record["test"]["bootstrap"]["n_boot"] == 200
+    assert metrics["test"]["bootstrap"]["describe"] in r.output
