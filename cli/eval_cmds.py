@@ -306,8 +306,7 @@ def compare(features_files, features, ks, temperature, heads, train_split, val_s
     table = [{"rank": rank[r["file"]], "file": r["file"], "model": r["model"], "method": r["method"],
               "metric": r["metric"], "value": r["value"], "95% CI": _ci_text(r["ci"])} for r in res.rows]
     console.table(table, title=f"backbones ranked by probe {res.primary} on {res.config['n_test']} {test_split} rows"
-                               f"{pos} ({bootstrap} paired bootstrap resamples"
-                               f"{' by group' if res.config['grouped'] else ''})")
+                               f"{pos} ({res.intervals})")
     pairs = [{"a": p["a"], "b": p["b"], "method": p["method"], "metric": p["metric"], "a - b": p["diff"],
               "95% CI": _ci_text(p["ci"]),
               "excludes 0": "yes" if p["ci"] and (p["ci"][0] > 0 or p["ci"][1] < 0) else "no"}

@@ -6,13 +6,14 @@ same splits. For every file the same protocols run on the same rows with the sam
 head of a sweep (sweeping.sweep). Each file's splits are read once and shared by the protocols;
 the linear sweep is the exception: it reads the file itself, through cached_splits.
 
-The intervals are a *paired* bootstrap: one set of resampled test rows (whole groups when the
-test split has groups) is applied to every file's test probabilities at once, so each file's
-metric gets a percentile interval and every difference between two files gets one too, computed
-from the per-resample differences. Because both files are scored on the very same resample, the
-variation that comes from which images happen to be in the test set cancels out of the
-difference: a difference interval that excludes 0 says the ranking of those two backbones is not
-an accident of the test sample.
+The differences are a *paired* bootstrap: one set of resampled test rows (whole groups when the
+test split has groups) is applied to every file's test probabilities at once, and every difference
+between two files gets the percentile interval of the per-resample differences. Because both files
+are scored on the very same resample, the variation that comes from which images happen to be in
+the test set cancels out of the difference: a difference interval that excludes 0 says the ranking
+of those two backbones is not an accident of the test sample. Each file's own interval is made as
+train and probe make it: Wilson score for proportions (top-1, sensitivity, specificity; patients by
+design effect), the same resamples' percentile interval for the rest.
 
 Ranking rule: files are ranked by the probe's primary metric on the test split (top-1 accuracy;
 AUROC of the positive class for binary tasks), best first; ties are broken by k-NN's primary
@@ -30,8 +31,8 @@ import numpy as np
 
 from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_arrays, few_shot, run_knn,
                                   run_probe)
-from featcache.metrics import (CLASS_AVERAGED, class_checker, decide, f1_class_checker, few_units_warning,
-                               group_keys, resample_indices,
+from featcache.metrics import (CLASS_AVERAGED, PROPORTION_METRICS, class_checker, decide, f1_class_checker,
+                               few_units_warning, group_keys, proportion_hits, proportion_interval, resample_indices,
                                resolve_positive, scalar_metrics)
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
@@ -49,13 +50,14 @@ LINEAR_WDS = (0.0, 1e-4)
 
 @dataclass
 class CompareResult:
-    """Every file's metrics with paired-bootstrap CIs, every pairwise difference, and the ranking."""
+    """Every file's metrics with their CIs, every pairwise difference with its paired-bootstrap CI,
+    and the ranking."""
 
     files: list[str]                        # display names, in the order given
     paths: list[Path]
     models: list[str | None]                # config["model"] of each file
     ranking: list[str]                      # display names, best first
-    rows: list[dict[str, Any]]              # file, model, method, metric, value, ci ([lo, hi] or None)
+    rows: list[dict[str, Any]]              # file, model, method, metric, value, ci ([lo, hi] or None), interval
     pairs: list[dict[str, Any]]             # a, b, method, metric, diff, ci (a ranked above b)
     config: dict[str, Any]
     primary: str                            # the metric the ranking uses
@@ -65,6 +67,7 @@ class CompareResult:
     n_valid: dict[str, int]                 # "file/method/metric" -> resamples where it was defined
     few_shot: dict[str, dict[str, FewShotResult]] = field(default_factory=dict)  # file -> method -> result
     notes: list[str] = field(default_factory=list)
+    intervals: str = ""                     # how the intervals were made, one line (describe_intervals)
 
     def _positive_text(self) -> str:
         """', positive class NAME' for binary comparisons (sensitivity and AUROC are about it)."""
@@ -83,7 +86,7 @@ class CompareResult:
         """The --json layout: ranking, rows, pairs (+ config, positive_class, shots when asked for)."""
         out: dict[str, Any] = {"ranking": self.ranking, "rows": self.rows, "pairs": self.pairs,
                                "primary_metric": self.primary, "positive_class": self.positive_class,
-                               "config": self.config, "notes": self.notes}
+                               "intervals": self.intervals, "config": self.config, "notes": self.notes}
         if self.few_shot:
             out["shots"] = self.shots_rows()
         return out
@@ -343,6 +346,8 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     units = len(test.y) if test.groups is None else len(set(group_keys(test.groups)))
     notes += few_units_warning(units, units < len(test.y))  # as metrics.Bootstrap.warnings says it for one file
     point, boot = paired_bootstrap(test.y, proba, metric_names, idx, positive)
+    wilson = proportion_cis(test.y, proba, metric_names, positive,
+                            None if test.groups is None else group_keys(test.groups))
     ranking = rank(names, point, primary)
     if all(point.get((n, "probe", primary)) is None for n in names):
         knn_defined = any(v is not None for (f, m, metric), v in point.items() if m.startswith("knn")
@@ -350,7 +355,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
         notes.append(f"ranking: the probe's {primary} is undefined on {test_split!r} for every file (e.g. no row "
                      f"of one class there), so the files are ranked "
                      + (f"by k-NN {primary}." if knn_defined else "in the order given, not by any measurement."))
-    rows, pairs, n_valid = _tables(ranking, dict(zip(names, models)), point, boot, metric_names, list(proba))
+    rows, pairs, n_valid = _tables(ranking, dict(zip(names, models)), point, boot, metric_names, list(proba), wilson)
     never = [k for k, n in n_valid.items() if n == 0]
     dropped = [k for k, n in n_valid.items() if 0 < n < (1 - 0.05) * bootstrap]
     if never:
@@ -375,7 +380,8 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
               **({"shots": sorted({int(n) for n in shots}), "tries": int(tries)} if shots else {})}
     return CompareResult(names, paths, models, ranking, rows, pairs, config, primary,
                          None if positive is None else classes[positive], test.y, proba, n_valid, fs,
-                         list(dict.fromkeys(notes)))
+                         list(dict.fromkeys(notes)),
+                         intervals=describe_intervals(metric_names, bootstrap, units < len(test.y)))
 
 
 def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], metric_names: Sequence[str],
@@ -405,6 +411,34 @@ def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], me
     return point, boot
 
 
+def proportion_cis(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], metric_names: Sequence[str],
+                   positive: int | None, keys: Sequence[str] | None, alpha: float = ALPHA
+                   ) -> dict[tuple[str, str, str], list[float]]:
+    """Each file's Wilson score interval of its proportions (top-1, sensitivity, specificity at the
+    decision rule of its point estimate; patients by design effect), as train and probe give them:
+    a percentile interval of the resamples is [1, 1] whenever all of few positives are found."""
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for (name, method), p in proba.items():
+        pred = decide(p, positive=positive)
+        for m in metric_names:
+            rows = proportion_hits(m, y, pred, positive) if m in PROPORTION_METRICS else None
+            interval = None if rows is None else proportion_interval(rows[1], keys, alpha, rows=rows[0])
+            if interval is not None:
+                out[(name, method, m)] = [float(interval[0]), float(interval[1])]
+    return out
+
+
+def describe_intervals(metric_names: Sequence[str], n_boot: int, grouped: bool) -> str:
+    """How compare's intervals were made, in one line for its tables and the report."""
+    wilson = [m for m in metric_names if m in PROPORTION_METRICS]
+    boot = [m for m in metric_names if m not in PROPORTION_METRICS]
+    parts = ([f"Wilson score for each file's {', '.join(wilson)}" + (" (patients by design effect)" if grouped else "")]
+             if wilson else [])
+    parts.append(f"{n_boot} paired bootstrap resamples{' of whole groups' if grouped else ''} for "
+                 + (f"each file's {', '.join(boot)} and " if boot else "") + "every difference a - b")
+    return "95 % intervals: " + "; ".join(parts)
+
+
 def rank(names: Sequence[str], point: dict[tuple[str, str, str], float | None], primary: str) -> list[str]:
     """Files best first by the probe's primary metric; ties by k-NN's, then by the order given."""
     def key(i: int) -> tuple[float, float, int]:
@@ -425,8 +459,10 @@ def percentile_ci(values: np.ndarray, alpha: float = ALPHA) -> list[float] | Non
 
 
 def _tables(ranking: list[str], models: dict[str, str | None], point: dict, boot: dict, metric_names: Sequence[str],
-            entries: list[tuple[str, str]]) -> tuple[list[dict], list[dict], dict[str, int]]:
-    """rows (files in ranked order, then method, then metric), pairs (a ranked above b) and valid counts."""
+            entries: list[tuple[str, str]], wilson: dict[tuple[str, str, str], list[float]]
+            ) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """rows (files in ranked order, then method, then metric; a proportion's interval is its Wilson
+    one), pairs (a ranked above b, paired bootstrap) and valid counts."""
     methods = list(dict.fromkeys(m for _, m in entries))
     rows, pairs, n_valid = [], [], {}
     for f in ranking:
@@ -436,8 +472,10 @@ def _tables(ranking: list[str], models: dict[str, str | None], point: dict, boot
                     continue
                 values = boot[(f, method, m)]
                 n_valid[f"{f}/{method}/{m}"] = int(np.isfinite(values).sum())
+                own = wilson.get((f, method, m))
                 rows.append({"file": f, "model": models[f], "method": method, "metric": m,
-                             "value": point[(f, method, m)], "ci": percentile_ci(values)})
+                             "value": point[(f, method, m)], "ci": own or percentile_ci(values),
+                             "interval": "wilson" if own else "bootstrap"})
     for method in sorted(methods, key=lambda m: m != "probe"):  # the ranking's own pairs first (tables cut)
         for m in metric_names:
             for i, a in enumerate(ranking):

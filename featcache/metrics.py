@@ -702,7 +702,7 @@ def proportion_interval(hits: np.ndarray, keys: Sequence[str] | None = None, alp
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _proportion_hits(name: str, y: np.ndarray, pred: np.ndarray, positive: int | None
+def proportion_hits(name: str, y: np.ndarray, pred: np.ndarray, positive: int | None
                      ) -> tuple[np.ndarray, np.ndarray] | None:
     """(rows in the metric's denominator, whether each row is a hit) as two masks over all rows;
     None where the metric is not a proportion of this task (sensitivity of a multiclass one)."""
@@ -824,7 +824,7 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
         pos = (1 if positive is None else int(positive)) if proba.shape[1] == 2 else None  # as classification_metrics
         pred = decide(proba, threshold=threshold, positive=pos)
         for m in metrics:
-            rows = _proportion_hits(m, y_true, pred, pos) if m in PROPORTION_METRICS else None
+            rows = proportion_hits(m, y_true, pred, pos) if m in PROPORTION_METRICS else None
             if rows is not None:
                 interval = proportion_interval(rows[1], keys, alpha, rows=rows[0])
                 if interval is not None:

@@ -275,7 +275,9 @@ def repeats_rows(run: Run) -> tuple[str, list[str], list[list[str]]] | None:
     return title, ["metric", "median ± std", "per seed"], rows
 def compare_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The two tables of a `featcache compare` run: files best first (rank, file, model, method,
-    metric value [CI]) and every pairwise difference a - b with its paired-bootstrap CI."""
+    metric value [CI]) and every pairwise difference a - b with its paired-bootstrap CI; the first
+    title says how the intervals were made (a run written before compare gave proportions Wilson
+    intervals bootstrapped every one)."""
     ranking = list(metrics.get("ranking") or [])
     rows = [r for r in metrics.get("rows") or [] if isinstance(r, dict)]
     primary = metrics.get("primary_metric")
@@ -284,6 +286,7 @@ def compare_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[l
     pairs.sort(key=lambda p: p.get("method") != "probe")  # the ranking's own pairs first, should the table be cut
     positive = metrics.get("positive_class")
     about = f"; positive class {positive}" if positive else ""
+    how = metrics.get("intervals") or "95 % intervals: paired bootstrap for every metric and difference"
 
     def ci(rec: dict[str, Any]) -> tuple[float, float] | None:
         pair = rec.get("ci")
@@ -297,7 +300,7 @@ def compare_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[l
               fmt(_num(p.get("diff")), ci(p)),
               "yes" if ci(p) and (ci(p)[0] > 0 or ci(p)[1] < 0) else "no"] for p in pairs]
     cap = 4 * MAX_TABLE_ROWS
-    return [("backbones ranked best first (value [95% CI]" + about + ")"
+    return [("backbones ranked best first (value [95% CI]" + about + "; " + str(how) + ")"
              + (f", first {cap} of {len(ranked)}" if len(ranked) > cap else ""),
              ["rank", "file", "model", "method", "metric", "value"], ranked[:cap]),
             (f"paired differences a - b of {primary} (95% CI from the same resamples{about})"
@@ -470,8 +473,9 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 f"[low, high] is a 95 % interval when the run computed one (a value without one has none: "
                 f"compare intervals only between runs that have them, and made the same way); each run's "
                 f"section says how its intervals were made (since 2026-12-01 train, probe and knn give top-1, "
-                f"sensitivity and specificity Wilson score intervals and bootstrap the rest; compare bootstraps "
-                f"every metric, paired) and whether whole groups (patients) were drawn.")
+                f"sensitivity and specificity Wilson score intervals and bootstrap the rest, as compare does for "
+                f"each file, whose differences are a paired bootstrap) and whether whole groups (patients) were "
+                f"drawn.")
         positives = sorted({str(r.positive_class) for r in runs if r.positive_class is not None})
         if len(positives) > 1:
             text += (f" Warning: the binary runs do not share a positive class ({escape(', '.join(positives))}), "

@@ -61,7 +61,11 @@ def test_better_backbone_ranks_first_with_paired_ci_excluding_zero(result):
 
 
 def test_paired_bootstrap_equals_plain_numpy(result):
-    """Same resampled rows (whole patients) for both files: CIs recomputed with numpy alone."""
+    """Same resampled rows (whole patients) for both files: CIs recomputed with numpy alone; each
+    file's top-1 interval is the Wilson one train and probe give (patients by design effect), its
+    balanced accuracy's the resamples' percentile interval."""
+    from tests.conftest import wilson_by_patient
+
     y = result.test_y
     groups = [f"test-p{i // 3}" for i in range(len(y))]
     idx = resample_indices(len(y), BOOT, groups, 0)
@@ -71,7 +75,13 @@ def test_paired_bootstrap_equals_plain_numpy(result):
         top1[f] = np.array([np.mean(pred[ix] == y[ix]) for ix in idx])
         row = next(r for r in result.rows if r["file"] == f and r["method"] == "probe" and r["metric"] == "top1")
         assert row["value"] == pytest.approx(np.mean(pred == y))
-        assert row["ci"] == pytest.approx([np.quantile(top1[f], 0.025), np.quantile(top1[f], 0.975)])
+        assert row["ci"] == pytest.approx(wilson_by_patient((pred == y).astype(float), groups), abs=1e-12)
+        assert row["interval"] == "wilson"
+        recalls = [[np.mean(pred[ix][y[ix] == c] == c) for c in np.unique(y)] for ix in idx]
+        ok = [np.mean(r) for r, ix in zip(recalls, idx) if len(np.unique(y[ix])) == len(np.unique(y))]
+        ba = next(r for r in result.rows if r["file"] == f and r["method"] == "probe" and r["metric"] == "balanced_accuracy")
+        assert ba["ci"] == pytest.approx([np.quantile(ok, 0.025), np.quantile(ok, 0.975)]) and ba["interval"] == "bootstrap"
+    assert "Wilson score for each file's top1 (patients by design effect)" in result.intervals
     diff = top1["good.h5"] - top1["noisy.h5"]
     pair = next(p for p in result.pairs if p["method"] == "probe" and p["metric"] == "top1")
     assert pair["ci"] == pytest.approx([np.quantile(diff, 0.025), np.quantile(diff, 0.975)])
@@ -405,3 +415,41 @@ def test_compare_records_each_probes_c_and_says_when_a_probe_predicts_one_class(
     assert not any(n.startswith("good.h5 probe: the probe predicts") for n in res.notes)
     r = CliRunner().invoke(cli, ["compare", str(good), str(blank), "--bootstrap", "20", "-q"])
     assert r.exit_code == 0 and "probe C chosen: good.h5 " in r.output
+
+
+def test_a_files_sensitivity_interval_is_wilson_not_a_flat_bootstrap(tmp_path):
+    """4 positives of 40 test rows, all found: the paired bootstrap's percentile interval of each
+    file's sensitivity was [1, 1] (the coverage study: such intervals held a true 0.88 in 43 % of
+    test sets); it is now the Wilson interval train gives, and the report says how it was made."""
+    from featcache.report import write_report
+    from tests.conftest import wilson_by_patient
+
+    rng = np.random.default_rng(0)
+    paths, made = {}, {}
+    for name, n, n_pos in (("train", 200, 40), ("val", 60, 12), ("test", 40, 4)):
+        y = np.zeros(n, np.int64)
+        y[:n_pos] = 1
+        made[name] = y
+        paths[name] = [f"{name}/{i:04d}.png" for i in range(n)]
+    for stem, shift in (("sharp", 4.0), ("blurred", 3.0)):
+        splits = {}
+        for name, y in made.items():
+            x = rng.normal(size=(len(y), 8)).astype(np.float32)
+            x[:, 0] += shift * y
+            splits[name] = {"cls": x, "labels": y, "paths": paths[name]}
+        write_arrays(tmp_path / f"{stem}.h5", splits, ["benign", "malignant"], {"model": stem}).close()
+    res = compare([tmp_path / "sharp.h5", tmp_path / "blurred.h5"], bootstrap=BOOT, positive_class="malignant")
+    y = res.test_y
+    for f in res.files:
+        pred = (res.proba[(f, "probe")][:, 1] >= 0.5).astype(int)
+        row = next(r for r in res.rows if r["file"] == f and r["method"] == "probe" and r["metric"] == "sensitivity")
+        hits = (pred[y == 1] == 1).astype(float)
+        assert row["value"] == pytest.approx(hits.mean())
+        assert row["ci"] == pytest.approx(wilson_by_patient(hits), abs=1e-12) and row["interval"] == "wilson"
+        if hits.mean() == 1.0:
+            assert row["ci"][0] < 0.6  # Wilson at 4 of 4: [0.51, 1]
+    res.save(tmp_path / "run")
+    report = write_report([tmp_path / "run"], tmp_path / "report")["md"].read_text()
+    report = report.replace("\\", "")  # Markdown escapes
+    assert "Wilson score for each file's top1, sensitivity, specificity" in report
+    assert f"{BOOT} paired bootstrap resamples for each file's auroc, balanced_accuracy and every difference" in report
