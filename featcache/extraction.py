@@ -769,11 +769,13 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
     A row is unchanged when its file has the recorded stat (size, mtime, ctime, inode), or else (a
     touched or copied file, a datasets row) when its bytes hash to the recorded content; the stat
     of rows found unchanged by hash is refreshed. A row whose input could not be read at all is
-    retried once it can be. Returns (rows forgotten, rows without a recorded content, which files
-    made before featcache recorded contents have, and which stay as they are).
+    retried once it can be. Rows an interrupted run made pending for the same reason (they keep
+    the content recorded before) are counted as changed again, so a run killed after the check
+    does not turn changed images into plain unfinished ones. Returns (rows changed, rows without
+    a recorded content, which files made before featcache recorded contents have, and which stay
+    as they are).
     """
     changed = unverified = 0
-    unreadable = UNREADABLE.encode()
     for name, rows in split_rows.items():
         recorded = writer.recorded_content(name)
         if recorded is None:
@@ -782,37 +784,20 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
         settled, digests, stats = recorded
         known = digests != b""
         unverified += int((~known).sum())
-        settled, digests, stats = settled[known], digests[known], stats[known]
-        stale: list[int] = []
-        missing: list[int] = []
-        touched: list[tuple[int, tuple[int, ...]]] = []
-        bar = tqdm(total=len(settled), unit="img", desc=f"check {name}", leave=False,
-                   disable=not progress or len(settled) < 10_000)
-        for row, digest, stat in zip(settled.tolist(), digests, stats):
-            bar.update(1)
-            file = rows.files[row]
-            stored = tuple(int(v) for v in stat)  # (size, mtime) in files of the dataset's first version
-            if digest != unreadable and stored[1] != 0:
-                now_stat = file_stat(file)
-                if now_stat is not None and now_stat[:len(stored)] == stored:
-                    continue
-            try:
-                now = row_content(Path(file))
-            except ImageDecodeError:
-                if digest != unreadable and file_stat(file) is None and not str(file).startswith("hf:"):
-                    missing.append(row)  # gone (an unmounted share?): kept, its features are of the file as it was
-                elif digest != unreadable:
-                    stale.append(row)  # unreadable now: computed again, and recorded as failed if so
-                continue
-            if digest == unreadable or now.digest.encode() != digest:
-                stale.append(row)
-            elif now.stat_key()[:len(stored)] != stored:
-                touched.append((row, now.stat_key()))
-        bar.close()
+        verdicts = _content_verdicts(rows, settled[known], digests[known], stats[known], progress, f"check {name}")
+        stale = [r for r, (v, _) in verdicts.items() if v == "stale"]
+        touched = [(r, now) for r, (v, now) in verdicts.items() if v == "touched"]
+        missing = [r for r, (v, _) in verdicts.items() if v == "missing"]
+        pending = writer.pending_recorded(name)
+        before = [] if pending is None else [
+            r for r, (v, _) in _content_verdicts(rows, *pending, progress, f"check {name}").items() if v == "stale"]
         if stale:
             writer.forget_rows(name, np.array(stale))
-            log.info("%d image(s) of split %s changed since they were extracted (first: %s): computing them again",
-                     len(stale), name, rows.paths[stale[0]])
+        if stale or before:
+            first = rows.paths[(stale or before)[0]]
+            log.warning("%d image(s) of split %s changed since they were extracted (first: %s)%s: computing them "
+                        "again.", len(stale) + len(before), name, first,
+                        f"; {len(before)} of them found so by an interrupted run" if before else "")
         if touched:
             writer.set_file_stat(name, np.array([r for r, _ in touched]), np.array([t for _, t in touched]))
         if missing:
@@ -820,12 +805,47 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
                         "as computed from the file then; if the data moved or a share is not mounted, mount it "
                         "and run again; if the images were removed, drop them from the manifest and use --update.",
                         len(missing), name, rows.paths[missing[0]])
-        changed += len(stale)
+        changed += len(stale) + len(before)
     if unverified:
         log.warning("%d stored row(s) of %s were extracted before featcache recorded each image's content: they "
                     "are kept by path, and an image changed in place among them is not noticed (--overwrite "
                     "re-extracts).", unverified, writer.path.name)
     return changed, unverified
+
+
+def _content_verdicts(rows: Any, which: np.ndarray, digests: np.ndarray, stats: np.ndarray, progress: bool,
+                      desc: str) -> dict[int, tuple[str, tuple[int, ...] | None]]:
+    """Each row's input against what was recorded of it: "same" (the recorded stat, or the bytes
+    hash alike), "touched" (same bytes, another stat: the new stat given), "stale" (other bytes, or
+    unreadable now; an unreadable row readable now) or "missing" (its file is gone)."""
+    unreadable = UNREADABLE.encode()
+    out: dict[int, tuple[str, tuple[int, ...] | None]] = {}
+    bar = tqdm(total=len(which), unit="img", desc=desc, leave=False, disable=not progress or len(which) < 10_000)
+    for row, digest, stat in zip(which.tolist(), digests, stats):
+        bar.update(1)
+        file = rows.files[row]
+        stored = tuple(int(v) for v in stat)  # (size, mtime) in files of the dataset's first version
+        if digest != unreadable and stored[1] != 0:
+            now_stat = file_stat(file)
+            if now_stat is not None and now_stat[:len(stored)] == stored:
+                out[row] = ("same", None)
+                continue
+        try:
+            now = row_content(Path(file))
+        except ImageDecodeError:
+            if digest != unreadable and file_stat(file) is None and not str(file).startswith("hf:"):
+                out[row] = ("missing", None)  # gone (an unmounted share?): kept, as computed from the file then
+            else:  # unreadable now: computed again (and recorded as failed if so); still unreadable: as it was
+                out[row] = ("stale" if digest != unreadable else "same", None)
+            continue
+        if digest == unreadable or now.digest.encode() != digest:
+            out[row] = ("stale", None)
+        elif now.stat_key()[:len(stored)] != stored:
+            out[row] = ("touched", now.stat_key())
+        else:
+            out[row] = ("same", None)
+    bar.close()
+    return out
 
 
 def extract(model: str, data: str | Path, out: str | Path, **options: Any) -> FeatureStore:

@@ -904,8 +904,21 @@ class StoreWriter:
         settled = np.flatnonzero(g["done"][()].astype(bool) | (g["errors"][()] != b""))
         return settled, g["content"][()][settled], g["file_stat"][()][settled]
 
+    def pending_recorded(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(pending rows that hold a recorded content, that content, their file_stat rows): rows made
+        pending because their input changed (forget_rows keeps what was recorded of them) or whose
+        write was cut between its two flushes (their content is the current one); None for a file
+        made before featcache recorded contents."""
+        g = self._f[split]
+        if "content" not in g or "file_stat" not in g:
+            return None
+        content = g["content"][()]
+        rows = np.flatnonzero(~g["done"][()].astype(bool) & (g["errors"][()] == b"") & (content != b""))
+        return rows, content[rows], g["file_stat"][()][rows]
+
     def forget_rows(self, split: str, rows: np.ndarray) -> None:
-        """Make rows pending again (their input changed): unset done and clear their error."""
+        """Make rows pending again (their input changed): unset done and clear their error; what was
+        recorded of their input stays until they are written again (pending_recorded)."""
         g = self._f[split]
         rows = np.asarray(rows, dtype=np.int64)
         for key, empty in (("done", False), ("errors", b"")):

@@ -280,3 +280,43 @@ def test_update_of_a_file_with_the_first_two_column_stat(tiny_vit, images, tmp_p
         for s in a.splits:
             np.testing.assert_allclose(a[s].cls[()], b[s].cls[()], atol=1e-5)
     assert _extract(tiny_vit, manifest, out, tmp_path)["rows_computed"] == 0
+
+
+def test_a_run_killed_after_the_check_still_counts_the_changed_images(tiny_vit, images, tmp_path, monkeypatch,
+                                                                       caplog):
+    """The check makes changed rows pending and flushes; a run killed then (before they are computed)
+    left them as plain unfinished rows: the next run said "resumed; N extracted, M already done" and
+    rows_changed 0, never naming a change. They keep what was recorded of them, so the next run
+    finds them changed again; the check's own warning names them at once."""
+    from featcache import extraction
+
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, images, out, tmp_path)
+    with fc.open(out) as store:
+        paths = store["train"].paths
+    for p in paths[:3]:  # three images re-exported under their names: pixels of the last one
+        shutil.copyfile(images / paths[-1], images / p)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill after the check: the pending rows are on disk, nothing computed
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="featcache"):
+        m.setattr(extraction, "_extract_items", killed)
+        cut = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(images), "-o", str(out), "--dtype",
+                                       "float32", "--workers", "0", "--batch-size", "8"])
+    assert cut.exit_code != 0
+    assert "3 image(s) of split train changed since they were extracted" in caplog.text
+    caplog.clear()
+    with h5py.File(out, "r") as f:
+        assert f["train"]["done"][()].sum() == len(paths) - 3
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        again = _extract(tiny_vit, images, out, tmp_path)
+    assert again["rows_changed"] == 3 and again["rows_computed"] == 3 and again["rows_done_before"] == 24 - 3
+    assert "3 changed since extracted" in again["output"]
+    assert "3 of them found so by an interrupted run" in caplog.text
+    with fc.open(out) as store:
+        cls = store["train"].cls[()]
+        for r in range(3):
+            np.testing.assert_allclose(cls[r], cls[-1], atol=1e-5)
+    settled = _extract(tiny_vit, images, out, tmp_path)
+    assert settled["rows_computed"] == 0 and settled["rows_changed"] == 0
