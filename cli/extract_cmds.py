@@ -102,10 +102,10 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
     try:
         summary = run_extraction(cfg, data, out, run, **source_options)
     except KeyboardInterrupt:
-        raise click.ClickException(f"interrupted: {saved_rows_line(out)} Run the same command again to "
+        raise click.ClickException(f"interrupted: {saved_rows_line(out, update)} Run the same command again to "
                                    f"finish the rest.") from None
     except ExtractionWriteError as exc:
-        raise click.ClickException(f"{exc} {saved_rows_line(out)} Free space (or fix the cause) and run the same "
+        raise click.ClickException(f"{exc} {saved_rows_line(out, update)} Free space (or fix the cause) and run the same "
                                    f"command again to resume.") from None
     except (BackboneError, FeatureStoreError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc

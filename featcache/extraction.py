@@ -237,8 +237,14 @@ class ExtractionWriteError(RuntimeError):
     """The disk refused a write (full, quota, file-size limit): rows written before stay valid."""
 
 
-def saved_rows_line(out: str | Path) -> str:
-    """'N of M rows are saved in OUT.' read back from the file (for interrupted or failed runs)."""
+def saved_rows_line(out: str | Path, update: bool = False) -> str:
+    """'N of M rows are saved in OUT.' read back from the file (for interrupted or failed runs); of
+    OUT.updating when an --update was cut (OUT itself is untouched until the update finishes)."""
+    out = Path(out)
+    updating = out.with_name(out.name + ".updating")
+    if update and updating.exists():
+        line = saved_rows_line(updating)
+        return f"{line[:-1]} (the update; {out} is unchanged until it finishes)." if line.endswith(".") else line
     try:
         with FeatureStore(out) as store:
             done = sum(int(store[s].done.sum()) for s in store.splits)
@@ -607,17 +613,18 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
             tmp.unlink()  # an earlier update for data that has changed again since: start it afresh
             writer = StoreWriter(tmp, config, classes, specs, layout)
         current = {p for spec in specs.values() for p in spec.paths} if current is None else current
-        reused = sum(writer.done_count(name) for name in specs)
+        wheres = [_done_rows_by_path(old) for old in olds]
+        reused = _copied_before(writer, olds, wheres, specs)  # by an interrupted update of OUT.updating
         try:
-            for old in olds:  # each copies only rows still pending: the first source that has a path wins
-                reused += _copy_stored_rows(old, writer, specs, _done_rows_by_path(old))
+            for old, where in zip(olds, wheres):  # each copies only rows still pending: the first source with a path wins
+                reused += _copy_stored_rows(old, writer, specs, where)
             if keep_failed and not run.retry_errors:  # a resume (not --update): known-unreadable stays so
                 for old in olds:
                     _copy_failed_rows(old, writer, specs)
         except BaseException:
             writer.close()
             raise
-        dropped = sum(1 for p in _done_rows_by_path(olds[0]) if p not in current) if count_dropped else 0
+        dropped = sum(1 for p in wheres[0] if p not in current) if count_dropped else 0
     finally:
         for old in olds:
             old.close()
@@ -637,6 +644,31 @@ def _done_rows_by_path(store: FeatureStore) -> dict[str, tuple[str, int]]:
         for r in view.valid_index():
             where.setdefault(paths[r], (name, int(r)))
     return where
+
+
+def _copied_before(writer: StoreWriter, olds: Sequence[FeatureStore], wheres: Sequence[dict[str, tuple[str, int]]],
+                   specs: dict[str, SplitSpec]) -> int:
+    """Rows an interrupted update already copied into the resumed OUT.updating: done rows whose path
+    an old file holds (the first that has it, as the copy takes it) with the content recorded there.
+    The rows it computed (new images, or old ones whose input had changed) are not counted, so
+    rows_reused says what came from the old file, as an update run through at once says it."""
+    copied = 0
+    recorded: dict[tuple[int, str], np.ndarray | None] = {}  # each old split's contents, read once
+    for name, spec in specs.items():
+        done = writer.done_rows(name)
+        mine = writer.row_contents(name, done)
+        for i, row in enumerate(done.tolist()):
+            path = spec.paths[row]
+            k = next((k for k, where in enumerate(wheres) if path in where), None)
+            if k is None:
+                continue
+            old_split, old_row = wheres[k][path]
+            if (k, old_split) not in recorded:
+                view = olds[k][old_split]
+                recorded[(k, old_split)] = view.contents(np.arange(view.n))
+            theirs = recorded[(k, old_split)]
+            copied += int(mine is None or theirs is None or theirs[old_row] == b"" or mine[i] == theirs[old_row])
+    return copied
 
 
 def _copy_stored_rows(old: FeatureStore, writer: StoreWriter, specs: dict[str, SplitSpec],

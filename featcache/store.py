@@ -895,6 +895,14 @@ class StoreWriter:
     def done_count(self, split: str) -> int:
         return int(self._f[split]["done"][()].sum())
 
+    def done_rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self._f[split]["done"][()].astype(bool))
+
+    def row_contents(self, split: str, rows: np.ndarray) -> np.ndarray | None:
+        """The recorded content hashes of `rows` (None for a file without contents)."""
+        g = self._f[split]
+        return g["content"][()][np.asarray(rows, dtype=np.int64)] if "content" in g else None
+
     def recorded_content(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(settled rows, their content hashes, their file_stat rows) for the rows that are done or
         known unreadable; None for a file made before featcache recorded contents."""

@@ -130,3 +130,39 @@ def test_update_survives_sigkill(tiny_vit, tmp_path):
     fresh = tmp_path / "fresh.h5"
     subprocess.run(_cmd(tiny_vit, data, fresh)[:-1], check=True)
     _assert_equal_files(out, fresh)
+
+
+def test_an_interrupted_update_resumes_with_honest_counts(tiny_vit, digits_manifest, tmp_path, monkeypatch):
+    """Ctrl-C during an update said "64 of 64 rows are saved in OUT" (the old, complete file) instead
+    of what the update had saved; its resume counted every done row of OUT.updating as reused from
+    the old file, the new rows it had computed too (reused + dropped exceeded the old file's rows)."""
+    import json
+
+    from featcache import extraction
+
+    manifest, rows = digits_manifest
+    old_rows, new_rows = rows[:40], rows
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, _manifest(manifest, old_rows), out)
+    _manifest(manifest, new_rows)
+    real = extraction._extract_items
+
+    def cut(items, *args, **kwargs):
+        real(items[:8], *args, **kwargs)  # one batch of the new images, then Ctrl-C
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(extraction, "_extract_items", cut)
+        res = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(manifest), "-o", str(out), "--dtype",
+                                       "float32", "--workers", "0", "--batch-size", "8", "-q", "--update"])
+    assert res.exit_code == 1
+    assert f"48 of {len(new_rows)} rows are saved in {out}.updating (the update; {out} is unchanged" in res.output
+    with fc.open(out) as store:
+        assert sum(int(store[s].done.sum()) for s in store.splits) == 40  # OUT as it was
+    _extract(tiny_vit, manifest, out, "--update", "--json", str(tmp_path / "s.json"))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["rows_reused"] == 40 and summary["rows_computed"] == len(new_rows) - 48
+    assert summary["rows_dropped"] == 0 and summary["rows_changed"] == 0
+    fresh = tmp_path / "fresh.h5"
+    _extract(tiny_vit, manifest, fresh)
+    _assert_equal_files(out, fresh)
