@@ -292,7 +292,7 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
     if plan.mode == "native":
         if backbone.family.cnn:
             raise ValueError(f"--token-mode native needs a ViT-like model; {cfg.model} is a CNN. "
-                             f"Use --token-mode resize.")
+                             f"Use --token-mode resize or grid.")
         trained = trained_size(backbone)
         if backbone.family.interpolates_pos and trained and trained[0] != trained[1]:
             raise ValueError(f"--token-mode native interpolates position embeddings, which transformers' "

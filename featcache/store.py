@@ -1203,9 +1203,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 a = s.tokens.attrs
                 grid = list(a.get("grid", []))
                 mode = a.get("mode")
-                mode = "the backbone's own count" if mode in (None, "none") else f"mode {mode}"
-                layout = (f"{s.tokens.shape[1]} tokens stored ({mode}, {int(a.get('n_prefix', 0))} prefix, "
-                          f"grid {'x'.join(map(str, grid)) if grid else 'n/a'}, source {int(a.get('source_num_tokens', 0))})")
+                shape = (f"{int(a.get('n_prefix', 0))} prefix, grid {'x'.join(map(str, grid)) if grid else 'n/a'}")
+                if mode == "native":  # nothing resampled: the backbone ran at another input size
+                    size = "x".join(map(str, cfg.get("input_size") or [])) or "n/a"
+                    layout = (f"{s.tokens.shape[1]} tokens stored (mode native: the backbone run at {size} px, "
+                              f"nothing resampled; {shape}; {int(a.get('source_num_tokens', 0))} tokens at its "
+                              f"own size)")
+                else:
+                    mode = "the backbone's own count" if mode in (None, "none") else f"mode {mode}"
+                    layout = (f"{s.tokens.shape[1]} tokens stored ({mode}, {shape}, source "
+                              f"{int(a.get('source_num_tokens', 0))})")
             d["splits"].append(entry)
         if layout is None:
             grid = cfg.get("grid")

@@ -84,3 +84,14 @@ def test_dinov2_grid_in_one_fused_sweep(tiny_models, digits_dir, tmp_path):
     assert bad.exit_code == 1 and "--blocks 3" in bad.output
     typo = CliRunner().invoke(cli, ["knn", str(path), "--features", "cls@x"])
     assert typo.exit_code == 2 and "--features" in typo.output
+
+
+def test_native_token_mode_on_a_cnn_points_at_the_modes_that_work(tiny_models, digits_dir, tmp_path):
+    res = CliRunner().invoke(cli, ["extract", "-m", str(tiny_models["resnet"]), "-d", str(digits_dir), "-o",
+                                   str(tmp_path / "r.h5"), "--tokens", "full", "--num-tokens", "36", "--token-mode",
+                                   "native", "--workers", "0", "-q"])
+    assert res.exit_code == 1 and "is a CNN. Use --token-mode resize or grid." in res.output
+    grid = CliRunner().invoke(cli, ["extract", "-m", str(tiny_models["resnet"]), "-d", str(digits_dir), "-o",
+                                    str(tmp_path / "g.h5"), "--tokens", "full", "--num-tokens", "36", "--token-mode",
+                                    "grid", "--workers", "0", "-q"])
+    assert grid.exit_code == 0, grid.output

@@ -133,9 +133,13 @@ def test_token_mode_native_runs_at_the_matching_resolution(tiny_vit, digits_dir,
         ref = model(**proc(images=images, return_tensors="pt"), interpolate_pos_encoding=True).last_hidden_state
     np.testing.assert_allclose(s.tokens[()], ref.numpy(), atol=1e-4)
     assert store.config["input_size"] == [40, 40]
-    # without stored tokens, info read 'grid 10x10, 65 tokens' (the 32 px count beside the 40 px grid)
     from featcache.store import describe
 
+    # "source 65" beside 101 stored tokens read as if 65 tokens had been resampled to 101
+    assert describe(tmp_path / "n.h5")["token_layout"] == ("101 tokens stored (mode native: the backbone run at "
+                                                           "40x40 px, nothing resampled; 1 prefix, grid 10x10; 65 "
+                                                           "tokens at its own size)")
+    # without stored tokens, info read 'grid 10x10, 65 tokens' (the 32 px count beside the 40 px grid)
     fc.extract(str(tiny_vit), digits_dir, tmp_path / "c.h5", num_tokens=101, token_mode="native", workers=0,
                progress=False)
     assert describe(tmp_path / "c.h5")["token_layout"] == ("not stored (backbone run natively at 40x40 px: 1 prefix, "
