@@ -91,6 +91,13 @@ def _build_tiny(kind: str, path: Path) -> Path:
         proc = ConvNextImageProcessor(size={"shortest_edge": 32})
     else:
         raise ValueError(kind)
+    # at init DeiT's CLS and distillation tokens, DINOv2's registers and ViT-family position
+    # embeddings are zeros (or alike): token 0 and token 1 would then be equal, and a test could not
+    # tell the CLS token from the distillation token or a register
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("cls_token", "distillation_token", "register_tokens", "position_embeddings"):
+                param.normal_(0.0, 0.02)  # the scale of the other weights at init: images still matter
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return path
