@@ -55,10 +55,14 @@ def shots_options(fn):
 def _few_shot_table(console: Console, fs) -> None:
     """Print a few-shot summary: shots, tries, training rows, mean and std of top-1 and balanced accuracy."""
     echo_notes(console, fs.notes)
-    console.table(fs.summary, ["shots", "tries", "n_train", "top1_mean", "top1_std", "balanced_accuracy_mean",
-                               "balanced_accuracy_std"],
+    auroc = ["auroc_mean", "auroc_std"] if any("auroc_mean" in r for r in fs.summary) else []
+    pos = fs.config.get("positive_class")
+    per_class = ["n_train_per_class"] if fs.config.get("grouped") else []  # whole groups: classes get more rows
+    console.table(fs.summary, ["shots", "tries", "n_train", *per_class, "top1_mean", "top1_std", "balanced_accuracy_mean",
+                               "balanced_accuracy_std", *auroc],
                   title=f"\nfew-shot {fs.method}: {fs.config['tries']} tries per shot count, evaluated on all "
-                        f"{fs.config['n_eval']} {fs.config['eval_split']} rows")
+                        f"{fs.config['n_eval']} {fs.config['eval_split']} rows"
+                        + (f" (positive class {pos}, threshold 0.5)" if pos else ""))
 
 
 def _finish(console: Console, res: Any, json_path: str | None, out_dir: str | None) -> None:
@@ -230,7 +234,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
             if shots:
                 res.few_shot = few_shot(store, method="probe", shots=shots, tries=tries, train_split=train_split,
                                         val_split=val, eval_split=test, features=kind, Cs=cs, metric=metric,
-                                        max_iter=max_iter, positive_class=positive_class, seed=seed, arrays=arrays)
+                                        max_iter=max_iter, positive_class=positive_class, seed=seed, arrays=arrays,
+                                        class_weight=None if class_weight == "none" else class_weight)
     est = res.probe
     if given("cv") and est.selection_ == "val":  # every note printed is also in --json and metrics.json
         res.warnings.append(f"--cv {cv} was not used: C was chosen on split {res.config['val_split']!r} (--val-split "
@@ -314,7 +319,9 @@ def compare(features_files, features, ks, temperature, heads, train_split, val_s
     console.table(pairs, title=f"\npaired differences of {res.primary} (same resampled test rows for both files; "
                                f"--json has every metric)")
     if res.few_shot:
-        console.table(res.shots_rows(), ["file", "method", "shots", "tries", "n_train", "top1_mean", "top1_std"],
+        m = res.few_shot_metric
+        console.table(res.shots_rows(), ["file", "method", "shots", "tries", "n_train", "top1_mean", "top1_std",
+                                         *([f"{m}_mean", f"{m}_std"] if m != "top1" else [])],
                       title="\nfew-shot curves (mean ± std over tries)")
     write_json(json_path, res.to_json())
     if out_dir:

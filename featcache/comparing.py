@@ -77,6 +77,13 @@ class CompareResult:
     def methods(self) -> list[str]:
         return list(dict.fromkeys(r["method"] for r in self.rows))
 
+    @property
+    def few_shot_metric(self) -> str:
+        """The metric of the few-shot curves: the ranking's (AUROC for binary tasks), else top-1."""
+        rows = [row for per in self.few_shot.values() for res in per.values() for row in res.summary]
+        defined = rows and all(row.get(f"{self.primary}_mean") is not None for row in rows)
+        return self.primary if defined else "top1"
+
     def shots_rows(self) -> list[dict[str, Any]]:
         """The few-shot summaries as one table: file, method, shots, tries, n_train, means and stds."""
         return [{"file": f, "method": m, **row} for f, per in self.few_shot.items() for m, res in per.items()
@@ -102,11 +109,14 @@ class CompareResult:
                 # (undefined for every file, the ranking note says so: no figure)
                 compare_plot(self.rows, fig_dir / f"compare_{self.primary}", metric=self.primary, order=self.ranking,
                              title=f"{self.primary} on {self.config['test_split']} (95% CI){self._positive_text()}")
+            # the curves show the metric the files are ranked by (a binary task's AUROC), when defined
+            metric = self.few_shot_metric
             for method in ("knn", "probe"):
                 curves = {f: per[method].summary for f, per in self.few_shot.items() if method in per}
                 if curves:
-                    few_shot_plot(curves, fig_dir / f"few_shot_{method}",
-                                  title=f"few-shot {method}: top-1 on {self.config['test_split']}")
+                    few_shot_plot(curves, fig_dir / f"few_shot_{method}", metric=metric,
+                                  title=f"few-shot {method}: {metric} on {self.config['test_split']}"
+                                        f"{self._positive_text()}")
 
         return write_run(out, {"kind": "compare", **self.config}, metrics, figures=figures)
 

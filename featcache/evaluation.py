@@ -18,7 +18,8 @@ import numpy as np
 from featcache.knn import knn_eval
 from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
                                population_std, threshold_record, train_coverage_notes,
-                               classification_metrics, decide, group_keys, proportion_interval, resolve_positive)
+                               classification_metrics, decide, group_keys, proportion_interval, resolve_positive,
+                               scalar_metrics)
 from featcache.names import CI_METRICS
 from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
 from featcache.prediction import array_proba, probe_head_payload, saved_untuned
@@ -364,9 +365,10 @@ DEFAULT_SHOTS = (1, 2, 5, 10)
 class FewShotResult:
     """Accuracy of one method trained on n rows per class, mean ± std over tries, per n.
 
-    summary: one row per shot count (shots, tries, n_train, top1_mean, top1_std,
-    balanced_accuracy_mean, balanced_accuracy_std); per_try: one row per (shots, try). The std is
-    numpy's population std over the tries (ddof 0), as summarize_repeats computes it."""
+    summary: one row per shot count (shots, tries, n_train, n_train_per_class, top1_mean, top1_std,
+    balanced_accuracy_mean, balanced_accuracy_std, and auroc_mean / auroc_std for binary tasks);
+    per_try: one row per (shots, try). The std is numpy's population std over the tries (ddof 0),
+    as summarize_repeats computes it."""
 
     method: str
     config: dict[str, Any]
@@ -379,10 +381,15 @@ class FewShotResult:
         return {"few_shot": self.summary, "few_shot_per_try": self.per_try, "few_shot_config": self.config}
 
     def figure(self, path_stem: str | Path) -> list[Path]:
-        """Accuracy against shots with a ±std band (figures/few_shot.png in a run directory)."""
-        return few_shot_plot({self.method: self.summary}, path_stem,
-                             title=f"few-shot {self.method} on {self.config['eval_split']} "
-                                   f"({self.config['tries']} tries per shot count)")
+        """Accuracy against shots with a ±std band (figures/few_shot.png in a run directory); a
+        binary task also gets AUROC against shots (figures/few_shot_auroc.png)."""
+        title = f"few-shot {self.method} on {self.config['eval_split']} ({self.config['tries']} tries per shot count)"
+        paths = few_shot_plot({self.method: self.summary}, path_stem, title=title)
+        if any(r.get("auroc_mean") is not None for r in self.summary):
+            stem = Path(path_stem)
+            paths += few_shot_plot({self.method: self.summary}, stem.with_name(stem.name + "_auroc"), metric="auroc",
+                                   title=title + f", positive class {self.config['positive_class']}")
+        return paths
 
 
 def few_shot_rows(y: np.ndarray, groups: Sequence[str] | None, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -424,14 +431,17 @@ def few_shot(store: FeatureStore, *, method: str = "knn", shots: Sequence[int] =
              seed: int = 0, train_split: str = "train", val_split: str | None = "val", eval_split: str = "test",
              features: str = "cls", k: int = 20, temperature: float = 0.07, weighting: str = "distance",
              backend: str = "auto", Cs: Any = None, metric: str = "accuracy", max_iter: int = 1000,
-             positive_class: str | None = None,
+             positive_class: str | None = None, class_weight: str | dict | None = None,
              arrays: MutableMapping[str, SplitArrays] | None = None) -> FewShotResult:
     """Train k-NN or the probe on `shots` rows per class of the train split (few_shot_rows, drawn
     anew per try with few_shot_rng), evaluate each on the full eval split, and summarise top-1 and
-    balanced accuracy as mean ± std over the tries.
+    balanced accuracy (and for binary tasks the positive class's AUROC) as mean ± std over the
+    tries; each try records its rows per class.
 
     The probe chooses C on the full validation split and is not refitted on train + val (that would
-    no longer be few-shot), so a file without a validation split is refused for it."""
+    no longer be few-shot), so a file without a validation split is refused for it; `class_weight`
+    is the full probe's (a drawn set of groups can be imbalanced). Decisions are at 0.5 (binary)
+    or the top class: a threshold rule is the full run's only."""
     if method not in FEW_SHOT_METHODS:
         raise ValueError(f"few-shot method must be one of {', '.join(FEW_SHOT_METHODS)}; got {method!r}.")
     shots = sorted({int(n) for n in shots})
@@ -464,50 +474,68 @@ def few_shot(store: FeatureStore, *, method: str = "knn", shots: Sequence[int] =
                 warnings.simplefilter("always")
                 proba = _few_shot_proba(method, train.x[idx], train.y[idx], ev.x, val, len(classes), positive,
                                         k=k, temperature=temperature, weighting=weighting, backend=backend, Cs=Cs,
-                                        metric=metric, max_iter=max_iter, seed=seed)
+                                        metric=metric, max_iter=max_iter, seed=seed, class_weight=class_weight)
             caught_all += [str(w.message) for w in caught]
             pred = decide(proba, positive=positive)
-            per_try.append({"shots": n, "try": attempt, "n_train": int(len(idx)),
-                            "top1": float(np.mean(pred == ev.y)),
-                            "balanced_accuracy": balanced_accuracy(ev.y, pred)})
+            row = {"shots": n, "try": attempt, "n_train": int(len(idx)),
+                   "n_train_per_class": np.bincount(train.y[idx], minlength=len(classes)).tolist(),
+                   "top1": float(np.mean(pred == ev.y)), "balanced_accuracy": balanced_accuracy(ev.y, pred)}
+            if positive is not None:
+                row["auroc"] = scalar_metrics(("auroc",), ev.y, proba, positive=positive)["auroc"]
+            per_try.append(row)
     notes += list(dict.fromkeys(_short_warning(w) for w in caught_all))
     config = {"method": method, "shots": shots, "tries": int(tries), "seed": int(seed), "train_split": train_split,
               "val_split": val_split if method == "probe" else None, "eval_split": eval_split, "features": features,
               "n_eval": int(len(ev.y)), "grouped": train.groups is not None,
+              "positive_class": None if positive is None else classes[positive],
+              "threshold": 0.5 if positive is not None else None, "nested": False,
               **({"k": int(k), "temperature": float(temperature), "weighting": weighting} if method == "knn"
-                 else {"Cs": [float(c) for c in resolve_cs(Cs)], "metric": metric, "refit": False})}
+                 else {"Cs": [float(c) for c in resolve_cs(Cs)], "metric": metric, "refit": False,
+                       "class_weight": class_weight})}
     return FewShotResult(method, config, summarize_few_shot(per_try), per_try, notes)
 
 
+FEW_SHOT_METRICS = ("top1", "balanced_accuracy", "auroc")  # auroc: binary tasks only
+
+
 def summarize_few_shot(per_try: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per shot count: tries, mean training rows, and mean / std (ddof 0) of top-1 and
-    balanced accuracy over the tries."""
+    """One row per shot count: tries, training rows (in all and per class; a mean when tries
+    differ, as whole groups make them), and mean / std (ddof 0) over the tries of top-1, balanced
+    accuracy and, for binary tasks, AUROC (over the tries where it is defined)."""
     out = []
     for n in sorted({r["shots"] for r in per_try}):
         rows = [r for r in per_try if r["shots"] == n]
-        counts = [r["n_train"] for r in rows]
-        # a row count stays a count; with groups tries may differ and the mean is fractional
-        n_train = counts[0] if len(set(counts)) == 1 else float(np.mean(counts))
-        row: dict[str, Any] = {"shots": n, "tries": len(rows), "n_train": n_train}
-        for m in ("top1", "balanced_accuracy"):
-            values = np.array([r[m] for r in rows], dtype=np.float64)
+        row: dict[str, Any] = {"shots": n, "tries": len(rows), "n_train": _count_or_mean([r["n_train"] for r in rows])}
+        if all("n_train_per_class" in r for r in rows):
+            row["n_train_per_class"] = [_count_or_mean(list(c)) for c in zip(*(r["n_train_per_class"] for r in rows))]
+        for m in FEW_SHOT_METRICS:
+            if m not in rows[0]:
+                continue
+            values = np.array([r[m] for r in rows if r.get(m) is not None], dtype=np.float64)
             # one try has no spread to speak of: n/a, not a measured 0
-            row[f"{m}_mean"] = float(values.mean())
+            row[f"{m}_mean"] = float(values.mean()) if len(values) else None
             row[f"{m}_std"] = population_std(values.tolist()) if len(values) > 1 else None
         out.append(row)
     return out
 
 
+def _count_or_mean(counts: Sequence[int]) -> int | float:
+    """A row count stays a count; when the tries differ (whole groups drawn) their mean."""
+    return int(counts[0]) if len(set(counts)) == 1 else float(np.mean(counts))
+
+
 def _few_shot_proba(method: str, tx: np.ndarray, ty: np.ndarray, ex: np.ndarray, val: SplitArrays | None,
                     n_classes: int, positive: int | None, *, k: int, temperature: float, weighting: str,
-                    backend: str, Cs: Any, metric: str, max_iter: int, seed: int) -> np.ndarray:
+                    backend: str, Cs: Any, metric: str, max_iter: int, seed: int,
+                    class_weight: str | dict | None = None) -> np.ndarray:
     """Class scores of the eval rows from one few-shot training set."""
     if method == "knn":
         dummy = np.zeros(len(ex), dtype=np.int64)  # knn_eval scores labels too; only the scores are used here
         res = knn_eval(tx, ty, ex, dummy, ks=(k,), temperature=temperature, weighting=weighting,
                        num_classes=n_classes, backend=backend, return_proba=True, positive=positive)
         return res[k]["proba"]
-    probe = LogisticProbe(Cs=resolve_cs(Cs), metric=metric, refit=False, max_iter=max_iter, random_state=seed)
+    probe = LogisticProbe(Cs=resolve_cs(Cs), metric=metric, refit=False, max_iter=max_iter, random_state=seed,
+                          class_weight=class_weight)
     probe.fit(tx, ty, val.x, val.y)
     return _expanded(probe, ex, n_classes)
 
@@ -525,8 +553,8 @@ def _few_shot_notes(classes: list[str], train: SplitArrays, shots: Sequence[int]
         notes.append(f"classes with fewer {train.name} rows than {max(shots)} shots: {', '.join(short)}; at those "
                      f"shot counts every row of theirs is used.")
     if train.groups is not None:
-        notes.append(f"{train.name} has groups: whole groups are drawn until each class has the shot count, so "
-                     f"some classes get more rows (n_train says how many).")
+        notes.append(f"{train.name} has groups: whole groups are drawn until each class has the shot count of rows, "
+                     f"so some classes get more rows (n_train_per_class says how many).")
     return notes
 
 

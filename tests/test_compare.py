@@ -453,3 +453,65 @@ def test_a_files_sensitivity_interval_is_wilson_not_a_flat_bootstrap(tmp_path):
     report = report.replace("\\", "")  # Markdown escapes
     assert "Wilson score for each file's top1, sensitivity, specificity" in report
     assert f"{BOOT} paired bootstrap resamples for each file's auroc, balanced_accuracy and every difference" in report
+
+
+def _grouped_binary(path: Path) -> Path:
+    """Binary file whose benign patients have 6 images each and malignant ones 1: a drawn set of
+    whole patients is imbalanced (3 shots: 6 benign rows, 3 malignant)."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n_benign, n_malignant in (("train", 10, 30), ("val", 5, 10), ("test", 8, 20)):
+        y = np.r_[np.zeros(6 * n_benign, np.int64), np.ones(n_malignant, np.int64)]
+        groups = [f"{name}-b{i // 6}" for i in range(6 * n_benign)] + [f"{name}-m{i}" for i in range(n_malignant)]
+        x = rng.normal(size=(len(y), 6)).astype(np.float32)
+        x[:, 0] += 1.2 * y
+        splits[name] = {"cls": x, "labels": y, "groups": groups, "paths": [f"{name}/{i:04d}.png" for i in range(len(y))]}
+    write_arrays(path, splits, ["benign", "malignant"], {"model": "m", "dtype": "float32"}).close()
+    return path
+
+
+def test_few_shot_says_rows_per_class_scores_auroc_and_keeps_the_class_weight(tmp_path):
+    """With patients a shot is a row but whole patients are drawn, so 3 shots gave 6 + 3 rows and only
+    the total was said; binary tasks had no AUROC (compare ranks them by it); probe --class-weight
+    balanced was dropped for the few-shot probes without a word."""
+    from sklearn.metrics import roc_auc_score
+
+    from featcache.probe import LogisticProbe
+
+    path = _grouped_binary(tmp_path / "b.h5")
+    with FeatureStore(path) as store:
+        train_x, train_y, _ = store["train"].arrays("cls")
+        test_x, test_y, _ = store["test"].arrays("cls")
+        val_x, val_y, _ = store["val"].arrays("cls")
+        groups = store["train"].groups
+        knn = few_shot(store, method="knn", shots=(3,), tries=3, k=5, seed=0, positive_class="malignant")
+        weighted = few_shot(store, method="probe", shots=(3,), tries=3, seed=0, Cs=(0.01, 1.0),
+                            positive_class="malignant", class_weight="balanced")
+    for res in (knn, weighted):
+        for t, row in enumerate(res.per_try):
+            idx = few_shot_rows(train_y, groups, 3, few_shot_rng(0, 3, t))
+            assert row["n_train_per_class"] == np.bincount(train_y[idx], minlength=2).tolist()
+    assert knn.per_try[0]["n_train_per_class"][0] >= 6  # one benign patient is 6 rows
+    aurocs = []
+    for t, row in enumerate(knn.per_try):
+        idx = few_shot_rows(train_y, groups, 3, few_shot_rng(0, 3, t))
+        # plain numpy k-NN vote (DINO's exp(sim / T)) of the malignant class, scored by scikit-learn
+        a = train_x[idx] / np.linalg.norm(train_x[idx], axis=1, keepdims=True)
+        b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+        sim = b @ a.T
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+        w = np.exp(np.take_along_axis(sim, top, 1) / 0.07)
+        score = (w * (train_y[idx][top] == 1)).sum(1) / w.sum(1)
+        aurocs.append(roc_auc_score(test_y, score))
+        assert row["auroc"] == pytest.approx(aurocs[-1], abs=1e-9)
+    assert knn.summary[0]["auroc_mean"] == pytest.approx(np.mean(aurocs))
+    per_class = list(zip(*(r["n_train_per_class"] for r in knn.per_try)))  # (benign counts, malignant counts)
+    assert knn.summary[0]["n_train_per_class"] == [c[0] if len(set(c)) == 1 else np.mean(c) for c in per_class]
+    assert weighted.config["class_weight"] == "balanced" and weighted.config["threshold"] == 0.5
+    for t, row in enumerate(weighted.per_try):
+        idx = few_shot_rows(train_y, groups, 3, few_shot_rng(0, 3, t))
+        probe = LogisticProbe(Cs=(0.01, 1.0), refit=False, class_weight="balanced").fit(train_x[idx], train_y[idx],
+                                                                                       val_x, val_y)
+        p = probe.predict_proba(test_x)[:, 1]
+        assert row["auroc"] == pytest.approx(roc_auc_score(test_y, p), abs=1e-9)
+        assert row["top1"] == pytest.approx(np.mean((p >= 0.5) == test_y))
