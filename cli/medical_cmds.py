@@ -136,6 +136,6 @@ def attention_cmd(model, data, out, layer, per_head, max_images, grid_cols, spli
         raise click.ClickException(f"none of the {len(files)} images could be read; see the "
                                    f"reasons above.")
     h, w = result.grid_shape
-    click.echo(f"{len(result.paths)} images, patch grid {h}x{w}, layer {layer}: wrote "
-               f"{len(result.figures)} PNGs, {result.grid} and {result.arrays}"
+    click.echo(f"{len(result.paths)} image{'s' if len(result.paths) != 1 else ''}, patch grid {h}x{w}, layer {layer}: wrote "
+               f"{len(result.figures)} PNG{'s' if len(result.figures) != 1 else ''}, {result.grid} and {result.arrays}"
                + (f"; skipped {len(result.skipped)}" if result.skipped else ""))

@@ -18,6 +18,7 @@ switched to the "eager" implementation, which gives the same outputs and the wei
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -209,7 +210,8 @@ def save_image_figure(path: Path, image: np.ndarray, attn_map: np.ndarray, title
     axes[0].set_title(title, fontsize=8)
     axes[0].axis("off")
     heat = _overlay(axes[1], image, attn_map, "CLS attention (mean of heads)", vmax=float(np.max(attn_map)))
-    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02, label="attention weight")
+    bar = fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02, label="attention weight")
+    bar.solids.set(alpha=1)  # the colour scale itself, not its blend with the overlay
     axes[2].imshow(image * (0.15 + 0.85 * mask[..., None]))
     axes[2].set_title("top 50% attention mass", fontsize=8)
     axes[2].axis("off")
@@ -248,6 +250,7 @@ def save_grid_figure(path: Path, images: Sequence[np.ndarray], maps: Sequence[np
     if heat is not None:
         bar_ax = fig.add_axes((1 - 0.65 / fig.get_figwidth(), 0.15, 0.12 / fig.get_figwidth(), 0.7))
         bar = fig.colorbar(heat, cax=bar_ax)
+        bar.solids.set(alpha=1)
         bar.set_label("attention weight" if shared_scale else "attention / the image's largest", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     fig.savefig(path, dpi=100)
@@ -277,6 +280,29 @@ class AttentionRun:
     grid_shape: tuple[int, int] = (0, 0)        # patch grid (h, w)
 
 
+EARLIER_FIGURE = re.compile(r"^\d{4}_.*\.png$")  # <i>_<stem>.png and <i>_<stem>_heads.png
+
+
+def remove_earlier_outputs(out: Path) -> None:
+    """Remove what an earlier attention run wrote into ``out``: the figures its attention.npz
+    names (older runs: files named as it names them), grid.png and the npz itself. A directory
+    without attention.npz is not an attention run's and is left alone."""
+    npz = out / "attention.npz"
+    if not npz.is_file():
+        return
+    try:
+        with np.load(npz) as old:
+            names = [str(n) for n in old["figures"]] if "figures" in old else None
+    except (OSError, ValueError):
+        names = None
+    if names is None:
+        names = [f.name for f in out.iterdir() if EARLIER_FIGURE.match(f.name)] + ["grid.png"]
+    for name in [*names, npz.name]:
+        target = out / Path(name).name  # a name only: never outside out
+        if target.is_file():
+            target.unlink()
+
+
 def _safe_stem(i: int, path: Path) -> str:
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
     return f"{i:04d}_{stem}"
@@ -290,21 +316,29 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
 
     Writes ``<i>_<stem>.png`` per image (plus ``<i>_<stem>_heads.png`` with ``per_head``),
     ``grid.png`` of all overlays, and ``attention.npz`` (paths, mean (N, h, w), mask (N, h, w),
-    and heads (N, H, h, w) with ``per_head``). Files that fail to decode are skipped, recorded in
+    heads (N, H, h, w) with ``per_head``, layer as given, layer_index from 0, and the figures'
+    names). What an earlier run wrote into ``out`` is removed first, so no figure of another run
+    is left beside these. Files that fail to decode are skipped, recorded in
     ``AttentionRun.skipped`` and logged as warnings (``log_skipped=False``: the caller reports
     them); ``max_images`` counts drawn images, so skipped files do not use up the budget.
     """
     backbone = load_attention_backbone(model) if isinstance(model, str) else model
     use_eager_attention(backbone.model)
+    n_layers = getattr(backbone.model.config, "num_hidden_layers", None)
+    if isinstance(n_layers, int) and not -n_layers <= layer < n_layers:  # before any image is read or written
+        raise ValueError(f"--layer {layer} is out of range: {backbone.name} has {n_layers} layers "
+                         f"(use -{n_layers}..{n_layers - 1}; -1 is the last).")
     backbone.to(device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     run = AttentionRun(out)
     means, heads_all, images = [], [], []
 
     def flush(batch: list[tuple[Path, torch.Tensor]]) -> None:
         pixels = torch.stack([b[1] for b in batch]).to(device)
         maps = cls_attention(backbone, pixels, layer)
+        if not run.figures:  # the first maps exist: now the directory is this run's
+            out.mkdir(parents=True, exist_ok=True)
+            remove_earlier_outputs(out)
         run.grid_shape = maps.grid
         for j, (path, px) in enumerate(batch):
             i = len(run.paths)
@@ -350,8 +384,11 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
         return run
     run.grid = save_grid_figure(out / "grid.png", images, means,
                                 [_title(p) for p in run.paths], cols=grid_cols)
+    n_layers = n_layers if isinstance(n_layers, int) else None
     arrays = {"paths": np.asarray([str(p) for p in run.paths]), "mean": np.stack(means),
-              "mask": np.stack([top_mass_mask(m) for m in means]), "layer": np.asarray(layer)}
+              "mask": np.stack([top_mass_mask(m) for m in means]), "layer": np.asarray(layer),
+              "layer_index": np.asarray(layer % n_layers if n_layers else layer),
+              "figures": np.asarray([f.name for f in [*run.figures, run.grid]])}
     if per_head:
         arrays["heads"] = np.stack(heads_all)
     run.arrays = out / "attention.npz"

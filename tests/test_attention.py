@@ -184,3 +184,27 @@ def test_image_size_must_be_a_multiple_of_the_patch_size(models):
     with pytest.raises(ValueError, match=r"--image-size 50 is not a multiple of .* patch size 4 \(the model would see 48 px\); use 48 or 52"):
         load_attention_backbone(str(models["vit"]), image_size=50)
     assert load_attention_backbone(str(models["vit"]), image_size=48).patch_size == 4
+
+
+def test_a_second_run_into_the_same_directory_leaves_no_figure_of_the_first(models, images, tmp_path):
+    """A 4-image --per-head run, then a 2-image run into the same --out: the first run's other
+    PNGs stayed beside the new attention.npz, looking like its output. A --layer out of range is
+    refused before any directory is made."""
+    import featcache_cli.main as main
+
+    out = tmp_path / "attn"
+    run = lambda *extra: CliRunner().invoke(main.cli, ["attention", "--model", str(models["vit"]), "--data",  # noqa: E731
+                                                       str(images), "--out", str(out), "--quiet", *extra])
+    assert run("--per-head").exit_code == 0
+    assert len(list(out.glob("*.png"))) == 9
+    (out / "notes.txt").write_text("mine")  # a file of the user's own is kept
+    second = run("--max-images", "2", "--layer", "-2")
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000_img0.png", "0001_img1.png", "grid.png"]
+    assert "wrote 2 PNGs" in second.output and (out / "notes.txt").read_text() == "mine"
+    z = np.load(out / "attention.npz")
+    assert int(z["layer"]) == -2 and int(z["layer_index"]) == 0
+    assert sorted(z["figures"].tolist()) == ["0000_img0.png", "0001_img1.png", "grid.png"]
+    refused = CliRunner().invoke(main.cli, ["attention", "--model", str(models["vit"]), "--data", str(images),
+                                            "--out", str(tmp_path / "never"), "--layer", "2", "--quiet"])
+    assert refused.exit_code != 0 and "has 2 layers" in refused.output and not (tmp_path / "never").exists()
