@@ -6,9 +6,9 @@ from typing import Any
 import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CGrid, CommaList, Console, FeatureKind, ThresholdRule, checked_run_dir, cli, echo_notes,
-                               given, json_option, library_errors, per_label_rows, positive_option, quiet_option,
-                               warnings_as_notes, write_json)
+from featcache_cli.app import (CGrid, CommaList, Console, FeatureKind, ThresholdRule, bootstrap_count, checked_run_dir,
+                               cli, echo_notes, given, json_option, library_errors, per_label_rows, positive_option,
+                               quiet_option, warnings_as_notes, write_json)
 
 # the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
 
@@ -95,7 +95,7 @@ def _positive_title(block: dict) -> str:
               help="Which cached features to compare: cls, pooled, cls+pooled, cls@N, cls@N+pooled.")
 @click.option("--backend", type=click.Choice(KNN_BACKENDS), default="auto", show_default=True,
               help="Search backend; auto uses faiss on CPU when installed, torch (GPU when there is one) otherwise.")
-@click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--bootstrap", type=bootstrap_count(0), default=0, show_default=True,
               help="95% CIs of the headline k (0: none): this many bootstrap resamples (whole patients when the "
                    "file has groups) for AUROC and balanced accuracy; top-1, sensitivity and specificity get "
                    "Wilson score intervals.")
@@ -174,7 +174,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
               help="Folds when there is no validation split.")
 @click.option("--no-refit", is_flag=True, help="Keep the model fitted on train only (default: refit on "
                                                 "train + val at the chosen C).")
-@click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0, None),
+@click.option("--bootstrap", default=0, show_default=True, type=bootstrap_count(0),
               help="95% CIs of the test metrics (0: none): this many bootstrap resamples (whole groups when "
                    "the split has them) for AUROC, balanced accuracy and macro F1; top-1, sensitivity and "
                    "specificity get Wilson score intervals.")
@@ -273,7 +273,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
               help="Split the probe's C is chosen on, in every file (none: cross-validation on the train split).")
 @click.option("--test-split", default="test", show_default=True, help="Split every method is scored on.")
 @shots_options
-@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--bootstrap", type=bootstrap_count(1), default=1000, show_default=True,
               help="Paired bootstrap resamples of the test rows (whole groups when the file has groups); at "
                    "least 1, since compare's differences between files are bootstrapped.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probe, the draws and the bootstrap.")

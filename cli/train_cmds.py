@@ -8,9 +8,10 @@ import click
 
 from featcache.metrics import threshold_provenance, tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CommaList, Console, FeatureKind, FiniteFloatRange, ThresholdRule, checked_output_file,
-                               checked_run_dir, cli, echo_notes, given, json_option, library_errors, per_label_rows,
-                               positive_option, quiet_option, unused_head_settings, warnings_as_notes, write_json)
+from featcache_cli.app import (CommaList, Console, FeatureKind, FiniteFloatRange, ThresholdRule, bootstrap_count,
+                               checked_output_file, checked_run_dir, cli, echo_notes, given, json_option,
+                               library_errors, per_label_rows, positive_option, quiet_option, unused_head_settings,
+                               warnings_as_notes, write_json)
 
 # the library (torch) is imported inside each command, so `featcache --help` stays instant
 
@@ -112,7 +113,7 @@ def _where_chosen(t: Any) -> str:
 
 def bootstrap_option(fn: Callable) -> Callable:
     """--bootstrap of train and sweep (the head trained, or the sweep's best head)."""
-    return click.option("--bootstrap", type=click.IntRange(min=0), default=0, show_default=True,
+    return click.option("--bootstrap", type=bootstrap_count(0), default=0, show_default=True,
                         help="95% CIs of the test metrics (0: none): this many bootstrap resamples (whole groups when "
                              "the file has them) for AUROC, balanced accuracy and macro F1; top-1, sensitivity and "
                              "specificity get Wilson score intervals.")(fn)

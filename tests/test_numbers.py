@@ -535,6 +535,10 @@ def test_a_non_hdf5_file_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("args, option", [(["knn", "--k", "1,x"], "--k"),
                                           (["knn", "--bootstrap", "-5"], "--bootstrap"),
+                                          # a typo of 10,000: a cap of 100,000 (cli.app.MAX_BOOTSTRAP)
+                                          (["train", "--bootstrap", "1000000"], "--bootstrap"),
+                                          (["sweep", "--bootstrap", "1000000"], "--bootstrap"),
+                                          (["probe", "--bootstrap", "100001"], "--bootstrap"),
                                           (["probe", "--threshold", "foo"], "--threshold"),
                                           (["train", "--threshold", "foo"], "--threshold"),
                                           (["train", "--head", "mixer", "--features", "pooled"], "--features")])
