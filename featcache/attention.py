@@ -18,7 +18,6 @@ switched to the "eager" implementation, which gives the same outputs and the wei
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -280,23 +279,25 @@ class AttentionRun:
     grid_shape: tuple[int, int] = (0, 0)        # patch grid (h, w)
 
 
-EARLIER_FIGURE = re.compile(r"^\d{4}_.*\.png$")  # <i>_<stem>.png and <i>_<stem>_heads.png
-
-
 def remove_earlier_outputs(out: Path) -> None:
     """Remove what an earlier attention run wrote into ``out``: the figures its attention.npz
-    names (older runs: files named as it names them), grid.png and the npz itself. A directory
-    without attention.npz is not an attention run's and is left alone."""
+    names (a run before the npz named them: the names it gives its images' figures), grid.png and
+    the npz itself. Only those exact names are removed; a directory without an attention.npz, or
+    with one that cannot be read (a run killed while writing it), keeps every file."""
     npz = out / "attention.npz"
     if not npz.is_file():
         return
     try:
         with np.load(npz) as old:
-            names = [str(n) for n in old["figures"]] if "figures" in old else None
-    except (OSError, ValueError):
-        names = None
-    if names is None:
-        names = [f.name for f in out.iterdir() if EARLIER_FIGURE.match(f.name)] + ["grid.png"]
+            if "figures" in old:
+                names = [str(n) for n in old["figures"]]
+            else:
+                stems = [_safe_stem(i, Path(str(p))) for i, p in enumerate(old["paths"])]
+                names = [f"{st}{tail}.png" for st in stems for tail in ("", "_heads")] + ["grid.png"]
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign npz: leave every file as it is
+        log.warning("%s could not be read (%s: %s): the figures of the run that wrote it, if any, are left in %s.",
+                    npz, type(exc).__name__, exc, out)
+        return
     for name in [*names, npz.name]:
         target = out / Path(name).name  # a name only: never outside out
         if target.is_file():

@@ -370,10 +370,12 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     dropped = [k for k, n in n_valid.items() if 0 < n < (1 - 0.05) * bootstrap]
     if never:
         notes.append(f"bootstrap: some metrics were undefined in every one of the {bootstrap} resamples "
-                     f"({', '.join(never[:3])}{' ...' if len(never) > 3 else ''}): they have no interval.")
+                     f"({', '.join(never[:3])}{' ...' if len(never) > 3 else ''}): they have no bootstrap interval "
+                     f"(a Wilson one's differences have none).")
     if dropped:
         notes.append(f"bootstrap: some metrics were undefined in more than 5% of the {bootstrap} resamples "
-                     f"({', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}); their intervals use the valid ones.")
+                     f"({', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}); the bootstrap intervals of "
+                     f"those metrics (of a Wilson one's differences only) use the valid ones.")
     if bootstrap < MIN_RELIABLE_BOOTSTRAP:
         notes.append(f"bootstrap: {bootstrap} resamples are too few for 95% percentile intervals (their ends are the "
                      f"extreme resamples, which need not even contain the point estimate) or for 'excludes 0'; use "

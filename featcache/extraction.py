@@ -651,7 +651,8 @@ def _copied_before(writer: StoreWriter, olds: Sequence[FeatureStore], wheres: Se
     """Rows an interrupted update already copied into the resumed OUT.updating: done rows whose path
     an old file holds (the first that has it, as the copy takes it) with the content recorded there.
     The rows it computed (new images, or old ones whose input had changed) are not counted, so
-    rows_reused says what came from the old file, as an update run through at once says it."""
+    rows_reused says only what came from the old file (a change the interrupted run found and
+    already computed again is in neither count: it is not known any more)."""
     copied = 0
     recorded: dict[tuple[int, str], np.ndarray | None] = {}  # each old split's contents, read once
     for name, spec in specs.items():
@@ -821,6 +822,9 @@ def forget_changed_rows(writer: StoreWriter, split_rows: dict[str, Any], progres
         touched = [(r, now) for r, (v, now) in verdicts.items() if v == "touched"]
         missing = [r for r, (v, _) in verdicts.items() if v == "missing"]
         pending = writer.pending_recorded(name)
+        if pending is not None:  # a row recorded unreadable is pending under --retry-errors: retried, not "changed"
+            readable = pending[1] != UNREADABLE.encode()
+            pending = tuple(a[readable] for a in pending)
         before = [] if pending is None else [
             r for r, (v, _) in _content_verdicts(rows, *pending, progress, f"check {name}").items() if v == "stale"]
         if stale:

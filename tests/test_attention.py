@@ -208,3 +208,27 @@ def test_a_second_run_into_the_same_directory_leaves_no_figure_of_the_first(mode
     refused = CliRunner().invoke(main.cli, ["attention", "--model", str(models["vit"]), "--data", str(images),
                                             "--out", str(tmp_path / "never"), "--layer", "2", "--quiet"])
     assert refused.exit_code != 0 and "has 2 layers" in refused.output and not (tmp_path / "never").exists()
+
+
+def test_earlier_outputs_are_removed_by_name_only(models, images, tmp_path, caplog):
+    """A directory holding a user's own 0001_ct.png beside an attention.npz of an older run (no
+    'figures' key) kept it, not a pattern match; a truncated attention.npz (a killed run) leaves
+    every file and is no crash."""
+    import featcache_cli.main as main
+
+    out = tmp_path / "attn"
+    out.mkdir()
+    np.savez(out / "attention.npz", paths=np.asarray([str(images / "img0.png")]), mean=np.zeros((1, 8, 8)))
+    for name in ("0000_img0.png", "0000_img0_heads.png", "grid.png", "0001_ct.png", "0002_ct.png"):
+        (out / name).write_bytes(b"old")
+    run = lambda: CliRunner().invoke(main.cli, ["attention", "--model", str(models["vit"]), "--data",  # noqa: E731
+                                                str(images / "img3.png"), "--out", str(out), "--quiet"])
+    assert run().exit_code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000_img3.png", "0001_ct.png", "0002_ct.png", "grid.png"]
+    assert (out / "0001_ct.png").read_bytes() == b"old" and (out / "grid.png").read_bytes() != b"old"
+    (out / "attention.npz").write_bytes(b"PK\x03\x04 cut short")
+    with caplog.at_level("WARNING", logger="featcache"):
+        again = run()
+    assert again.exit_code == 0, again.output
+    assert "could not be read" in caplog.text and (out / "0001_ct.png").read_bytes() == b"old"
+    assert np.load(out / "attention.npz")["mean"].shape == (1, 8, 8)

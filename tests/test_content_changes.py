@@ -320,3 +320,19 @@ def test_a_run_killed_after_the_check_still_counts_the_changed_images(tiny_vit, 
             np.testing.assert_allclose(cls[r], cls[-1], atol=1e-5)
     settled = _extract(tiny_vit, images, out, tmp_path)
     assert settled["rows_computed"] == 0 and settled["rows_changed"] == 0
+
+
+def test_retry_errors_is_no_interrupted_run(tiny_vit, images, tmp_path, caplog):
+    """--retry-errors clears the failed rows' errors before the check: a row recorded unreadable
+    was then taken for one a killed run had found changed ("1 of them found so by an interrupted
+    run", rows_changed 1) although no run was interrupted."""
+    good = sorted(images.rglob("*.png"))[0]
+    manifest = tmp_path / "m.csv"
+    _manifest(manifest, [(good.relative_to(tmp_path).as_posix(), "0", "train"), ("late.png", "1", "train")])
+    out = tmp_path / "f.h5"
+    assert _extract(tiny_vit, manifest, out, tmp_path)["rows_failed"] == 1
+    shutil.copyfile(good, tmp_path / "late.png")
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        retried = _extract(tiny_vit, manifest, out, tmp_path, "--retry-errors")
+    assert retried["rows_computed"] == 1 and retried["rows_failed"] == 0 and retried["rows_changed"] == 0
+    assert "interrupted run" not in caplog.text
