@@ -478,7 +478,7 @@ def few_shot(store: FeatureStore, *, method: str = "knn", shots: Sequence[int] =
             caught_all += [str(w.message) for w in caught]
             pred = decide(proba, positive=positive)
             row = {"shots": n, "try": attempt, "n_train": int(len(idx)),
-                   "n_train_per_class": np.bincount(train.y[idx], minlength=len(classes)).tolist(),
+                   "n_train_per_class": dict(zip(classes, np.bincount(train.y[idx], minlength=len(classes)).tolist())),
                    "top1": float(np.mean(pred == ev.y)), "balanced_accuracy": balanced_accuracy(ev.y, pred)}
             if positive is not None:
                 row["auroc"] = scalar_metrics(("auroc",), ev.y, proba, positive=positive)["auroc"]
@@ -506,8 +506,9 @@ def summarize_few_shot(per_try: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     for n in sorted({r["shots"] for r in per_try}):
         rows = [r for r in per_try if r["shots"] == n]
         row: dict[str, Any] = {"shots": n, "tries": len(rows), "n_train": _count_or_mean([r["n_train"] for r in rows])}
-        if all("n_train_per_class" in r for r in rows):
-            row["n_train_per_class"] = [_count_or_mean(list(c)) for c in zip(*(r["n_train_per_class"] for r in rows))]
+        if all("n_train_per_class" in r for r in rows):  # class name -> rows drawn of it
+            row["n_train_per_class"] = {c: _count_or_mean([r["n_train_per_class"][c] for r in rows])
+                                        for c in rows[0]["n_train_per_class"]}
         for m in FEW_SHOT_METRICS:
             if m not in rows[0]:
                 continue

@@ -318,6 +318,8 @@ def format_cell(value: Any) -> str:
         return str(value)
     if isinstance(value, numbers.Integral):
         return str(int(value))
+    if isinstance(value, dict):  # counts by name (few-shot rows per class): "benign 6, malignant 1"
+        return ", ".join(f"{k} {format_cell(v)}" for k, v in value.items())
     v = _num(value)
     if v is None:
         return str(value)

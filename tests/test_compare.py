@@ -490,8 +490,8 @@ def test_few_shot_says_rows_per_class_scores_auroc_and_keeps_the_class_weight(tm
     for res in (knn, weighted):
         for t, row in enumerate(res.per_try):
             idx = few_shot_rows(train_y, groups, 3, few_shot_rng(0, 3, t))
-            assert row["n_train_per_class"] == np.bincount(train_y[idx], minlength=2).tolist()
-    assert knn.per_try[0]["n_train_per_class"][0] >= 6  # one benign patient is 6 rows
+            assert row["n_train_per_class"] == dict(zip(["benign", "malignant"], np.bincount(train_y[idx], minlength=2)))
+    assert knn.per_try[0]["n_train_per_class"]["benign"] >= 6  # one benign patient is 6 rows
     aurocs = []
     for t, row in enumerate(knn.per_try):
         idx = few_shot_rows(train_y, groups, 3, few_shot_rng(0, 3, t))
@@ -505,8 +505,9 @@ def test_few_shot_says_rows_per_class_scores_auroc_and_keeps_the_class_weight(tm
         aurocs.append(roc_auc_score(test_y, score))
         assert row["auroc"] == pytest.approx(aurocs[-1], abs=1e-9)
     assert knn.summary[0]["auroc_mean"] == pytest.approx(np.mean(aurocs))
-    per_class = list(zip(*(r["n_train_per_class"] for r in knn.per_try)))  # (benign counts, malignant counts)
-    assert knn.summary[0]["n_train_per_class"] == [c[0] if len(set(c)) == 1 else np.mean(c) for c in per_class]
+    per_class = {c: [r["n_train_per_class"][c] for r in knn.per_try] for c in ("benign", "malignant")}
+    assert knn.summary[0]["n_train_per_class"] == {c: v[0] if len(set(v)) == 1 else np.mean(v)
+                                                   for c, v in per_class.items()}
     assert weighted.config["class_weight"] == "balanced" and weighted.config["threshold"] == 0.5
     for t, row in enumerate(weighted.per_try):
         idx = few_shot_rows(train_y, groups, 3, few_shot_rng(0, 3, t))
