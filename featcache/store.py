@@ -405,9 +405,13 @@ def check_distinct_splits(train_split: str | None, val_split: str | None, test_s
     """Refuse one split in two roles: numbers scored on rows the model was fitted or chosen on would
     be reported as held-out ones (test metrics of the training rows), with nothing to tell them apart."""
     roles = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
+    defaults = {"train_split": "train", "val_split": VAL_SPLIT, "test_split": "test"}
     for (a, b), why in _SHARED_ROLE_WHY.items():
         if roles[a] and roles[a] == roles[b]:
-            raise ValueError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} are both {roles[a]!r}: {why}. "
+            # the user may have typed only one of the two: say which one holds the name by default
+            default = next((f" ({roles[a]!r} is --{r.replace('_', '-')}'s default)" for r in (a, b)
+                            if defaults[r] == roles[a]), "")
+            raise ValueError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} are both {roles[a]!r}{default}: {why}. "
                              f"Give each its own split" + (" (--val-split none holds validation rows out of train, "
                                                            "or cross-validates the probe)" if "val_split" in (a, b)
                                                            else "") + ".")
