@@ -188,6 +188,12 @@ def bootstrap_count(minimum: int) -> click.IntRange:
     return click.IntRange(minimum, MAX_BOOTSTRAP)
 
 
+def device_option(fn: Callable) -> Callable:
+    """--device of every command that runs torch (one rule: devices.resolve_device)."""
+    return click.option("--device", default="auto", show_default=True,
+                        help="torch device: auto (cuda when there is a GPU, else cpu), cpu, cuda or cuda:N.")(fn)
+
+
 def quiet_option(fn: Callable) -> Callable:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars or notes: results only.")(fn)
 

@@ -10,7 +10,7 @@ import click
 
 from featcache.names import DTYPES, TOKEN_MODES
 from featcache.store import FeatureStoreError
-from featcache_cli.app import cli, json_option, print_table, quiet_option, write_json
+from featcache_cli.app import cli, device_option, json_option, print_table, quiet_option, write_json
 
 
 def _nonempty(value: str, option: str, expected: str) -> str:
@@ -48,7 +48,7 @@ def _window(value: str | None) -> tuple[float, float] | None:
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the processor's output size in pixels (square; for a transformer a multiple of its patch size).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes. Default: one per core beyond the first (at most 8).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage dtype of the features.")
 @click.option("--amp", is_flag=True, help="bf16 autocast on GPU (ignored on CPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (worth it on GPU for big datasets).")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from featcache_cli.app import FiniteFloatRange, cli, json_option, print_table, quiet_option, write_json
+from featcache_cli.app import FiniteFloatRange, cli, device_option, json_option, print_table, quiet_option, write_json
 
 
 @cli.command("split")
@@ -96,8 +96,7 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
 @click.option("--image-size", default=None, type=click.IntRange(min=1),
               help="Resize inputs to this many pixels square (a multiple of the patch size).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--device", default="auto", show_default=True,
-              help="torch device: auto (cuda when available), cpu, cuda, cuda:1, mps.")
+@device_option
 @quiet_option
 def attention_cmd(model, data, out, layer, per_head, max_images, grid_cols, split, image_size,
                   batch_size, device, quiet):
@@ -109,17 +108,15 @@ def attention_cmd(model, data, out, layer, per_head, max_images, grid_cols, spli
 
     Example: featcache attention --model facebook/dino-vits16 --data images/ --out attn/ --per-head
     """
-    import torch
-
     from featcache.attention import attention_maps_for_images, list_images, load_attention_backbone
     from featcache.backbones import BackboneError
+    from featcache.devices import resolve_device
 
     if grid_cols < 1 or batch_size < 1 or max_images < 0:
         raise click.ClickException("--grid-cols and --batch-size must be at least 1 and "
                                    "--max-images at least 0.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        device = str(resolve_device(device))  # the one rule every command follows
         files = list_images(data, split=split)
         if not files:
             raise ValueError(f"no images found in {data}.")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import click
 
-from featcache_cli.app import cli, json_option, print_table, write_json
+from featcache_cli.app import cli, device_option, json_option, print_table, write_json
 
 
 @cli.command()
 @click.option("--model", "-m", "models", multiple=True, required=True, help="Hub id or local directory; repeat to compare several side by side.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--runs", type=click.IntRange(min=5), default=50, show_default=True, help="Timed batch-1 forwards for the latency median and p90.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size of the throughput measurement.")
 @click.option("--amp", is_flag=True, help="bf16 autocast.")

@@ -9,7 +9,7 @@ import click
 from featcache.metrics import threshold_provenance, tuned_on_validation
 from featcache.names import BALANCE, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CommaList, Console, FeatureKind, FiniteFloatRange, ThresholdRule, bootstrap_count,
-                               checked_output_file, checked_run_dir, cli, echo_notes, given, json_option,
+                               checked_output_file, checked_run_dir, cli, device_option, echo_notes, given, json_option,
                                library_errors, per_label_rows, positive_option, quiet_option, unused_head_settings,
                                warnings_as_notes, write_json)
 
@@ -34,7 +34,7 @@ def recipe_options(fn: Callable) -> Callable:
         click.option("--dropout", type=FiniteFloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="mlp / attn heads: dropout."),
         click.option("--standardize/--no-standardize", default=True, show_default=True, help="z-score each feature with the train split's mean and std (saved with the head; predict applies it)."),
         click.option("--max-memory-gb", type=FiniteFloatRange(min=0, min_open=True), default=4.0, show_default=True, help="Token caches bigger than this are streamed from disk by contiguous blocks."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        device_option,
         click.option("--threshold", type=ThresholdRule(), default="0.5", show_default=True, help="Binary / multi-label decision threshold: a number, or youden / sensitivity:0.95 chosen on validation. Saved with the head; predict applies it."),
         positive_option,
         json_option,
