@@ -32,8 +32,8 @@ import numpy as np
 from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_arrays, few_shot, run_knn,
                                   run_probe)
 from featcache.metrics import (CLASS_AVERAGED, PROPORTION_METRICS, class_checker, decide, f1_class_checker,
-                               few_units_warning, group_keys, proportion_hits, proportion_interval, resample_indices,
-                               resolve_positive, scalar_metrics)
+                               few_units_warning, flat_warning, group_keys, proportion_hits, proportion_interval,
+                               resample_indices, resolve_positive, scalar_metrics, scarce_classes, scarce_warning)
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
 from featcache.store import OWN_GROUP, FeatureStore, check_distinct_splits, resolve_val_split
@@ -353,11 +353,16 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     metric_names = BINARY_METRICS if positive is not None else MULTICLASS_METRICS
     primary = metric_names[0]
     idx = resample_indices(len(test.y), bootstrap, test.groups, seed)
-    units = len(test.y) if test.groups is None else len(set(group_keys(test.groups)))
-    notes += few_units_warning(units, units < len(test.y))  # as metrics.Bootstrap.warnings says it for one file
+    keys = None if test.groups is None else group_keys(test.groups)
+    units = len(test.y) if keys is None else len(set(keys))
+    grouped = units < len(test.y)
+    # as metrics.Bootstrap.warnings says them for one file: too few units, and too few of a class
+    notes += few_units_warning(units, grouped)
+    scarce = scarce_classes(test.y, keys if grouped else None, classes)
+    if scarce:
+        notes.append(scarce_warning(scarce, grouped))
     point, boot = paired_bootstrap(test.y, proba, metric_names, idx, positive)
-    wilson = proportion_cis(test.y, proba, metric_names, positive,
-                            None if test.groups is None else group_keys(test.groups))
+    wilson = proportion_cis(test.y, proba, metric_names, positive, keys)
     ranking = rank(names, point, primary)
     if all(point.get((n, "probe", primary)) is None for n in names):
         knn_defined = any(v is not None for (f, m, metric), v in point.items() if m.startswith("knn")
@@ -366,6 +371,8 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
                      f"of one class there), so the files are ranked "
                      + (f"by k-NN {primary}." if knn_defined else "in the order given, not by any measurement."))
     rows, pairs, n_valid = _tables(ranking, dict(zip(names, models)), point, boot, metric_names, list(proba), wilson)
+    notes += [flat_warning(f"{r['file']} {r['method']} {r['metric']}", *r["ci"]) for r in rows
+              if r["interval"] == "bootstrap" and r["ci"] and r["ci"][0] == r["ci"][1]]
     never = [k for k, n in n_valid.items() if n == 0]
     dropped = [k for k, n in n_valid.items() if 0 < n < (1 - 0.05) * bootstrap]
     if never:
@@ -383,7 +390,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     config = {"model": ", ".join(str(m) for m in models), "files": [str(p.resolve()) for p in paths], "names": names,
               "models": models, "fingerprints": fingerprints, "features": features, "ks": ks,
               "temperature": float(temperature), "heads": list(heads), "bootstrap": int(bootstrap),
-              "grouped": units < len(test.y), "n_units": units, "seed": int(seed),
+              "grouped": grouped, "n_units": units, "seed": int(seed),
               "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split, "n_test": int(len(test.y)),
               "threshold": 0.5 if positive is not None else None, "primary_metric": primary,

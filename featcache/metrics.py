@@ -759,19 +759,11 @@ class Bootstrap:
         out = [] if self.n_units is None else few_units_warning(self.n_units, self.grouped)
         if self.scarce and (any(h == "bootstrap" for h in self.methods.values())
                             or any("auroc" in ci for ci in self.per_label)):
-            unit = "patients" if self.grouped else "rows"
-            few = ", ".join(f"{name} ({count} {unit})" for name, count in self.scarce)
-            out.append(f"bootstrap: fewer than {MIN_CLASS_UNITS} {unit} of {few} in this split: AUROC and "
-                       f"balanced-accuracy intervals from so few undercover (at 4 positives a nominal 95 % interval "
-                       f"held the true AUROC in 69-86 % of simulated test sets) and no interval is honest there; "
-                       f"report the counts beside the numbers.")
+            out.append(scarce_warning(self.scarce, self.grouped))
         flat = [(m, self.ci[m]) for m in self.flat] + [
             (f"label {name} auroc", ci["auroc"]) for name, ci in zip(self.label_names, self.per_label)
             if "auroc" in ci and ci["auroc"][0] == ci["auroc"][1]]
-        for m, (lo, hi) in flat:
-            out.append(f"bootstrap: the {m} interval [{lo:.4g}, {hi:.4g}] has zero width: every resample gave "
-                       f"the same value (e.g. a perfect separation of few positives), which says nothing about "
-                       f"how uncertain it is; more test rows are needed for an interval.")
+        out += [flat_warning(m, lo, hi) for m, (lo, hi) in flat]
         for m, n in self.n_valid.items():
             dropped = self.n_boot - n
             if dropped > BOOTSTRAP_WARN_DROPPED * self.n_boot:
@@ -858,14 +850,30 @@ def bootstrap_metrics(y_true: np.ndarray, proba: np.ndarray,
     methods = {m: "wilson" if m in wilson else "bootstrap" for m in [*wilson, *ci]}
     grouped = groups is not None and units < len(y_true)
     boot = Bootstrap({**wilson, **ci}, {m: len(v) for m, v in values.items()}, n_boot, grouped, alpha, units,
-                     methods=methods, flat=flat, scarce=_scarce(y_true, keys if grouped else None, label_names))
+                     methods=methods, flat=flat, scarce=scarce_classes(y_true, keys if grouped else None, label_names))
     if y_true.ndim == 2:
         boot.per_label, boot.per_label_n_valid = _per_label_intervals(y_true, proba, idx_all, threshold, alpha, keys)
         boot.label_names = list(label_names) if label_names is not None else [str(j) for j in range(y_true.shape[1])]
     return boot
 
 
-def _scarce(y: np.ndarray, keys: Sequence[str] | None, names: Sequence[str] | None) -> list[tuple[str, int]]:
+def scarce_warning(scarce: Sequence[tuple[str, int]], grouped: bool) -> str:
+    """The line for classes (findings) with fewer than MIN_CLASS_UNITS rows or patients in a split."""
+    unit = "patients" if grouped else "rows"
+    few = ", ".join(f"{name} ({count} {unit})" for name, count in scarce)
+    return (f"bootstrap: fewer than {MIN_CLASS_UNITS} {unit} of {few} in this split: AUROC and balanced-accuracy "
+            f"intervals from so few undercover (at 4 positives a nominal 95 % interval held the true AUROC in 69-86 % "
+            f"of simulated test sets) and no interval is honest there; report the counts beside the numbers.")
+
+
+def flat_warning(metric: str, lo: float, hi: float) -> str:
+    """The line for a bootstrap interval of zero width."""
+    return (f"bootstrap: the {metric} interval [{lo:.4g}, {hi:.4g}] has zero width: every resample gave the same "
+            f"value (e.g. a perfect separation of few positives), which says nothing about how uncertain it is; "
+            f"more test rows are needed for an interval.")
+
+
+def scarce_classes(y: np.ndarray, keys: Sequence[str] | None, names: Sequence[str] | None) -> list[tuple[str, int]]:
     """Classes (single-label) or labels' positives (multi-label) present in the split with fewer than
     MIN_CLASS_UNITS rows, or patients when `keys` are given: (name, count)."""
     columns = [y == c for c in np.unique(y)] if y.ndim == 1 else [y[:, j] > 0 for j in range(y.shape[1])]

@@ -448,6 +448,12 @@ def test_a_files_sensitivity_interval_is_wilson_not_a_flat_bootstrap(tmp_path):
         assert row["ci"] == pytest.approx(wilson_by_patient(hits), abs=1e-12) and row["interval"] == "wilson"
         if hits.mean() == 1.0:
             assert row["ci"][0] < 0.6  # Wilson at 4 of 4: [0.51, 1]
+    # as train and probe say it of the same rows (compare said nothing of the 4 positives)
+    assert any("fewer than 10 rows of malignant (4 rows)" in n for n in res.notes), res.notes
+    flat = [r for r in res.rows if r["interval"] == "bootstrap" and r["ci"] and r["ci"][0] == r["ci"][1]]
+    assert flat  # the sharp file separates its 4 positives: AUROC 1 in every resample
+    for r in flat:
+        assert any(f"the {r['file']} {r['method']} {r['metric']} interval" in n and "zero width" in n for n in res.notes)
     res.save(tmp_path / "run")
     report = write_report([tmp_path / "run"], tmp_path / "report")["md"].read_text()
     report = report.replace("\\", "")  # Markdown escapes
