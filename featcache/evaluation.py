@@ -319,7 +319,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
         # Without a validation split only a number gets here (refused above otherwise): used as given.
         on = val if val is not None else train
         t_value = choose_threshold_rule(rule, on.y, array_proba(exported(None), on.x), positive, notes, classes,
-                                        untuned, train_y=train.y)
+                                        untuned, train_y=train.y, val_groups=on.groups)
     head = exported(t_value)
     metrics = proba = None
     if test is not None:

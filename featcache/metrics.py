@@ -442,7 +442,8 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
                           positive: int | None, notes: list[str] | None = None,
                           names: Sequence[str] | None = None,
                           untuned_out: dict[str, str] | None = None,
-                          train_y: np.ndarray | None = None) -> float | list[float] | None:
+                          train_y: np.ndarray | None = None,
+                          val_groups: Sequence[Any] | None = None) -> float | list[float] | None:
     """The threshold a rule gives on validation: "youden", "sensitivity:0.95" or a number in (0, 1);
     None for the default rule on a multiclass task (argmax), which refuses any other rule.
 
@@ -452,7 +453,10 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     why: "no positives in validation"), so no
     one reads it as chosen on validation. The same holds where `train_y` has one class only for
     it: the output never learned it (a probe's is a constant, whose 'best' threshold is 0 = every
-    row positive)."""
+    row positive).
+
+    A rule tuned on fewer than MIN_CLASS_UNITS positive (or negative) rows of a class or label,
+    patients when `val_groups` are given, gets a note: such a threshold is itself uncertain."""
     val_y = np.asarray(val_y)
     multilabel = val_y.ndim == 2
     binary = not multilabel and val_proba.shape[1] == 2
@@ -484,6 +488,8 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
         raise ValueError(f"--threshold youden takes no target (it maximises sensitivity + specificity - 1); got "
                          f"{rule!r}. For a sensitivity goal use sensitivity:TARGET.")
     untuned: list[str] = []       # prose for the note
+    few: list[str] = []           # tuned on so few rows (patients) of a side that the threshold is uncertain
+    keys = None if val_groups is None else group_keys(val_groups)
 
     untrained: list[str] = []
     reasons: dict[str, str] = {}   # the bare class / label names -> why, for metrics.json and the head
@@ -499,6 +505,10 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
             untuned.append(f"{what} {name} ({'no positives' if y.max() == 0 else 'no negatives'})")
             reasons[name] = f"{'no positives' if y.max() == 0 else 'no negatives'} in validation"
             return DEFAULT_THRESHOLD
+        for side, mask in (("positive", y == 1), ("negative", y == 0)):
+            n = int(mask.sum()) if keys is None else len({k for k, m in zip(keys, mask) if m})
+            if n < MIN_CLASS_UNITS:
+                few.append(f"{what} {name}: {n} {side} {'patients' if keys is not None else 'rows'}")
         return choose_threshold(y, scores, method, goal)
 
     train_y = None if train_y is None else np.asarray(train_y)
@@ -517,6 +527,10 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
     if untuned and notes is not None:
         notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
                      f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
+    if few and notes is not None:
+        notes.append(f"--threshold {rule} was tuned on few validation cases ({'; '.join(few)}; fewer than "
+                     f"{MIN_CLASS_UNITS}): a threshold from so few is itself uncertain, and its sensitivity and "
+                     f"specificity on test may differ widely from validation's; report it as such, or tune on more.")
     if untrained and notes is not None:
         notes.append(f"--threshold {rule}: train has one class only for {', '.join(untrained)}; its output never "
                      f"learned it, so the threshold there stays at {DEFAULT_THRESHOLD}.")

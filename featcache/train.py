@@ -152,12 +152,22 @@ def sample_weights(cached: CachedSplits, balance: str) -> torch.Tensor | None:
 # one head
 # ------------------------------------------------------------------------------------------------
 
+MIN_STEPS = 100  # fewer optimizer steps before early stopping: a small train split's head may not have learned
+
+
 def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, metric: str,
                    val_y: np.ndarray, classes: list[str], steps_per_epoch: int | None = None,
-                   batch_size: int | None = None) -> list[str]:
-    """Notes for a head that may not have learned: validation never moved past the first epoch, or
-    the chosen accuracy is below what always predicting the majority class scores."""
+                   batch_size: int | None = None, max_epochs: int | None = None) -> list[str]:
+    """Notes for a head that may not have learned: validation never moved past the first epoch,
+    early stopping came after fewer than MIN_STEPS optimizer steps (a small train split at the
+    default batch size is one step per epoch), or the chosen accuracy is below what always
+    predicting the majority class scores."""
     notes = []
+    steps = len(history) * steps_per_epoch if steps_per_epoch else None
+    if steps is not None and steps < MIN_STEPS and max_epochs is not None and len(history) < max_epochs:
+        notes.append(f"early stopping ended training after {steps} optimizer step(s) in all ({len(history)} epoch(s) "
+                     f"of {steps_per_epoch} step(s): --batch-size {batch_size}): too few for a head to learn much; on "
+                     f"a small train split lower --batch-size (e.g. 32) or raise --patience.")
     if not math.isfinite(best):  # the selection score was undefined throughout (one class in validation)
         return [f"validation {metric} was undefined at every epoch (validation holds a single class), so the "
                 f"kept epoch says nothing about learning; use --metric loss or a validation split with both "
@@ -283,10 +293,12 @@ class HeadTrainer:
             self.notes_.append(f"the best epoch is the last one ({best_epoch}): validation was still improving "
                                f"when training stopped; raise --epochs (or --lr) and train again.")
         self.notes_ += learning_notes(history, best_epoch, best_score, cfg.metric, cached.val.y.cpu().numpy(),
-                                      cached.classes, -(-len(cached.train.rows) // cfg.batch_size), cfg.batch_size)
+                                      cached.classes, -(-len(cached.train.rows) // cfg.batch_size), cfg.batch_size,
+                                      cfg.epochs)
         self.train_y_ = cached.train.y.cpu().numpy()
         self.notes_ += train_coverage_notes(self.train_y_, cached.classes, cached.train.name)
         self.val_y_ = cached.val.y.cpu().numpy()
+        self.val_groups_ = cached.val.groups
         self.val_proba_ = split_proba(model, cached, cached.val)
         self.test_y_ = self.test_proba_ = self.test_groups_ = None
         if cached.test is not None:
@@ -311,7 +323,8 @@ class HeadTrainer:
         default 0.5 is refused there."""
         untuned: dict[str, str] = {}
         self.threshold_ = choose_threshold_rule(rule, self.val_y_, self.val_proba_, self.positive_, self.notes_,
-                                                self.classes_, untuned, train_y=self.train_y_)
+                                                self.classes_, untuned, train_y=self.train_y_,
+                                                val_groups=self.val_groups_)
         self.threshold_rule_ = rule if self.threshold_ is not None else None
         self.threshold_untuned_ = untuned
         self._score()
