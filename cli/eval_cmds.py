@@ -75,10 +75,13 @@ def _finish(console: Console, res: Any, json_path: str | None, out_dir: str | No
         console.note(f"wrote run directory {out_dir}")
 
 
-def _positive_title(block: dict) -> str:
+def _positive_title(block: dict, where: str | None = None) -> str:
+    """', positive class X at threshold T (where it came from)' for binary blocks; '' otherwise."""
     pos = block.get("positive_class")
-    return f", positive class {pos}" + (f" at threshold {block['threshold']:.4g}" if block.get("threshold") is not None else "") \
-        if pos else ""
+    if not pos:
+        return ""
+    at = f" at threshold {block['threshold']:.4g}" if block.get("threshold") is not None else ""
+    return f", positive class {pos}{at}" + (f" ({where})" if at and where else "")
 
 
 @cli.command()
@@ -202,6 +205,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     Few-shot (C chosen on the full val split, no refit): featcache probe feats.h5 --shots 1,2,5,10 --tries 5
     """
     from featcache.evaluation import few_shot, run_probe
+    from featcache.metrics import threshold_provenance, untuned_reasons
     from featcache.store import FeatureStore
 
     console = Console(quiet, json_path)
@@ -250,8 +254,12 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     console.echo(f"best C: {est.best_C_:g}  ({score_name} {est.best_score_:.4f})")
     if res.test is not None:
         intervals = (res.test.get("bootstrap") or {}).get("describe")
+        meta = res.head[1]
+        where = threshold_provenance(res.threshold_rule, res.threshold,
+                                     untuned_reasons(meta.get("threshold_untuned"), meta.get("threshold_untuned_why")))
         console.table(_ci_rows(res.test), title=f"\ntest metrics ({res.test['n']} {test} rows, C = {est.best_C_:g}"
-                                                f"{_positive_title(res.test)})" + (f"; {intervals}" if intervals else ""))
+                                                f"{_positive_title(res.test, where)})"
+                                                + (f"; {intervals}" if intervals else ""))
         if per_label_rows(res.test):
             console.table(per_label_rows(res.test), title=f"\nper label ({test})")
     _finish(console, res, json_path, out_dir)

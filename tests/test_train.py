@@ -435,5 +435,6 @@ def test_a_threshold_tuned_on_few_validation_positives_is_said_to_be_uncertain(t
         notes = json.loads((tmp_path / "r.json").read_text())["notes"]
         assert any("was tuned on few validation cases (positive class nodule: 2 positive patients" in n
                    for n in notes), notes
+        assert "chosen on validation)" in r.output  # the console says where the threshold came from (probe did not)
     fixed = CliRunner().invoke(cli, ["train", str(path), "--threshold", "0.3", "--epochs", "2", "--json", "-", "-q"])
     assert "tuned on few" not in fixed.output  # a number given is no tuning
