@@ -227,8 +227,12 @@ def info(features, json_path, show_errors):
     print_table_([{k: s[k] for k in shown}
                  for s in d["splits"]])
     for s in d["splits"]:
-        counts = ", ".join(f"{c}={n}" for c, n in s["class_counts"].items())
-        echo(f"\n{s['split']} class counts: {counts}" + (f" (unlabelled={s['unlabelled']})" if s["unlabelled"] else ""))
+        listed = s.get("class_counts_listed") or {}
+        counts = ", ".join(f"{c}={n}" + (f" (of {listed[c]} listed)" if c in listed and listed[c] != n else "")
+                           for c, n in s["class_counts"].items())
+        echo(f"\n{s['split']} class counts (rows with features): {counts}"
+             + (f" (unlabelled={s['unlabelled']})" if s["unlabelled"] else "")
+             + (f"; {s['groups']} patients (groups)" if s.get("groups") is not None else ""))
         for warning in s["warnings"]:
             echo(f"  warning: {warning}")
         for path, reason in s["error_list"][:show_errors]:

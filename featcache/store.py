@@ -1185,13 +1185,20 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 "blocks": _shape(s._g.get("blocks_cls")),
                 "error_list": s.errors, "warnings": [],
             }
+            # what the evaluators will use: the rows with features (an unreadable row is not a positive)
             if labels.ndim == 2:
-                counts = {c: int(labels[:, i].sum()) for i, c in enumerate(store.classes)}
+                counts = {c: int(labels[done, i].sum()) for i, c in enumerate(store.classes)}
+                listed = {c: int(labels[:, i].sum()) for i, c in enumerate(store.classes)}
                 entry["unlabelled"] = 0
             else:
-                counts = {c: int((labels == i).sum()) for i, c in enumerate(store.classes)}
-                entry["unlabelled"] = int((labels < 0).sum())
+                counts = {c: int((labels[done] == i).sum()) for i, c in enumerate(store.classes)}
+                listed = {c: int((labels == i).sum()) for i, c in enumerate(store.classes)}
+                entry["unlabelled"] = int((labels[done] < 0).sum())
             entry["class_counts"] = counts
+            if listed != counts:  # rows not extracted (yet) or unreadable
+                entry["class_counts_listed"] = listed
+            groups = s.row_groups(np.flatnonzero(done))
+            entry["groups"] = None if groups is None else len(set(groups))  # patients among the rows with features
             missing = [c for c, n in counts.items() if n == 0]
             if s.n == 0 or (entry["done"] == 0 and entry["errors"] == s.n):
                 entry["warnings"].append("no usable rows: k-NN, probes and heads refuse this split")

@@ -314,8 +314,20 @@ def test_info_counts_classes_and_warns_about_missing_ones(tiny_vit, digits_dir, 
     assert CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
                                     "--out", str(out), "--workers", "0", "--quiet"]).exit_code == 0
     result = CliRunner().invoke(cli, ["info", str(out)])
-    assert "test class counts: 0=10, 1=10, 2=0" in result.output
+    assert "test class counts (rows with features): 0=10, 1=10, 2=0" in result.output
     assert "warning: no rows of class 2" in result.output
+    # an unreadable image is no row of its class: counts are of the rows evaluators use, listed beside
+    bad = sorted((tmp_path / "data" / "train" / "1").glob("*.png"))[0]
+    bad.write_bytes(b"not an image")
+    out2 = tmp_path / "g.h5"
+    assert CliRunner().invoke(cli, ["extract", "--model", str(tiny_vit), "--data", str(tmp_path / "data"),
+                                    "--out", str(out2), "--workers", "0", "--quiet"]).exit_code == 0
+    again = CliRunner().invoke(cli, ["info", str(out2), "--json", str(tmp_path / "i.json")])
+    assert "train class counts (rows with features): 0=10, 1=9 (of 10 listed), 2=10" in again.output
+    import json
+
+    train = next(s for s in json.loads((tmp_path / "i.json").read_text())["splits"] if s["split"] == "train")
+    assert train["class_counts"]["1"] == 9 and train["class_counts_listed"]["1"] == 10 and train["groups"] is None
 
 
 def test_amp_is_recorded_and_fingerprinted_where_it_runs(tiny_vit, digits_dir, tmp_path):
@@ -354,3 +366,16 @@ def test_a_vit_whose_processor_makes_another_size_is_refused_in_featcache_words(
     assert r.exit_code == 1 and "image processor makes 32x48 px inputs, but the model runs at a fixed input" in r.output
     assert "--image-size" in r.output and "--token-mode native" in r.output and "Traceback" not in r.output
     assert CliRunner().invoke(cli, args + ["--out", str(tmp_path / "b.h5"), "--image-size", "32"]).exit_code == 0
+
+
+def test_info_counts_patients(tmp_path):
+    from featcache.store import describe, write_arrays
+
+    x = np.zeros((6, 3), np.float32)
+    write_arrays(tmp_path / "g.h5", {"train": {"cls": x, "labels": np.array([0, 0, 1, 1, 0, 1]),
+                                               "groups": ["p1", "p1", "p2", "p3", "", ""]}}, ["a", "b"],
+                 {"model": "m"}).close()
+    # two rows without an id are two patients of their own
+    assert describe(tmp_path / "g.h5")["splits"][0]["groups"] == 5
+    out = CliRunner().invoke(cli, ["info", str(tmp_path / "g.h5")]).output
+    assert "train class counts (rows with features): a=3, b=3; 5 patients (groups)" in out
