@@ -514,7 +514,8 @@ def array_proba(head_tensors: tuple[dict[str, torch.Tensor], dict[str, Any]], x:
 def describe_head(head: SavedHead) -> str:
     """One line naming a saved head, for the predict summary."""
     m = head.meta
-    return (f"{m.get('source', 'train')} {head.spec.kind} head on {m.get('features')} of {m.get('model')} "
+    made = "a logistic probe" if m.get("source") == "probe" else "trained"  # head.json source: train | probe
+    return (f"head: {head.spec.kind} ({made}) on {m.get('features')} of {m.get('model')} "
             f"({len(head.classes)} classes" + (f", positive class {m['positive_class']}" if m.get("positive_class") else "")
             + ")")
 

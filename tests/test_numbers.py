@@ -111,7 +111,8 @@ def test_default_positive_class_is_the_train_minority_and_metrics_match_sklearn(
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["positive_class"] == "abnormal" and metrics["test"]["positive_class"] == "abnormal"
 
-    run("predict", run_dir, binary_file, "--out", tmp_path / "p.csv")
+    said = run("predict", run_dir, binary_file, "--out", tmp_path / "p.csv")
+    assert "head: linear (a logistic probe) on cls" in said.output  # was "probe linear head ...", read as an order
     y, p_pos, pred = csv_arrays(read_csv(tmp_path / "p.csv"), CLASSES)
     ref = binary_reference(y, p_pos, pred, pos=CLASSES.index("abnormal"))
     for name, value in ref.items():
