@@ -160,6 +160,23 @@ def comparison_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# descriptive columns of the comparison that, equal in every row, are said once above it instead
+SHARED_COLUMNS = ("kind", "model", "features", "split", "positive class")
+
+
+def shared_columns(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]], str]:
+    """The comparison without the descriptive columns every row (of two or more) agrees on, and
+    one line saying them ("Every run: model dinov2-s, features cls, split test."), so the metrics
+    fit the page."""
+    same = [i for i, h in enumerate(header) if h in SHARED_COLUMNS and len(rows) > 1
+            and len({r[i] for r in rows}) == 1]
+    if not same:
+        return header, rows, ""
+    line = "Every run: " + ", ".join(f"{header[i]} {rows[0][i]}" for i in same) + "."
+    keep = [i for i in range(len(header)) if i not in same]
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows], line
+
+
 # counts of a metrics block, shown in its heading ("test: 120 rows, 3 classes"), not as metrics
 SPLIT_COUNTS = ("n", "num_classes")
 
@@ -423,12 +440,23 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], wrap: bool = False) -> str:
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], wrap: bool = False,
+                compact: bool = False) -> str:
     """A table that scrolls sideways rather than break a number; `wrap`: its last column is prose
-    (a key/value table's values, e.g. a threshold's provenance) and wraps within the page."""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    kind = "scroll wrap" if wrap else "scroll"
+    (a key/value table's values, e.g. a threshold's provenance) and wraps within the page;
+    `compact` (the many-column comparison): a cell may break between a value and its interval,
+    or between words, never inside a number or an interval, so the table fits the page."""
+    def cell(text: str) -> str:
+        text = html.escape(str(text))
+        return re.sub(r"\[([^\]]*)\]", lambda m: "[" + m.group(1).replace(" ", "&nbsp;") + "]", text) if compact else text
+
+    def title(text: str) -> str:  # balanced_accuracy may break after its underscore in a compact table
+        text = html.escape(str(text))
+        return text.replace("_", "_<wbr>") if compact else text
+
+    head = "".join(f"<th>{title(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    kind = "scroll wrap" if wrap else "scroll compact" if compact else "scroll"
     return f"<div class='{kind}'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
@@ -438,7 +466,7 @@ text-align:left;font-size:0.9em}th{background:#f3f3f3}td{font-variant-numeric:ta
 figure{display:inline-block;margin:0.5em;vertical-align:top}figure img{max-width:760px;width:100%;border:1px solid #eee}
 figcaption{font-size:0.85em;color:#555}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}
 .scroll{overflow-x:auto;max-width:100%}.scroll td{white-space:nowrap}
-.wrap td:last-child{white-space:normal;overflow-wrap:anywhere}"""
+.wrap td:last-child{white-space:normal;overflow-wrap:anywhere}.compact td{white-space:normal}.compact th,.compact td{font-size:0.8em;padding:3px 5px}"""
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -487,10 +515,13 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
             text += " Compare runs are not in the table (each holds several backbones): see their sections."
         return text
 
-    md = [f"# {md_escape(title)}", "", intro(md_escape), "", "## Comparison", "", _md_table(header, rows), ""]
+    header, rows, every = shared_columns(header, rows)
+    md = [f"# {md_escape(title)}", "", intro(md_escape), "", "## Comparison", "",
+          *([md_escape(every), ""] if every else []), _md_table(header, rows), ""]
     hs = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
           f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-          f"<p>{html.escape(intro(str))}</p>", "<h2>Comparison</h2>", _html_table(header, rows)]
+          f"<p>{html.escape(intro(str))}</p>", "<h2>Comparison</h2>",
+          *([f"<p>{html.escape(every)}</p>"] if every else []), _html_table(header, rows, compact=True)]
 
     for index, run in enumerate(runs):
         anchor = html.escape(run.name)

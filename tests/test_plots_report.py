@@ -274,3 +274,21 @@ def test_report_lists_only_the_settings_a_head_kind_reads(digits_feature_file, t
     assert not re.search(r"<td>(hidden|dropout)</td>", config(sections["linear"]))
     assert "<td>hidden</td><td>16</td>" in config(sections["mlp"])
     assert "<td>dropout</td><td>0.25</td>" in config(sections["mlp"])
+
+
+def test_comparison_says_shared_settings_once_and_fits_the_page(tmp_path):
+    """Seven descriptive columns beside nine metrics with intervals scrolled sideways and hid
+    AUROC, sensitivity and specificity off the page; columns equal in every row are said once."""
+    a = _fake_run(tmp_path / "lin-a", "train", "facebook/dino-vits16", 0.8765, 0.9712, ci=True)
+    b = _fake_run(tmp_path / "lin-b", "train", "facebook/dino-vits16", 0.7531, 0.9345, ci=True)
+    md_path = write_report([a, b], tmp_path / "report")["md"]
+    md, page = md_path.read_text(), (tmp_path / "report" / "report.html").read_text()
+    assert "Every run: kind train, model facebook/dino-vits16" in md.replace("\\", "")
+    comparison = md.split("## Comparison")[1].split("\n## ")[0]
+    header = next(line for line in comparison.splitlines() if line.startswith("| run"))
+    assert "model" not in header and "top1" in header
+    assert "<div class='scroll compact'>" in page and "[0.8642,&nbsp;0.8876]" in page  # breaks before [, not inside
+    c = _fake_run(tmp_path / "knn-vit", "knn", "google/vit-base-patch16-224", 0.7, 0.9, ci=False)
+    mixed = write_report([a, c], tmp_path / "r2")["md"].read_text().replace("\\", "")
+    line = next((text for text in mixed.splitlines() if text.startswith("Every run:")), "")
+    assert "model" not in line and "kind" not in line  # they differ: columns of their own
