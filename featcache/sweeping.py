@@ -29,7 +29,8 @@ from featcache.heads import HeadSpec, build_head
 from featcache.metrics import selection_score
 from featcache.plots import sweep_heatmap_plot
 from featcache.store import FeatureStore, open_features, parse_feature_kind
-from featcache.train import HeadTrainer, TrainConfig, load_for, loss_for, row_weights, sample_weights, task_positive
+from featcache.train import (MIN_STEPS, HeadTrainer, TrainConfig, load_for, loss_for, row_weights, sample_weights,
+                             task_positive)
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which HeadTrainer uses
 ADAM_EPS = 1e-8
@@ -133,6 +134,8 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
     if diverged:
         notes.append(f"{len(diverged)} of {len(rows)} configurations diverged (training loss inf or NaN; lr "
                      f"{_lr_list(diverged)}): they are ranked last and never chosen, as train refuses such a head.")
+    notes += few_steps_notes(rows, histories, -(-len(trainer.train_y_) // base.batch_size), base.batch_size,
+                             base.epochs)
     result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True, notes, bytes_read, histories)
     if out is not None:
         result.save(out)
@@ -143,6 +146,20 @@ def _as_grid(values: Any) -> list[Any]:
     """A grid axis as a list: one value (a number, or a feature kind such as 'cls+pooled') is a grid
     of one, never iterated character by character."""
     return [values] if isinstance(values, (str, int, float)) else list(values)
+
+
+def few_steps_notes(rows: Sequence[dict[str, Any]], histories: Sequence[list[dict[str, Any]]], steps_per_epoch: int,
+                    batch_size: int, max_epochs: int) -> list[str]:
+    """A line for configurations early stopping ended after fewer than train.MIN_STEPS optimizer
+    steps: on a small train split (one step per epoch at the default batch size) a low lr looks
+    as if it did not work when it merely never trained, and the ranking says more of --patience."""
+    few = [r for r in rows if r["diverged_at"] is None and len(histories[r["config"]]) < max_epochs
+           and len(histories[r["config"]]) * steps_per_epoch < MIN_STEPS]
+    if not few:
+        return []
+    return [f"{len(few)} of {len(rows)} configurations were stopped early after fewer than {MIN_STEPS} optimizer steps "
+            f"({steps_per_epoch} per epoch at --batch-size {batch_size}; lr {_lr_list(few)}): their ranks say more of "
+            f"--patience than of the lr; on a small train split lower --batch-size (e.g. 32) or raise --patience."]
 
 
 def grid_edge_notes(best: dict[str, Any], lrs: Sequence[float], weight_decays: Sequence[float]) -> list[str]:

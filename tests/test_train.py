@@ -413,6 +413,10 @@ def test_early_stopping_after_a_handful_of_steps_is_said(tmp_path):
                for n in t.notes_), t.notes_
     many = fc.train_head(path, lr=1e-4, epochs=200, patience=5, batch_size=8)  # 23 steps per epoch
     assert not any("optimizer step(s) in all" in n for n in many.notes_)
+    for head in ("linear", "mlp"):  # the analytic linear path and the vmapped one
+        res = fc.sweep(path, head=head, hidden=8, lrs=(1e-5, 1e-4), weight_decays=(0.0,), epochs=200, patience=5)
+        assert any("configurations were stopped early after fewer than 100 optimizer steps (1 per epoch at "
+                   "--batch-size 256" in n for n in res.notes), res.notes
 
 
 def test_a_threshold_tuned_on_few_validation_positives_is_said_to_be_uncertain(tmp_path):
