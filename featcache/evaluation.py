@@ -8,6 +8,7 @@ intervals, and a run directory (runs.write_run). The CLI only parses options and
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
         notes.append(f"the probe did not converge at C = {', '.join(unconverged)} (lbfgs reached max_iter = {max_iter} "
                      f"or its line search found no decrease): "
                      f"those scores are of unconverged models; raise --max-iter to fit them.")
+    notes += tied_c_notes(probe.scores_, probe.best_C_, metric)
     config = {**_base_config(store, "probe", features), "train_split": train_split,
               "val_split": val_split if use_val else None, "test_split": test_split if use_test else None,
               "Cs": [float(c) for c in cs], "metric": metric, "class_weight": class_weight, "cv": cv,
@@ -338,6 +340,22 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
             boot.attach(metrics)
             notes += boot.warnings
     return ProbeResult(config, probe, classes, positive, t_value, rule, metrics, test, proba, head, notes)
+
+
+def tied_c_notes(scores: dict[float, float], best_c: float, metric: str) -> list[str]:
+    """A line when three or more C values share the best selection score: the metric does not tell
+    them apart (plain accuracy on imbalanced data, where every strong penalty predicts the majority
+    class), and the tie went to the strongest regularisation."""
+    finite = {c: v for c, v in scores.items() if v is not None and math.isfinite(v)}
+    if not finite:
+        return []
+    top = max(finite.values())
+    tied = sorted(c for c, v in finite.items() if v >= top - 1e-12)
+    if len(tied) < 3:
+        return []
+    return [f"{len(tied)} C values tie at the best validation {metric} ({top:.4f}; C = {tied[0]:g} ... {tied[-1]:g}): "
+            f"C = {best_c:g}, the strongest regularisation among them, was taken, but the metric does not tell them "
+            f"apart; choose by --metric auroc (binary) or balanced_accuracy on imbalanced data."]
 
 
 def _expanded(probe: LogisticProbe, x: np.ndarray, n_classes: int) -> np.ndarray:

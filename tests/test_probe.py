@@ -248,3 +248,24 @@ def test_a_split_named_validation_is_the_validation_split(tmp_path, digits_array
     assert compare([path, other], bootstrap=10).config["val_split"] == "validation"
     out = CliRunner().invoke(cli, ["probe", str(path), "--Cs", "1"])
     assert out.exit_code == 0 and "cross-validation" not in out.output, out.output
+
+
+def test_a_c_chosen_among_ties_is_said_to_be_a_tie(tmp_path):
+    """Imbalanced binary data and the default --metric accuracy: every strongly penalised C predicts
+    the majority class and scores its share, so C was 'chosen' among equals without a word."""
+    from featcache.evaluation import run_probe, tied_c_notes
+    from featcache.store import FeatureStore, write_arrays
+
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in (("train", 200), ("val", 60), ("test", 60)):
+        y = (rng.random(n) < 0.1).astype(np.int64)
+        splits[name] = {"cls": rng.normal(size=(n, 5)).astype(np.float32), "labels": y}  # no signal at all
+    write_arrays(tmp_path / "f.h5", splits, ["normal", "finding"], {"model": "m"}).close()
+    with FeatureStore(tmp_path / "f.h5") as store:
+        res = run_probe(store, Cs=(1e-4, 1e-3, 1e-2, 0.1))
+    scores = res.probe.scores_
+    tied = [c for c, v in scores.items() if v == max(scores.values())]
+    assert len(tied) >= 3 and res.probe.best_C_ == min(tied)
+    assert any(f"{len(tied)} C values tie at the best validation accuracy" in n for n in res.warnings), res.warnings
+    assert tied_c_notes({0.1: 0.9, 1.0: 0.8, 10.0: 0.9}, 0.1, "accuracy") == []  # two equal are no note
