@@ -351,11 +351,12 @@ def tied_c_notes(scores: dict[float, float], best_c: float, metric: str) -> list
         return []
     top = max(finite.values())
     tied = sorted(c for c, v in finite.items() if v >= top - 1e-12)
-    if len(tied) < 3:
+    if len(tied) < 3 or top >= (0.0 if metric == "loss" else 1.0) - 1e-12:  # a perfect score: nothing to separate
         return []
+    others = [m for m in ("auroc", "balanced_accuracy", "loss") if m != metric][:2]
     return [f"{len(tied)} C values tie at the best validation {metric} ({top:.4f}; C = {tied[0]:g} ... {tied[-1]:g}): "
             f"C = {best_c:g}, the strongest regularisation among them, was taken, but the metric does not tell them "
-            f"apart; choose by --metric auroc (binary) or balanced_accuracy on imbalanced data."]
+            f"apart; choose by --metric {' or '.join(others)} (auroc: binary tasks)."]
 
 
 def _expanded(probe: LogisticProbe, x: np.ndarray, n_classes: int) -> np.ndarray:

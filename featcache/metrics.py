@@ -528,7 +528,8 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
         notes.append(f"--threshold {rule}: validation has one class only for {', '.join(untuned)}; nothing to tune "
                      f"on, so the threshold there stays at {DEFAULT_THRESHOLD}.")
     if few and notes is not None:
-        notes.append(f"--threshold {rule} was tuned on few validation cases ({'; '.join(few)}; fewer than "
+        shown = "; ".join(few[:5]) + (f"; and {len(few) - 5} more" if len(few) > 5 else "")
+        notes.append(f"--threshold {rule} was tuned on few validation cases ({shown}; fewer than "
                      f"{MIN_CLASS_UNITS}): a threshold from so few is itself uncertain, and its sensitivity and "
                      f"specificity on test may differ widely from validation's; report it as such, or tune on more.")
     if untrained and notes is not None:

@@ -135,7 +135,7 @@ def sweep(features_file: str | Path | FeatureStore | dict, head: str = "linear",
         notes.append(f"{len(diverged)} of {len(rows)} configurations diverged (training loss inf or NaN; lr "
                      f"{_lr_list(diverged)}): they are ranked last and never chosen, as train refuses such a head.")
     notes += few_steps_notes(rows, histories, -(-len(trainer.train_y_) // base.batch_size), base.batch_size,
-                             base.epochs)
+                             base.epochs, base.metric)
     result = SweepResult(leaderboard, best, trainer, time.perf_counter() - start, True, notes, bytes_read, histories)
     if out is not None:
         result.save(out)
@@ -149,12 +149,17 @@ def _as_grid(values: Any) -> list[Any]:
 
 
 def few_steps_notes(rows: Sequence[dict[str, Any]], histories: Sequence[list[dict[str, Any]]], steps_per_epoch: int,
-                    batch_size: int, max_epochs: int) -> list[str]:
+                    batch_size: int, max_epochs: int, metric: str = "accuracy") -> list[str]:
     """A line for configurations early stopping ended after fewer than train.MIN_STEPS optimizer
-    steps: on a small train split (one step per epoch at the default batch size) a low lr looks
-    as if it did not work when it merely never trained, and the ranking says more of --patience."""
+    steps short of a perfect validation score: on a small train split (one step per epoch at the
+    default batch size) a low lr looks as if it did not work when it merely never trained, and the
+    ranking says more of --patience."""
+    def perfect(r: dict[str, Any]) -> bool:
+        v = r.get(f"val_{metric}")
+        return v is not None and math.isfinite(v) and v >= (0.0 if metric == "loss" else 1.0) - 1e-12
+
     few = [r for r in rows if r["diverged_at"] is None and len(histories[r["config"]]) < max_epochs
-           and len(histories[r["config"]]) * steps_per_epoch < MIN_STEPS]
+           and len(histories[r["config"]]) * steps_per_epoch < MIN_STEPS and not perfect(r)]
     if not few:
         return []
     return [f"{len(few)} of {len(rows)} configurations were stopped early after fewer than {MIN_STEPS} optimizer steps "

@@ -164,7 +164,8 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
     predicting the majority class scores."""
     notes = []
     steps = len(history) * steps_per_epoch if steps_per_epoch else None
-    if steps is not None and steps < MIN_STEPS and max_epochs is not None and len(history) < max_epochs:
+    perfect = math.isfinite(best) and best >= (0.0 if metric == "loss" else 1.0) - 1e-12  # nothing left to improve on
+    if steps is not None and steps < MIN_STEPS and max_epochs is not None and len(history) < max_epochs and not perfect:
         notes.append(f"early stopping ended training after {steps} optimizer step(s) in all ({len(history)} epoch(s) "
                      f"of {steps_per_epoch} step(s): --batch-size {batch_size}): too few for a head to learn much; on "
                      f"a small train split lower --batch-size (e.g. 32) or raise --patience.")
@@ -172,7 +173,6 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
         return [f"validation {metric} was undefined at every epoch (validation holds a single class), so the "
                 f"kept epoch says nothing about learning; use --metric loss or a validation split with both "
                 f"classes."]
-    perfect = best >= (0.0 if metric == "loss" else 1.0) - 1e-12  # nothing left to improve on
     if best_epoch == 0 and len(history) > 1 and not perfect:
         notes.append(f"validation {metric} never improved after the first epoch ({best:.4f} at epoch 0, not "
                      f"bettered in the {len(history) - 1} epoch(s) after): the head may not be learning; raise "

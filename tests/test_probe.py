@@ -268,4 +268,8 @@ def test_a_c_chosen_among_ties_is_said_to_be_a_tie(tmp_path):
     tied = [c for c, v in scores.items() if v == max(scores.values())]
     assert len(tied) >= 3 and res.probe.best_C_ == min(tied)
     assert any(f"{len(tied)} C values tie at the best validation accuracy" in n for n in res.warnings), res.warnings
+    assert any("--metric auroc or balanced_accuracy" in n for n in res.warnings)
     assert tied_c_notes({0.1: 0.9, 1.0: 0.8, 10.0: 0.9}, 0.1, "accuracy") == []  # two equal are no note
+    assert tied_c_notes({0.1: 1.0, 1.0: 1.0, 10.0: 1.0}, 0.1, "auroc") == []      # perfect everywhere: nothing to tell
+    # never the advice to switch to the metric in use
+    assert "--metric balanced_accuracy or loss" in tied_c_notes({0.1: 0.8, 1.0: 0.8, 10.0: 0.8}, 0.1, "auroc")[0]

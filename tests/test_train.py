@@ -413,6 +413,11 @@ def test_early_stopping_after_a_handful_of_steps_is_said(tmp_path):
                for n in t.notes_), t.notes_
     many = fc.train_head(path, lr=1e-4, epochs=200, patience=5, batch_size=8)  # 23 steps per epoch
     assert not any("optimizer step(s) in all" in n for n in many.notes_)
+    from featcache.train import learning_notes
+
+    history = [{"epoch": e} for e in range(15)]  # a perfect validation score stops early rightly
+    assert not any("optimizer step(s)" in n for n in learning_notes(history, 5, 1.0, "auroc", np.array([0, 1]),
+                                                                     ["a", "b"], 2, 256, 200))
     for head in ("linear", "mlp"):  # the analytic linear path and the vmapped one
         res = fc.sweep(path, head=head, hidden=8, lrs=(1e-5, 1e-4), weight_decays=(0.0,), epochs=200, patience=5)
         assert any("configurations were stopped early after fewer than 100 optimizer steps (1 per epoch at "
@@ -442,3 +447,15 @@ def test_a_threshold_tuned_on_few_validation_positives_is_said_to_be_uncertain(t
         assert "chosen on validation)" in r.output  # the console says where the threshold came from (probe did not)
     fixed = CliRunner().invoke(cli, ["train", str(path), "--threshold", "0.3", "--epochs", "2", "--json", "-", "-q"])
     assert "tuned on few" not in fixed.output  # a number given is no tuning
+
+
+def test_the_few_cases_note_of_many_findings_stays_one_readable_line():
+    from featcache.metrics import choose_threshold_rule
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((40, 8)) < 0.1).astype(np.uint8)
+    y[0] = 1  # every finding has a positive (and negatives): each is tuned, on a handful of positives
+    notes: list[str] = []
+    choose_threshold_rule("youden", y, rng.random((40, 8)), None, notes, [f"f{j}" for j in range(8)])
+    few = [n for n in notes if "tuned on few validation cases" in n]
+    assert len(few) == 1 and "label f0:" in few[0] and "; and 3 more;" in few[0] and "label f7" not in few[0]
