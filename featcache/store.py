@@ -1199,11 +1199,16 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 entry["class_counts_listed"] = listed
             groups = s.row_groups(np.flatnonzero(done))
             entry["groups"] = None if groups is None else len(set(groups))  # patients among the rows with features
-            missing = [c for c, n in counts.items() if n == 0]
+            missing = [c for c, n in counts.items() if n == 0 and listed[c] == 0]
+            pending = [f"{c} ({listed[c]} listed)" for c, n in counts.items() if n == 0 and listed[c] > 0]
             if s.n == 0 or (entry["done"] == 0 and entry["errors"] == s.n):
                 entry["warnings"].append("no usable rows: k-NN, probes and heads refuse this split")
-            if missing and entry["unlabelled"] < s.n:
+            labelled = bool(sum(listed.values())) if labels.ndim == 1 else True  # an inference split has none
+            if missing and labelled:
                 entry["warnings"].append(f"no rows of class {', '.join(missing)}")
+            if pending and labelled:
+                entry["warnings"].append(f"no rows with features of class {', '.join(pending)}: unreadable or not "
+                                         f"extracted yet")
             if entry["done"] + entry["errors"] < s.n:
                 left = s.n - entry["done"] - entry["errors"]
                 entry["warnings"].append(f"{left} rows not extracted yet (being written by another process right now)"

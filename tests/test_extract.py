@@ -379,3 +379,24 @@ def test_info_counts_patients(tmp_path):
     assert describe(tmp_path / "g.h5")["splits"][0]["groups"] == 5
     out = CliRunner().invoke(cli, ["info", str(tmp_path / "g.h5")]).output
     assert "train class counts (rows with features): a=3, b=3; 5 patients (groups)" in out
+
+
+def test_info_of_an_unlabelled_split_with_an_unreadable_image_warns_of_no_class(tmp_path):
+    """An inference split (every row -1) with one unreadable image said 'no rows of class a, b'."""
+    from featcache.store import describe, write_arrays
+
+    write_arrays(tmp_path / "u.h5", {"train": {"cls": np.zeros((4, 3), np.float32), "labels": np.array([0, 1, 0, 1])},
+                                     "new": {"cls": np.zeros((5, 3), np.float32), "labels": np.full(5, -1)}},
+                 ["a", "b"], {"model": "m"}).close()
+    import h5py
+
+    with h5py.File(tmp_path / "u.h5", "r+") as f:  # one image of the new split could not be read
+        done = f["new"]["done"][()]
+        done[0] = 0
+        f["new"]["done"][...] = done
+        done = f["train"]["done"][()]
+        done[[1, 3]] = 0  # both rows of class b
+        f["train"]["done"][...] = done
+    splits = {s["split"]: s for s in describe(tmp_path / "u.h5")["splits"]}
+    assert not any("no rows of class" in w for w in splits["new"]["warnings"]), splits["new"]["warnings"]
+    assert "no rows with features of class b (2 listed): unreadable or not extracted yet" in splits["train"]["warnings"]
