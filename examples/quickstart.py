@@ -7,7 +7,8 @@
 3. featcache extract -> info -> knn -> probe -> sweep -> train, each printing its table.
 4. A second backbone (a small local ViT with 8 px patches, always built locally so this step works
    offline) extracted from the same images, then `featcache compare` of the two files: a ranked
-   table with paired-bootstrap CIs and few-shot curves per backbone.
+   table with CIs (Wilson for top-1, a paired bootstrap for the rest and for every difference) and
+   few-shot curves per backbone.
 5. featcache report over every run directory, the comparison included.
 """
 from __future__ import annotations
