@@ -30,7 +30,8 @@ from featcache_cli.app import FiniteFloatRange, cli, device_option, json_option,
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Random seed; the same manifest and seed give the same split.")
 @json_option
-def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed, json_path):
+@quiet_option
+def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed, json_path, quiet):
     """Assign train/val/test splits to a CSV manifest, keeping every group in one split.
 
     Reads a manifest with columns path,label[,group...], assigns whole groups (patients) to
@@ -58,7 +59,7 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
     table = [{"split": r["split"], "rows": r["rows"], "fraction": r["fraction"], "groups": r["groups"],
               **({} if many else r["counts"])} for r in summary.rows]
     err = json_path == "-"  # --json - takes stdout: the tables go to stderr
-    if summary.group and group is None:
+    if summary.group and group is None and not quiet:
         click.echo(f"grouping rows by the manifest's {summary.group!r} column (--group none splits row by row)",
                    err=True)
     print_table(table, title=f"{manifest} -> {out}" + (f" (groups: {summary.group})" if summary.group else ""),
@@ -72,7 +73,8 @@ def split_cmd(manifest, out, group, label, val, test, stratify, multilabel, seed
         click.echo(f"warning: split {split!r} has no rows of {len(lacking)} class(es): {shown}. "
                    f"Metrics on it will be undefined for those classes; try another --seed or "
                    f"a larger fraction.", err=True)
-    click.echo(f"wrote {out}", err=err)
+    if not quiet:
+        click.echo(f"wrote {out}", err=err)
     write_json(json_path, {"manifest": manifest, "out": out, "group": summary.group, "seed": seed,
                            "val": val, "test": test, "stratify": stratify,
                            "splits": summary.rows, "missing": summary.missing})

@@ -114,6 +114,9 @@ def test_report_puts_runs_side_by_side(digits_feature_file, tmp_path):
     out = tmp_path / "report"
     res = CliRunner().invoke(cli, ["report", str(a), str(b), str(probe_dir), "--out", str(out)])
     assert res.exit_code == 0, res.output
+    assert "wrote" in res.output
+    quiet = CliRunner().invoke(cli, ["report", str(a), "--out", str(tmp_path / "q"), "-q"])
+    assert quiet.exit_code == 0 and quiet.output == "" and (tmp_path / "q" / "report.html").is_file()
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for text in (md, page):
         assert "linear-dino" in text and "knn-vit" in text and "probe-digits" in text

@@ -198,6 +198,8 @@ def test_cli_split_writes_manifest_with_split_column(tmp_path):
         cells = line.split()
         assert cells[1] == str(m.sum()) and cells[3] == str(len(set(groups[m])))
     assert "wrote" in res.output
+    quiet = CliRunner().invoke(_cli(), ["split", str(manifest), "--group", "patient_id", "--out", str(out), "-q"])
+    assert quiet.exit_code == 0 and "wrote" not in quiet.output and "train" in quiet.output  # notes off, results on
 
 
 def test_cli_split_multilabel_columns_and_missing_class_warning(tmp_path):
