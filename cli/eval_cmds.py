@@ -282,8 +282,8 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
 @click.option("--test-split", default="test", show_default=True, help="Split every method is scored on.")
 @shots_options
 @click.option("--bootstrap", type=bootstrap_count(1), default=1000, show_default=True,
-              help="Paired bootstrap resamples of the test rows (whole groups when the file has groups); at "
-                   "least 1, since compare's differences between files are bootstrapped.")
+              help="Paired bootstrap resamples of the test rows (whole groups when the file has groups) for the "
+                   "differences between files and each file's AUROC and balanced accuracy; at least 1.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the probe, the draws and the bootstrap.")
 @positive_option
 @json_option
@@ -294,8 +294,9 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
 def compare(features_files, features, ks, temperature, heads, train_split, val_split, test_split, shots, tries,
             bootstrap, seed, positive_class, json_path, out_dir, quiet):
     """Rank backbones on the same images: k-NN and the logistic probe (optionally a linear head) on
-    every file, with a paired bootstrap of the same test rows for each file's metric and every
-    difference between two files (a difference CI that excludes 0 is a real gap).
+    every file; each file's top-1, sensitivity and specificity get Wilson intervals, its AUROC and
+    balanced accuracy a bootstrap of the test rows, and every difference between two files a
+    paired bootstrap of the same rows (a difference CI that excludes 0 is a real gap).
 
     Example: featcache compare dino.h5 dinov2.h5 resnet.h5 --bootstrap 1000 --json cmp.json --out runs/cmp
     """
