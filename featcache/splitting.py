@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from featcache.sources import (DEFAULT_GROUP_COLUMN, binary_cell, is_binary_column, label_name, read_manifest,
-                               refuse_nearly_binary)
+                               refuse_nearly_binary, warn_unlabelled_markers)
 from featcache.store import row_keys
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -235,6 +235,7 @@ def manifest_labels(columns: list[str], rows: list[dict[str, str]], label: str |
     """
     wanted = [c.strip() for c in label.split(",") if c.strip()] if label else []
     if len(wanted) == 1 and wanted[0] in columns:
+        warn_unlabelled_markers([r.get(wanted[0]) for r in rows], f"the manifest's column {wanted[0]!r}")
         values = [label_name(r.get(wanted[0])) or UNLABELLED for r in rows]
         return np.asarray(values, dtype=object), wanted
     if len(wanted) > 1:

@@ -290,3 +290,13 @@ def test_split_refuses_a_finding_column_with_a_typo(tmp_path):
     manifest.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="column 'mass' holds 0/1 in 39 of 40 rows, but line 6 holds '2'"):
         split_manifest(manifest, tmp_path / "out.csv")
+
+
+def test_split_reads_minus_one_as_extract_does_and_says_so(tmp_path, caplog):
+    """"-1" is unlabelled for extract; split took it as a class of its own without a word."""
+    manifest = tmp_path / "m.csv"
+    _write_csv(manifest, ["path", "label"], [[f"{i}.png", "-1" if i % 10 == 0 else str(i % 2)] for i in range(60)])
+    with caplog.at_level("WARNING", logger="featcache"):
+        res = CliRunner().invoke(_cli(), ["split", str(manifest), "--out", str(tmp_path / "o.csv"), "--seed", "0"])
+    assert res.exit_code == 0, res.output
+    assert "(unlabelled)" in res.output and "6 row(s) labelled '-1' are read as unlabelled" in caplog.text
