@@ -400,7 +400,7 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
     return CompareResult(names, paths, models, ranking, rows, pairs, config, primary,
                          None if positive is None else classes[positive], test.y, proba, n_valid, fs,
                          list(dict.fromkeys(notes)),
-                         intervals=describe_intervals(metric_names, bootstrap, units < len(test.y)))
+                         intervals=describe_intervals(metric_names, bootstrap, grouped))
 
 
 def paired_bootstrap(y: np.ndarray, proba: dict[tuple[str, str], np.ndarray], metric_names: Sequence[str],

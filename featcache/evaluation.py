@@ -19,8 +19,8 @@ import numpy as np
 from featcache.knn import knn_eval
 from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
                                population_std, threshold_record, train_coverage_notes,
-                               classification_metrics, decide, group_keys, proportion_interval, resolve_positive,
-                               scalar_metrics)
+                               classification_metrics, decide, group_keys, perfect_score, proportion_interval,
+                               resolve_positive, scalar_metrics)
 from featcache.names import CI_METRICS
 from featcache.plots import confusion_matrix_plot, evaluation_figures, few_shot_plot, knn_curve_plot, roc_pr_plot
 from featcache.prediction import array_proba, probe_head_payload, saved_untuned
@@ -351,7 +351,7 @@ def tied_c_notes(scores: dict[float, float], best_c: float, metric: str) -> list
         return []
     top = max(finite.values())
     tied = sorted(c for c, v in finite.items() if v >= top - 1e-12)
-    if len(tied) < 3 or top >= (0.0 if metric == "loss" else 1.0) - 1e-12:  # a perfect score: nothing to separate
+    if len(tied) < 3 or perfect_score(top, metric):  # nothing to separate
         return []
     others = [m for m in ("auroc", "balanced_accuracy", "loss") if m != metric][:2]
     return [f"{len(tied)} C values tie at the best validation {metric} ({top:.4f}; C = {tied[0]:g} ... {tied[-1]:g}): "

@@ -95,6 +95,11 @@ def decide(proba: np.ndarray, threshold: float | Sequence[float] | None = None, 
 # one number for model selection
 # ------------------------------------------------------------------------------------------------
 
+def perfect_score(score: float | None, metric: str) -> bool:
+    """A selection score with nothing left to improve on: 1 (0 for loss, which is negated)."""
+    return score is not None and math.isfinite(score) and score >= (0.0 if metric == "loss" else 1.0) - 1e-12
+
+
 def selection_score(y_true: np.ndarray, proba: np.ndarray, metric: str = "accuracy",
                     positive: int | None = None) -> float:
     """One number to pick epochs and configs by; higher is better (loss is negated). `positive`: a

@@ -26,7 +26,7 @@ from featcache.cached_splits import CachedSplits, SplitData
 from featcache.devices import resolve_device
 from featcache.fused import fused_sweep
 from featcache.heads import HeadSpec, build_head
-from featcache.metrics import selection_score
+from featcache.metrics import perfect_score, selection_score
 from featcache.plots import sweep_heatmap_plot
 from featcache.store import FeatureStore, open_features, parse_feature_kind
 from featcache.train import (MIN_STEPS, HeadTrainer, TrainConfig, load_for, loss_for, row_weights, sample_weights,
@@ -154,12 +154,9 @@ def few_steps_notes(rows: Sequence[dict[str, Any]], histories: Sequence[list[dic
     steps short of a perfect validation score: on a small train split (one step per epoch at the
     default batch size) a low lr looks as if it did not work when it merely never trained, and the
     ranking says more of --patience."""
-    def perfect(r: dict[str, Any]) -> bool:
-        v = r.get(f"val_{metric}")
-        return v is not None and math.isfinite(v) and v >= (0.0 if metric == "loss" else 1.0) - 1e-12
-
     few = [r for r in rows if r["diverged_at"] is None and len(histories[r["config"]]) < max_epochs
-           and len(histories[r["config"]]) * steps_per_epoch < MIN_STEPS and not perfect(r)]
+           and len(histories[r["config"]]) * steps_per_epoch < MIN_STEPS
+           and not perfect_score(r.get(f"val_{metric}"), metric)]
     if not few:
         return []
     return [f"{len(few)} of {len(rows)} configurations were stopped early after fewer than {MIN_STEPS} optimizer steps "

@@ -24,7 +24,7 @@ from featcache.cached_splits import CachedSplits, SplitChoice, epoch_batches, lo
 from featcache.devices import resolve_device
 from featcache.heads import HeadSpec, build_head, num_params, uses_tokens
 from featcache.metrics import (bootstrap_metrics, choose_threshold_rule, threshold_record, train_coverage_notes,
-                               classification_metrics, resolve_positive, selection_score,
+                               classification_metrics, perfect_score, resolve_positive, selection_score,
                                summarize_repeats)
 from featcache.plots import evaluation_figures, learning_curve_plot
 from featcache.names import BALANCE, CI_METRICS, HEAD_NAMES, OPTIMIZERS, SELECTION_METRICS
@@ -164,7 +164,7 @@ def learning_notes(history: list[dict[str, Any]], best_epoch: int, best: float, 
     predicting the majority class scores."""
     notes = []
     steps = len(history) * steps_per_epoch if steps_per_epoch else None
-    perfect = math.isfinite(best) and best >= (0.0 if metric == "loss" else 1.0) - 1e-12  # nothing left to improve on
+    perfect = perfect_score(best, metric)
     if steps is not None and steps < MIN_STEPS and max_epochs is not None and len(history) < max_epochs and not perfect:
         notes.append(f"early stopping ended training after {steps} optimizer step(s) in all ({len(history)} epoch(s) "
                      f"of {steps_per_epoch} step(s): --batch-size {batch_size}): too few for a head to learn much; on "
