@@ -54,6 +54,41 @@ CONVERGED_STOPS = ("gradient", "settled", "ftol")   # LogisticFit.stop values th
 COLD_START_C = 1e-2
 
 
+# (n, K) float64 arrays a multinomial fit holds at once, at least: the logits z, the step's X d,
+# the trial logits z + t X d and their probabilities (value() makes them in place of the shifted
+# logits; measured peak with tracemalloc: 5.6, the returned fit's logits and float32 copies included)
+PEAK_LOGIT_ARRAYS = 4
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still get (MemAvailable + SwapFree on Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if line.strip()}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def check_fits_in_memory(rows: int, outputs: int, features: int, available: int | None = None) -> None:
+    """Refuse a fit whose logits cannot fit in memory before any work, instead of an OOM kill
+    minutes in: a probe of ImageNet (1.28M rows, 1,000 classes) holds >= 41 GB of logits.
+
+    The need counted is a lower bound (PEAK_LOGIT_ARRAYS float64 arrays of rows x outputs plus
+    the float32 design matrix), so a refusal is certain to be right."""
+    available = available_memory() if available is None else available
+    need = PEAK_LOGIT_ARRAYS * rows * outputs * 8 + rows * features * 4
+    if available is None or need <= available:
+        return
+    gib = 2.0 ** 30
+    raise ValueError(
+        f"a logistic probe of {rows:,} rows x {outputs:,} classes holds at least {need / gib:.1f} GiB "
+        f"at once ({PEAK_LOGIT_ARRAYS} float64 arrays of rows x classes, the logits of its L-BFGS "
+        f"line search, and the features), but this machine has {available / gib:.1f} GiB of memory "
+        f"and swap available. Fit on fewer training rows, or train a linear head by minibatches, "
+        f"whose memory is one batch's: featcache train --head linear (or sweep --heads linear).")
+
+
 def cold_ladder(C: float) -> list[float]:
     """The C's a cold fit at C passes through first: COLD_START_C times powers of 10 below C."""
     rungs = []
@@ -141,10 +176,14 @@ class _Objective:
         """(n, outputs) float64 X coef^T + intercept of a flat vector [coef, intercept]."""
         self.matmuls += 1
         coef, intercept = self.split(v)
-        return (self.x @ coef.T.astype(self.x.dtype)).astype(np.float64) + intercept
+        z = (self.x @ coef.T.astype(self.x.dtype)).astype(np.float64)
+        z += intercept   # in place: an (n, K) float64 array is 10 GB at ImageNet scale
+        return z
 
     def value(self, v: np.ndarray, z: np.ndarray) -> tuple[float, np.ndarray]:
-        """(objective, per-row probabilities) at parameters v whose logits are z."""
+        """(objective, per-row probabilities) at parameters v whose logits are z.
+
+        The probabilities are the one new (n, K) array (see PEAK_LOGIT_ARRAYS)."""
         coef = v[:self.n_coef]
         if self.binary:
             t = self.index.astype(np.float64)
@@ -152,20 +191,22 @@ class _Objective:
             loss = np.logaddexp(0.0, zz) - t * zz               # log(1 + e^z) - t z, stably
             proba = 0.5 * (1.0 + np.tanh(0.5 * zz))             # sigmoid without overflow
         else:
-            shifted = z - z.max(axis=1, keepdims=True)
-            e = np.exp(shifted)
-            total = e.sum(axis=1, keepdims=True)
-            loss = np.log(total[:, 0]) - shifted[self.rows, self.index]
-            proba = e / total
+            proba = z - z.max(axis=1, keepdims=True)   # shifted logits, then in place their softmax
+            true_shifted = proba[self.rows, self.index]
+            np.exp(proba, out=proba)
+            total = proba.sum(axis=1, keepdims=True)
+            loss = np.log(total[:, 0]) - true_shifted
+            proba /= total
         return float(self.w @ loss) + 0.5 * self.lam * float(coef @ coef), proba
 
-    def data_gradient(self, proba: np.ndarray) -> np.ndarray:
-        """Flat gradient of the averaged loss (without the penalty) from value()'s probabilities."""
+    def data_gradient(self, proba: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        """Flat gradient of the averaged loss (without the penalty) from value()'s probabilities;
+        overwrite=True uses `proba` as the residual's buffer (it is garbage afterwards)."""
         self.matmuls += 1
         if self.binary:
             resid = ((proba - self.index) * self.w)[:, None]
         else:
-            resid = proba.copy()
+            resid = proba if overwrite else proba.copy()
             resid[self.rows, self.index] -= 1.0
             resid *= self.w[:, None]
         grad_coef = (resid.T.astype(self.x.dtype) @ self.x).astype(np.float64)
@@ -264,6 +305,7 @@ def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, 
             raise ValueError(f"init has {v.size} parameters; a fit of {n_classes} classes on "
                              f"{x.shape[1]} features has {size}.")
     z = init.logits if reuse else (objective.logits(v) if init is not None else np.zeros((len(x), objective.outputs)))
+    init_logits = init.logits if reuse else None
     f, proba = objective.value(v, z)
     g_data = init.data_gradient if reuse else objective.data_gradient(proba)
     g = g_data + objective.penalty_gradient(v)
@@ -278,6 +320,8 @@ def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, 
         precondition = preconditioner.inverse(max(objective.curvature(proba), 1e-6), objective.lam,
                                               objective.outputs)
     pairs: deque = deque(maxlen=MEMORY)
+    proba = None         # only the curvature above needed the start point's probabilities
+    trial = None         # buffer of the trial logits z + t dz (never init's logits: see below)
     while stop == "max_iter" and n_iter < max_iter:
         step = _direction(g, pairs, precondition)
         slope = g @ step
@@ -285,10 +329,16 @@ def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, 
             pairs.clear()
             step = -precondition(g)
             slope = g @ step
+        dz = None          # free the last step's before computing this one's
         dz = objective.logits(step)
+        if trial is None:
+            trial = np.empty_like(z)
         t, accepted = 1.0, False
         for _ in range(MAX_LINE_SEARCH):
-            f_new, proba_new = objective.value(v + t * step, z + t * dz)
+            proba_new = None   # free the last trial's probabilities before value() makes new ones
+            np.multiply(dz, t, out=trial)
+            trial += z         # z + t dz, bit for bit, in the one buffer
+            f_new, proba_new = objective.value(v + t * step, trial)
             if f_new <= f + ARMIJO * t * slope:
                 accepted = True
                 break
@@ -300,14 +350,18 @@ def fit_logistic(x: np.ndarray, index: np.ndarray, n_classes: int, C: float, *, 
             break
         s = t * step
         v_new = v + s
-        g_data = objective.data_gradient(proba_new)
+        g_data = objective.data_gradient(proba_new, overwrite=True)
+        proba_new = None
         g_new = g_data + objective.penalty_gradient(v_new)
         y = g_new - g
         if s @ y > 1e-12 * np.sqrt((s @ s) * (y @ y)):
             pairs.append((s, y))
         n_iter += 1
         decrease = (f - f_new) / max(abs(f), abs(f_new), 1.0)
-        v, f, g, z, proba = v_new, f_new, g_new, z + t * dz, proba_new
+        # the accepted trial logits become z; the old z is the next trial buffer unless it is
+        # init's (a LogisticFit passed as init keeps its logits intact)
+        z, trial = trial, (z if z is not init_logits else None)
+        v, f, g = v_new, f_new, g_new
         if precise(g, v):
             stop = "gradient"
         elif step_tol is not None and np.abs(g).max() <= tol and t * np.abs(dz).max() <= step_tol:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featcache.logistic import (CONVERGED_STOPS, DEFAULT_RTOL, DEFAULT_STEP_TOL, GramPreconditioner,
-                                LogisticFit, fit_logistic)
+                                LogisticFit, check_fits_in_memory, fit_logistic)
 from featcache.metrics import SELECTION_METRICS, classification_metrics, selection_score
 from featcache.splitting import stratify_key
 
@@ -268,6 +268,10 @@ class LogisticProbe:
                              f"least two classes in the training split.")
         if (val_x is None) != (val_y is None):
             raise ValueError("pass both val_x and val_y, or neither (then C is chosen by cross-validation).")
+        # the largest fit: train (+ val when refitting); one output for binary and per label
+        rows = len(x) + (len(val_x) if val_x is not None and self.refit else 0)
+        n_classes = 2 if self.multilabel_ else np.unique(y).size
+        check_fits_in_memory(rows, 1 if n_classes == 2 else n_classes, x.shape[1])
         self.Cs_ = cs
         if val_x is not None:
             vx, vy = _check_xy(val_x, val_y, "val")

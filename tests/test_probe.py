@@ -273,3 +273,49 @@ def test_a_c_chosen_among_ties_is_said_to_be_a_tie(tmp_path):
     assert tied_c_notes({0.1: 1.0, 1.0: 1.0, 10.0: 1.0}, 0.1, "auroc") == []      # perfect everywhere: nothing to tell
     # never the advice to switch to the metric in use
     assert "--metric balanced_accuracy or loss" in tied_c_notes({0.1: 0.8, 1.0: 0.8, 10.0: 0.8}, 0.1, "auroc")[0]
+
+
+def test_a_probe_too_large_for_memory_is_refused_before_any_work(tmp_path, monkeypatch, digits_arrays):
+    """ImageNet (1.28M rows x 1,000 classes) needs >= 41 GB of float64 logits: a clear refusal
+    with the way out, instead of the OOM killer minutes into the C sweep."""
+    from click.testing import CliRunner
+
+    import featcache.logistic as logistic
+    from featcache.store import write_arrays
+    from featcache_cli.main import cli
+
+    with pytest.raises(ValueError, match=r"1,281,167 rows x 1,000 classes holds at least 41\.8 GiB.*"
+                                         r"8\.0 GiB of memory and swap available.*train --head linear"):
+        logistic.check_fits_in_memory(1_281_167, 1000, 768, available=8 * 2**30)
+    logistic.check_fits_in_memory(100_000, 10, 768, available=8 * 2**30)   # 0.3 GiB: fine
+    monkeypatch.setattr(logistic, "available_memory", lambda: None)
+    logistic.check_fits_in_memory(10**9, 10**4, 768)                        # unknown: never refused
+
+    path = tmp_path / "digits.h5"
+    write_arrays(path, {s: {"cls": x, "labels": y} for s, (x, y) in digits_arrays.items()},
+                 [str(c) for c in range(10)], {"model": "m"}).close()
+    (tx, ty), (vx, _) = digits_arrays["train"], digits_arrays["val"]
+    need = logistic.PEAK_LOGIT_ARRAYS * (len(ty) + len(vx)) * 10 * 8 + (len(ty) + len(vx)) * tx.shape[1] * 4
+    monkeypatch.setattr(logistic, "available_memory", lambda: need - 1)
+    fits = []
+    monkeypatch.setattr("featcache.probe.fit_logistic", lambda *a, **k: fits.append(1))
+    out = CliRunner().invoke(cli, ["probe", str(path), "--Cs", "1"])
+    assert out.exit_code != 0 and "holds at least" in out.output and "Traceback" not in out.output, out.output
+    assert fits == []   # refused before the first fit
+    monkeypatch.undo()
+    monkeypatch.setattr(logistic, "available_memory", lambda: need)   # exactly enough: it runs
+    assert LogisticProbe(Cs=[1.0]).fit(tx, ty, vx, digits_arrays["val"][1]).best_C_ == 1.0
+
+
+def test_a_fit_does_not_change_the_logits_of_its_init(digits_arrays):
+    """The trial-logit buffers are reused in place; a LogisticFit passed as init keeps its own."""
+    from featcache.logistic import fit_logistic
+
+    x, y = digits_arrays["train"]
+    x = ((x - x.mean(0)) / (x.std(0) + 1e-6)).astype(np.float32)
+    first = fit_logistic(x, y, 10, 0.01)
+    kept = first.logits.copy()
+    second = fit_logistic(x, y, 10, 0.1, init=first)
+    assert np.array_equal(first.logits, kept)
+    np.testing.assert_allclose(second.logits, x.astype(np.float64) @ second.coef.T + second.intercept,
+                               rtol=1e-4, atol=1e-4)
