@@ -117,7 +117,8 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
     speed = (f" ({summary.images_per_second:.1f} images/s)" if summary.rows_computed else
              " (nothing left to compute)")
     click.echo(f"{out}{where}: {state}; {summary.rows_computed} images extracted, {summary.rows_failed} skipped, "
-               + ("" if summary.updated else f"{summary.rows_done_before} already done, ")  # updated: 'reused' says it
+               + ("" if summary.updated and not summary.rows_done_before else  # updated: 'reused' says it
+                  f"{summary.rows_done_before} already done{' by the interrupted update' if summary.updated else ''}, ")
                + (f"{summary.rows_failed_before} unreadable before (not retried; --retry-errors), "
                   if summary.rows_failed_before else "")
                + (f"{summary.rows_changed} changed since extracted (computed again), " if summary.rows_changed else "")

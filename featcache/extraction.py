@@ -438,7 +438,8 @@ def run_extraction(cfg: ExtractConfig, data: str | Path, out: str | Path, run: R
                                current={p for spec in specs.values() for p in spec.paths}, count_dropped=bool(first),
                                keep_failed=not run.update)
         if not run.update:  # a first torchrun over a file one process made: a resume of it
-            summary.updated, summary.rows_done_before, summary.rows_reused = False, summary.rows_reused, 0
+            summary.updated, summary.rows_done_before, summary.rows_reused = (
+                False, summary.rows_done_before + summary.rows_reused, 0)
     dist.barrier()
     if rank == 0:
         # the joined file says which rules its oldest rows followed (a resumed shard may hold older ones)
@@ -614,7 +615,11 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
             writer = StoreWriter(tmp, config, classes, specs, layout)
         current = {p for spec in specs.values() for p in spec.paths} if current is None else current
         wheres = [_done_rows_by_path(old) for old in olds]
-        reused = _copied_before(writer, olds, wheres, specs)  # by an interrupted update of OUT.updating
+        # what an interrupted update of OUT.updating did: rows it copied, and rows it computed (of which
+        # those whose recorded content differs from the old file's were changed images)
+        done_at_start = sum(writer.done_count(name) for name in specs)
+        copied_before, recomputed_before = _copied_before(writer, olds, wheres, specs)
+        reused = copied_before
         try:
             for old, where in zip(olds, wheres):  # each copies only rows still pending: the first source with a path wins
                 reused += _copy_stored_rows(old, writer, specs, where)
@@ -628,10 +633,12 @@ def _update_file(split_rows: dict[str, Any], specs: dict[str, SplitSpec], out: P
     finally:
         for old in olds:
             old.close()
-    summary = _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device, rows_done_before=0)
+    summary = _fill(writer, split_rows, specs, out, backbone, plan, cfg, run, device,
+                    rows_done_before=done_at_start - copied_before)
     os.replace(tmp, out)
     summary.out, summary.resumed, summary.updated = out, True, True
     summary.rows_reused, summary.rows_dropped = reused - summary.rows_changed, dropped
+    summary.rows_changed += recomputed_before
     return summary
 
 
@@ -647,13 +654,13 @@ def _done_rows_by_path(store: FeatureStore) -> dict[str, tuple[str, int]]:
 
 
 def _copied_before(writer: StoreWriter, olds: Sequence[FeatureStore], wheres: Sequence[dict[str, tuple[str, int]]],
-                   specs: dict[str, SplitSpec]) -> int:
-    """Rows an interrupted update already copied into the resumed OUT.updating: done rows whose path
-    an old file holds (the first that has it, as the copy takes it) with the content recorded there.
-    The rows it computed (new images, or old ones whose input had changed) are not counted, so
-    rows_reused says only what came from the old file (a change the interrupted run found and
-    already computed again is in neither count: it is not known any more)."""
-    copied = 0
+                   specs: dict[str, SplitSpec]) -> tuple[int, int]:
+    """(copied, changed): rows an interrupted update already copied into the resumed OUT.updating
+    (done rows whose path an old file holds, the first that has it as the copy takes it, with the
+    content recorded there), and rows it computed again because their content had changed (the
+    old file records other bytes). Rows it computed for new images are in neither count, so
+    rows_reused says only what came from the old file and rows_changed every change found."""
+    copied = changed = 0
     recorded: dict[tuple[int, str], np.ndarray | None] = {}  # each old split's contents, read once
     for name, spec in specs.items():
         done = writer.done_rows(name)
@@ -668,8 +675,10 @@ def _copied_before(writer: StoreWriter, olds: Sequence[FeatureStore], wheres: Se
                 view = olds[k][old_split]
                 recorded[(k, old_split)] = view.contents(np.arange(view.n))
             theirs = recorded[(k, old_split)]
-            copied += int(mine is None or theirs is None or theirs[old_row] == b"" or mine[i] == theirs[old_row])
-    return copied
+            same = mine is None or theirs is None or theirs[old_row] == b"" or mine[i] == theirs[old_row]
+            copied += int(same)
+            changed += int(not same)
+    return copied, changed
 
 
 def _copy_stored_rows(old: FeatureStore, writer: StoreWriter, specs: dict[str, SplitSpec],

@@ -163,6 +163,49 @@ def test_an_interrupted_update_resumes_with_honest_counts(tiny_vit, digits_manif
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["rows_reused"] == 40 and summary["rows_computed"] == len(new_rows) - 48
     assert summary["rows_dropped"] == 0 and summary["rows_changed"] == 0
+    # the 8 rows the interrupted run computed are done before, so the README's sum holds
+    assert summary["rows_done_before"] == 8
+    assert summary["rows_total"] == sum(summary[k] for k in ("rows_done_before", "rows_reused", "rows_computed",
+                                                             "rows_failed", "rows_failed_before"))
+    fresh = tmp_path / "fresh.h5"
+    _extract(tiny_vit, manifest, fresh)
+    _assert_equal_files(out, fresh)
+
+
+def test_changes_an_interrupted_update_computed_are_counted_as_changed(tiny_vit, digits_manifest, tmp_path,
+                                                                      monkeypatch):
+    """Two images changed in place and the update computing them again was interrupted: the
+    finishing run said rows_changed 0 (and its counts missed the rows the first run computed)."""
+    import json
+
+    from PIL import Image
+
+    from featcache import extraction
+
+    manifest, rows = digits_manifest
+    out = tmp_path / "f.h5"
+    _extract(tiny_vit, _manifest(manifest, rows[:40]), out)
+    for rel, _, _ in rows[:2]:   # new pixels under the same names
+        img = tmp_path / rel
+        Image.fromarray(255 - np.asarray(Image.open(img))).save(img)
+    _manifest(manifest, rows)
+    real = extraction._extract_items
+
+    def cut(items, *args, **kwargs):
+        real(items[:-1], *args, **kwargs)   # all but the last pending image, then Ctrl-C
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(extraction, "_extract_items", cut)
+        res = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(manifest), "-o", str(out), "--dtype",
+                                       "float32", "--workers", "0", "--batch-size", "8", "-q", "--update"])
+    assert res.exit_code == 1 and "2 changed since extracted" not in res.output
+    _extract(tiny_vit, manifest, out, "--update", "--json", str(tmp_path / "s.json"))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["rows_changed"] == 2 and summary["rows_reused"] == 38 and summary["rows_computed"] == 1
+    assert summary["rows_done_before"] == len(rows) - 38 - 1
+    assert summary["rows_total"] == sum(summary[k] for k in ("rows_done_before", "rows_reused", "rows_computed",
+                                                             "rows_failed", "rows_failed_before"))
     fresh = tmp_path / "fresh.h5"
     _extract(tiny_vit, manifest, fresh)
     _assert_equal_files(out, fresh)
