@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 import click
 
 import featcache
+from featcache.metrics import split_warnings
 from featcache.report import format_cell
 from featcache.runs import write_json as _write_json
 
@@ -306,8 +307,15 @@ def warnings_as_notes(console: Console) -> Iterator[None]:
                     console.warn(text)
 
 
-def echo_notes(console: Console, notes: Sequence[str]) -> None:
-    """Print library warnings and notes (leakage, convergence, bootstrap drops) as warnings."""
-    for n in notes:
-        console.warn(n)
+def echo_notes(console: Console, notes: Sequence[str],
+               splits: dict[str, dict[str, Any] | None] | None = None) -> None:
+    """Print library warnings and notes (leakage, convergence, bootstrap drops) as warnings, then
+    the notes of each evaluated split's metrics (a class absent from test, AUROC over the classes
+    present), which metrics.json keeps under the split, as 'warning: test split: ...'."""
+    seen = set()
+    for n in list(notes) + [f"{name} split: {n}" for name, block in (splits or {}).items()
+                            for n in split_warnings(block)]:
+        if n not in seen:
+            seen.add(n)
+            console.warn(n)
 

@@ -139,7 +139,7 @@ def knn(features_file, train_split, eval_split, ks, temperature, weighting, feat
                                     eval_split=eval_split, features=features, k=ks[0], temperature=temperature[0],
                                     weighting=weighting, backend=backend, positive_class=positive_class,
                                     seed=seed, arrays=arrays)
-    echo_notes(console, res.warnings)
+    echo_notes(console, res.warnings, {res.eval.name: res.headline})
     columns = ["k"] + (["temperature"] if weighting == "distance" or len(temperature) > 1 else []) + [c for c in ("top1", "top5", "balanced_accuracy", "auroc", "micro_auroc", "auprc")
                                        if any(c in r for r in res.rows)] + ["k_used"]
     console.table(res.rows, columns, title=f"k-NN ({weighting}, {features}): {res.config['n_train']} {train_split} rows "
@@ -244,7 +244,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
     if given("cv") and est.selection_ == "val":  # every note printed is also in --json and metrics.json
         res.warnings.append(f"--cv {cv} was not used: C was chosen on split {res.config['val_split']!r} (--val-split "
                             f"none cross-validates on {train_split!r}).")
-    echo_notes(console, res.warnings)
+    echo_notes(console, res.warnings, {str(test): res.test})
     where = repr(res.config["val_split"]) if est.selection_ == "val" else f"{est.cv_folds_}-fold CV"
     score_name = f"{where} {metric}"
     console.table([{"C": f"{c:g}", score_name: s, "lbfgs_iter": est.n_iter_.get(c),

@@ -149,6 +149,17 @@ def as_labels(y: Any) -> np.ndarray:
     return y
 
 
+TOP5_NOTE = "top-5 not applicable with {} classes"   # why top5 is null: no warning
+
+
+def split_warnings(block: dict[str, Any] | None) -> list[str]:
+    """The notes of a split's metrics that qualify its numbers (a class absent, AUROC over the
+    classes present, undefined MCC...): all but the top-5 one, which only explains a null."""
+    if not block:
+        return []
+    return [n for n in block.get("notes") or [] if n != TOP5_NOTE.format(block.get("num_classes"))]
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Sequence[str] | None = None,
                            threshold: float | Sequence[float] | None = None,
                            positive: int | None = None) -> dict[str, Any]:
@@ -199,8 +210,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
     if absent:
         falsely = [names[i] for i in np.flatnonzero(~present & predicted)]
         notes.append(f"classes absent from this split: {', '.join(absent)} (left out of balanced accuracy and "
-                     f"AUROC; in macro F1 only when never predicted"
-                     + (f": {', '.join(falsely)} predicted, F1 0" if falsely else "") + ")")
+                     f"AUROC; counted in macro F1 only when predicted, with F1 0"
+                     + (f": {', '.join(falsely)} predicted" if falsely else "") + ")")
     out: dict[str, Any] = {
         "n": int(n), "num_classes": int(c),
         "top1": float(np.mean(pred == y_true)),
@@ -210,7 +221,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, *, classes: Se
         "weighted_f1": float((f1s * support).sum() / support.sum()),
     }
     if c <= 5:
-        notes.append(f"top-5 not applicable with {c} classes")
+        notes.append(TOP5_NOTE.format(c))
     out["auroc"], note = _auroc(y_true, proba, pos)
     if note:
         notes.append(note)
@@ -551,8 +562,8 @@ def train_coverage_notes(train_y: np.ndarray, classes: Sequence[str], split: str
     if y.ndim == 2:
         one = [f"{classes[j]} (no {'positives' if y[:, j].max(initial=0) == 0 else 'negatives'})"
                for j in range(y.shape[1]) if len(y) and y[:, j].min() == y[:, j].max()]
-        return [f"the {split} split has one class only for label(s) {', '.join(one)}: a head or probe never learns "
-                f"them, so their per-label numbers (and their share of the macro averages) measure nothing learned; "
+        return [f"the {split} split has one class only for label(s) {', '.join(one)}: no head, probe or k-NN vote "
+                f"learns them, so their per-label numbers (and their share of the macro averages) measure nothing learned; "
                 f"leave them out (--label-columns) or add rows with both outcomes."] if one else []
     present = set(y[y >= 0].tolist())
     missing = [c for i, c in enumerate(classes) if i not in present]

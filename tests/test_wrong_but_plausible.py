@@ -86,7 +86,7 @@ def test_macro_f1_counts_a_predicted_class_absent_from_the_split_as_scikit_learn
     proba = np.eye(3)[pred] * 0.9 + 0.1 / 3
     m = classification_metrics(y, proba)
     assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
-    assert "1 predicted, F1 0" in " ".join(m["notes"])
+    assert "counted in macro F1 only when predicted, with F1 0: 1 predicted)" in " ".join(m["notes"])
 
 
 def test_kappa_is_undefined_when_truth_and_predictions_are_one_class():
@@ -853,3 +853,29 @@ def test_predict_says_what_a_file_lacks_for_the_head(tmp_path):
     with pytest.raises(ValueError, match="reads token sequences, but split 'test' of b.h5 stores no tokens"):
         fc.predict(tmp_path / "mixer", tmp_path / "b.h5")
     np.testing.assert_array_equal(fc.predict(tmp_path / "pooled", tmp_path / "a.h5").labels, y[40:])
+
+
+def test_a_class_absent_from_test_is_said_on_the_console_with_the_macro_f1_rule(tmp_path):
+    """The note on a class missing from the test split was in metrics.json only, and said the
+    class entered macro F1 'only when never predicted': the opposite of the rule (scikit-learn's
+    labels are those in y or predicted)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 3
+    splits = {}
+    for name, n, classes in (("train", 90, 3), ("val", 30, 3), ("test", 40, 2)):
+        y = np.arange(n) % classes
+        splits[name] = {"cls": (centres[y] + rng.normal(size=(n, 8))).astype(np.float32), "labels": y}
+    path = tmp_path / "f.h5"
+    write_arrays(path, splits, ["cat", "dog", "zebra"], {"model": "m"}).close()
+    for args in (["knn", str(path), "--k", "5"], ["probe", str(path), "--Cs", "1"],
+                 ["train", str(path), "--epochs", "3", "-q"]):
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 0, out.output
+        assert "warning: test split: classes absent from this split: zebra (left out of balanced accuracy " \
+               "and AUROC; counted in macro F1 only when predicted, with F1 0" in out.output, (args, out.output)
+    y = splits["test"]["labels"]
+    pred = np.r_[np.zeros(39, int), [2]]   # zebra predicted once: in macro F1, as in scikit-learn
+    proba = np.eye(3)[pred]
+    names = ["cat", "dog", "zebra"]
+    assert classification_metrics(y, proba)["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert "with F1 0: zebra predicted)" in classification_metrics(y, proba, classes=names)["notes"][0]
