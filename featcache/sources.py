@@ -578,16 +578,25 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
         raise ImageDecodeError(f"multi-frame DICOM ({frames} frames) in {label}: pass --frame N to pick one")
     if frames > 1 and not 0 <= options.frame < frames:
         raise ImageDecodeError(f"--frame {options.frame} out of range: {label} has {frames} frames")
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(f"DICOM Rows / Columns {ds.get('Rows')!r} / {ds.get('Columns')!r} are not "
+                               f"numbers") from None
+    if rows * cols > options.max_pixels:   # before pydicom allocates them (a 8 KB file can claim 30000 x 30000)
+        raise ImageDecodeError(f"decompression bomb: {cols}x{rows} px exceeds the limit of {options.max_pixels} px")
+    one_frame = frames > 1 and hasattr(ds, "pixel_array_options")
     if hasattr(ds, "pixel_array_options"):
-        # pydicom >= 3 converts YBR to RGB by default; the stored values are converted once, below
-        ds.pixel_array_options(as_rgb=False)
+        # pydicom >= 3 converts YBR to RGB by default (the stored values are converted once, below),
+        # and decodes only the chosen frame of a multi-frame file (pydicom 2 decodes them all)
+        ds.pixel_array_options(as_rgb=False, **({"index": options.frame} if one_frame else {}))
     try:
         arr = ds.pixel_array
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         raise ImageDecodeError(f"cannot decode DICOM pixel data (transfer syntax {getattr(ts, 'name', ts)}): "
                                f"{_one_line(exc)}") from None
-    if frames > 1:
+    if frames > 1 and not one_frame:
         arr = arr[options.frame]
     if ds.get("PerFrameFunctionalGroupsSequence") or ds.get("SharedFunctionalGroupsSequence"):
         _frame_functional_groups(ds, options.frame if frames > 1 else 0)  # Enhanced IODs, one frame too

@@ -336,8 +336,44 @@ def test_multiframe_dicom_needs_frame(tmp_path):
     img = load_image(src, DecodeOptions(frame=2))
     ds = pydicom.dcmread(src)
     assert img.size == (ds.Columns, ds.Rows)
+    # reference: pydicom decodes every frame; frame 2's rescaled values, min..max onto 0..255
+    from pydicom.pixels import apply_modality_lut
+    f = apply_modality_lut(ds.pixel_array[2], ds).astype(np.float64)
+    ref = np.round((f - f.min()) * 255.0 / (f.max() - f.min())).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(img)[..., 0], ref)
     with pytest.raises(ImageDecodeError, match="out of range"):
         load_image(src, DecodeOptions(frame=99))
+
+
+def test_a_dicom_claiming_huge_dimensions_is_refused_before_decoding(tmp_path, monkeypatch):
+    """An 8 KB DICOM whose Rows x Columns claim 30000 x 30000 made pydicom allocate 1.8 GB before
+    failing: the pixel limit PIL images get now applies to DICOM before any pixel is decoded."""
+    src = Path(get_testdata_file("CT_small.dcm", download=False))
+    ds = pydicom.dcmread(src)
+    ds.Rows, ds.Columns = 30000, 30000
+    ds.save_as(tmp_path / "bomb.dcm")
+    decoded = []
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(lambda self: decoded.append(1)))
+    with pytest.raises(ImageDecodeError, match="decompression bomb: 30000x30000 px exceeds the limit"):
+        load_image(tmp_path / "bomb.dcm")
+    assert decoded == []
+    with pytest.raises(ImageDecodeError, match="decompression bomb: 128x128 px"):
+        load_image(src, DecodeOptions(max_pixels=10_000))
+
+
+def test_one_frame_of_a_multiframe_dicom_is_decoded_not_all(monkeypatch):
+    """--frame N decoded every frame of the file (a 3D series of 300 frames for one image)."""
+    src = Path(get_testdata_file("rtdose.dcm", download=False))
+    asked = []
+    real = pydicom.dataset.Dataset.pixel_array_options
+
+    def spy(self, **kwargs):
+        asked.append(kwargs.get("index"))
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array_options", spy)
+    load_image(src, DecodeOptions(frame=4))
+    assert asked == [4]
 
 
 def test_dicom_without_pixels_or_broken_is_an_error(tmp_path):
