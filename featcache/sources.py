@@ -218,17 +218,27 @@ def _from_folder(root: Path, exts: tuple[str, ...]) -> DataSource:
     if split_dirs:
         _warn_unread(root, [d for d in subdirs if d not in split_dirs], exts)
     raw: dict[str, list[tuple[Path, str | None]]] = {}
+    empty: list[tuple[Path, str]] = []   # class folders without a single image (folder, class)
     for name, folder in layout.items():
         rows: list[tuple[Path, str | None]] = [(f, None) for f in _images_in(folder, exts, recursive=False)]
         for cdir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if folder is root and cdir in split_dirs:
                 continue
-            rows.extend((f, cdir.name) for f in _images_in(cdir, exts, recursive=True))
+            images = _images_in(cdir, exts, recursive=True)
+            rows.extend((f, cdir.name) for f in images)
+            if not images:
+                empty.append((cdir, cdir.name))
         raw[name] = rows
     if not any(raw.values()):
         raise ValueError(f"no images found in {root} (looked for {', '.join(exts)} in root/<class>/ and "
                          f"root/<split>/<class>/).")
     classes = sorted({c for rows in raw.values() for _, c in rows if c is not None})
+    if empty:
+        gone = sorted({c for _, c in empty} - set(classes))
+        log.warning("class folder(s) without images (looked for %s): %s%s", ", ".join(exts),
+                    ", ".join(d.relative_to(root).as_posix() + "/" for d, _ in empty),
+                    f"; class(es) {', '.join(gone)} have no image in any split, so they are not among the "
+                    f"{len(classes)} classes" if gone else "")
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for name, rows in raw.items():
@@ -522,18 +532,22 @@ def to_rgb(img: "Image.Image") -> "Image.Image":
     # before exif_transpose, which returns a copy without it: the formats whose 16-bit grayscale
     # Pillow opens as mode I (PNG in older Pillow, PGM/PPM with maxval 65535) rather than I;16
     sixteen_bit = img.format in SIXTEEN_BIT_AS_I
+    key = img.info.get("transparency") if img.mode.startswith("I") else None  # a 16-bit PNG's tRNS grey
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img, dtype=np.float64) * 255.0 / 65535.0
-        return Image.fromarray(np.round(arr).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N") or (img.mode == "I" and sixteen_bit):
+        # 16-bit data: its full range; the transparency key colour onto black, as at 8 bits
+        raw = np.asarray(img, dtype=np.float64)
+        arr = raw * 255.0 / 65535.0
+        if isinstance(key, int):
+            arr[raw == key] = 0.0
+        return Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         finite = np.isfinite(arr)              # NaN / inf "no data" pixels: black, outside the range
         lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
-        if img.mode == "I" and sixteen_bit:    # 16-bit data: its full range, as I;16 below
-            arr = arr * 255.0 / 65535.0
-        elif hi > lo:                          # 32-bit integer / float data (TIFF): its own range
-            arr = (arr - lo) * 255.0 / (hi - lo)
+        # 32-bit integer / float data (TIFF): its own range; a constant image is black whatever
+        # its value (as DICOM's), not its value rounded and clipped (0.7 -> 1, 1000 -> 255)
+        arr = (arr - lo) * 255.0 / (hi - lo) if hi > lo else np.zeros_like(arr)
         arr = np.where(finite, arr, 0.0)
         return Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "P" or (img.mode in ("L", "RGB") and img.info.get("transparency") is not None):

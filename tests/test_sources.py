@@ -44,6 +44,25 @@ def test_split_folders_share_classes_and_allow_absent_class(tmp_path):
         discover(tmp_path, split="val")
 
 
+def test_an_empty_class_folder_is_named_not_dropped_silently(tmp_path, caplog):
+    """A class folder without images vanished from the class list without a word (a 3-class task
+    became a 2-class one), and one empty in test only left test without that class unsaid."""
+    import logging
+
+    for split in ("train", "test"):
+        _png(tmp_path / split / "cat" / "1.png")
+        (tmp_path / split / "zebra").mkdir(parents=True)
+    _png(tmp_path / "train" / "dog" / "1.png")
+    (tmp_path / "test" / "dog").mkdir()
+    (tmp_path / "train" / "zebra" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        src = discover(tmp_path)
+    assert src.classes == ["cat", "dog"]
+    assert ("class folder(s) without images (looked for .jpg" in caplog.text
+            and "test/dog/, test/zebra/, train/zebra/; class(es) zebra have no image in any split, so they are "
+                "not among the 2 classes" in caplog.text), caplog.text
+
+
 def test_images_beside_split_folders_are_named_not_dropped_silently(tmp_path, caplog):
     """root/train/, root/test/ and a class folder root/cat/ put at the top by mistake: only the
     split folders are read, and the run says which images it leaves out."""
@@ -218,6 +237,38 @@ def test_float_image_with_nan_pixels_is_scaled_by_its_finite_range(tmp_path):
     out = np.asarray(load_image(tmp_path / "n.tif"))[..., 0]
     assert clean.max() == 255 and out[0, 0] == 0
     np.testing.assert_array_equal(out[1:], clean[1:])
+
+
+def test_a_constant_float_image_is_black_whatever_its_value(tmp_path):
+    """A one-value float TIFF came out as its value rounded and clipped: 0.7 -> grey 1, 1000 -> 255."""
+    for value in (0.7, 1000.0, -5.0):
+        Image.fromarray(np.full((4, 4), value, np.float32), "F").save(tmp_path / "c.tif")
+        assert np.asarray(load_image(tmp_path / "c.tif")).max() == 0, value
+
+
+def _grey_png_with_key(depth: int, arr: np.ndarray, key: int) -> bytes:
+    """A greyscale PNG with a tRNS transparency key colour, written chunk by chunk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\0" + row.astype(">u2" if depth == 16 else "u1").tobytes() for row in arr)
+    h, w = arr.shape
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_a_16bit_png_transparency_key_is_black_as_at_8_bits(tmp_path):
+    """The 16-bit branch returned before the tRNS key was applied: key pixels kept their grey."""
+    arr = np.full((4, 4), 200)
+    arr[0, 0] = 100
+    for depth, scale in ((8, 1), (16, 257)):
+        path = tmp_path / f"k{depth}.png"
+        path.write_bytes(_grey_png_with_key(depth, arr * scale, 100 * scale))
+        out = np.asarray(load_image(path))
+        assert out[0, 0].tolist() == [0, 0, 0] and out[1, 1].tolist() == [200, 200, 200], depth
 
 
 def test_cmyk_converts_to_rgb(tmp_path):
