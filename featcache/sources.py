@@ -513,15 +513,17 @@ def _has_dicm_magic(path: Path) -> bool:
 SIXTEEN_BIT_AS_I = ("PNG", "PPM")  # Pillow formats whose mode-I images hold 16-bit values (PGM is "PPM")
 # the version of featcache's decoding rules, recorded in each file (provenance, not fingerprint): a
 # resume or --update of a file made under older rules warns, since some inputs decode differently now;
-# DECODE_RULES_CHANGES says, per version (2 and 3: 2026-12-01), which inputs
-DECODE_RULES = 3
+# DECODE_RULES_CHANGES says, per version (2 and 3: 2026-12-01; 4: 2026-12-02), which inputs
+DECODE_RULES = 4
 DECODE_RULES_CHANGES = {2: "PNGs with a transparency key colour, 16-bit PGM/PPM images, 32-bit integer TIFFs, "
                            "float images with NaN pixels, "
                            "DICOM with a SIGMOID or LINEAR_EXACT VOI function, multi-picture (MPO) JPEGs under "
                            "--fast-decode, and float16/bfloat16 checkpoints (now run in float32)",
                     3: "DICOM with an 8-bit VOI LUT of more than 256 entries (was wrapped), Enhanced DICOM (its "
                        "functional groups' rescale and window now apply, per frame under --frame), JPEG 2000 colour "
-                       "DICOM (YBR_RCT/YBR_ICT, was an error) and DICOM with empty window tags (was an error)"}
+                       "DICOM (YBR_RCT/YBR_ICT, was an error) and DICOM with empty window tags (was an error)",
+                    4: "16-bit grey PNGs with a transparency key colour (key pixels now black, as at 8 bits) and "
+                       "float / 32-bit integer images of a single value (now black)"}
 
 
 def to_rgb(img: "Image.Image") -> "Image.Image":
