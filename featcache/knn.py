@@ -157,6 +157,11 @@ def knn_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
         warnings.warn(f"{zero} evaluated row(s) have all-zero features: cosine similarity 0 to every training row, "
                       f"so their neighbours are the first training rows in file order; check how those features "
                       f"were made.", stacklevel=2)
+    zero_train = int((np.abs(train_x).max(axis=1) == 0).sum()) if len(train_x) else 0
+    if zero_train:
+        warnings.warn(f"{zero_train} neighbour row(s) have all-zero features: cosine similarity 0 to every evaluated "
+                      f"row, so they are among the nearest neighbours of any row whose other similarities are "
+                      f"negative, and vote; check how those features were made.", stacklevel=2)
     n_train = len(train_y)
     if ks[-1] > n_train:
         warnings.warn(f"k = {', '.join(str(k) for k in ks if k > n_train)} exceeds the {n_train} training rows; "

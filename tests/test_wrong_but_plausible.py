@@ -573,6 +573,11 @@ def test_an_all_zero_row_widens_only_its_own_search_and_is_flagged(monkeypatch):
     assert idx[7].tolist() == [0, 1, 2, 3, 4]  # ties in training-row order
     with pytest.warns(UserWarning, match="1 evaluated row\\(s\\) have all-zero features"):
         fc.knn_eval(train, np.arange(3000) % 3, test, np.arange(50) % 3, ks=(5,))
+    # an all-zero neighbour is nearest to a row whose every other cosine is negative, and votes
+    lone = np.stack([np.r_[1.0, 0.0], np.r_[0.0, 0.0]]).astype(np.float32)
+    with pytest.warns(UserWarning, match="1 neighbour row\\(s\\) have all-zero features.*negative, and vote"):
+        res = fc.knn_eval(lone, np.array([0, 1]), np.array([[-1.0, 0.0]], np.float32), np.array([1]), ks=(1,))
+    assert res[1]["top1"] == 1.0   # the zero row (class 1) won: the warning is about a real vote
     with pytest.raises(ValueError, match="train_y holds -1: labels must be class indices"):
         fc.knn_eval(train, np.r_[-1, np.arange(2999) % 3], test, np.arange(50) % 3, ks=(5,))
     with pytest.raises(ValueError, match="test_y holds -1"):
