@@ -578,8 +578,10 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
     try:
         ds = pydicom.dcmread(path)
     except pydicom.errors.InvalidDicomError:
-        raise ImageDecodeError("not a DICOM Part 10 file (no 'DICM' preamble or file meta information): save "
-                               "it as a standard DICOM file") from None
+        other = _image_format(path)
+        raise ImageDecodeError(f"a {other} image named like a DICOM file: rename it to its own extension" if other
+                               else "not a DICOM Part 10 file (no 'DICM' preamble or file meta information): save "
+                                    "it as a standard DICOM file") from None
     except Exception as exc:
         raise ImageDecodeError(f"not a readable DICOM file: {_one_line(exc)}") from None
     if "PixelData" not in ds:
@@ -628,6 +630,20 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
     if photometric == "MONOCHROME1":
         out = 255 - out
     return Image.fromarray(out, "L").convert("RGB")
+
+
+def _image_format(path: "Path | object") -> str | None:
+    """The format PIL recognises in a file's header (PNG, JPEG ...), or None: a cheap sniff that
+    decodes no pixel."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if hasattr(path, "seek"):
+            path.seek(0)
+        with Image.open(path) as img:
+            return img.format
+    except (UnidentifiedImageError, OSError, ValueError, TypeError):
+        return None
 
 
 # photometric interpretations whose decoded samples are RGB or YBR_FULL-family colour. YBR_RCT /

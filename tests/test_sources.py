@@ -434,6 +434,17 @@ def test_dicom_without_pixels_or_broken_is_an_error(tmp_path):
         load_image(bad)
 
 
+def test_an_image_named_dcm_is_named_for_what_it_is(tmp_path):
+    """A PNG saved as x.dcm was told to be saved 'as a standard DICOM file'."""
+    _png(tmp_path / "x.png").rename(tmp_path / "x.dcm")
+    for data in (None, (tmp_path / "x.dcm").read_bytes()):   # a file, and bytes already read
+        with pytest.raises(ImageDecodeError, match="a PNG image named like a DICOM file: rename it"):
+            load_image(tmp_path / "x.dcm", data=data)
+    (tmp_path / "y.dcm").write_bytes(b"not an image at all" * 10)
+    with pytest.raises(ImageDecodeError, match="not a DICOM Part 10 file"):
+        load_image(tmp_path / "y.dcm")
+
+
 def test_compressed_dicom_without_decoder_is_skipped_with_reason():
     src = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False))
     try:
