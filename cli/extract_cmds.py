@@ -195,7 +195,7 @@ def _pairs(values, option: str) -> dict[str, str]:
 @cli.command()
 @click.argument("features", type=click.Path(exists=True, dir_okay=False))
 @json_option
-@click.option("--errors", "show_errors", type=int, default=10, show_default=True, help="How many unreadable inputs to list per split.")
+@click.option("--errors", "show_errors", type=int, default=10, show_default=True, help="How many skipped inputs (unreadable, or refused: decompression bombs, multi-frame DICOM without --frame) to list per split.")
 def info(features, json_path, show_errors):
     """Describe a feature file: model, token layout, splits, rows done, class counts, errors.
 
@@ -237,7 +237,7 @@ def info(features, json_path, show_errors):
         for warning in s["warnings"]:
             echo(f"  warning: {warning}")
         for path, reason in s["error_list"][:show_errors]:
-            echo(f"  unreadable: {path}: {reason}")
+            echo(f"  skipped: {path}: {reason}")   # unreadable, or refused (a bomb, a multi-frame DICOM)
     if d["leaked_groups"]:
         example = next(iter(d["leaked_groups"]))
         echo(f"\nwarning: leakage: {len(d['leaked_groups'])} group(s) appear in more than one split (e.g. "

@@ -194,6 +194,8 @@ def test_bad_inputs_are_skipped_and_listed(tiny_vit, digits_dir, tmp_path):
     info = runner.invoke(cli, ["info", str(out), "--json", str(tmp_path / "info.json")])
     assert info.exit_code == 0, info.output
     assert "truncated.jpg" in info.output
+    # listed as skipped (a bomb or a multi-frame DICOM is readable but refused), with its reason
+    assert any(line.startswith("  skipped: ") and "truncated.jpg: " in line for line in info.output.splitlines())
     d = json.loads((tmp_path / "info.json").read_text())
     assert d["splits"][0]["errors"] == 3 and d["splits"][0]["done"] == 7
 
