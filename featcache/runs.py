@@ -139,7 +139,28 @@ def check_run_target(out: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run directory; give a directory (new, or an earlier run "
                          f"to replace).")
+    if out.is_dir() and not _is_run_dir(out):
+        theirs = [name for name in OWN_FILES if (out / name).exists()] + (
+            ["figures/"] if (out / "figures").exists() else [])
+        if theirs:   # a run would delete them: they are somebody's own files, not a run's
+            raise ValueError(f"--out {out} holds {', '.join(theirs)} but is not a featcache run directory, and a run "
+                             f"replaces those; give a new or empty directory (or an earlier run's).")
     return out
+
+
+def _is_run_dir(out: Path) -> bool:
+    """A directory an earlier featcache run wrote (finished, or killed while writing): its
+    metrics.json or config.json names a run kind, or its writing lock is there."""
+    if (out / WRITING_LOCK).exists():
+        return True
+    for name in ("metrics.json", "config.json"):
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("kind") in RUN_KINDS:
+            return True
+    return False
 
 
 def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str, Any], *,

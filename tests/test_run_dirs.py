@@ -116,6 +116,26 @@ def test_outputs_that_would_destroy_data_are_refused_before_any_work(small, tmp_
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_a_directory_of_someone_elses_files_is_not_taken_for_a_run(small, tmp_path):
+    """knn --out proj, where proj held the user's own figures/ and config.json: both deleted, exit 0."""
+    proj = tmp_path / "proj"
+    (proj / "figures").mkdir(parents=True)
+    (proj / "figures" / "my_plot.png").write_text("precious")
+    (proj / "config.json").write_text('{"mine": 1}')
+    for cmd in (["knn", small, "--k", "5"], ["probe", small, "--Cs", "1"], ["train", small, "--epochs", "1"]):
+        r = _run(*cmd, "--out", proj, "-q")
+        assert r.exit_code == 2 and "holds config.json, figures/ but is not a featcache run directory" in r.output, \
+            r.output
+    assert (proj / "figures" / "my_plot.png").read_text() == "precious"
+    assert (proj / "config.json").read_text() == '{"mine": 1}'
+    with pytest.raises(ValueError, match="not a featcache run directory"):
+        write_run(proj, {"kind": "knn"}, {"test": {}})
+    # an earlier run (finished, or killed with only its config written) is replaced as before
+    (proj / "config.json").write_text('{"kind": "train"}')
+    assert _run("knn", small, "--k", "5", "--out", proj, "-q").exit_code == 0
+    assert not (proj / "figures" / "my_plot.png").exists()
+
+
 def test_predict_refuses_damaged_or_mixed_heads(small, tmp_path):
     """A head.json of another run beside these weights, a class list of the wrong length, a zero std, a
     missing key and a run without metrics.json were applied (or gave tracebacks)."""
