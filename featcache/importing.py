@@ -10,7 +10,7 @@ import numpy as np
 
 from featcache.names import UNLABELLED_NAMES
 from featcache.sources import warn_unlabelled_markers
-from featcache.store import READ_LOCKING, FeatureStore, write_arrays
+from featcache.store import READ_LOCKING, FeatureStore, check_finite, write_arrays
 
 # names accepted for each role inside an .npz / .pt dict, first match wins
 _ROLES = {
@@ -74,6 +74,9 @@ def load_array_file(path: str | Path, labels_only: bool = False) -> dict[str, An
                 break
     if "cls" not in found and set(found) == {"labels"} and labels_only:
         return found
+    if labels_only and "labels" not in found and "cls" not in found:
+        raise ValueError(f"{path} has no labels: expected an array named one of {', '.join(_ROLES['labels'])}; "
+                         f"found {', '.join(map(str, raw)) or 'nothing'}.")
     if "cls" not in found:
         raise ValueError(f"{path} has no features: expected an array named one of "
                          f"{', '.join(_ROLES['cls'])}; found {', '.join(map(str, raw)) or 'nothing'}.")
@@ -138,7 +141,22 @@ def load_labels_file(path: str | Path) -> np.ndarray:
         # class indices, as in a .npy of ints: they index --classes, and without it name classes
         # "0".."max" in numeric order (not "0", "1", "10", "2")
         return np.array([int(line) for line in lines], dtype=np.int64)
+    if lines and all(line.lower() in ("true", "false") for line in lines):
+        return np.array([line.lower() == "true" for line in lines])   # bools: indices 0 / 1
+    numbers = _floats(lines)
+    if numbers is not None and not np.isnan(numbers).all():
+        # whole-number floats (np.savetxt writes 0.000000000000000000e+00), NaN unlabelled: indices,
+        # as in a .npy of floats (normalise_labels refuses a fraction or inf)
+        return numbers
     return np.array(lines)
+
+
+def _floats(lines: list[str]) -> np.ndarray | None:
+    """The lines as float64 when every one is a number (NaN included), else None."""
+    try:
+        return np.array([float(line) for line in lines], dtype=np.float64)
+    except ValueError:
+        return None
 
 
 def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels: Mapping[str, str | Path] | None = None,
@@ -149,6 +167,15 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
     unknown = (set(labels) | set(paths)) - set(splits)
     if unknown:
         raise ValueError(f"--labels/--paths name split(s) {', '.join(sorted(unknown))} that no --split gives.")
+    if not str(model).strip():
+        raise ValueError("--model is empty; give the name of the model the features came from (it is recorded "
+                         "and fingerprinted), or leave the default 'imported'.")
+    inputs = [*splits.values(), *labels.values(), *paths.values()] + ([classes] if classes and _is_file(classes)
+                                                                     else [])
+    clash = next((p for p in inputs if _is_file(p) and Path(p).resolve() == Path(out).resolve()), None)
+    if clash is not None:   # --overwrite would replace the very input being read
+        raise ValueError(f"--out {out} is one of the inputs ({clash}): writing there would destroy it; give "
+                         f"another file name.")
     data = {name: load_array_file(file) for name, file in splits.items()}
     for name, file in labels.items():
         data[name]["labels"] = load_labels_file(file)
@@ -166,6 +193,9 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
     class_names = _class_names(classes, [d.get("labels") for d in data.values()])
     arrays: dict[str, dict[str, Any]] = {}
     for name, d in data.items():
+        for role in ("cls", "pooled", "tokens"):
+            if d.get(role) is not None:
+                _check_float32_range(np.asarray(d[role]), role, name)
         n = len(d["cls"])
         y = d.get("labels")
         arrays[name] = {"cls": np.asarray(d["cls"], dtype=np.float32), "pooled": d.get("pooled"),
@@ -174,6 +204,19 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
     return write_arrays(out, arrays, class_names, {"model": model, "tokens": "imported", "dtype": dtype,
                                                   "source": {k: str(v) for k, v in splits.items()}},
                         overwrite=overwrite, dtype=dtype)
+
+
+def _check_float32_range(x: np.ndarray, role: str, split: str) -> None:
+    """Refuse what the float32 cast would spoil, naming it: NaN / inf as they are, and finite
+    values beyond float32's range (1e39 became inf and was reported as a NaN the input never had)."""
+    if x.dtype.kind != "f":
+        return
+    check_finite(x, f"split {split!r} {role}")
+    top = float(np.finfo(np.float32).max)
+    largest = float(np.abs(x).max()) if x.size else 0.0
+    if largest > top:
+        raise ValueError(f"split {split!r}: {role} reaches {largest:.4g}, beyond float32's largest value {top:.3g} "
+                         f"(features are stored as float32 or float16); scale them before importing.")
 
 
 def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarray:
@@ -202,6 +245,9 @@ def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarra
         return y.astype(np.int64)
     if y.dtype.kind == "f":
         finite = np.isfinite(y)
+        if np.isinf(y).any():   # only NaN means unlabelled
+            raise ValueError(f"split {split!r}: labels hold {float(y[np.isinf(y)][0])!r}, which is not a class index; "
+                             f"labels must be class indices (NaN or -1 for unlabelled), class names, or (N, C) 0/1.")
         if not np.all(np.mod(y[finite], 1) == 0):
             raise ValueError(f"split {split!r}: labels hold {float(y[finite][np.mod(y[finite], 1) != 0][0])!r}, which is "
                              f"not a class index; labels must be class indices, class names, or (N, C) 0/1.")
@@ -213,13 +259,17 @@ def normalise_labels(y: Any, split: str, one_finding: bool = False) -> np.ndarra
     return np.where(np.isin(names, UNLABELLED_NAMES), "", names).astype(str)
 
 
+def _is_file(path: str | Path) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # e.g. a list of class names longer than a file name can be
+        return False
+
+
 def _class_names(classes: str | None, label_arrays: list[Any]) -> list[str]:
     if classes:
         p = Path(classes)
-        try:
-            is_file = p.is_file()
-        except OSError:  # a list of names longer than a file name can be
-            is_file = False
+        is_file = _is_file(p)
         if not is_file and "," not in classes and (p.suffix or "/" in classes or "\\" in classes):
             raise FileNotFoundError(f"--classes {classes}: no such file (give a file with one class name per line, "
                                     f"or the names separated by commas).")

@@ -657,6 +657,21 @@ def write_header(f: h5py.File, config: dict[str, Any], classes: Sequence[str]) -
     f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=_STR)
 
 
+ROOT_NAMES = ("classes",)   # root members of a feature file that are not splits
+
+
+def check_split_names(names: Sequence[str]) -> None:
+    """Split names become HDF5 group names: refuse before any file is written what would nest
+    groups ('tr/ain' made a file no reader could open) or collide with the file's own members."""
+    for name in names:
+        name = str(name)
+        if not name.strip() or "/" in name or name in (".", "..") or name in ROOT_NAMES:
+            why = ("is reserved (the file's class list)" if name in ROOT_NAMES else
+                   "is empty" if not name.strip() else "holds '/' (an HDF5 path separator)" if "/" in name
+                   else "is not a name")
+            raise ValueError(f"split name {name!r} {why}; name the split e.g. train, val or test.")
+
+
 def write_split_rows(f: h5py.File, name: str, spec: SplitSpec) -> h5py.Group:
     """A split's group with what identifies its rows: paths, labels, groups."""
     g = f.create_group(name)
@@ -819,6 +834,7 @@ class StoreWriter:
             self._f = self._open_existing(classes, splits)
             self.resumed = True
         else:
+            check_split_names(list(splits))
             if self.path.exists():  # --overwrite: never replace a file another process is filling
                 _open_for_writing(self.path).close()
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -967,6 +983,8 @@ class StoreWriter:
                 stored = np.ascontiguousarray(arr, dtype=ds.dtype)
             if not np.isfinite(stored).all():
                 _refuse_non_finite(np.asarray(arr), stored, name, split)
+            if ds.dtype == np.float16 and name in ("cls", "pooled"):
+                _refuse_float16_underflow(np.asarray(arr), name, split)
             _write_runs(ds, rows, stored)
         self._write_content(g, rows, content, file_stat)
         self._f.flush()
@@ -1038,6 +1056,22 @@ def _refuse_non_finite(source: np.ndarray, stored: np.ndarray, name: str, split:
                             f"stored for this batch. Check the model and its inputs.")
 
 
+def _refuse_float16_underflow(source: np.ndarray, name: str, split: str) -> None:
+    """Never store as float16 a nonzero row whose values all sit below float16's smallest normal
+    (6.1e-05): there they keep under 3 significant digits or round to 0 (1e-8 rows became all-zero
+    rows, which k-NN then scored at chance)."""
+    if not source.size:
+        return
+    largest = np.abs(source.reshape(len(source), -1)).max(axis=1)
+    tiny = float(np.finfo(np.float16).tiny)
+    small = np.flatnonzero((largest > 0) & (largest < tiny))
+    if small.size:
+        raise FeatureStoreError(
+            f"{small.size} row(s) of {name} features in split {split!r} are nonzero but every value is below "
+            f"float16's smallest normal {tiny:.2g} (largest {float(largest[small[0]]):.3g}): stored as float16 they "
+            f"would lose their precision or become zero. Extract (or import) with --dtype float32.")
+
+
 def _fit_bytes(text: str) -> bytes:
     raw = text.encode("utf-8")
     if len(raw) <= ERROR_BYTES:
@@ -1067,6 +1101,7 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         raise FileExistsError(f"{path} exists; use another output path, or --overwrite to replace it.")
     if not splits:
         raise ValueError("no splits given: expected at least one split with 'cls' features.")
+    check_split_names(list(splits))
     first = next(iter(splits.values()))
     cls0 = np.asarray(first["cls"])
     if cls0.ndim != 2:

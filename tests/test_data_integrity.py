@@ -332,6 +332,57 @@ def test_import_refuses_what_it_would_store_wrongly(tmp_path):
         assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
 
 
+def test_import_of_what_a_second_review_found_stored_wrongly_or_crashed(tmp_path):
+    """np.savetxt labels (0.000e+00 ...) became class names sorted as text with '-1.0' a class; an
+    inf label became unlabelled; 'tr/ain' as a split name left a file no reader opens; 'classes' gave
+    an HDF5 error; 1e39 was called a NaN; 1e-8 rows were stored in float16 as zero rows; --out equal
+    to an input destroyed it; an empty --model was recorded."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.savetxt(tmp_path / "y.txt", np.array([0, 1, 2, 10, -1, 1], dtype=float))
+    (tmp_path / "b.txt").write_text("True\nFalse\ntrue\nFalse\nTrue\nfalse\n")
+    for labels, classes, expected in (("y.txt", [str(i) for i in range(11)], [0, 1, 2, 10, -1, 1]),
+                                      ("b.txt", ["0", "1"], [1, 0, 1, 0, 1, 0])):
+        r = _import(tmp_path, "--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / labels}")
+        assert r.exit_code == 0, r.output
+        with fc.open(tmp_path / "o.h5") as store:
+            assert store.classes == classes and store["train"].labels.tolist() == expected, labels
+    np.savetxt(tmp_path / "two.txt", np.array([0, 1, 0, 1, 0, 1], dtype=float))
+    r = _import(tmp_path, "--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'two.txt'}",
+                "--classes", "normal,pneumonia")
+    assert r.exit_code == 0, r.output
+    with fc.open(tmp_path / "o.h5") as store:
+        assert store.classes == ["normal", "pneumonia"] and store["train"].labels.tolist() == [0, 1, 0, 1, 0, 1]
+    np.save(tmp_path / "inf.npy", np.array([0, 1, np.inf, 1, 0, 1]))
+    np.savez(tmp_path / "nolabels.npz", other=np.arange(6))
+    np.savez(tmp_path / "big.npz", cls=np.where(np.arange(24).reshape(6, 4) == 5, 1e39, x.astype(np.float64)))
+    np.savez(tmp_path / "bigpool.npz", cls=x, pooled=np.full((6, 4), 1e39))
+    np.save(tmp_path / "tiny.npy", x * 1e-8)
+    for args, message in [
+        (["--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'inf.npy'}"],
+         "labels hold inf, which is not a class index"),
+        (["--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / 'nolabels.npz'}"],
+         "nolabels.npz has no labels: expected an array named one of labels"),
+        (["--split", f"tr/ain={tmp_path / 'x.npy'}"], "split name 'tr/ain' holds '/'"),
+        (["--split", f"classes={tmp_path / 'x.npy'}"], "split name 'classes' is reserved"),
+        (["--split", f"train={tmp_path / 'big.npz'}"], r"cls reaches 1e\+39, beyond float32's largest value"),
+        (["--split", f"train={tmp_path / 'bigpool.npz'}"], r"pooled reaches 1e\+39, beyond float32's largest value"),
+        (["--split", f"train={tmp_path / 'tiny.npy'}", "--dtype", "float16"],
+         r"6 row\(s\) of cls features in split 'train' are nonzero but every value is below float16's smallest"),
+        (["--split", f"train={tmp_path / 'x.npy'}", "--model", " "], "--model is empty"),
+    ]:
+        r = _import(tmp_path, *args)
+        assert r.exit_code != 0 and "Traceback" not in r.output, (args, r.output)
+        assert re.search(message, " ".join(r.output.split())), (message, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
+    assert _import(tmp_path, "--split", f"train={tmp_path / 'tiny.npy'}").exit_code == 0   # float32 keeps them
+    before = (tmp_path / "x.npy").read_bytes()
+    r = CliRunner().invoke(cli, ["import", "--out", str(tmp_path / "x.npy"), "--overwrite", "--split",
+                                 f"train={tmp_path / 'x.npy'}"])
+    assert r.exit_code != 0 and "is one of the inputs" in r.output and (tmp_path / "x.npy").read_bytes() == before
+
+
 def test_token_and_size_options_that_contradict_are_refused_plainly(tiny_models, tmp_path):
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
