@@ -46,8 +46,9 @@ class CommaList(click.ParamType):
         if not any(items):
             self.fail(f"expected comma-separated {kind} values; got {value!r}", param, ctx)
         if not all(items):  # '10,,200' is a typo for 10,100,200 more often than a list of two
+            example = "1e-3,1e-2" if self.cast is float else "10,20" if self.cast is int else "a,b"
             self.fail(f"empty item at position {items.index('') + 1} of {value!r}: expected comma-separated "
-                      f"{kind} values, e.g. 10,20", param, ctx)
+                      f"{kind} values, e.g. {example}", param, ctx)
         try:
             out = [self.cast.convert(v, param, ctx) if isinstance(self.cast, click.ParamType) else self.cast(v)
                    for v in items]
@@ -63,6 +64,9 @@ class CommaList(click.ParamType):
             self.fail(f"every value must be a finite number; got {value!r}", param, ctx)
         if self.minimum is not None and any(v < self.minimum for v in out):
             self.fail(f"every value must be at least {self.minimum:g}; got {value!r}", param, ctx)
+        twice = next((v for i, v in enumerate(out) if v in out[:i]), None)
+        if twice is not None:   # '--lr 1e-3,1e-3' trained two identical heads ranked 1 and 2
+            self.fail(f"gives {twice!r} twice in {value!r}; give each value once", param, ctx)
         return out
 
 
@@ -87,6 +91,12 @@ class CGrid(click.ParamType):
 
         if not isinstance(value, str) or value.strip().lower() in NAMED_CS:
             return value.strip().lower() if isinstance(value, str) else value
+        if "," not in value:
+            try:
+                float(value)
+            except ValueError:
+                self.fail(f"expected a named grid ({', '.join(NAMED_CS)}) or comma-separated numbers; got "
+                          f"{value!r}", param, ctx)
         values = CommaList(float).convert(value, param, ctx)
         if any(v <= 0 for v in values):
             self.fail(f"every C must be > 0; got {value!r}. Use e.g. --Cs 0.01,0.1,1,10 or a named grid "

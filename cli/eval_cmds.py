@@ -6,7 +6,8 @@ from typing import Any
 import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
-from featcache_cli.app import (CGrid, CommaList, Console, FeatureKind, ThresholdRule, bootstrap_count, checked_run_dir,
+from featcache_cli.app import (CGrid, CommaList, Console, FeatureKind, FiniteFloatRange, ThresholdRule, bootstrap_count,
+                               checked_run_dir,
                                cli, echo_notes, given, json_option, library_errors, per_label_rows, positive_option,
                                quiet_option, warnings_as_notes, write_json)
 
@@ -272,7 +273,7 @@ def probe(features_file, train_split, val_split, test_split, kind, cs, metric, c
               help="Which cached features of every file to compare: cls, pooled, cls+pooled, cls@N, cls@N+pooled.")
 @click.option("--k", "ks", type=CommaList(int, minimum=1), default="20", show_default=True,
               help="k-NN neighbour count (several, comma-separated, give one k-NN row per k).")
-@click.option("--temperature", type=float, default=0.07, show_default=True, help="k-NN vote temperature T > 0.")
+@click.option("--temperature", type=FiniteFloatRange(0, min_open=True), default=0.07, show_default=True, help="k-NN vote temperature T > 0.")
 @click.option("--heads", type=CommaList(str, choices=("linear",)), default=None,
               help="Also compare trained heads; only 'linear' for now: the best linear head of a small sweep "
                    "(lr 1e-3,1e-2 x wd 0,1e-4, chosen on val).")

@@ -10,7 +10,7 @@ import click
 
 from featcache.names import DTYPES, TOKEN_MODES
 from featcache.store import FeatureStoreError
-from featcache_cli.app import cli, device_option, json_option, print_table, quiet_option, write_json
+from featcache_cli.app import cli, device_option, given, json_option, print_table, quiet_option, write_json
 
 
 def _nonempty(value: str, option: str, expected: str) -> str:
@@ -86,6 +86,9 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if update and overwrite:
         raise click.UsageError("--update keeps the stored features and --overwrite replaces the file: give one of them.")
+    if given("token_mode") and num_tokens is None:   # it was ignored, and the file said nothing of it
+        raise click.UsageError(f"--token-mode {token_mode} says how to reach --num-tokens, and none is given: add "
+                               f"--num-tokens N (with --tokens full, unless --token-mode native), or drop --token-mode.")
     cores = os.cpu_count() or 1
     if workers is not None and workers > cores:
         click.echo(f"warning: --workers {workers} exceeds the {cores} CPU cores; using {cores}.", err=True)
@@ -109,6 +112,14 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
                                    f"command again to resume.") from None
     except (BackboneError, FeatureStoreError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        # the OOM killer (or a signal) ended a decoding process: torch's 88-line traceback said nothing
+        # of what was saved or what to do
+        raise click.ClickException(f"a decoding worker died ({str(exc).splitlines()[0].rstrip('. ')}; out of "
+                                   f"memory?). {saved_rows_line(out, update)} Run the same command again to resume, "
+                                   f"with fewer --workers (or --workers 0) if memory is short.") from None
     state = "resumed" if summary.resumed else "created"
     if summary.updated:
         state = (f"updated ({summary.rows_reused} rows reused from the old file, {summary.rows_dropped} dropped "

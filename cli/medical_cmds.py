@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import click
 
-from featcache_cli.app import FiniteFloatRange, cli, device_option, json_option, print_table, quiet_option, write_json
+from featcache_cli.app import (FiniteFloatRange, checked_output_file, cli, device_option, json_option, print_table,
+                               quiet_option, write_json)
 
 
 @cli.command("split")
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the manifest with its new `split` column (train/val/test).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), callback=checked_output_file,
+              help="Where to write the manifest with its new `split` column (train/val/test); never a "
+                   "feature file or a run directory's own file.")
 @click.option("--group", default=None,
               help="Column of group ids (patient / study); no group is put in two splits. Default: the "
                    "column named 'group' when the manifest has one (as extract reads it), else every row "

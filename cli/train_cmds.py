@@ -233,7 +233,7 @@ def sweep(features_file, head, lrs, wds, feature_list, bootstrap, threshold, **k
 @click.argument("run_dir", type=click.Path(exists=True))
 @click.argument("features_file", metavar="FEATURES", type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default=None, help="Split to predict [default: test, or the file's only split unless it is train].")
-@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), callback=checked_output_file, help="CSV to write: image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, allow_dash=True), callback=checked_output_file, help="CSV to write ('-' for standard output; the messages then go to standard error): image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction.")
 @click.option("--threshold", default=None, metavar="P", callback=lambda ctx, param, v: _probability(v), help="Binary / multi-label decision threshold, a number in (0, 1) [default: the one saved with the head, else 0.5]. Rules such as youden are chosen on validation at training time (train / probe / sweep --threshold).")
 @click.option("--positive-class", default=None, metavar="NAME", help="Binary heads: the class whose probability is written and thresholded [default: the positive class saved with the head]; another class does not use the saved threshold.")
 @quiet_option
@@ -247,7 +247,7 @@ def predict(run_dir, features_file, split, out_csv, threshold, positive_class, q
 
     pred = run_predict(run_dir, features_file, split, threshold=threshold, positive_class=positive_class)
     write_predictions_csv(pred, out_csv)
-    console = Console(quiet)
+    console = Console(quiet, out_csv)   # '-': the CSV took standard output, messages go to standard error
     console.note(pred.head)
     echo_notes(console, pred.notes)
     rule = ""
@@ -258,4 +258,5 @@ def predict(run_dir, features_file, split, out_csv, threshold, positive_class, q
         values = (", ".join(f"{c} {v:.4g}" for c, v in zip(pred.classes, t)) if isinstance(t, (list, tuple))
                   else f"{t:.4g} for every label")
         rule = f" (thresholds {values}: {pred.threshold_source})"
-    click.echo(f"wrote {len(pred.paths)} predictions to {out_csv}{rule}")
+    click.echo(f"wrote {len(pred.paths)} predictions to {'standard output' if out_csv == '-' else out_csv}{rule}",
+               err=out_csv == "-")

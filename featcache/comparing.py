@@ -34,6 +34,7 @@ from featcache.evaluation import (FewShotResult, SplitArrays, cached_split_array
 from featcache.metrics import (CLASS_AVERAGED, PROPORTION_METRICS, class_checker, decide, f1_class_checker,
                                few_units_warning, flat_warning, group_keys, proportion_hits, proportion_interval,
                                resample_indices, resolve_positive, scalar_metrics, scarce_classes, scarce_warning)
+from featcache.names import VAL_SPLIT
 from featcache.plots import compare_plot, few_shot_plot
 from featcache.runs import write_run
 from featcache.store import OWN_GROUP, FeatureStore, check_distinct_splits, resolve_val_split
@@ -261,6 +262,10 @@ def compare(paths: Sequence[str | Path], *, features: str = "cls", ks: Sequence[
         stores = [stack.enter_context(FeatureStore(p)) for p in paths]
         val_split = resolve_val_split(stores[0].splits, val_split)
         with_val = [n for n, store in zip(names, stores) if val_split in store.splits]
+        if not with_val and val_split not in (None, "none", VAL_SPLIT):   # a typo must not mean cross-validation
+            raise ValueError(f"--val-split {val_split!r}: no file has such a split ({names[0]} has "
+                             f"{', '.join(stores[0].splits)}); give one of those, or none (C by cross-validation "
+                             f"on {train_split!r}).")
         if with_val and len(with_val) < len(names):
             without = [n for n in names if n not in with_val]
             own = {n: resolve_val_split(store.splits) for n, store in zip(names, stores) if n in without}

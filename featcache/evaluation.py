@@ -281,6 +281,9 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     else:
         notes += train_coverage_notes(train.y, classes, train_split)
     rule = None if threshold in (None, "0.5") else threshold
+    if rule is not None and not multilabel and len(classes) > 2:   # before the sweep, and before the rules below
+        raise ValueError(f"--threshold {rule} applies to binary and multi-label tasks; this one has {len(classes)} "
+                         f"classes and decides by argmax: drop --threshold.")
     if rule is not None and val is None and not _is_number(rule):  # before the CV sweep, not after it
         raise ValueError(f"--threshold {rule} is chosen on a validation split; {store.path.name} has none (the probe "
                          f"chose C by cross-validation). Give a number, or add a validation split.")

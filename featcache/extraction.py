@@ -19,6 +19,7 @@ import platform
 import queue
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -271,11 +272,17 @@ def prepare_backbone(cfg: ExtractConfig) -> tuple[Backbone, TokenLayout]:
     if cfg.image_size is not None and cfg.token_mode == "native":
         raise ValueError(f"--image-size and --token-mode native both set the input size (native mode sizes it from "
                          f"--num-tokens {cfg.num_tokens}); give one of them.")
-    backbone = load_backbone(cfg.model, revision=cfg.revision, image_size=cfg.image_size)
+    with warnings.catch_warnings(record=True) as size_notes:
+        # held back until the model is known to run at that size: a fixed-size model refuses every
+        # size but its own, so "use 28 or 32" (not a multiple of the patch) would mislead
+        warnings.simplefilter("always")
+        backbone = load_backbone(cfg.model, revision=cfg.revision, image_size=cfg.image_size)
     if cfg.blocks is not None:
         backbone.check_blocks(cfg.blocks)
     try:
         source = backbone.layout()
+        for note in size_notes:
+            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     except ValueError as exc:
         if "doesn't match" not in str(exc):
             raise

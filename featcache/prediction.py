@@ -442,31 +442,42 @@ def exact_text(value: float) -> str:
     return repr(float(value))
 
 
-def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path:
-    """image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction."""
+def write_predictions_csv(pred: Predictions, out: str | os.PathLike) -> Path | None:
+    """image_path, probability (= P(positive class), binary) or prob_<class>, label, prediction;
+    out '-' is standard output (returns None)."""
+    if str(out) == "-":
+        import sys
+
+        _write_prediction_rows(pred, sys.stdout)
+        sys.stdout.flush()
+        return None
     out = check_output_file(out, "predictions CSV")
     if out.is_symlink():  # write through the link, as a plain open() would: the link stays a link
         out = Path(os.path.realpath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    classes, proba, decided = pred.classes, pred.proba, pred.decisions()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # written aside: a kill never leaves half a CSV
     with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        if pred.multilabel:
-            w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + [f"label_{c}" for c in classes]
-                       + [f"pred_{c}" for c in classes])
-            for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
-                w.writerow([p, *map(exact_text, pr), *("" if v < 0 else int(v) for v in lab), *map(int, d)])
-        elif len(classes) == 2:
-            w.writerow(["image_path", "probability", "label", "prediction"])
-            for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
-                w.writerow([p, exact_text(pr[pred.positive]), classes[lab] if lab >= 0 else "", classes[d]])
-        else:
-            w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + ["label", "prediction"])
-            for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
-                w.writerow([p, *map(exact_text, pr), classes[lab] if lab >= 0 else "", classes[d]])
+        _write_prediction_rows(pred, fh)
     os.replace(tmp, out)
     return out
+
+
+def _write_prediction_rows(pred: Predictions, fh: Any) -> None:
+    classes, proba, decided = pred.classes, pred.proba, pred.decisions()
+    w = csv.writer(fh)
+    if pred.multilabel:
+        w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + [f"label_{c}" for c in classes]
+                   + [f"pred_{c}" for c in classes])
+        for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
+            w.writerow([p, *map(exact_text, pr), *("" if v < 0 else int(v) for v in lab), *map(int, d)])
+    elif len(classes) == 2:
+        w.writerow(["image_path", "probability", "label", "prediction"])
+        for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
+            w.writerow([p, exact_text(pr[pred.positive]), classes[lab] if lab >= 0 else "", classes[d]])
+    else:
+        w.writerow(["image_path"] + [f"prob_{c}" for c in classes] + ["label", "prediction"])
+        for p, pr, lab, d in zip(pred.paths, proba, pred.labels, decided):
+            w.writerow([p, *map(exact_text, pr), classes[lab] if lab >= 0 else "", classes[d]])
 
 
 def probe_head_payload(probe: Any, *, classes: list[str], fingerprint: str, model_name: str | None, features: str,

@@ -274,11 +274,20 @@ def read_manifest(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist; give a CSV with a header row such as "
                                 f"path,label,patient_id.")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-        reader = csv.DictReader(fh, dialect=dialect)
-        columns = list(reader.fieldnames or [])
-        rows = [dict(r) for r in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+            reader = csv.DictReader(fh, dialect=dialect)
+            columns = list(reader.fieldnames or [])
+            rows = [dict(r) for r in reader]
+    except UnicodeDecodeError:   # a feature file, an image, a spreadsheet given as the manifest
+        with path.open("rb") as fh:
+            head = fh.read(8)
+        what = ("an HDF5 file (a feature file?)" if head == b"\x89HDF\r\n\x1a\n" else
+                "an Excel workbook" if head.startswith(b"PK") or head.startswith(b"\xd0\xcf\x11\xe0") else
+                "not UTF-8 text")
+        raise ValueError(f"manifest {path} is {what}, not a CSV; give a CSV (UTF-8) with a header row such as "
+                         f"path,label,patient_id (a spreadsheet: save it as CSV).") from None
     if not columns:
         raise ValueError(f"manifest {path} is empty; expected a header row such as path,label,patient_id.")
     if not rows:
