@@ -206,7 +206,7 @@ def _pairs(values, option: str) -> dict[str, str]:
 @cli.command()
 @click.argument("features", type=click.Path(exists=True, dir_okay=False))
 @json_option
-@click.option("--errors", "show_errors", type=int, default=10, show_default=True, help="How many skipped inputs (unreadable, or refused: decompression bombs, multi-frame DICOM without --frame) to list per split.")
+@click.option("--errors", "show_errors", type=click.IntRange(min=0), default=10, show_default=True, help="How many skipped inputs (unreadable, or refused: decompression bombs, multi-frame DICOM without --frame) to list per split.")
 def info(features, json_path, show_errors):
     """Describe a feature file: model, token layout, splits, rows done, class counts, errors.
 

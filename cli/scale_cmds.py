@@ -11,7 +11,7 @@ from featcache_cli.app import cli, device_option, json_option, print_table, writ
 @device_option
 @click.option("--runs", type=click.IntRange(min=5), default=50, show_default=True, help="Timed batch-1 forwards for the latency median and p90.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size of the throughput measurement.")
-@click.option("--amp", is_flag=True, help="bf16 autocast.")
+@click.option("--amp", is_flag=True, help="bf16 autocast on a GPU (ignored on CPU, as extract ignores it).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None,
               help="Override the processor's input size (px, square; a multiple of the patch size).")
 @json_option
@@ -26,6 +26,9 @@ def bench(models, device, runs, batch_size, amp, image_size, json_path):
 
     try:
         dev = resolve_device(device)
+        if amp and dev.type != "cuda":
+            click.echo(f"warning: --amp is bf16 autocast on a GPU; on {dev} it is ignored, as extract ignores it, so "
+                       f"these figures are of what extract runs here.", err=True)
         results = [bench_model(m, dev, runs=runs, batch_size=batch_size, amp=amp, image_size=image_size)
                    for m in models]
     except (BackboneError, ValueError) as exc:
@@ -33,6 +36,6 @@ def bench(models, device, runs, batch_size, amp, image_size, json_path):
     rows = [{"model": r.model, "input": f"{r.input_size[0]}x{r.input_size[1]}", "params_M": r.params_m,
              "GFLOPs": r.gflops, "lat_p50_ms": r.latency_ms_p50, "lat_p90_ms": r.latency_ms_p90,
              f"img/s@{batch_size}": r.images_per_s, "peak_MB": r.peak_mem_mb} for r in results]
-    print_table(rows, title=f"device {dev}, amp {'on' if amp else 'off'}, peak memory = {results[0].peak_mem_kind}",
+    print_table(rows, title=f"device {dev}, amp {'on' if results[0].amp else 'off'}, peak memory = {results[0].peak_mem_kind}",
                 err=json_path == "-")
     write_json(json_path, [r.as_dict() for r in results])

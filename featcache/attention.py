@@ -18,6 +18,7 @@ switched to the "eager" implementation, which gives the same outputs and the wei
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -279,11 +280,21 @@ class AttentionRun:
     grid_shape: tuple[int, int] = (0, 0)        # patch grid (h, w)
 
 
+PARTIAL = "attention.partial.txt"   # the figures a run has written so far, one name per line
+
+
 def remove_earlier_outputs(out: Path) -> None:
     """Remove what an earlier attention run wrote into ``out``: the figures its attention.npz
     names (a run before the npz named them: the names it gives its images' figures), grid.png and
-    the npz itself. Only those exact names are removed; a directory without an attention.npz, or
-    with one that cannot be read (a run killed while writing it), keeps every file."""
+    the npz itself, or, for a run interrupted before its npz, the figures its PARTIAL list names.
+    Only those exact names are removed; a directory without either, or with an npz that cannot be
+    read (a run killed while writing it), keeps every file."""
+    partial = out / PARTIAL
+    if partial.is_file():
+        for name in [*partial.read_text(encoding="utf-8").splitlines(), PARTIAL]:
+            target = out / Path(name).name  # a name only: never outside out
+            if name and target.is_file():
+                target.unlink()
     npz = out / "attention.npz"
     if not npz.is_file():
         return
@@ -355,6 +366,11 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
             run.paths.append(path)
             means.append(maps.mean[j])
             images.append(image)
+        # what this run has drawn, so that an interrupted run's figures are removed by the next one
+        tmp = out / (PARTIAL + ".tmp")
+        tmp.write_text("".join(f"{name}\n" for name in [*(f.name for f in run.figures), "grid.png"]),
+                       encoding="utf-8")   # grid.png: the one figure written after the last batch
+        os.replace(tmp, out / PARTIAL)
 
     from tqdm.auto import tqdm
 
@@ -394,4 +410,5 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
         arrays["heads"] = np.stack(heads_all)
     run.arrays = out / "attention.npz"
     np.savez_compressed(run.arrays, **arrays)
+    (out / PARTIAL).unlink(missing_ok=True)   # the npz names every figure now
     return run

@@ -83,7 +83,9 @@ def _sync(device: torch.device) -> None:
 
 def bench_model(model: str, device: torch.device, runs: int = 50, batch_size: int = 32, amp: bool = False,
                 image_size: int | None = None, warmup: int = 5, batches: int = 5) -> BenchResult:
-    """Measure one backbone on random pixels at its processor's input size."""
+    """Measure one backbone on random pixels at its processor's input size. `amp` (bf16 autocast)
+    applies on a GPU only, as in extraction: a CPU figure is of what extract runs there."""
+    amp = amp and device.type == "cuda"
     own_peak = device.type != "cuda" and _reset_peak_rss()
     # strict: GFLOPs of a size the model does not see whole would be mislabelled
     backbone = load_backbone(model, image_size=image_size, strict_image_size=True).to(device)

@@ -232,3 +232,32 @@ def test_earlier_outputs_are_removed_by_name_only(models, images, tmp_path, capl
     assert again.exit_code == 0, again.output
     assert "could not be read" in caplog.text and (out / "0001_ct.png").read_bytes() == b"old"
     assert np.load(out / "attention.npz")["mean"].shape == (1, 8, 8)
+
+
+def test_an_interrupted_runs_figures_are_removed_by_the_next_run(models, images, tmp_path, monkeypatch):
+    """Ctrl-C after some batches left their PNGs without an attention.npz, and the next run into
+    the same --out left them beside its own figures."""
+    import featcache.attention as attention
+    import featcache_cli.main as main
+
+    out = tmp_path / "attn"
+    args = ["attention", "--model", str(models["vit"]), "--data", str(images), "--out", str(out), "--quiet",
+            "--batch-size", "1"]
+    real, drawn = attention.save_image_figure, []
+
+    def interrupt_after_two(*a, **k):
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(attention, "save_image_figure", interrupt_after_two)
+        assert CliRunner().invoke(main.cli, args).exit_code != 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000_img0.png", "0001_img1.png"]
+    assert not (out / "attention.npz").exists() and (out / attention.PARTIAL).exists()
+    (out / "0007_mine.png").write_bytes(b"mine")   # not written by a run: kept
+    second = CliRunner().invoke(main.cli, [*args[:4], str(images / "img3.png"), *args[5:]])
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000_img3.png", "0007_mine.png", "grid.png"]
+    assert not (out / attention.PARTIAL).exists()
