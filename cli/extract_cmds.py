@@ -162,7 +162,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
 @click.option("--labels", "label_files", multiple=True, metavar="NAME=FILE", help="Labels of a split when its feature file has none: .npy, .pt, or a text file with one label per line.")
 @click.option("--paths", "path_files", multiple=True, metavar="NAME=FILE", help="Text file with one image path per row of a split.")
 @click.option("--classes", default=None, help="Class names, comma-separated or a text file with one per line. Default: sorted unique labels.")
-@click.option("--model", default="imported", show_default=True, help="Name of the model the features came from (recorded and fingerprinted).")
+@click.option("--model", default="imported", show_default=True, help="Name of the model the features came from (recorded and fingerprinted: give it, so that predict and compare can tell two backbones' imports apart).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Storage dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @json_option

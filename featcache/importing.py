@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from featcache.names import UNLABELLED_NAMES
+from featcache.names import IMPORTED_MODEL, UNLABELLED_NAMES
 from featcache.sources import warn_unlabelled_markers
 from featcache.store import READ_LOCKING, FeatureStore, check_finite, write_arrays
 
@@ -161,7 +161,7 @@ def _floats(lines: list[str]) -> np.ndarray | None:
 
 def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels: Mapping[str, str | Path] | None = None,
                     paths: Mapping[str, str | Path] | None = None, classes: str | None = None,
-                    model: str = "imported", dtype: str = "float32", overwrite: bool = False) -> FeatureStore:
+                    model: str = IMPORTED_MODEL, dtype: str = "float32", overwrite: bool = False) -> FeatureStore:
     """Write a featcache file from per-split array files; labels may be ints or class names."""
     labels, paths = dict(labels or {}), dict(paths or {})
     unknown = (set(labels) | set(paths)) - set(splits)

@@ -27,6 +27,8 @@ VAL_ALIASES = ("validation", "valid", "dev")
 # Face string columns, imported names), as -1 does for class indices ("nan": numpy's text of a NaN
 # in an array of names)
 UNLABELLED_NAMES = ("", "-1", "nan", "NaN")
+# the model name `featcache import` records without --model: it fingerprints no backbone
+IMPORTED_MODEL = "imported"
 # storage dtype of features
 DTYPES = ("float16", "float32")
 # hex digits kept per row of the sha256 of its input bytes (a feature file's `content`; 128 bits)

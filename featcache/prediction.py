@@ -27,6 +27,7 @@ from featcache.cached_splits import epoch_batches
 from featcache.heads import HeadSpec, build_head, uses_tokens
 from featcache.metrics import (DEFAULT_THRESHOLD_RULE, decide, threshold_provenance, tuned_on_validation,
                                untuned_reasons)
+from featcache.names import IMPORTED_MODEL
 from featcache.runs import check_output_file, read_json, write_json
 from featcache.store import FeatureStore, FeatureStoreError, config_differences, read_rows
 
@@ -305,6 +306,10 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
             labels, notes = file_labels, []
         if fallback:
             notes = notes + [f"{Path(features_file).name} has no split 'test': predicted its only split, {fallback!r}."]
+        if store.config.get("model") == IMPORTED_MODEL and store.config.get("tokens") == "imported":
+            notes = notes + [f"{Path(features_file).name} and the head's training file were imported without --model, "
+                             f"so their fingerprint cannot tell two backbones apart: make sure both hold features of "
+                             f"the same model (import with --model NAME to have it checked)."]
         if left_out:  # rows whose image could not be read (or not yet extracted) have no features
             notes = notes + [f"{left_out} of the {view.n} rows of split {split!r} have no features (unreadable "
                              f"images are listed by `featcache info`) and are not in the predictions."]

@@ -111,3 +111,20 @@ def test_extract_option_mistakes(tiny_vit, digits_dir, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "a decoding worker died (DataLoader worker (pid 4242) is killed by signal: Killed; out of memory?)" in r.output
     assert "Run the same command again to resume, with fewer --workers" in r.output
+
+
+def test_predict_on_an_import_without_model_names_the_unchecked_backbone(tmp_path):
+    """Every import without --model has one fingerprint, so a head of one backbone's import was
+    applied to another's without a word."""
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 60), ("val", 20), ("test", 20), ("other", 5)):
+        np.savez(tmp_path / f"{name}.npz", cls=rng.normal(size=(n, 8)).astype(np.float32), labels=np.arange(n) % 2)
+    r = _run("import", "--out", tmp_path / "a.h5", *(f"--split={s}={tmp_path / s}.npz" for s in ("train", "val", "test")))
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "run"
+    assert _run("probe", tmp_path / "a.h5", "--Cs", "1", "--no-refit", "--out", run, "-q").exit_code == 0
+    r = _run("import", "--out", tmp_path / "imp.h5", "--split", f"test={tmp_path / 'other.npz'}")
+    assert r.exit_code == 0, r.output
+    r = _run("predict", run, tmp_path / "imp.h5", "--out", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.output
+    assert "imported without --model, so their fingerprint cannot tell two backbones apart" in r.output
