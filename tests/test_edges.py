@@ -473,7 +473,7 @@ def test_compare_refuses_one_split_in_two_roles(digits_feature_file, tmp_path):
     (["knn", "--temperature", "nan"], "every value must be a finite number"),
     (["knn", "--k", "10,,20"], "empty item at position 2 of '10,,20'"),
     (["probe", "--Cs", "0"], "every C must be > 0"),
-    (["probe", "--Cs", "abc"], "expected comma-separated float values"),
+    (["probe", "--Cs", "abc"], "expected a named grid (default, dinov2) or comma-separated numbers"),
     (["knn", "--tries", "3"], "--tries applies to few-shot curves: add --shots"),
     (["probe", "--tries", "3"], "--tries applies to few-shot curves: add --shots"),
 ])
