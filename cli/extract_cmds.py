@@ -86,7 +86,7 @@ def extract(model, data, out, revision, tokens, num_tokens, token_mode, blocks, 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if update and overwrite:
         raise click.UsageError("--update keeps the stored features and --overwrite replaces the file: give one of them.")
-    if given("token_mode") and num_tokens is None:   # it was ignored, and the file said nothing of it
+    if given("token_mode") and token_mode != "resize" and num_tokens is None:   # ignored, and the file said nothing
         raise click.UsageError(f"--token-mode {token_mode} says how to reach --num-tokens, and none is given: add "
                                f"--num-tokens N (with --tokens full, unless --token-mode native), or drop --token-mode.")
     cores = os.cpu_count() or 1

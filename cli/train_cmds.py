@@ -162,7 +162,7 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
         t.extra_metrics_["repeats"] = summary
     # every note printed is also in --json and metrics.json
     t.notes_ += [n for n in _unused_options(t) if n not in t.notes_]
-    echo_notes(console, t.notes_, {"val": t.val_metrics_, "test": t.test_metrics_})
+    echo_notes(console, t.notes_, {t.split_names_["val"]: t.val_metrics_, t.split_names_["test"]: t.test_metrics_})
     if tuned_on_validation(t.threshold_rule_) and t.threshold_ is not None:
         value = t.threshold_ if isinstance(t.threshold_, float) else [round(v, 4) for v in t.threshold_]
         console.echo(f"threshold ({_where_chosen(t)}): {value}")
@@ -208,7 +208,8 @@ def sweep(features_file, head, lrs, wds, feature_list, bootstrap, threshold, **k
     t = result.trainer
     intervals = _attach_intervals(t, bootstrap)  # of the best head's test metrics, chosen on validation
     result.notes += _unused_options(t)  # every note printed is also in --json and metrics.json
-    echo_notes(console, result.notes + t.notes_, {"val": t.val_metrics_, "test": t.test_metrics_})
+    echo_notes(console, result.notes + t.notes_, {t.split_names_["val"]: t.val_metrics_,
+                                                 t.split_names_["test"]: t.test_metrics_})
     shown = [dict(r, best_epoch=f"diverged at {r['diverged_at']}") if r["diverged_at"] is not None else r
              for r in result.leaderboard]
     console.table(shown, ["rank", "features", "lr", "weight_decay", "best_epoch", metric],

@@ -352,6 +352,14 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
             out.mkdir(parents=True, exist_ok=True)
             remove_earlier_outputs(out)
         run.grid_shape = maps.grid
+        # the figures this batch is about to draw are listed first, so that a run interrupted while
+        # drawing them leaves none the next run into --out does not know of
+        planned = [f"{_safe_stem(len(run.paths) + j, path)}{tail}.png" for j, (path, _) in enumerate(batch)
+                   for tail in ("", "_heads") if tail == "" or per_head]
+        tmp = out / (PARTIAL + ".tmp")
+        tmp.write_text("".join(f"{name}\n" for name in [*(f.name for f in run.figures), *planned, "grid.png"]),
+                       encoding="utf-8")   # grid.png: the one figure written after the last batch
+        os.replace(tmp, out / PARTIAL)
         for j, (path, px) in enumerate(batch):
             i = len(run.paths)
             image = display_image(px, backbone.processor)
@@ -366,11 +374,6 @@ def attention_maps_for_images(model: str | Backbone, files: Sequence[Path], out:
             run.paths.append(path)
             means.append(maps.mean[j])
             images.append(image)
-        # what this run has drawn, so that an interrupted run's figures are removed by the next one
-        tmp = out / (PARTIAL + ".tmp")
-        tmp.write_text("".join(f"{name}\n" for name in [*(f.name for f in run.figures), "grid.png"]),
-                       encoding="utf-8")   # grid.png: the one figure written after the last batch
-        os.replace(tmp, out / PARTIAL)
 
     from tqdm.auto import tqdm
 

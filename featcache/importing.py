@@ -127,9 +127,11 @@ def _to_numpy(value: Any) -> Any:
     return value
 
 
-def load_labels_file(path: str | Path) -> np.ndarray:
-    """Labels from .npy / .pt, or a text file with one label per line (class names, or class
-    indices when every line is an integer)."""
+def load_labels_file(path: str | Path, class_names: list[str] | None = None) -> np.ndarray:
+    """Labels from .npy / .pt, or a text file with one label per line: class names, or class
+    indices when every line is an integer, a whole-number float (NaN unlabelled) or a bool, unless
+    every label is one of `class_names` (--classes "1.0,0.0" names those texts). A file with a
+    fraction (grades 2.5, ICD codes 401.9) holds names."""
     path = Path(path)
     if path.suffix.lower() in (".npy", ".npz", ".pt", ".pth", ".h5", ".hdf5"):
         found = load_array_file(path, labels_only=True)
@@ -137,6 +139,8 @@ def load_labels_file(path: str | Path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
     lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if class_names and set(lines) - set(UNLABELLED_NAMES) <= set(class_names):
+        return np.array(lines)   # every label is a --classes name: names, whatever they look like
     if lines and all(line.lstrip("-").isdigit() for line in lines):
         # class indices, as in a .npy of ints: they index --classes, and without it name classes
         # "0".."max" in numeric order (not "0", "1", "10", "2")
@@ -144,9 +148,10 @@ def load_labels_file(path: str | Path) -> np.ndarray:
     if lines and all(line.lower() in ("true", "false") for line in lines):
         return np.array([line.lower() == "true" for line in lines])   # bools: indices 0 / 1
     numbers = _floats(lines)
-    if numbers is not None and not np.isnan(numbers).all():
+    finite = numbers[np.isfinite(numbers)] if numbers is not None else None
+    if finite is not None and finite.size and np.all(np.mod(finite, 1) == 0) and not np.isinf(numbers).any():
         # whole-number floats (np.savetxt writes 0.000000000000000000e+00), NaN unlabelled: indices,
-        # as in a .npy of floats (normalise_labels refuses a fraction or inf)
+        # as in a .npy of floats
         return numbers
     return np.array(lines)
 
@@ -177,8 +182,9 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
         raise ValueError(f"--out {out} is one of the inputs ({clash}): writing there would destroy it; give "
                          f"another file name.")
     data = {name: load_array_file(file) for name, file in splits.items()}
+    given_names = _class_names(classes, []) if classes else None
     for name, file in labels.items():
-        data[name]["labels"] = load_labels_file(file)
+        data[name]["labels"] = load_labels_file(file, given_names)
     for name, file in paths.items():
         data[name]["paths"] = [p.strip() for p in Path(file).read_text(encoding="utf-8-sig").splitlines() if p.strip()]
     one_finding = classes is not None and len(_class_names(classes, [])) == 1  # (N, 1) 0/1 is then that finding

@@ -81,9 +81,10 @@ def check_fits_in_memory(rows: int, outputs: int, features: int, available: int 
     if available is None or need <= available:
         return
     gib = 2.0 ** 30
+    shape = f"{rows:,} rows x {outputs:,} classes" if outputs > 1 else f"{rows:,} rows (one logit each)"
     raise ValueError(
-        f"a logistic probe of {rows:,} rows x {outputs:,} classes holds at least {need / gib:.1f} GiB "
-        f"at once ({PEAK_LOGIT_ARRAYS} float64 arrays of rows x classes, the logits of its L-BFGS "
+        f"a logistic probe of {shape} holds at least {need / gib:.1f} GiB "
+        f"at once ({PEAK_LOGIT_ARRAYS} float64 arrays of its logits, for its L-BFGS "
         f"line search, and the features), but this machine has {available / gib:.1f} GiB of memory "
         f"and swap available. Fit on fewer training rows, or train a linear head by minibatches, "
         f"whose memory is one batch's: featcache train --head linear (or sweep --heads linear).")

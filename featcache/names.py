@@ -29,6 +29,8 @@ VAL_ALIASES = ("validation", "valid", "dev")
 UNLABELLED_NAMES = ("", "-1", "nan", "NaN")
 # the model name `featcache import` records without --model: it fingerprints no backbone
 IMPORTED_MODEL = "imported"
+# the first 8 bytes of every HDF5 file: a feature file given where a CSV or JSON goes
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # storage dtype of features
 DTYPES = ("float16", "float32")
 # hex digits kept per row of the sha256 of its input bytes (a feature file's `content`; 128 bits)

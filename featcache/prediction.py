@@ -307,9 +307,10 @@ def predict(run_dir: str | os.PathLike, features_file: str | os.PathLike, split:
         if fallback:
             notes = notes + [f"{Path(features_file).name} has no split 'test': predicted its only split, {fallback!r}."]
         if store.config.get("model") == IMPORTED_MODEL and store.config.get("tokens") == "imported":
-            notes = notes + [f"{Path(features_file).name} and the head's training file were imported without --model, "
-                             f"so their fingerprint cannot tell two backbones apart: make sure both hold features of "
-                             f"the same model (import with --model NAME to have it checked)."]
+            notes = notes + [f"{Path(features_file).name} and the head's training file were imported under the model "
+                             f"name {IMPORTED_MODEL!r} (import's default), so their fingerprint cannot tell two "
+                             f"backbones apart: make sure both hold features of the same model (import with --model "
+                             f"NAME to have it checked)."]
         if left_out:  # rows whose image could not be read (or not yet extracted) have no features
             notes = notes + [f"{left_out} of the {view.n} rows of split {split!r} have no features (unreadable "
                              f"images are listed by `featcache info`) and are not in the predictions."]

@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from featcache.names import HDF5_SIGNATURE
+
 RUN_KINDS = ("train", "sweep", "probe", "knn", "compare")
 
 
@@ -107,7 +109,6 @@ RUN_FILES = ("config.json", "metrics.json")  # what makes a directory a run dire
 # every file a run directory of featcache holds (replaced by a new run; anything else there is kept)
 OWN_FILES = ("metrics.json", "config.json", "history.json", "sweep_history.json", "head.json", "head.safetensors")
 WRITING_LOCK = ".featcache-writing"  # a run being written: holds the writer's pid
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> Path:
@@ -172,8 +173,9 @@ def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str,
     head (``(tensors, metadata)`` for prediction.save_head), figures (a callback that draws into
     RUN/figures) and other JSON files (`extra_json`: name -> object, e.g. sweep_history.json).
 
-    An earlier run's own files there (OWN_FILES, figures/) are removed first, metrics.json first,
-    and the new ones written with metrics.json last: RUN never mixes two runs, and a kill leaves a
+    An earlier run's own files there (OWN_FILES, figures/) are removed first, metrics.json first
+    (then the new config.json is written, so a run stopped while clearing is still a run's), and the
+    new ones written with metrics.json last: RUN never mixes two runs, and a kill leaves a
     directory without metrics.json, which report and predict refuse as unfinished. Other files in
     RUN (a --json summary, notes, the feature file) are kept. One writer at a time (WRITING_LOCK)."""
     import shutil
@@ -184,14 +186,16 @@ def write_run(out: str | os.PathLike, config: dict[str, Any], metrics: dict[str,
         raise ValueError(f"run kind must be one of {', '.join(RUN_KINDS)}; got {kind!r}.")
     out.mkdir(parents=True, exist_ok=True)
     with _writing(out):
-        for name in OWN_FILES:  # metrics.json first: from here on RUN reads as unfinished
-            (out / name).unlink(missing_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)   # from here on RUN reads as unfinished ...
+        write_json(out / "config.json", config)           # ... and as a run's (its kind), whatever stops it
+        for name in OWN_FILES:
+            if name not in ("metrics.json", "config.json"):
+                (out / name).unlink(missing_ok=True)
         fig_dir = out / "figures"
         if fig_dir.is_symlink():
             fig_dir.unlink()
         elif fig_dir.is_dir():
             shutil.rmtree(fig_dir)
-        write_json(out / "config.json", config)
         if history is not None:
             write_json(out / "history.json", history)
         for name, obj in (extra_json or {}).items():

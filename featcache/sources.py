@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 import numpy as np
 
-from featcache.names import CONTENT_CHARS, UNLABELLED_NAMES
+from featcache.names import CONTENT_CHARS, HDF5_SIGNATURE, UNLABELLED_NAMES
 
 log = logging.getLogger("featcache")
 
@@ -283,7 +283,7 @@ def read_manifest(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     except UnicodeDecodeError:   # a feature file, an image, a spreadsheet given as the manifest
         with path.open("rb") as fh:
             head = fh.read(8)
-        what = ("an HDF5 file (a feature file?)" if head == b"\x89HDF\r\n\x1a\n" else
+        what = ("an HDF5 file (a feature file?)" if head == HDF5_SIGNATURE else
                 "an Excel workbook" if head.startswith(b"PK") or head.startswith(b"\xd0\xcf\x11\xe0") else
                 "not UTF-8 text")
         raise ValueError(f"manifest {path} is {what}, not a CSV; give a CSV (UTF-8) with a header row such as "
@@ -465,6 +465,13 @@ def decode_image_bytes(data: bytes, options: DecodeOptions = DecodeOptions()) ->
     return _decode_pil(io.BytesIO(data), options)
 
 
+def check_pixel_count(width: int, height: int, options: DecodeOptions) -> None:
+    """The one decompression-bomb rule (PIL images and DICOM frames alike): at most max_pixels."""
+    if width * height > options.max_pixels:
+        raise ImageDecodeError(f"decompression bomb: {width}x{height} px exceeds the limit of "
+                               f"{options.max_pixels} px")
+
+
 def _decode_pil(source: "Path | object", options: DecodeOptions) -> "Image.Image":
     """PIL decode of a path or file object with the decompression-bomb limit, then to_rgb."""
     from PIL import Image
@@ -475,9 +482,7 @@ def _decode_pil(source: "Path | object", options: DecodeOptions) -> "Image.Image
             # MAX_IMAGE_PIXELS is lifted while opening so the documented number is the real one
             with Image.open(source) as img:
                 w, h = img.size
-                if w * h > options.max_pixels:
-                    raise ImageDecodeError(f"decompression bomb: {w}x{h} px exceeds the limit of "
-                                           f"{options.max_pixels} px")
+                check_pixel_count(w, h, options)
                 if options.draft and img.format in ("JPEG", "MPO"):  # MPO: multi-picture camera JPEGs
                     # DCT-domain downscaling inside libjpeg: both sides stay >= options.draft, so the
                     # processor's resize still only shrinks (square request: EXIF rotation cannot matter)
@@ -610,8 +615,7 @@ def load_dicom(path: "Path | object", options: DecodeOptions = DecodeOptions(), 
     except (TypeError, ValueError):
         raise ImageDecodeError(f"DICOM Rows / Columns {ds.get('Rows')!r} / {ds.get('Columns')!r} are not "
                                f"numbers") from None
-    if rows * cols > options.max_pixels:   # before pydicom allocates them (a 8 KB file can claim 30000 x 30000)
-        raise ImageDecodeError(f"decompression bomb: {cols}x{rows} px exceeds the limit of {options.max_pixels} px")
+    check_pixel_count(cols, rows, options)   # before pydicom allocates them (an 8 KB file can claim 30000 x 30000)
     one_frame = frames > 1 and hasattr(ds, "pixel_array_options")
     if hasattr(ds, "pixel_array_options"):
         # pydicom >= 3 converts YBR to RGB by default (the stored values are converted once, below),

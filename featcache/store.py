@@ -983,7 +983,8 @@ class StoreWriter:
                 stored = np.ascontiguousarray(arr, dtype=ds.dtype)
             if not np.isfinite(stored).all():
                 _refuse_non_finite(np.asarray(arr), stored, name, split)
-            if ds.dtype == np.float16 and name in ("cls", "pooled"):
+            if ds.dtype == np.float16 and name in ("cls", "pooled") and np.asarray(arr).dtype != np.float16:
+                # computed (or imported) rows; a float16 row copied by --update or a merge is stored as it was
                 _refuse_float16_underflow(np.asarray(arr), name, split)
             _write_runs(ds, rows, stored)
         self._write_content(g, rows, content, file_stat)

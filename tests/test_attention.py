@@ -241,8 +241,8 @@ def test_an_interrupted_runs_figures_are_removed_by_the_next_run(models, images,
     import featcache_cli.main as main
 
     out = tmp_path / "attn"
-    args = ["attention", "--model", str(models["vit"]), "--data", str(images), "--out", str(out), "--quiet",
-            "--batch-size", "1"]
+    # the default batch of 8: interrupted inside the first batch, before any batch was complete
+    args = ["attention", "--model", str(models["vit"]), "--data", str(images), "--out", str(out), "--quiet"]
     real, drawn = attention.save_image_figure, []
 
     def interrupt_after_two(*a, **k):

@@ -127,4 +127,5 @@ def test_predict_on_an_import_without_model_names_the_unchecked_backbone(tmp_pat
     assert r.exit_code == 0, r.output
     r = _run("predict", run, tmp_path / "imp.h5", "--out", tmp_path / "p.csv")
     assert r.exit_code == 0, r.output
-    assert "imported without --model, so their fingerprint cannot tell two backbones apart" in r.output
+    assert "under the model name 'imported' (import's default), so their fingerprint cannot tell two backbones " \
+           "apart" in " ".join(r.output.split())

@@ -354,6 +354,17 @@ def test_import_of_what_a_second_review_found_stored_wrongly_or_crashed(tmp_path
     assert r.exit_code == 0, r.output
     with fc.open(tmp_path / "o.h5") as store:
         assert store.classes == ["normal", "pneumonia"] and store["train"].labels.tolist() == [0, 1, 0, 1, 0, 1]
+    # numbers that are names: grades with fractions, and texts --classes names (not indices into it)
+    (tmp_path / "grades.txt").write_text("2.5\n3.5\n2.5\n4.5\n3.5\n2.5\n")
+    (tmp_path / "named.txt").write_text("1.0\n0.0\n1.0\n1.0\n0.0\n0.0\n")
+    for labels, extra, classes, expected in (("grades.txt", [], ["2.5", "3.5", "4.5"], [0, 1, 0, 2, 1, 0]),
+                                             ("named.txt", ["--classes", "1.0,0.0"], ["1.0", "0.0"],
+                                              [0, 1, 0, 0, 1, 1])):
+        r = _import(tmp_path, "--split", f"train={tmp_path / 'x.npy'}", "--labels", f"train={tmp_path / labels}",
+                    *extra)
+        assert r.exit_code == 0, r.output
+        with fc.open(tmp_path / "o.h5") as store:
+            assert store.classes == classes and store["train"].labels.tolist() == expected, labels
     np.save(tmp_path / "inf.npy", np.array([0, 1, np.inf, 1, 0, 1]))
     np.savez(tmp_path / "nolabels.npz", other=np.arange(6))
     np.savez(tmp_path / "big.npz", cls=np.where(np.arange(24).reshape(6, 4) == 5, 1e39, x.astype(np.float64)))

@@ -136,6 +136,27 @@ def test_a_directory_of_someone_elses_files_is_not_taken_for_a_run(small, tmp_pa
     assert not (proj / "figures" / "my_plot.png").exists()
 
 
+def test_a_run_stopped_while_clearing_the_last_one_can_be_run_again(small, tmp_path, monkeypatch):
+    """Ctrl-C while the earlier run's figures/ were removed left figures/ alone (config.json gone,
+    the lock released), and the re-run the README advises was refused as not a run directory."""
+    import shutil as shutil_module
+
+    run = tmp_path / "run"
+    assert _run("train", small, "--epochs", "2", "--out", run, "-q").exit_code == 0
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil_module, "rmtree", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            write_run(run, {"kind": "knn"}, {"test": {}})
+    assert not (run / "metrics.json").exists() and (run / "figures").is_dir()
+    r = _run("knn", small, "--k", "5", "--out", run, "-q")
+    assert r.exit_code == 0, r.output
+    assert fc.load_run(run).kind == "knn"
+
+
 def test_predict_refuses_damaged_or_mixed_heads(small, tmp_path):
     """A head.json of another run beside these weights, a class list of the wrong length, a zero std, a
     missing key and a run without metrics.json were applied (or gave tracebacks)."""

@@ -209,3 +209,25 @@ def test_changes_an_interrupted_update_computed_are_counted_as_changed(tiny_vit,
     fresh = tmp_path / "fresh.h5"
     _extract(tiny_vit, manifest, fresh)
     _assert_equal_files(out, fresh)
+
+
+def test_update_copies_stored_float16_rows_as_they_are(tiny_vit, digits_manifest, tmp_path):
+    """The float16-underflow refusal (for computed rows) also refused --update's copies of rows a
+    file already held, with advice to re-extract in float32."""
+    import h5py
+
+    manifest, rows = digits_manifest
+    out = tmp_path / "f.h5"
+    res = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(_manifest(manifest, rows[:-2])), "-o",
+                                   str(out), "--dtype", "float16", "--workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    with h5py.File(out, "r+") as f:   # a row as an older featcache could store it
+        split = next(k for k in f if k != "classes")
+        f[split]["cls"][0] = np.full(f[split]["cls"].shape[1], 1e-5, dtype=np.float16)
+        kept = f[split]["cls"][0].copy()
+    _manifest(manifest, rows)
+    res = CliRunner().invoke(cli, ["extract", "-m", str(tiny_vit), "-d", str(manifest), "-o", str(out), "--dtype",
+                                   "float16", "--workers", "0", "-q", "--update"])
+    assert res.exit_code == 0, res.output
+    with h5py.File(out, "r") as f:
+        assert any(np.array_equal(f[s]["cls"][i], kept) for s in f if s != "classes" for i in range(f[s]["cls"].shape[0]))
