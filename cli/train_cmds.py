@@ -91,6 +91,16 @@ def _per_label_table(console: Console, t: Any) -> None:
         console.table(rows, title=f"\nper label ({split})")
 
 
+def _threshold_applies(features_file: str, threshold: str | None) -> None:
+    """--threshold on a file of three or more classes, refused before any epoch (it ran them all)."""
+    from featcache.metrics import check_threshold_task
+    from featcache.store import FeatureStore
+
+    if threshold is not None:
+        with FeatureStore(features_file) as store:
+            check_threshold_task(threshold, len(store.classes), store.multilabel)
+
+
 def _probability(value: str | None) -> float | None:
     """predict's --threshold: a number in (0, 1); a rule is chosen at training time, not here."""
     if value is None:
@@ -149,6 +159,7 @@ def train(features_file, head, features, lr, weight_decay, repeats, bootstrap, t
     from featcache.train import train_repeats
 
     console = Console(kw["quiet"], kw["json_path"])
+    _threshold_applies(features_file, threshold)
     if features is not None and uses_tokens(head):
         raise click.BadParameter(f"head {head!r} reads the full token sequence; --features applies to linear and "
                                  f"mlp heads only.", param_hint="--features")
@@ -201,6 +212,7 @@ def sweep(features_file, head, lrs, wds, feature_list, bootstrap, threshold, **k
     from featcache.sweeping import sweep as run_sweep
 
     console = Console(kw["quiet"], kw["json_path"])
+    _threshold_applies(features_file, threshold)
     with warnings_as_notes(console):
         result = run_sweep(features_file, head=head, lrs=lrs, weight_decays=wds, features=feature_list,
                            progress=not kw["quiet"], threshold=threshold, **_recipe(kw))

@@ -17,7 +17,8 @@ from typing import Any, MutableMapping, Sequence
 import numpy as np
 
 from featcache.knn import knn_eval
-from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, choose_threshold_rule,
+from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, check_threshold_task,
+                               choose_threshold_rule,
                                population_std, threshold_record, train_coverage_notes,
                                classification_metrics, decide, group_keys, perfect_score, proportion_interval,
                                resolve_positive, scalar_metrics)
@@ -281,9 +282,7 @@ def run_probe(store: FeatureStore, *, train_split: str = "train", val_split: str
     else:
         notes += train_coverage_notes(train.y, classes, train_split)
     rule = None if threshold in (None, "0.5") else threshold
-    if rule is not None and not multilabel and len(classes) > 2:   # before the sweep, and before the rules below
-        raise ValueError(f"--threshold {rule} applies to binary and multi-label tasks; this one has {len(classes)} "
-                         f"classes and decides by argmax: drop --threshold.")
+    check_threshold_task(rule, len(classes), multilabel)   # before the sweep, and before the rules below
     if rule is not None and val is None and not _is_number(rule):  # before the CV sweep, not after it
         raise ValueError(f"--threshold {rule} is chosen on a validation split; {store.path.name} has none (the probe "
                          f"chose C by cross-validation). Give a number, or add a validation split.")

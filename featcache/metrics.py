@@ -152,6 +152,14 @@ def as_labels(y: Any) -> np.ndarray:
 TOP5_NOTE = "top-5 not applicable with {} classes"   # why top5 is null: no warning
 
 
+def check_threshold_task(rule: str | None, n_classes: int, multilabel: bool) -> None:
+    """Refuse a --threshold on a task of three or more classes before any work (it decides by
+    argmax): train ran all its epochs, and probe advised --no-refit, before saying so."""
+    if rule not in (None, DEFAULT_THRESHOLD_RULE) and not multilabel and n_classes > 2:
+        raise ValueError(f"--threshold {rule} applies to binary and multi-label tasks; this one has {n_classes} "
+                         f"classes and decides by argmax: drop --threshold.")
+
+
 def split_warnings(block: dict[str, Any] | None) -> list[str]:
     """The notes of a split's metrics that qualify its numbers (a class absent, AUROC over the
     classes present, undefined MCC...): all but the top-5 one, which only explains a null."""

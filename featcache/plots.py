@@ -213,6 +213,25 @@ def _is_int(value: Any) -> bool:
         return False
 
 
+# the narrowest y range of a k-NN curve: without an interval band the axis zoomed to the data, and
+# one test row of 594 (0.0017) was drawn as a cliff over the whole height
+KNN_MIN_SPAN = 0.1
+
+
+def _min_span(ax: Any, span: float) -> None:
+    """Widen the y axis to at least `span`, centred on the data and kept within 0..1."""
+    lo, hi = ax.get_ylim()
+    if hi - lo >= span:
+        return
+    mid = (lo + hi) / 2
+    lo, hi = mid - span / 2, mid + span / 2
+    if hi > 1.0:
+        lo, hi = lo - (hi - 1.0), 1.0
+    if lo < 0.0:
+        lo, hi = 0.0, hi - lo
+    ax.set_ylim(lo, hi)
+
+
 def knn_curve_plot(results: Mapping[Any, Any], path_stem: PathLike,
                    metrics: Sequence[str] = ("top1", "top5"), title: str | None = None) -> list[Path]:
     """k-NN accuracy against k (log axis), one line per metric (and temperature when nested)."""
@@ -239,6 +258,7 @@ def knn_curve_plot(results: Mapping[Any, Any], path_stem: PathLike,
     ax.minorticks_off()
     ax.set(xlabel="k (neighbours)", ylabel="accuracy" if "auroc" not in metrics else "score",
            title=title or "k-NN accuracy vs k")
+    _min_span(ax, KNN_MIN_SPAN)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path_stem)

@@ -177,6 +177,25 @@ def shared_columns(header: list[str], rows: list[list[str]]) -> tuple[list[str],
     return [header[i] for i in keep], [[r[i] for i in keep] for r in rows], line
 
 
+# columns of one HTML comparison table: at about 110 px per value-and-interval cell, a wider table
+# scrolled sideways and hid specificity, mcc and ece on a 1400 px window
+HTML_TABLE_COLUMNS = 9
+
+
+def column_groups(header: list[str], rows: list[list[str]],
+                  width: int = HTML_TABLE_COLUMNS) -> list[tuple[list[str], list[list[str]]]]:
+    """The comparison as tables of at most `width` columns for the page, each after the first
+    starting again with the run column (the Markdown keeps one table: it has no page width)."""
+    if len(header) <= width:
+        return [(header, rows)]
+    groups = [list(range(width))]
+    rest = list(range(width, len(header)))
+    while rest:
+        groups.append([0] + rest[:width - 1])
+        rest = rest[width - 1:]
+    return [([header[i] for i in g], [[r[i] for i in g] for r in rows]) for g in groups]
+
+
 # counts of a metrics block, shown in its heading ("test: 120 rows, 3 classes"), not as metrics
 SPLIT_COUNTS = ("n", "num_classes")
 
@@ -521,7 +540,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     hs = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
           f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
           f"<p>{html.escape(intro(str))}</p>", "<h2>Comparison</h2>",
-          *([f"<p>{html.escape(every)}</p>"] if every else []), _html_table(header, rows, compact=True)]
+          *([f"<p>{html.escape(every)}</p>"] if every else []),
+          *(_html_table(h, r, compact=True) for h, r in column_groups(header, rows))]
 
     for index, run in enumerate(runs):
         anchor = html.escape(run.name)
@@ -561,7 +581,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 where = split_label(run, split) + _counts(block) + seed_note
                 if vals:
                     md += [f"### Metrics ({md_escape(where)})", "", _md_table(["metric", "value"], vals), ""]
-                    hs += [f"<h3>Metrics ({html.escape(where)})</h3>", _html_table(["metric", "value"], vals)]
+                    # wrap: the "intervals" row is a sentence (it was cut at the page edge)
+                    hs += [f"<h3>Metrics ({html.escape(where)})</h3>", _html_table(["metric", "value"], vals, wrap=True)]
                 split_notes = [str(n) for n in block.get("notes") or []]
                 if split_notes:
                     md += [f"Notes ({md_escape(where)}):", ""] + [f"- {md_escape(n)}" for n in split_notes] + [""]

@@ -40,6 +40,11 @@ def test_a_threshold_rule_on_a_multiclass_probe_names_the_real_reason(files, mon
         r = _run("probe", ten, "--threshold", rule, "-q")
         assert r.exit_code == 1 and "applies to binary and multi-label tasks; this one has 10 classes" in r.output
         assert "--no-refit" not in r.output and fits == []   # before the sweep
+    # train and sweep ran every epoch first
+    monkeypatch.setattr("featcache.train.HeadTrainer.fit", lambda *a, **k: fits.append(1))
+    for cmd in ("train", "sweep"):
+        r = _run(cmd, ten, "--threshold", "youden", "-q")
+        assert r.exit_code == 1 and "this one has 10 classes and decides by argmax" in r.output and fits == []
 
 
 def test_a_value_given_twice_in_a_list_is_refused(files):

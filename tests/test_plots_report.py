@@ -295,3 +295,28 @@ def test_comparison_says_shared_settings_once_and_fits_the_page(tmp_path):
     mixed = write_report([a, c], tmp_path / "r2")["md"].read_text().replace("\\", "")
     line = next((text for text in mixed.splitlines() if text.startswith("Every run:")), "")
     assert "model" not in line and "kind" not in line  # they differ: columns of their own
+
+
+def test_a_knn_curve_without_bands_does_not_zoom_to_a_one_row_difference(tmp_path, monkeypatch):
+    """Without --bootstrap the axis shrank to 0.95975..0.96125: one test row of 594 drawn as a cliff."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    limits = []
+    real_save = plots._save
+
+    def keep_limits(fig, stem):
+        limits.append(fig.axes[0].get_ylim())
+        return real_save(fig, stem)
+
+    monkeypatch.setattr(plots, "_save", keep_limits)
+    plots.knn_curve_plot({10: {"top1": 571 / 594}, 200: {"top1": 570 / 594}}, tmp_path / "flat", metrics=("top1",))
+    plots.knn_curve_plot({10: {"top1": 1.0}, 20: {"top1": 0.999}}, tmp_path / "top", metrics=("top1",))
+    plots.knn_curve_plot({10: {"top1": 0.2}, 20: {"top1": 0.9}}, tmp_path / "wide", metrics=("top1",))
+    (lo, hi), (lo2, hi2), (lo3, hi3) = limits
+    assert hi - lo >= plots.KNN_MIN_SPAN - 1e-12 and lo < 570 / 594 < 571 / 594 < hi
+    assert hi2 == 1.0 and hi2 - lo2 >= plots.KNN_MIN_SPAN - 1e-12   # kept within 0..1
+    assert lo3 < 0.2 and hi3 > 0.9 and hi3 - lo3 < 0.9   # a real spread keeps matplotlib's own range
+    plt.close("all")
