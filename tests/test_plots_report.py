@@ -320,3 +320,17 @@ def test_a_knn_curve_without_bands_does_not_zoom_to_a_one_row_difference(tmp_pat
     assert hi2 == 1.0 and hi2 - lo2 >= plots.KNN_MIN_SPAN - 1e-12   # kept within 0..1
     assert lo3 < 0.2 and hi3 > 0.9 and hi3 - lo3 < 0.9   # a real spread keeps matplotlib's own range
     plt.close("all")
+
+
+def test_the_html_comparison_keeps_every_metric_on_the_page():
+    """16 columns scrolled sideways at 1400 px: specificity, mcc and ece of every run were hidden."""
+    from featcache.report import HTML_TABLE_COLUMNS, column_groups
+
+    header = ["run", "kind", "model", "features", "split", "positive class", "threshold", "top1", "balanced_accuracy",
+              "macro_f1", "auroc", "auprc", "sensitivity", "specificity", "mcc", "ece"]
+    rows = [[f"{h}-{i}" for h in header] for i in range(2)]
+    groups = column_groups(header, rows)
+    assert len(groups) == 2 and all(len(h) <= HTML_TABLE_COLUMNS and h[0] == "run" for h, _ in groups)
+    assert [c for h, _ in groups for c in h if c != "run"] == header[1:]       # every column once, in order
+    assert all(r[0] == f"run-{i}" for _, rs in groups for i, r in enumerate(rs))
+    assert column_groups(header[:9], [r[:9] for r in rows]) == [(header[:9], [r[:9] for r in rows])]
