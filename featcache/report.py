@@ -177,22 +177,30 @@ def shared_columns(header: list[str], rows: list[list[str]]) -> tuple[list[str],
     return [header[i] for i in keep], [[r[i] for i in keep] for r in rows], line
 
 
-# columns of one HTML comparison table: at about 110 px per value-and-interval cell, a wider table
-# scrolled sideways and hid specificity, mcc and ece on a 1400 px window
-HTML_TABLE_COLUMNS = 9
+# characters of one HTML comparison table's row at the compact font (about 7.7 px each in the
+# 1,170 px the page gives it): a wider table scrolled sideways and hid specificity, mcc and ece
+HTML_TABLE_CHARS = 130
+
+
+def _column_chars(header: str, cells: Sequence[str]) -> int:
+    """The narrowest a compact column can be: its longest piece that never breaks (a number, an
+    interval "[a, b]", a word; a title also breaks after its underscores), plus padding."""
+    pieces = [p for text in cells for p in re.findall(r"\[[^\]]*\]|[^\s\[]+", str(text))]
+    pieces += [p for part in str(header).split() for p in re.findall(r"[^_]+_?", part)]
+    return max((len(p) for p in pieces), default=1) + 2
 
 
 def column_groups(header: list[str], rows: list[list[str]],
-                  width: int = HTML_TABLE_COLUMNS) -> list[tuple[list[str], list[list[str]]]]:
-    """The comparison as tables of at most `width` columns for the page, each after the first
-    starting again with the run column (the Markdown keeps one table: it has no page width)."""
-    if len(header) <= width:
-        return [(header, rows)]
-    groups = [list(range(width))]
-    rest = list(range(width, len(header)))
-    while rest:
-        groups.append([0] + rest[:width - 1])
-        rest = rest[width - 1:]
+                  budget: int = HTML_TABLE_CHARS) -> list[tuple[list[str], list[list[str]]]]:
+    """The comparison as tables that each fit the page (at most `budget` characters wide), each
+    after the first starting again with the run column (the Markdown keeps one table: it has no
+    page width)."""
+    widths = [_column_chars(h, [r[i] for r in rows]) for i, h in enumerate(header)]
+    groups: list[list[int]] = [[0]]
+    for i in range(1, len(header)):
+        if sum(widths[j] for j in groups[-1]) + widths[i] > budget and len(groups[-1]) > 1:
+            groups.append([0])
+        groups[-1].append(i)
     return [([header[i] for i in g], [[r[i] for i in g] for r in rows]) for g in groups]
 
 
