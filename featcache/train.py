@@ -408,6 +408,15 @@ def train_repeats(features_file: str | Path, repeats: int, head: str = "linear",
     if threshold is not None:
         for t in trainers:
             t.apply_threshold(threshold)
+    # the first seed's head is the one saved and printed: the other seeds' own notes (a best epoch
+    # that was the last, a threshold tuned on few cases) are added to its notes, naming the seeds
+    others: dict[str, list[int]] = {}
+    for i, t in enumerate(trainers[1:], start=1):
+        for note in t.notes_:
+            if note not in trainers[0].notes_:
+                others.setdefault(note, []).append(seed + i)
+    trainers[0].notes_ += [f"seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}: {note}"
+                           for note, s in others.items()]
     summary = {"n": repeats, "seeds": [seed + i for i in range(repeats)],
                "val": summarize_repeats([t.val_metrics_ for t in trainers])}
     if all(t.test_metrics_ is not None for t in trainers):

@@ -459,3 +459,21 @@ def test_the_few_cases_note_of_many_findings_stays_one_readable_line():
     choose_threshold_rule("youden", y, rng.random((40, 8)), None, notes, [f"f{j}" for j in range(8)])
     few = [n for n in notes if "tuned on few validation cases" in n]
     assert len(few) == 1 and "label f0:" in few[0] and "; and 3 more;" in few[0] and "label f7" not in few[0]
+
+
+def test_repeats_keep_the_notes_of_every_seed(monkeypatch):
+    """Only the first seed's notes were printed and saved: 'best epoch is the last' in seeds 1 and 2
+    of three said nothing."""
+    from types import SimpleNamespace
+
+    import featcache.train as train_module
+
+    notes = {0: ["shared"], 1: ["shared", "best epoch is the last one"], 2: ["best epoch is the last one", "other"]}
+
+    def fake(features_file, head="linear", seed=0, progress=False, **options):
+        return SimpleNamespace(notes_=list(notes[seed]), val_metrics_={"top1": 0.5 + seed / 10}, test_metrics_=None)
+
+    monkeypatch.setattr(train_module, "train_head", fake)
+    trainers, summary = train_module.train_repeats("f.h5", 3)
+    assert trainers[0].notes_ == ["shared", "seeds 1, 2: best epoch is the last one", "seed 2: other"]
+    assert summary["seeds"] == [0, 1, 2]
