@@ -405,9 +405,10 @@ def _readable(value: Any) -> Any:
     return value
 
 
-def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+def _config_rows(config: dict[str, Any], positive: str | None = None) -> list[tuple[str, str]]:
     """A run's settings as (key, text); a head's settings its kind does not read (a linear head's
-    hidden width and dropout) are left out, so the table lists what shaped the run."""
+    hidden width and dropout) are left out, so the table lists what shaped the run. `positive`:
+    the positive class the run resolved, said beside a positive_class left at its default."""
     head = config.get("head")
     unused = {k for k, kinds in HEAD_ONLY_SETTINGS.items() if isinstance(head, str) and head not in kinds}
     keys = [k for k in CONFIG_FIRST if k in config] + sorted(k for k in config if k not in CONFIG_FIRST)
@@ -420,6 +421,8 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
         if value is None and key.endswith("_split") and key[:-len("_split")] in resolved:
             # the option left at its default (None): say what it resolved to, not "none"
             text = f"default ({resolved[key[:-len('_split')]] or 'none'})"
+        if value is None and key == "positive_class" and positive:   # "none" above metrics naming a class
+            text = f"default ({positive})"
         if len(text) > 120:
             text = text[:117] + "..."
         rows.append((key, text))
@@ -578,7 +581,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         if chosen:
             md += [f"### Chosen{md_escape(seed_note)}", "", _md_table(["what", "value"], chosen), ""]
             hs += [f"<h3>Chosen{html.escape(seed_note)}</h3>", _html_table(["what", "value"], chosen, wrap=True)]
-        cfg = _config_rows(run.config)
+        cfg = _config_rows(run.config, run.positive_class)
         if cfg:
             md += ["### Configuration", "", _md_table(["key", "value"], cfg), ""]
             hs += ["<h3>Configuration</h3>", _html_table(["key", "value"], cfg, wrap=True)]

@@ -340,3 +340,12 @@ def test_the_html_comparison_keeps_every_metric_on_the_page():
     plain = [["knn", "knn", "cls", "0.5000", "0.8528", "0.5147", "0.4906", "0.8434", "0.5492", "0.4536", "0.0859"]]
     names = ["run", "kind", "features", "top1", "top5", "balanced_accuracy", "macro_f1", "auroc", "auprc", "mcc", "ece"]
     assert column_groups(names, plain) == [(names, plain)]   # the demo's table: one table, as it fits
+
+
+def test_the_configuration_says_which_positive_class_a_default_resolved_to():
+    """'positive_class none' stood above metrics that named malignant the positive class."""
+    from featcache.report import _config_rows
+
+    assert ("positive_class", "default (malignant)") in _config_rows({"positive_class": None}, "malignant")
+    assert ("positive_class", "none") in _config_rows({"positive_class": None})   # a multiclass run: none
+    assert ("positive_class", "benign") in _config_rows({"positive_class": "benign"}, "benign")
