@@ -178,18 +178,26 @@ def feature_stats(cached: CachedSplits, device: torch.device) -> tuple[torch.Ten
     if cached.train.x is not None:
         x = cached.train.x.reshape(-1, cached.train.x.shape[-1])
         return x.mean(0), unit_where_constant(x.std(0), x.amax(0) == x.amin(0))
-    total = sq = lo = hi = None
+    # block by block in float64, merged by Chan et al.'s pairwise rule (each block's own mean and
+    # sum of squared deviations): mean of squares minus squared mean lost the std of features far
+    # from zero (1000 +- 0.001: relative error 1e-4, against 4e-8 in memory)
+    mean = m2 = lo = hi = None
     count = 0
     for x, _ in TokenBlockLoader(cached.store.path, cached.train.name, "tokens", rows=cached.train.rows,
                                  batch_size=1024, shuffle=False):
         x = x.reshape(-1, x.shape[-1]).double()
-        total = x.sum(0) if total is None else total + x.sum(0)
-        sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+        n_b, mean_b = x.shape[0], x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        if mean is None:
+            mean, m2 = mean_b, m2_b
+        else:
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / (count + n_b))
+            m2 = m2 + m2_b + delta * delta * (count * n_b / (count + n_b))
         lo = x.amin(0) if lo is None else torch.minimum(lo, x.amin(0))
         hi = x.amax(0) if hi is None else torch.maximum(hi, x.amax(0))
-        count += x.shape[0]
-    mean = total / count
-    std = ((sq / count - mean * mean).clamp(min=0) * count / max(count - 1, 1)).sqrt()
+        count += n_b
+    std = (m2 / max(count - 1, 1)).sqrt()
     return mean.float().to(device), unit_where_constant(std.float(), hi == lo).to(device)
 
 
