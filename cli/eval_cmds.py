@@ -7,9 +7,8 @@ import click
 
 from featcache.names import KNN_BACKENDS, SELECTION_METRICS, SHOWN_METRICS
 from featcache_cli.app import (CGrid, CommaList, Console, FeatureKind, FiniteFloatRange, ThresholdRule, bootstrap_count,
-                               checked_run_dir,
-                               cli, echo_notes, given, json_option, library_errors, per_label_rows, positive_option,
-                               quiet_option, warnings_as_notes, write_json)
+                               checked_run_dir, cli, echo_notes, given, json_option, library_errors, per_label_rows,
+                               positive_option, quiet_option, warnings_as_notes, write_json)
 
 # the library (torch, scikit-learn) is imported inside each command, so `featcache --help` stays instant
 

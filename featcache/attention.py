@@ -291,10 +291,7 @@ def remove_earlier_outputs(out: Path) -> None:
     read (a run killed while writing it), keeps every file."""
     partial = out / PARTIAL
     if partial.is_file():
-        for name in [*partial.read_text(encoding="utf-8").splitlines(), PARTIAL]:
-            target = out / Path(name).name  # a name only: never outside out
-            if name and target.is_file():
-                target.unlink()
+        _remove_names(out, [*partial.read_text(encoding="utf-8").splitlines(), PARTIAL])
     npz = out / "attention.npz"
     if not npz.is_file():
         return
@@ -309,9 +306,14 @@ def remove_earlier_outputs(out: Path) -> None:
         log.warning("%s could not be read (%s: %s): the figures of the run that wrote it, if any, are left in %s.",
                     npz, type(exc).__name__, exc, out)
         return
-    for name in [*names, npz.name]:
-        target = out / Path(name).name  # a name only: never outside out
-        if target.is_file():
+    _remove_names(out, [*names, npz.name])
+
+
+def _remove_names(out: Path, names: Sequence[str]) -> None:
+    """Remove the files of these names in out (names only: never a path outside it)."""
+    for name in names:
+        target = out / Path(name).name
+        if name and target.is_file():
             target.unlink()
 
 

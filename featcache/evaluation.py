@@ -18,8 +18,7 @@ import numpy as np
 
 from featcache.knn import knn_eval
 from featcache.metrics import (DEFAULT_THRESHOLD_RULE, balanced_accuracy, bootstrap_metrics, check_threshold_task,
-                               choose_threshold_rule,
-                               population_std, threshold_record, train_coverage_notes,
+                               choose_threshold_rule, population_std, threshold_record, train_coverage_notes,
                                classification_metrics, decide, group_keys, perfect_score, proportion_interval,
                                resolve_positive, scalar_metrics)
 from featcache.names import CI_METRICS

@@ -10,7 +10,7 @@ import numpy as np
 
 from featcache.names import IMPORTED_MODEL, UNLABELLED_NAMES
 from featcache.sources import warn_unlabelled_markers
-from featcache.store import READ_LOCKING, FeatureStore, check_finite, write_arrays
+from featcache.store import READ_LOCKING, FeatureStore, write_arrays
 
 # names accepted for each role inside an .npz / .pt dict, first match wins
 _ROLES = {
@@ -175,8 +175,7 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
     if not str(model).strip():
         raise ValueError("--model is empty; give the name of the model the features came from (it is recorded "
                          "and fingerprinted), or leave the default 'imported'.")
-    inputs = [*splits.values(), *labels.values(), *paths.values()] + ([classes] if classes and _is_file(classes)
-                                                                     else [])
+    inputs = [*splits.values(), *labels.values(), *paths.values(), *([classes] if classes else [])]
     clash = next((p for p in inputs if _is_file(p) and Path(p).resolve() == Path(out).resolve()), None)
     if clash is not None:   # --overwrite would replace the very input being read
         raise ValueError(f"--out {out} is one of the inputs ({clash}): writing there would destroy it; give "
@@ -187,7 +186,7 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
         data[name]["labels"] = load_labels_file(file, given_names)
     for name, file in paths.items():
         data[name]["paths"] = [p.strip() for p in Path(file).read_text(encoding="utf-8-sig").splitlines() if p.strip()]
-    one_finding = classes is not None and len(_class_names(classes, [])) == 1  # (N, 1) 0/1 is then that finding
+    one_finding = given_names is not None and len(given_names) == 1  # (N, 1) 0/1 is then that finding
     for name, d in data.items():
         if d.get("labels") is not None:
             d["labels"] = normalise_labels(d["labels"], name, one_finding)
@@ -196,7 +195,7 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
             twice = next((p for p in map(str, d["paths"]) if p in seen or seen.add(p)), None)
             if twice is not None:
                 raise ValueError(f"split {name!r}: path {twice!r} is given twice; each row needs its own path.")
-    class_names = _class_names(classes, [d.get("labels") for d in data.values()])
+    class_names = given_names if given_names is not None else _class_names(None, [d.get("labels") for d in data.values()])
     arrays: dict[str, dict[str, Any]] = {}
     for name, d in data.items():
         for role in ("cls", "pooled", "tokens"):
@@ -213,13 +212,13 @@ def import_features(out: str | Path, splits: Mapping[str, str | Path], *, labels
 
 
 def _check_float32_range(x: np.ndarray, role: str, split: str) -> None:
-    """Refuse what the float32 cast would spoil, naming it: NaN / inf as they are, and finite
-    values beyond float32's range (1e39 became inf and was reported as a NaN the input never had)."""
+    """Refuse finite values beyond float32's range, naming them (the float32 cast made 1e39 inf,
+    reported as a NaN the input never had); NaN / inf themselves are write_arrays' check_finite's."""
     if x.dtype.kind != "f":
         return
-    check_finite(x, f"split {split!r} {role}")
     top = float(np.finfo(np.float32).max)
-    largest = float(np.abs(x).max()) if x.size else 0.0
+    finite = np.abs(x[np.isfinite(x)])
+    largest = float(finite.max()) if finite.size else 0.0
     if largest > top:
         raise ValueError(f"split {split!r}: {role} reaches {largest:.4g}, beyond float32's largest value {top:.3g} "
                          f"(features are stored as float32 or float16); scale them before importing.")

@@ -495,9 +495,7 @@ def choose_threshold_rule(rule: str | None, val_y: np.ndarray, val_proba: np.nda
         if not 0 < value < 1:
             raise ValueError(f"--threshold must lie in (0, 1); got {value}.")
     if not (binary or multilabel):
-        if rule != DEFAULT_THRESHOLD_RULE:
-            raise ValueError(f"--threshold {rule} applies to binary and multi-label tasks; this one has "
-                             f"{val_proba.shape[1]} classes and decides by argmax.")
+        check_threshold_task(rule, val_proba.shape[1], multilabel)
         return None
     goal = None
     if method == "sensitivity":

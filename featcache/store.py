@@ -1102,7 +1102,6 @@ def write_arrays(path: str | os.PathLike, splits: dict[str, dict[str, Any]], cla
         raise FileExistsError(f"{path} exists; use another output path, or --overwrite to replace it.")
     if not splits:
         raise ValueError("no splits given: expected at least one split with 'cls' features.")
-    check_split_names(list(splits))
     first = next(iter(splits.values()))
     cls0 = np.asarray(first["cls"])
     if cls0.ndim != 2:
